@@ -1,0 +1,54 @@
+# Two commands set everything up on a fresh machine:
+#   make serve   - create .venv, install, start the offline demo (configs/cpu-demo.yaml)
+#   make test    - create .venv, install with test tools, run the suite
+# Production: make serve CONFIG=serve_config.yaml
+
+PYTHON ?= python3
+VENV ?= .venv
+CONFIG ?= configs/cpu-demo.yaml
+# Pinned and installed first: otherwise pip resolves diffusers/accelerate to a CUDA torch of several GB.
+TORCH_VERSION ?= 2.13.0
+PIP := $(VENV)/bin/pip
+PY := $(VENV)/bin/python
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: install install-test serve test test-unit test-e2e lint clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(VENV)/.installed: $(VENV)/bin/python pyproject.toml
+	$(PIP) install --quiet torch==$(TORCH_VERSION)
+	$(PIP) install --quiet torch==$(TORCH_VERSION) -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install --quiet torch==$(TORCH_VERSION) -e '.[test,loadtest]'
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+serve: install
+	@$(PY) -c "import yaml; h = yaml.safe_load(open('$(CONFIG)'))['http_options']; \
+	host = '127.0.0.1' if h.get('host') in (None, '0.0.0.0') else h['host']; url = f\"http://{host}:{h.get('port', 8000)}\"; \
+	print(f'\nStarting $(CONFIG): the server answers at {url} once Serve logs \"Deployed app\".'); \
+	print(f'Try:  curl -X POST {url}/generate -H \"Content-Type: application/json\" -d \"{{\\\\\"prompt\\\\\": \\\\\"a lighthouse at dawn\\\\\"}}\" -o image.png\n')"
+	$(VENV)/bin/serve run $(CONFIG)
+
+test: install-test
+	$(VENV)/bin/pytest
+
+test-unit: install-test
+	$(VENV)/bin/pytest tests/unit
+
+test-e2e: install-test
+	$(VENV)/bin/pytest tests/e2e
+
+lint: install-test
+	$(VENV)/bin/ruff check serve_app tests loadtest
+	$(VENV)/bin/ruff format --check serve_app tests loadtest
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

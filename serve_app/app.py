@@ -1,0 +1,19 @@
+"""The application builder that a Serve config's `import_path` names: serve_app.app:build_app."""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+from ray.serve import Application
+
+from .config import AppArgs, format_validation_error
+from .generator import ImageGenerator
+from .ingress import Ingress
+
+
+def build_app(args: dict | None = None) -> Application:
+    try:
+        settings = AppArgs.model_validate(args or {})
+    except ValidationError as exc:
+        raise ValueError(format_validation_error(exc, "args")) from None
+    generator = ImageGenerator.bind(settings.model, settings.pipeline, settings.defaults)
+    return Ingress.bind(generator, settings)

@@ -1,0 +1,85 @@
+"""The `args` of a Serve config and the Generator's `user_config`, as pydantic schemas.
+
+A Serve config file is the one place a deployment is described: Ray's own
+schema (replicas, autoscaling, resources, `max_ongoing_requests`) plus the
+`args` validated here. Unknown keys are errors, so a typo never silently
+falls back to a default.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .pipeline.loading import ModelSource, ModelSourceError, PipelineOptions
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RequestDefaults(_Strict):
+    """Values a request gets for parameters it leaves out; unset ones come from the model itself."""
+
+    width: int | None = Field(None, ge=8, multiple_of=8)
+    height: int | None = Field(None, ge=8, multiple_of=8)
+    num_inference_steps: int | None = Field(None, ge=1)
+    guidance_scale: float | None = Field(None, ge=0)
+    strength: float | None = Field(None, gt=0, le=1)
+
+
+class RequestLimits(_Strict):
+    """What one request may ask for. Requests outside these get 422 naming the field."""
+
+    min_size: int = Field(64, ge=8, multiple_of=8, description="smallest width or height")
+    max_width: int = Field(1024, ge=8, multiple_of=8)
+    max_height: int = Field(1024, ge=8, multiple_of=8)
+    max_pixels: int = Field(1024 * 1024, ge=64, description="largest width x height")
+    max_steps: int = Field(100, ge=1)
+    max_guidance_scale: float = Field(30.0, ge=0)
+    max_prompt_chars: int = Field(
+        2000, ge=1, description="longer prompts are rejected (tokens past the model's window are truncated)"
+    )
+    max_num_images: int = Field(4, ge=1, description="images per request")
+
+    @model_validator(mode="after")
+    def _sizes_consistent(self) -> RequestLimits:
+        if self.min_size > min(self.max_width, self.max_height):
+            raise ValueError(f"min_size {self.min_size} is larger than max_width/max_height")
+        return self
+
+
+class AppArgs(_Strict):
+    """`args:` of the application in a Serve config (import_path: serve_app.app:build_app)."""
+
+    model: str = Field("synthetic:tiny", description="model source: synthetic:<preset>, a Hub repo id, or a directory")
+    pipeline: PipelineOptions = Field(default_factory=PipelineOptions)
+    defaults: RequestDefaults = Field(default_factory=RequestDefaults)
+    limits: RequestLimits = Field(default_factory=RequestLimits)
+
+    @field_validator("model")
+    @classmethod
+    def _model_source_readable(cls, value: str) -> str:
+        try:
+            ModelSource.parse(value)
+        except ModelSourceError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+
+class BatchingConfig(_Strict):
+    """The Generator's `user_config`: changeable at run time without restarting replicas."""
+
+    max_batch_size: int = Field(8, ge=1, le=256, description="most images in one pipeline call")
+    batch_wait_timeout_s: float = Field(
+        0.05, ge=0, le=10, description="how long the first request of a batch waits for others to join"
+    )
+
+
+def format_validation_error(exc: ValidationError, where: str) -> str:
+    """One line per problem, each naming the key path, for errors people read in a terminal."""
+    lines = []
+    for error in exc.errors():
+        path = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        message = "unknown key (check its spelling)" if error["type"] == "extra_forbidden" else error["msg"]
+        lines.append(f"  {where}.{path}: {message}")
+    return f"invalid {where}:\n" + "\n".join(lines)

@@ -1,0 +1,25 @@
+"""Ingress: the HTTP deployment (FastAPI). CPU only; never imports torch."""
+
+from __future__ import annotations
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from .api.app import create_api
+from .api.service import GenerationService
+from .config import AppArgs
+
+
+@serve.deployment(
+    name="Ingress",
+    ray_actor_options={"num_cpus": 0},
+    # Serve's default of 5 would cap the whole service (and every batch) at 5 requests.
+    max_ongoing_requests=256,
+)
+@serve.ingress()
+class Ingress:
+    def __init__(self, generator: DeploymentHandle, settings: AppArgs):
+        self.service = GenerationService(generator, settings)
+
+    def __serve_build_asgi_app__(self):
+        return create_api(self.service)

@@ -1,0 +1,276 @@
+"""ImageEngine: one loaded model turning batches of jobs into images.
+
+No Ray and no HTTP here. The serving layer hands a collected batch to
+`generate`; the engine fills defaults, groups jobs that can share a pipeline
+call (`batch_key`), and runs one call per group in explicit steps:
+choose the pipeline, make a fresh scheduler, make one generator per image,
+call, convert to uint8. A group that runs out of device memory is split in
+halves and retried before any job fails.
+
+Calls never overlap: a diffusers pipeline keeps per-call state, and the
+engine serialises calls with a lock (the Generator also runs them on a single
+worker thread).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import GenerationError, InsufficientMemoryError, InvalidJobError, PipelineUnavailableError
+from .jobs import GeneratedImage, GenerationDefaults, GenerationJob, batch_key
+from .loading import ModelSource, PipelineOptions, load_pipeline
+from .schedulers import SCHEDULER_NAMES, make_scheduler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GroupRun:
+    """What one pipeline call made."""
+
+    images: list[np.ndarray]
+    seconds: float
+
+
+class ImageEngine:
+    def __init__(self, pipe, source: ModelSource, options: PipelineOptions, defaults: GenerationDefaults):
+        self.pipe = pipe
+        self.source = source
+        self.options = options
+        self.defaults = defaults
+        self.device = torch.device(pipe.device)
+        self._model_scheduler = pipe.scheduler  # pipelines get a fresh copy per call
+        self._img2img = None
+        self._lock = threading.Lock()
+        self._fatal_error: str | None = None
+        self.calls_by_batch_size: Counter[int] = Counter()
+        # SDXL encodes an empty negative prompt as zeros, a non-empty one through the
+        # text encoders: the two cannot share a call without changing the image.
+        self._empty_negative_is_special = bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False))
+
+    # -- construction -------------------------------------------------------------
+
+    @classmethod
+    def load(cls, model: str, options: PipelineOptions | None = None, defaults: dict | None = None) -> ImageEngine:
+        """Load `model` (a model source string); `defaults` overrides what jobs get when they leave a parameter out."""
+        options = options or PipelineOptions()
+        source = ModelSource.parse(model)
+        started = time.perf_counter()
+        pipe = load_pipeline(source, options)
+        logger.info("loaded %s on %s in %.1fs", source, pipe.device, time.perf_counter() - started)
+        return cls(pipe, source, options, model_defaults(pipe, source, defaults or {}))
+
+    @property
+    def img2img(self):
+        """The image-to-image pipeline, sharing every module (and so all weights) with text-to-image."""
+        if self._img2img is None:
+            from diffusers import AutoPipelineForImage2Image
+
+            self._img2img = AutoPipelineForImage2Image.from_pipe(self.pipe)
+            self._img2img.set_progress_bar_config(disable=True)
+        return self._img2img
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        return int(self.pipe.tokenizer.model_max_length)
+
+    # -- the public calls ---------------------------------------------------------
+
+    def generate(self, jobs: list[GenerationJob]) -> list[GeneratedImage | GenerationError]:
+        """An image, or the error that stopped it, for every job, in order."""
+        results: list[GeneratedImage | GenerationError | None] = [None] * len(jobs)
+        groups: dict[Any, list[tuple[int, GenerationJob, list[str]]]] = {}
+        for index, job in enumerate(jobs):
+            try:
+                prepared, warnings = self.prepare(job)
+            except GenerationError as exc:
+                results[index] = exc
+                continue
+            key = (batch_key(prepared), self._empty_negative_is_special and not prepared.negative_prompt)
+            groups.setdefault(key, []).append((index, prepared, warnings))
+        for members in groups.values():
+            for (index, _, _), result in zip(members, self._run_splitting_on_oom(members)):
+                results[index] = result
+        return results
+
+    def prepare(self, job: GenerationJob) -> tuple[GenerationJob, list[str]]:
+        """The job with defaults filled in, checked against this model; plus warnings for the caller."""
+        job = job.with_defaults(self.defaults)
+        if job.scheduler not in SCHEDULER_NAMES:
+            raise InvalidJobError(
+                f"unknown scheduler {job.scheduler!r}; choose one of {', '.join(SCHEDULER_NAMES)}", "scheduler"
+            )
+        if job.init_image is not None and int(job.num_inference_steps * job.strength) < 1:
+            raise InvalidJobError(
+                f"strength {job.strength} x num_inference_steps {job.num_inference_steps} leaves no denoising step; "
+                "raise one of them",
+                "strength",
+            )
+        warnings = []
+        for name, text in (("prompt", job.prompt), ("negative_prompt", job.negative_prompt)):
+            tokens = len(self.pipe.tokenizer(text).input_ids)
+            if tokens > self.max_prompt_tokens:
+                warnings.append(
+                    f"{name} has {tokens} tokens; the model reads the first {self.max_prompt_tokens}, the rest was ignored"
+                )
+        return job, warnings
+
+    def warmup(self) -> float:
+        """Run one small call so the first real request does not pay for lazy initialisation."""
+        started = time.perf_counter()
+        job = GenerationJob(prompt="warm-up", seed=0, num_inference_steps=min(2, self.defaults.num_inference_steps))
+        result = self.generate([job])[0]
+        if isinstance(result, Exception):
+            raise result
+        return time.perf_counter() - started
+
+    def check_health(self) -> None:
+        """Raise if this engine can no longer make images (for Serve's health check)."""
+        if self._fatal_error:
+            raise PipelineUnavailableError(f"pipeline failed and needs a restart: {self._fatal_error}")
+        # Probe the device only when idle: a probe behind a long batch would wait for it.
+        if self.device.type == "cuda" and self._lock.acquire(blocking=False):
+            try:
+                torch.zeros(1, device=self.device).add_(1).item()
+            except Exception as exc:  # noqa: BLE001 - any failure here means the device is gone
+                self._fatal_error = repr(exc)
+                raise PipelineUnavailableError(f"device {self.device} does not respond: {exc}") from exc
+            finally:
+                self._lock.release()
+
+    def describe(self) -> dict:
+        info = {
+            "model": str(self.source),
+            "pipeline": type(self.pipe).__name__,
+            "device": str(self.device),
+            "dtype": str(self.pipe.dtype).removeprefix("torch."),
+            "attention": self.options.attention,
+            "defaults": dataclasses.asdict(self.defaults),
+            "max_prompt_tokens": self.max_prompt_tokens,
+            "schedulers": list(SCHEDULER_NAMES),
+            "default_scheduler": type(self._model_scheduler).__name__,
+        }
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            info["gpu"] = {
+                "name": torch.cuda.get_device_name(self.device),
+                "memory_used_bytes": total - free,
+                "memory_total_bytes": total,
+                "memory_allocated_bytes": torch.cuda.memory_allocated(self.device),
+                "max_memory_allocated_bytes": torch.cuda.max_memory_allocated(self.device),
+            }
+        return info
+
+    # -- one pipeline call, in steps ----------------------------------------------
+
+    def _run_splitting_on_oom(self, members) -> list[GeneratedImage | GenerationError]:
+        jobs = [job for _, job, _ in members]
+        try:
+            run = self.run_group(jobs)
+        except torch.OutOfMemoryError:
+            self._release_memory()
+            if len(members) == 1:
+                job = jobs[0]
+                return [
+                    InsufficientMemoryError(
+                        f"a {job.width}x{job.height} image does not fit in device memory on this replica; "
+                        "ask for a smaller size"
+                    )
+                ]
+            half = len(members) // 2
+            logger.warning(
+                "out of memory on a batch of %d; retrying as %d + %d", len(members), half, len(members) - half
+            )
+            return self._run_splitting_on_oom(members[:half]) + self._run_splitting_on_oom(members[half:])
+        except GenerationError as exc:
+            return [exc] * len(members)
+        except Exception as exc:  # noqa: BLE001 - an unexpected pipeline failure must reach every caller
+            logger.exception("pipeline call failed for a batch of %d", len(members))
+            if self.device.type == "cuda" and "CUDA error" in str(exc):
+                self._fatal_error = repr(exc)
+            return [GenerationError(f"image generation failed: {type(exc).__name__}")] * len(members)
+        return [
+            GeneratedImage(
+                pixels=pixels,
+                seed=job.seed,
+                prompt=job.prompt,
+                negative_prompt=job.negative_prompt,
+                width=job.width,
+                height=job.height,
+                num_inference_steps=job.num_inference_steps,
+                guidance_scale=job.guidance_scale,
+                scheduler=job.scheduler,
+                strength=job.strength,
+                batch_size=len(jobs),
+                generation_time_s=run.seconds,
+                warnings=warnings,
+            )
+            for pixels, (_, job, warnings) in zip(run.images, members)
+        ]
+
+    def run_group(self, jobs: list[GenerationJob]) -> GroupRun:
+        """One pipeline call for jobs that share a `batch_key` (defaults already filled)."""
+        first = jobs[0]
+        pipe = self.img2img if first.init_image is not None else self.pipe
+        kwargs = self._call_arguments(jobs)
+        with self._lock:
+            pipe.scheduler = make_scheduler(first.scheduler, self._model_scheduler)
+            started = time.perf_counter()
+            with torch.inference_mode():
+                output = pipe(**kwargs)
+            seconds = time.perf_counter() - started
+            self.calls_by_batch_size[len(jobs)] += 1
+        return GroupRun(images=list(_to_uint8(output.images)), seconds=seconds)
+
+    def _call_arguments(self, jobs: list[GenerationJob]) -> dict:
+        first = jobs[0]
+        negatives = [job.negative_prompt for job in jobs]
+        kwargs = {
+            "prompt": [job.prompt for job in jobs],
+            # All-empty negatives go as None so SDXL keeps its zero embedding; elsewhere None == "".
+            "negative_prompt": negatives if any(negatives) else None,
+            "num_inference_steps": first.num_inference_steps,
+            "guidance_scale": first.guidance_scale,
+            # CPU generators: the same seed gives the same latents on any device.
+            "generator": [torch.Generator("cpu").manual_seed(job.seed) for job in jobs],
+            "output_type": "np",
+        }
+        if first.init_image is not None:
+            from PIL import Image
+
+            kwargs["image"] = [Image.fromarray(job.init_image) for job in jobs]
+            kwargs["strength"] = first.strength
+        else:
+            kwargs["width"] = first.width
+            kwargs["height"] = first.height
+        return kwargs
+
+    def _release_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _to_uint8(images: np.ndarray) -> np.ndarray:
+    # The same rounding diffusers uses when it makes PIL images.
+    return (np.nan_to_num(images) * 255).round().clip(0, 255).astype(np.uint8)
+
+
+def model_defaults(pipe, source: ModelSource, overrides: dict) -> GenerationDefaults:
+    """What a job gets for parameters it leaves out: overrides, then the preset, then the model's native size."""
+    native = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    values: dict = {"width": native, "height": native}
+    if source.kind == "synthetic":
+        from .synthetic import load_preset
+
+        values.update(load_preset(source.location).get("defaults", {}))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return GenerationDefaults(**values)

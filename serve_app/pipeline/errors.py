@@ -1,0 +1,41 @@
+"""Errors the pipeline layer raises for one job, each with the HTTP status it maps to.
+
+Torch-free, and plain enough to cross a process boundary: Ray re-raises them in
+the ingress as a subclass of the original, so `except GenerationError` works there.
+"""
+
+from __future__ import annotations
+
+
+class GenerationError(Exception):
+    status = 500
+    code = "generation_failed"
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message, field)
+        self.message = message
+        self.field = field
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidJobError(GenerationError):
+    """The job asks for something this model cannot do (caught before the pipeline runs)."""
+
+    status = 422
+    code = "invalid_request"
+
+
+class InsufficientMemoryError(GenerationError):
+    """Even a single image of this size does not fit in device memory."""
+
+    status = 507
+    code = "insufficient_memory"
+
+
+class PipelineUnavailableError(GenerationError):
+    """The replica's device failed; Serve's health check will replace the replica."""
+
+    status = 503
+    code = "pipeline_unavailable"

@@ -1,0 +1,171 @@
+"""Turn a model source and options into a ready diffusers pipeline.
+
+A model source is one string, used everywhere (config, CLI, tests):
+  * `synthetic:<preset>`      real architecture, random weights (see synthetic.py)
+  * `hf:<owner/name>` or `<owner/name>`   a Hugging Face Hub repo, via from_pretrained
+  * a path to a local diffusers directory (absolute, ./relative or ~)
+Nothing falls back silently from a real model to random weights.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+logger = logging.getLogger(__name__)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelSourceError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: Literal["synthetic", "hub", "local"]
+    location: str  # preset name, repo id or directory
+
+    @classmethod
+    def parse(cls, text: str) -> ModelSource:
+        text = text.strip()
+        if text.startswith("synthetic:"):
+            from .synthetic import preset_names
+
+            preset = text.removeprefix("synthetic:")
+            if preset not in preset_names():
+                raise ModelSourceError(
+                    f"unknown synthetic preset {preset!r} in model {text!r}; "
+                    f"choose one of: {', '.join('synthetic:' + p for p in preset_names())}"
+                )
+            return cls("synthetic", preset)
+        if text.startswith("hf:"):
+            return cls("hub", text.removeprefix("hf:"))
+        if text.startswith(("/", "./", "../", "~")) or Path(text).is_dir():
+            path = Path(text).expanduser()
+            if not path.is_dir():
+                raise ModelSourceError(f"model directory {text!r} does not exist")
+            if not (path / "model_index.json").is_file():
+                raise ModelSourceError(f"model directory {text!r} has no model_index.json: not a diffusers pipeline")
+            return cls("local", str(path.resolve()))
+        if _HUB_ID.match(text):
+            return cls("hub", text)
+        raise ModelSourceError(
+            f"cannot read model source {text!r}: use 'synthetic:<preset>', a Hugging Face repo id "
+            "('owner/name' or 'hf:owner/name') or a path to a diffusers directory"
+        )
+
+    def __str__(self) -> str:
+        return {"synthetic": "synthetic:", "hub": "hf:", "local": ""}[self.kind] + self.location
+
+
+class PipelineOptions(BaseModel):
+    """How to load and run the pipeline on a replica."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="auto: float16 on cuda, float32 elsewhere"
+    )
+    attention: Literal["sdpa", "xformers"] = Field(
+        "sdpa", description="attention kernels: PyTorch scaled_dot_product_attention, or xformers (GPU, optional extra)"
+    )
+    torch_threads: int | None = Field(None, ge=1, description="intra-op CPU threads; default: torch's choice")
+    cache_dir: str | None = Field(None, description="Hugging Face cache directory for hub models")
+    local_files_only: bool = Field(False, description="never reach the Hub; load only what is cached")
+    variant: str | None = Field(None, description="weights variant to load from the Hub, e.g. fp16")
+    channels_last: bool = Field(False, description="UNet in channels-last memory format (faster convs on some GPUs)")
+    compile: bool = Field(False, description="torch.compile the UNet (GPU; first calls per batch size are slow)")
+    vae_slicing: bool = Field(False, description="decode a batch one image at a time (less peak memory)")
+    vae_tiling: bool = Field(False, description="decode large images in tiles (less peak memory)")
+    seed: int = Field(0, description="weight seed for synthetic models")
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    kind = device.split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_pipeline(source: ModelSource, options: PipelineOptions):
+    """Load, place and optimise the text-to-image pipeline named by `source`."""
+    import torch
+
+    if options.torch_threads:
+        torch.set_num_threads(options.torch_threads)
+    device = resolve_device(options.device)
+    dtype = resolve_dtype(options.dtype, device)
+    if options.attention == "xformers":
+        _check_xformers(device)
+
+    if source.kind == "synthetic":
+        from .synthetic import build_pipeline
+
+        pipe = build_pipeline(source.location, seed=options.seed, device=device, dtype=dtype)
+    else:
+        pipe = _from_pretrained(source, options, dtype)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    _apply_optimisations(pipe, options)
+    return pipe
+
+
+def _from_pretrained(source: ModelSource, options: PipelineOptions, dtype):
+    from diffusers import AutoPipelineForText2Image
+
+    kwargs = {"dtype": dtype, "cache_dir": options.cache_dir, "local_files_only": options.local_files_only}
+    if options.variant:
+        kwargs["variant"] = options.variant
+    try:
+        return AutoPipelineForText2Image.from_pretrained(source.location, **kwargs)
+    except OSError as exc:
+        hint = " (offline: is it in the cache? set cache_dir)" if options.local_files_only else ""
+        raise ModelSourceError(f"cannot load model {source}{hint}: {exc}") from exc
+
+
+def _check_xformers(device: str) -> None:
+    if not device.startswith("cuda"):
+        raise ValueError(f"attention 'xformers' needs a CUDA device, not {device!r}; use attention: sdpa")
+    if importlib.util.find_spec("xformers") is None:
+        raise ValueError("attention 'xformers' requested but xformers is not installed: pip install '.[gpu]'")
+
+
+def _apply_optimisations(pipe, options: PipelineOptions) -> None:
+    import torch
+
+    if options.attention == "xformers":
+        pipe.enable_xformers_memory_efficient_attention()
+    if options.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+    if options.vae_slicing:
+        pipe.vae.enable_slicing()
+    if options.vae_tiling:
+        pipe.vae.enable_tiling()
+    if options.compile:
+        pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs")

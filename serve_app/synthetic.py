@@ -1,0 +1,29 @@
+"""Write a synthetic model to a directory that plain diffusers loads.
+
+    python -m serve_app.synthetic tiny ./tiny-sd
+    python -c "from diffusers import DiffusionPipeline; DiffusionPipeline.from_pretrained('./tiny-sd')"
+
+Anyone can then benchmark the same weights with or without this project.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .pipeline.synthetic import preset_names, save_pipeline
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serve_app.synthetic", description=__doc__.split("\n\n")[0])
+    parser.add_argument("preset", choices=preset_names(), help="architecture to build")
+    parser.add_argument("out_dir", help="directory to write (diffusers format)")
+    parser.add_argument("--seed", type=int, default=0, help="weight seed (the server's synthetic:<preset> uses 0)")
+    args = parser.parse_args(argv)
+    out = save_pipeline(args.preset, args.out_dir, seed=args.seed)
+    print(f"wrote synthetic:{args.preset} (seed {args.seed}) to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
