@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine:
 #   make serve   - create .venv, install, start the offline demo (configs/cpu-demo.yaml)
 #   make test    - create .venv, install with test tools, run the suite
+#   make bench   - side-by-side benchmark: raw pipeline, this server, unbatched baseline (BENCHMARKS.md)
 # Production: make serve CONFIG=serve_config.yaml
 
 PYTHON ?= python3
@@ -12,7 +13,7 @@ PIP := $(VENV)/bin/pip
 PY := $(VENV)/bin/python
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install install-test serve test test-unit test-e2e lint clean
+.PHONY: install install-test serve test test-unit test-e2e lint bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +46,10 @@ test-unit: install-test
 
 test-e2e: install-test
 	$(VENV)/bin/pytest tests/e2e
+
+# Raw pipeline vs this server vs an unbatched baseline, one run (BENCHMARKS.md). Options: make bench BENCH_ARGS="--duration 5"
+bench: install-test
+	$(PY) -m loadtest.benchmark $(BENCH_ARGS)
 
 lint: install-test
 	$(VENV)/bin/ruff check serve_app tests loadtest

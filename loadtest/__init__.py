@@ -1,0 +1,1 @@
+"""Load tests and benchmarks: Locust traffic, concurrency sweeps, the side-by-side benchmark. They speak HTTP only."""

@@ -1,0 +1,132 @@
+"""The raw pipeline, in-process, at fixed batch sizes: the ceiling one replica can reach.
+
+    python -m loadtest.raw_pipeline --model synthetic:tiny --device cpu --threads 1 --batch-sizes 1,2,4,8,16
+
+Calls `ImageEngine.generate` (the pipeline layer the server's generator
+calls: defaults, grouping, one diffusers call per group, uint8 output) with
+`batch_size` jobs drawn from the same request mix as the load tests, again
+and again for a few seconds per batch size. No HTTP, no Ray, no encoding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+
+from .traffic import RequestMix, RequestStream
+
+
+@dataclass
+class RawResult:
+    batch_size: int
+    calls: int
+    images: int
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds
+
+    @property
+    def ms_per_call(self) -> float:
+        return self.seconds / self.calls * 1000
+
+
+def job_from_body(body: dict):
+    from serve_app.pipeline.jobs import GenerationJob
+
+    return GenerationJob(
+        prompt=body["prompt"],
+        seed=body["seed"],
+        negative_prompt=body.get("negative_prompt", ""),
+        width=body.get("width"),
+        height=body.get("height"),
+        num_inference_steps=body.get("num_inference_steps"),
+        guidance_scale=body.get("guidance_scale"),
+    )
+
+
+def measure(
+    model: str,
+    device: str,
+    batch_sizes: list[int],
+    mix: RequestMix,
+    threads: int | None = None,
+    dtype: str = "auto",
+    seconds_per_size: float = 3.0,
+    min_calls: int = 3,
+    seed: int = 0,
+) -> list[RawResult]:
+    """Images/s at each batch size; the model is loaded once, warmed up, and released at the end."""
+    import gc
+
+    import torch
+
+    from serve_app.pipeline.engine import ImageEngine
+    from serve_app.pipeline.loading import PipelineOptions
+
+    engine = ImageEngine.load(model, PipelineOptions(device=device, dtype=dtype, torch_threads=threads))
+    engine.warmup()
+    stream = RequestStream(mix, seed=seed)
+    results = []
+    try:
+        for batch_size in batch_sizes:
+            batches = [[job_from_body(stream.next().body) for _ in range(batch_size)] for _ in range(8)]
+            engine.generate(batches[-1])  # first call at a new shape pays for allocation
+            calls = images = 0
+            started = time.perf_counter()
+            while calls < min_calls or time.perf_counter() - started < seconds_per_size:
+                results_of_call = engine.generate(batches[calls % len(batches)])
+                _synchronize(engine)
+                failed = [r for r in results_of_call if isinstance(r, Exception)]
+                if failed:
+                    raise failed[0]
+                calls += 1
+                images += len(results_of_call)
+            results.append(RawResult(batch_size, calls, images, time.perf_counter() - started))
+    finally:
+        del engine
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # leave the GPU to the servers measured next
+    return results
+
+
+def _synchronize(engine) -> None:
+    if engine.device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(engine.device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .report import raw_table
+    from .sweep import add_mix_arguments, mix_from_arguments, parse_levels
+
+    parser = argparse.ArgumentParser(prog="python -m loadtest.raw_pipeline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="synthetic:tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--batch-sizes", type=parse_levels, default=[1, 2, 4, 8, 16])
+    parser.add_argument("--seconds", type=float, default=3.0, help="seconds per batch size")
+    add_mix_arguments(parser)
+    args = parser.parse_args(argv)
+    results = measure(
+        args.model,
+        args.device,
+        args.batch_sizes,
+        mix_from_arguments(args),
+        args.threads,
+        args.dtype,
+        args.seconds,
+        seed=args.seed,
+    )
+    print(raw_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

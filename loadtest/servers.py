@@ -1,0 +1,106 @@
+"""Start and stop the servers a benchmark compares, each as its own process on 127.0.0.1.
+
+A `ServerProcess` runs in a new session (its own process group), waits until
+its readiness URL answers, and stops with SIGINT to its PID (Serve and Ray
+shut down cleanly on it), then SIGKILL to its process group if it is still
+alive after a grace period. Nothing else on the machine is touched.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, name: str, command: list[str], port: int, ready_path: str, log_path: Path, env=None):
+        self.name = name
+        self.command = command
+        self.port = port
+        self.ready_path = ready_path
+        self.log_path = log_path
+        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})}
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 300) -> ServerProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                self.command, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(self.url + self.ready_path, timeout=10).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(
+            f"{self.name} not ready at {self.url}{self.ready_path} after {timeout_s}s:\n{self.log_tail()}"
+        )
+
+    def stop(self, grace_s: float = 30) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)  # its own group: only what it started
+            self.process.wait()
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve_server(config: Path, log_dir: Path, port: int | None = None) -> ServerProcess:
+    """This project on Ray Serve, from a Serve config; ready once /info answers from a generator replica."""
+    port = port or free_port()
+    command = [sys.executable, "-m", "loadtest.serve_local", str(config), "--port", str(port)]
+    return ServerProcess("serve", command, port, "/info", log_dir / "serve.log")
+
+
+def baseline_server(
+    model: str, device: str, log_dir: Path, threads: int | None = None, port: int | None = None
+) -> ServerProcess:
+    """The unbatched FastAPI baseline (loadtest/baseline_server.py) under uvicorn."""
+    port = port or free_port()
+    command = [sys.executable, "-m", "loadtest.baseline_server", "--model", model, "--device", device]
+    command += ["--port", str(port)]
+    env = {}
+    if threads:
+        command += ["--threads", str(threads)]
+        env["OMP_NUM_THREADS"] = str(threads)  # as Ray does for a replica with num_cpus: threads
+    return ServerProcess("baseline", command, port, "/healthz", log_dir / "baseline.log", env)
