@@ -67,6 +67,7 @@ def measure(
     from serve_app.pipeline.engine import ImageEngine
     from serve_app.pipeline.loading import PipelineOptions
 
+    threads_before = torch.get_num_threads()
     engine = ImageEngine.load(model, PipelineOptions(device=device, dtype=dtype, torch_threads=threads))
     engine.warmup()
     stream = RequestStream(mix, seed=seed)
@@ -89,6 +90,7 @@ def measure(
     finally:
         del engine
         gc.collect()
+        torch.set_num_threads(threads_before)  # the caller's process goes on as before
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # leave the GPU to the servers measured next
     return results
