@@ -126,6 +126,8 @@ class Comparison:
                     "server_p95_ms": round(server.latency_s(95) * 1000, 1),
                     "baseline_p95_ms": round(baseline.latency_s(95) * 1000, 1) if baseline else math.nan,
                     "server_mean_batch": round(server.mean_batch_size, 2),
+                    "server_cpu_ms_per_image": round(server.cpu_ms_per_image(), 2),
+                    "baseline_cpu_ms_per_image": round(baseline.cpu_ms_per_image(), 2) if baseline else math.nan,
                     "server_error_rate": round(server.error_rate, 4),
                     "baseline_error_rate": round(baseline.error_rate, 4) if baseline else math.nan,
                 }
@@ -142,6 +144,7 @@ class Comparison:
             "server p95 ms",
             "baseline p95 ms",
             "server mean batch",
+            "CPU ms/image (server / baseline)",
             "errors (server / baseline)",
         ]
         rows = [
@@ -154,6 +157,7 @@ class Comparison:
                 row["server_p95_ms"],
                 row["baseline_p95_ms"],
                 row["server_mean_batch"],
+                f"{row['server_cpu_ms_per_image']:.1f} / {row['baseline_cpu_ms_per_image']:.1f}",
                 f"{row['server_error_rate']:.1%} / {row['baseline_error_rate']:.1%}",
             ]
             for row in self.ratio_rows()
@@ -190,6 +194,7 @@ class Comparison:
             "ceiling_images_per_s": round(self.ceiling, 2),
             "ceiling_batch_size": self.best_raw.batch_size,
             "raw_batch1_ms": next((round(r.ms_per_call, 2) for r in self.raw if r.batch_size == 1), None),
+            "raw_cpu_ms_per_image_at_ceiling": round(self.best_raw.cpu_ms_per_image, 2),
             "serving_overhead_ms": round(self.overhead_s * 1000, 1),
             "batch_wait_ms": round(self.batch_wait_s * 1000, 1),
             "ratios": self.ratio_rows(),
@@ -267,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     started = time.perf_counter()
 
-    def sweep(url: str, label: str) -> list[LevelResult]:
+    def sweep(url: str, label: str, cpu_probe=None) -> list[LevelResult]:
         return asyncio.run(
             run_sweep(
                 url,
@@ -279,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                 timeout_s=args.timeout,
                 progress=not args.no_progress,
                 label=label,
+                cpu_probe=cpu_probe,
             )
         )
 
@@ -294,11 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         with serve_server(out / "config.yaml", out) as server:
             batch_wait_s = batch_wait_of(server.url)
-            server_results = sweep(server.url, "server")
+            server_results = sweep(server.url, "server", server.cpu_seconds)
 
     print("3/3 unbatched baseline ...", flush=True)
     with baseline_server(served.model, served.device, out, served.threads) as baseline:
-        baseline_results = sweep(baseline.url, "baseline")
+        baseline_results = sweep(baseline.url, "baseline", baseline.cpu_seconds)
 
     comparison = Comparison(raw, server_results, baseline_results, batch_wait_s)
     length = f"{duration_s:g} s per level" if duration_s else f"{requests} requests per level"

@@ -24,6 +24,11 @@ class RawResult:
     calls: int
     images: int
     seconds: float
+    cpu_s: float = 0.0  # CPU time of this process over the same calls
+
+    @property
+    def cpu_ms_per_image(self) -> float:
+        return self.cpu_s * 1000 / self.images
 
     @property
     def images_per_s(self) -> float:
@@ -77,7 +82,7 @@ def measure(
             batches = [[job_from_body(stream.next().body) for _ in range(batch_size)] for _ in range(8)]
             engine.generate(batches[-1])  # first call at a new shape pays for allocation
             calls = images = 0
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             while calls < min_calls or time.perf_counter() - started < seconds_per_size:
                 results_of_call = engine.generate(batches[calls % len(batches)])
                 _synchronize(engine)
@@ -86,7 +91,8 @@ def measure(
                     raise failed[0]
                 calls += 1
                 images += len(results_of_call)
-            results.append(RawResult(batch_size, calls, images, time.perf_counter() - started))
+            seconds, cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
+            results.append(RawResult(batch_size, calls, images, seconds, cpu_s))
     finally:
         del engine
         gc.collect()

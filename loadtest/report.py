@@ -32,6 +32,9 @@ CSV_FIELDS = (
     "latency_p99_ms",
     "mean_batch_size",
     "batch_sizes",
+    "server_cpu_ms_per_image",
+    "server_cpu_ms_per_image_by_process",
+    "client_cpu_ms_per_image",
 )
 
 
@@ -42,6 +45,12 @@ def _ms(seconds: float) -> float:
 def batch_sizes_text(result: LevelResult) -> str:
     """ "size:images" pairs, e.g. "1:3 8:120" (0 means the server did not report a size)."""
     return " ".join(f"{size}:{n}" for size, n in sorted(result.batch_sizes.items()))
+
+
+def cpu_by_process_text(result: LevelResult) -> str:
+    """ "process:ms per image" pairs, largest first, e.g. "ImageGenerator:11.2 Ingress:4.1"."""
+    shares = sorted(result.cpu_s, key=lambda name: -result.cpu_s[name])
+    return " ".join(f"{name}:{result.cpu_ms_per_image(name):.2f}" for name in shares if result.cpu_s[name] > 0)
 
 
 def csv_rows(series: Series) -> list[dict]:
@@ -60,6 +69,9 @@ def csv_rows(series: Series) -> list[dict]:
             "latency_p99_ms": _ms(r.latency_s(99)),
             "mean_batch_size": round(r.mean_batch_size, 2),
             "batch_sizes": batch_sizes_text(r),
+            "server_cpu_ms_per_image": round(r.cpu_ms_per_image(), 2),
+            "server_cpu_ms_per_image_by_process": cpu_by_process_text(r),
+            "client_cpu_ms_per_image": round(r.client_cpu_ms_per_image, 2),
         }
         for label, results in series.items()
         for r in results
@@ -87,7 +99,8 @@ def markdown(headers: list[str], rows: list[list]) -> str:
 
 
 def sweep_table(series: Series) -> str:
-    headers = ["server", "concurrency", "images/s", "p50 ms", "p95 ms", "p99 ms", "errors", "mean batch", "batch sizes"]
+    headers = ["server", "concurrency", "images/s", "p50 ms", "p95 ms", "p99 ms", "errors", "mean batch"]
+    headers += ["server CPU ms/image", "batch sizes (size:images)"]
     rows = [
         [
             label,
@@ -98,6 +111,7 @@ def sweep_table(series: Series) -> str:
             _ms(r.latency_s(99)),
             f"{r.error_rate:.1%}",
             r.mean_batch_size,
+            r.cpu_ms_per_image(),
             batch_sizes_text(r),
         ]
         for label, results in series.items()
@@ -107,8 +121,8 @@ def sweep_table(series: Series) -> str:
 
 
 def raw_table(results: list[RawResult]) -> str:
-    rows = [[r.batch_size, r.ms_per_call, r.images_per_s] for r in results]
-    return markdown(["batch size", "ms per call", "images/s"], rows)
+    rows = [[r.batch_size, r.ms_per_call, r.images_per_s, r.cpu_ms_per_image] for r in results]
+    return markdown(["batch size", "ms per call", "images/s", "CPU ms/image"], rows)
 
 
 def plot(path: Path, series: Series, title: str = "", ceiling: float | None = None) -> Path:

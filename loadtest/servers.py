@@ -72,6 +72,10 @@ class ServerProcess:
             os.killpg(self.process.pid, signal.SIGKILL)  # its own group: only what it started
             self.process.wait()
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds used so far by the live processes this server started, summed by process name."""
+        return session_cpu_seconds(self.process.pid) if self.process else {}
+
     def log_tail(self, lines: int = 30) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -83,6 +87,42 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def process_name(command: str) -> str:
+    """A short stable name for a command line: "ray::ServeReplica:sd:Ingress.handle" -> "Ingress",
+    "/x/raylet --flags" -> "raylet", "/x/python -u /y/log_monitor.py --flags" -> "log_monitor"."""
+    words = command.split()
+    if not words:
+        return "?"
+    if words[0].startswith("ray::"):  # a Ray worker's title: ray::<actor class or replica>.<method>
+        return words[0].removeprefix("ray::").split(".")[0].rpartition(":")[2]
+    program = Path(words[0]).name
+    if program.startswith("python"):
+        script = next((w for w in words[1:] if w.endswith(".py")), None)
+        module = words[words.index("-m") + 1] if "-m" in words[:-1] else None
+        return Path(script).stem if script else module or program
+    return program
+
+
+def session_cpu_seconds(session_id: int) -> dict[str, float]:
+    """CPU seconds (user + system) of each live process in a session, summed by name (Linux /proc; else empty).
+
+    CPU time per image stays meaningful on a busy machine, where wall-clock throughput does not.
+    """
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    totals: dict[str, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+            if int(fields[3]) != session_id:  # field 6 of stat, the session id
+                continue
+            command = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended meanwhile
+        name = process_name(command)
+        totals[name] = totals.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return totals
 
 
 def serve_server(config: Path, log_dir: Path, port: int | None = None) -> ServerProcess:

@@ -21,6 +21,7 @@ import math
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,8 +54,22 @@ class LevelResult:
     images: int  # counted inside the window
     seconds: float  # length of the window
     latencies_s: list[float] = field(repr=False)
+    images_returned: int = 0  # all images, those that came back after the window too
     batch_sizes: Counter[int] = field(default_factory=Counter)  # batch size -> images seen at that size
     error_kinds: Counter[str] = field(default_factory=Counter)
+    cpu_s: dict[str, float] = field(default_factory=dict)  # server CPU seconds during the level, by process
+    client_cpu_s: float = 0.0  # this process (the load generator), sharing the machine with the server
+
+    def cpu_ms_per_image(self, process: str | None = None) -> float:
+        """Server CPU per image made (all its processes, or one): comparable across runs on a busy machine."""
+        if not self.cpu_s or not self.images_returned:
+            return math.nan
+        seconds = self.cpu_s.get(process, 0.0) if process else sum(self.cpu_s.values())
+        return seconds * 1000 / self.images_returned
+
+    @property
+    def client_cpu_ms_per_image(self) -> float:
+        return self.client_cpu_s * 1000 / self.images_returned if self.images_returned else math.nan
 
     @property
     def images_per_s(self) -> float:
@@ -92,7 +107,7 @@ async def send(session: aiohttp.ClientSession, request: Request) -> Outcome:
             payload = await response.json() if content_type.startswith("application/json") else await response.read()
             finished = time.perf_counter()
             return read_outcome(response.status, content_type, response.headers, payload, finished - started, finished)
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:  # ValueError: a JSON body that is not
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:  # ValueError: a body that is not valid JSON
         finished = time.perf_counter()
         return Outcome(finished - started, finished, error=type(exc).__name__)
 
@@ -110,15 +125,14 @@ async def run_level(
     started = time.perf_counter()
     deadline = started + duration_s if duration_s is not None else math.inf
     outcomes: list[Outcome] = []
+    sent = 0
 
     async def worker() -> None:
-        while time.perf_counter() < deadline and (requests is None or len(outcomes) + in_flight[0] < requests):
-            in_flight[0] += 1
-            outcome = await send(session, stream.next())
-            in_flight[0] -= 1
-            outcomes.append(outcome)
+        nonlocal sent
+        while time.perf_counter() < deadline and (requests is None or sent < requests):
+            sent += 1
+            outcomes.append(await send(session, stream.next()))
 
-    in_flight = [0]
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     if duration_s is not None:
         window_end, seconds = deadline, duration_s
@@ -127,6 +141,7 @@ async def run_level(
         seconds = window_end - started
     result = LevelResult(concurrency, len(outcomes), 0, 0, seconds, [o.latency_s for o in outcomes])
     for outcome in outcomes:
+        result.images_returned += outcome.images
         if outcome.error:
             result.errors += 1
             result.error_kinds[outcome.error] += 1
@@ -152,8 +167,12 @@ async def run_sweep(
     timeout_s: float = 120,
     progress: bool = True,
     label: str = "server",
+    cpu_probe: Callable[[], dict[str, float]] | None = None,
 ) -> list[LevelResult]:
-    """Every level in turn against `url`, after a few untimed requests that warm connections and server."""
+    """Every level in turn against `url`, after a few untimed requests that warm connections and server.
+
+    `cpu_probe`, if given, returns the server's CPU seconds so far by process; each level records the difference.
+    """
     from tqdm import tqdm
 
     stream = RequestStream(mix, seed=seed)
@@ -164,7 +183,13 @@ async def run_sweep(
         with tqdm(levels, desc=label, unit="level", disable=not progress, file=sys.stderr) as bar:
             for concurrency in bar:
                 bar.set_postfix_str(f"concurrency {concurrency}")
+                cpu_before = cpu_probe() if cpu_probe else {}
+                client_before = time.process_time()
                 result = await run_level(session, stream, concurrency, duration_s, requests)
+                result.client_cpu_s = time.process_time() - client_before
+                if cpu_probe:
+                    cpu_after = cpu_probe()
+                    result.cpu_s = {k: round(v - cpu_before.get(k, 0.0), 3) for k, v in cpu_after.items()}
                 results.append(result)
                 bar.write(f"  {label:>8}  concurrency {concurrency:>3}: {summary(result)}", file=sys.stderr)
     return results
@@ -175,6 +200,7 @@ def summary(result: LevelResult) -> str:
         f"{result.images_per_s:6.1f} images/s  p50 {result.latency_s(50) * 1000:6.0f} ms  "
         f"p95 {result.latency_s(95) * 1000:6.0f} ms  errors {result.error_rate:.1%}  "
         f"mean batch {result.mean_batch_size:.1f}"
+        + (f"  server CPU {result.cpu_ms_per_image():.1f} ms/image" if result.cpu_s else "")
     )
 
 

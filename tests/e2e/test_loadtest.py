@@ -110,11 +110,15 @@ def test_benchmark_compares_raw_server_and_baseline_in_one_run(tmp_path):
     for row in summary["ratios"]:
         assert row["server_images_per_s"] > 0 and row["baseline_images_per_s"] > 0
         assert row["server_error_rate"] == 0 and row["baseline_error_rate"] == 0
+        assert row["server_cpu_ms_per_image"] > 0 and row["baseline_cpu_ms_per_image"] > 0
         assert row["server_over_baseline"] == pytest.approx(
             row["server_images_per_s"] / row["baseline_images_per_s"], rel=0.01
         )
     assert [row["batch_size"] for row in csv.DictReader((out / "raw.csv").open())] == ["1", "2"]
-    assert {row["label"] for row in csv.DictReader((out / "sweep.csv").open())} == {"server", "baseline"}
+    sweep_rows = list(csv.DictReader((out / "sweep.csv").open()))
+    assert {row["label"] for row in sweep_rows} == {"server", "baseline"}
+    server_cpu = [row["server_cpu_ms_per_image_by_process"] for row in sweep_rows if row["label"] == "server"]
+    assert all("ImageGenerator:" in text and "Ingress:" in text for text in server_cpu)
     text = (out / "benchmark.md").read_text()
     assert "## Ratios" in text and "serving overhead at concurrency 1" in text
     assert "model: synthetic:tiny" in (out / "config.yaml").read_text()  # what the server ran, kept with the results

@@ -12,6 +12,7 @@ from PIL import Image
 from loadtest import report
 from loadtest.benchmark import Comparison
 from loadtest.raw_pipeline import RawResult
+from loadtest.servers import process_name
 from loadtest.sweep import LevelResult, read_outcome
 
 
@@ -40,6 +41,32 @@ def test_level_summary_numbers():
     assert result.latency_s(50) == pytest.approx(0.25)
     assert result.mean_batch_size == pytest.approx((8 * 560 + 4 * 40) / 600)
     assert math.isnan(level(1, 0, batches={0: 3}).mean_batch_size)  # sizes not reported
+
+
+def test_cpu_per_image_counts_every_image_returned_and_names_processes():
+    result = level(8, 90, batches={8: 90})
+    assert math.isnan(result.cpu_ms_per_image())  # no probe, no number
+    result.images_returned = 100  # 10 more came back after the window closed
+    result.cpu_s = {"ImageGenerator": 1.5, "Ingress": 0.5, "raylet": 0.0}
+    assert result.cpu_ms_per_image() == pytest.approx(20.0)
+    assert result.cpu_ms_per_image("Ingress") == pytest.approx(5.0)
+    assert report.cpu_by_process_text(result) == "ImageGenerator:15.00 Ingress:5.00"
+
+
+@pytest.mark.parametrize(
+    ("command", "name"),
+    [
+        ("ray::ServeReplica:sd:ImageGenerator", "ImageGenerator"),
+        ("ray::ServeReplica:sd:Ingress.handle_request", "Ingress"),
+        ("ray::ProxyActor", "ProxyActor"),
+        ("/venv/lib/ray/core/src/ray/raylet/raylet --node-ip-address=127.0.0.1", "raylet"),
+        ("/venv/bin/python3 -u /venv/lib/ray/_private/log_monitor.py --session-dir=/tmp", "log_monitor"),
+        ("/venv/bin/python -m loadtest.serve_local configs/cpu-demo.yaml --port 8123", "loadtest.serve_local"),
+        ("", "?"),
+    ],
+)
+def test_process_names_are_short_and_stable(command, name):
+    assert process_name(command) == name
 
 
 def test_outcomes_read_batch_sizes_from_headers_or_json():
