@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
+import time
 
 from ray.serve.handle import DeploymentHandle
 
 from ..config import AppArgs
 from ..pipeline.errors import GenerationError
-from ..pipeline.jobs import SEED_MAX, GeneratedImage, GenerationJob
+from ..pipeline.jobs import GeneratedImage, GenerationJob
 from .errors import ApiError
-
-
-def new_seed() -> int:
-    return secrets.randbelow(SEED_MAX + 1)
 
 
 class GenerationService:
@@ -23,8 +19,9 @@ class GenerationService:
         self.settings = settings
         self.model = settings.model
         self.limits = settings.limits
+        self.started_at = int(time.time())
 
-    async def run(self, jobs: list[GenerationJob]) -> list[GeneratedImage]:
+    async def generate(self, jobs: list[GenerationJob]) -> list[GeneratedImage]:
         """One Generator call per image, so the images of one request batch with everyone else's."""
         responses = [self.generator.generate.remote(job) for job in jobs]
         try:
@@ -34,6 +31,11 @@ class GenerationService:
         finally:
             for response in responses:
                 response.cancel()  # a no-op for finished calls; frees queued work when one failed
+
+    async def generate_each(self, job_lists: list[list[GenerationJob]]) -> list[list[GeneratedImage]]:
+        """Several requests' jobs submitted together (so they share batches), answered per request."""
+        images = iter(await self.generate([job for jobs in job_lists for job in jobs]))
+        return [[next(images) for _ in jobs] for jobs in job_lists]
 
     async def generator_info(self) -> dict:
         return await self.generator.info.remote()
