@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import resource
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,7 +26,7 @@ _DEFAULT_BATCHING = BatchingConfig()
     # Twice the batch: one batch computes while the next one fills.
     max_ongoing_requests=2 * _DEFAULT_BATCHING.max_batch_size,
     user_config=_DEFAULT_BATCHING.model_dump(),
-    health_check_period_s=10,
+    health_check_period_s=2,
     health_check_timeout_s=30,
 )
 class ImageGenerator:
@@ -76,6 +78,8 @@ class ImageGenerator:
         return {
             **self.engine.describe(),
             "replica": self._replica,
+            "pid": os.getpid(),
+            "memory_rss_bytes": _rss_bytes(),
             "uptime_s": round(time.time() - self._started, 1),
             "warmup_s": round(self.warmup_s, 3),
             "batching": self._batching.model_dump(),
@@ -84,3 +88,12 @@ class ImageGenerator:
 
     def check_health(self) -> None:
         self.engine.check_health()
+
+
+def _rss_bytes() -> int:
+    """Resident memory of this replica process (Linux /proc; peak RSS elsewhere)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

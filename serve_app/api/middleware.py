@@ -1,10 +1,18 @@
-"""ASGI layers around the FastAPI app: request ids, last-resort 500s, body size limit."""
+"""ASGI layers around the FastAPI app: request ids and last-resort 500s, outcome counts,
+API keys, admission control, body size limit, deadlines.
+
+Plain ASGI rather than Starlette's BaseHTTPMiddleware: they run on every request,
+and answering early (401, 413, 503) must not read the body first.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import json
 import logging
 import uuid
+from collections import Counter
 
 from starlette.exceptions import HTTPException
 
@@ -98,10 +106,8 @@ class BodySizeLimitMiddleware:
             await self._reject(scope, send)
 
     async def _reject(self, scope, send):
-        request_id = scope.get("state", {}).get("request_id", "")
         message = f"request body is larger than {self.max_body_bytes} bytes"
-        body = error_body(scope.get("path", ""), 413, "payload_too_large", message, request_id)
-        await _send_json(send, 413, body, [(b"connection", b"close")])
+        await _send_error(scope, send, 413, "payload_too_large", message, [(b"connection", b"close")])
 
 
 def _header(scope, name: bytes) -> str | None:
@@ -109,3 +115,135 @@ def _header(scope, name: bytes) -> str | None:
         if key == name:
             return value.decode("latin-1")
     return None
+
+
+class OutcomeCounterMiddleware:
+    """Counts responses by status code, for /info."""
+
+    def __init__(self, app, counter: Counter):
+        self.app = app
+        self.counter = counter
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.counter[str(message["status"])] += 1
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+# Routes anyone may call when API keys are on: probes, the web page and the API description.
+OPEN_PATHS = frozenset(
+    {"/", "/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/favicon.ico"}
+)
+OPEN_PREFIXES = ("/static/",)
+
+
+class ApiKeyMiddleware:
+    """Bearer API keys: 401 without one, 403 for a wrong one; keys compared in constant time."""
+
+    def __init__(self, app, keys: list[str]):
+        self.app = app
+        self.keys = [key.encode() for key in keys]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or self._is_open(scope):
+            return await self.app(scope, receive, send)
+        scheme, _, token = (_header(scope, b"authorization") or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return await _send_error(
+                scope,
+                send,
+                401,
+                "missing_api_key",
+                "send an API key: Authorization: Bearer <key>",
+                [(b"www-authenticate", b"Bearer")],
+            )
+        offered = token.strip().encode()
+        # Compare with every key, always: the time taken says nothing about which key came close.
+        matches = [hmac.compare_digest(offered, key) for key in self.keys]
+        if not any(matches):
+            return await _send_error(scope, send, 403, "invalid_api_key", "the API key is not valid")
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    def _is_open(scope) -> bool:
+        path = scope.get("path", "")
+        return scope.get("method") == "OPTIONS" or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+
+
+class ConcurrencyLimitMiddleware:
+    """The ingress's own bound: past `limit` generation requests in flight, answer 503 at once
+    (before reading a possibly large body) instead of queueing without end."""
+
+    def __init__(self, app, limit: int, retry_after_s: int):
+        self.app = app
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+        self.active = 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        if self.active >= self.limit:
+            message = f"server busy: {self.active} requests in flight; retry after {self.retry_after_s}s"
+            return await _send_error(
+                scope, send, 503, "overloaded", message, [(b"retry-after", str(self.retry_after_s).encode())]
+            )
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+
+
+TIMEOUT_HEADER = "X-Request-Timeout"
+
+
+class DeadlineMiddleware:
+    """504 when a generation request outlives its deadline: the server's `request_timeout_s`, or a
+    shorter one the client asks for in X-Request-Timeout (seconds). Cancelling the request here
+    cancels its Generator calls too, so work that has not started is dropped."""
+
+    def __init__(self, app, default_s: float):
+        self.app = app
+        self.default_s = default_s
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        timeout = self.default_s
+        asked = _header(scope, TIMEOUT_HEADER.lower().encode())
+        if asked is not None:
+            try:
+                seconds = float(asked)
+            except ValueError:
+                seconds = float("nan")
+            if not 0 < seconds < float("inf"):
+                message = f"{TIMEOUT_HEADER}: must be a positive number of seconds (got {asked!r})"
+                return await _send_error(scope, send, 422, "invalid_request", message, field=TIMEOUT_HEADER)
+            timeout = min(seconds, self.default_s)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await asyncio.wait_for(self.app(scope, receive, tracking_send), timeout)
+        except asyncio.TimeoutError:
+            if not started:
+                await _send_error(scope, send, 504, "timeout", f"request did not finish within {timeout:g}s")
+
+
+async def _send_error(
+    scope, send, status: int, code: str, message: str, headers: list | None = None, field: str | None = None
+) -> None:
+    request_id = scope.get("state", {}).get("request_id", "")
+    body = error_body(scope.get("path", ""), status, code, message, request_id, field)
+    await _send_json(send, status, body, headers)

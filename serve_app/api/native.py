@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
@@ -25,7 +26,7 @@ from .protocol import (
     Img2ImgRequest,
     OutputOptions,
 )
-from .service import GenerationService
+from .service import GenerationService, is_ready
 
 router = APIRouter()
 
@@ -136,9 +137,30 @@ async def healthz():
     return {"status": "ok"}
 
 
-@router.get("/info", summary="Model, device, batching settings and pipeline calls by batch size")
+@router.get(
+    "/readyz",
+    summary="Readiness: a Generator replica can take work",
+    responses={503: {"description": "no Generator replica is running yet (Retry-After says when to ask again)"}},
+)
+async def readyz(service: Service):
+    status = await service.generator_status()
+    body = {"status": "ready" if is_ready(status) else "not_ready", "generator": status}
+    if not is_ready(status):
+        return JSONResponse(body, status_code=503, headers={"Retry-After": str(service.limits.retry_after_s)})
+    return body
+
+
+@router.get("/info", summary="Model, device, replicas, batching, pipeline calls by batch size, responses by status")
 async def info(service: Service):
-    return {"model": service.model, "limits": service.limits.model_dump(), "generator": await service.generator_info()}
+    return {
+        "model": service.model,
+        "uptime_s": int(time.time()) - service.started_at,
+        "limits": service.limits.model_dump(),
+        "auth": service.settings.auth.enabled,
+        "responses_by_status": dict(sorted(service.responses_by_status.items())),
+        "generator_deployment": await service.generator_status(),
+        "generator": await service.generator_info(),
+    }
 
 
 # -- shared by the routes above --------------------------------------------------------
