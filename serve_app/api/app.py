@@ -9,6 +9,7 @@ from . import a1111, native, openai_compat
 from .errors import install_error_handlers
 from .middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from .service import GenerationService
+from .web import mount_web_page
 
 DESCRIPTION = """Text-to-image and image-to-image with dynamic batching on Ray Serve.
 
@@ -31,4 +32,5 @@ def create_api(service: GenerationService) -> FastAPI:
     app.include_router(native.router)
     app.include_router(openai_compat.router)
     app.include_router(a1111.router)
+    mount_web_page(app)
     return app
