@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -141,10 +142,10 @@ class BatchOutcome:
 
     def summary(self, out_dir: Path, skipped: int) -> str:
         rate = self.written / self.elapsed_s if self.elapsed_s > 0 else 0.0
-        parts = [f"{self.written} images written to {out_dir} in {self.elapsed_s:.1f} s ({rate:.2f} images/s)"]
-        parts.append(f"{skipped} already there, skipped")
-        parts.append(f"{len(self.failures or [])} prompts failed")
-        return "; ".join(parts)
+        return (
+            f"{_count(self.written, 'image')} written to {out_dir} in {self.elapsed_s:.1f} s ({rate:.2f} images/s); "
+            f"{skipped} already there, skipped; {_count(len(self.failures or []), 'prompt')} failed"
+        )
 
 
 def read_prompts(path: Path) -> list[tuple[int, str]]:
@@ -229,7 +230,9 @@ def describe_health(url: str, live: bool, ready: bool | None, info: dict[str, An
         limits = info.get("limits") or {}
         rows.append(("model", f"{info.get('model')} ({generator.get('pipeline', '?')})"))
         if generator:
-            rows.append(("device", f"{generator.get('device')}, {generator.get('dtype')}, {generator.get('attention')}"))
+            rows.append(
+                ("device", f"{generator.get('device')}, {generator.get('dtype')}, {generator.get('attention')}")
+            )
             defaults = generator.get("defaults") or {}
             rows.append(
                 (
@@ -265,15 +268,16 @@ def describe_health(url: str, live: bool, ready: bool | None, info: dict[str, An
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    """'512x768' (or '512') as (width, height)."""
-    width, _, height = text.lower().partition("x")
-    try:
-        size = (int(width), int(height or width))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 512x512, not {text!r}") from None
-    if min(size) <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive, not {text!r}")
-    return size
+    """'512x768' (or '512' for a square) as (width, height)."""
+    match = re.fullmatch(r"(\d+)(?:[xX](\d+))?", text.strip())
+    if not match or int(match[1]) == 0 or (match[2] and int(match[2]) == 0):
+        raise argparse.ArgumentTypeError(f"size must look like 512x512, not {text!r}")
+    width = int(match[1])
+    return width, int(match[2] or width)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _format_from_suffix(output: str | None) -> str:
@@ -342,9 +346,7 @@ def _connection_options(suppress: bool) -> argparse.ArgumentParser:
     group = options.add_argument_group("server")
     group.add_argument("--url", default=default, help=f"server address (default: ${URL_ENV} or {DEFAULT_URL})")
     group.add_argument("--api-key", default=default, metavar="KEY", help=f"bearer token (default: ${API_KEY_ENV})")
-    group.add_argument(
-        "--timeout", type=float, default=default, metavar="SECONDS", help="per request (default: 300)"
-    )
+    group.add_argument("--timeout", type=float, default=default, metavar="SECONDS", help="per request (default: 300)")
     group.add_argument(
         "--retries",
         type=int,

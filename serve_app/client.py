@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import httpx
 from PIL import Image
@@ -35,7 +35,7 @@ URL_ENV = "SD_SERVE_URL"
 API_KEY_ENV = "SD_SERVE_API_KEY"
 
 OutputFormat = Literal["png", "jpeg", "webp"]
-InitImage = Union[str, os.PathLike, bytes, Image.Image]
+InitImage = str | os.PathLike | bytes | Image.Image
 
 
 # -- results -----------------------------------------------------------------------------
