@@ -30,6 +30,7 @@ from .client import (
     SDClient,
     SDServeConnectionError,
     SDServeError,
+    SDServeTimeout,
 )
 
 SEED_MODULUS = 2**32
@@ -190,10 +191,10 @@ async def _run_batch(args: argparse.Namespace, pending: list[BatchEntry]) -> Bat
                     output_format=args.format,
                     **params,
                 )
-            except SDServeConnectionError as exc:
-                outcome.aborted = outcome.aborted or exc
-                return
             except SDServeError as exc:
+                if isinstance(exc, SDServeConnectionError) and not isinstance(exc, SDServeTimeout):
+                    outcome.aborted = outcome.aborted or exc  # the server is gone: stop here, a rerun resumes
+                    return
                 outcome.failures.append((entry, exc))
                 progress.update(len(entry.paths))
                 progress.set_postfix(failed=len(outcome.failures))

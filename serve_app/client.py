@@ -396,7 +396,7 @@ class SDClient(_Endpoints):
         quality: int | None = None,
     ) -> Generation:
         """Text to image. Parameters left out take the server's defaults; image i gets seed + i."""
-        body = _image_fields(**_locals_without_self(locals()))
+        body = _image_fields(**_image_arguments(locals()))
         return self._generation(self.request("POST", "/generate", json=body))
 
     def img2img(
@@ -417,7 +417,7 @@ class SDClient(_Endpoints):
         quality: int | None = None,
     ) -> Generation:
         """Image to image from a file path, raw bytes (PNG/JPEG/WebP) or a PIL image."""
-        params = _locals_without_self(locals())
+        params = _image_arguments(locals())
         body = {**_image_fields(**params), "init_image": encode_init_image(init_image)}
         if strength is not None:
             body["strength"] = strength
@@ -515,7 +515,7 @@ class AsyncSDClient(_Endpoints):
         output_format: OutputFormat = "png",
         quality: int | None = None,
     ) -> Generation:
-        body = _image_fields(**_locals_without_self(locals()))
+        body = _image_fields(**_image_arguments(locals()))
         return self._generation(await self.request("POST", "/generate", json=body))
 
     async def img2img(
@@ -535,7 +535,7 @@ class AsyncSDClient(_Endpoints):
         output_format: OutputFormat = "png",
         quality: int | None = None,
     ) -> Generation:
-        params = _locals_without_self(locals())
+        params = _image_arguments(locals())
         body = {**_image_fields(**params), "init_image": encode_init_image(init_image)}
         if strength is not None:
             body["strength"] = strength
@@ -569,6 +569,6 @@ class AsyncSDClient(_Endpoints):
             raise _transport_error(exc, self.base_url) from None
 
 
-def _locals_without_self(scope: dict[str, Any]) -> dict[str, Any]:
+def _image_arguments(scope: dict[str, Any]) -> dict[str, Any]:
     """A method's own arguments, for forwarding its image parameters without repeating them."""
     return {k: v for k, v in scope.items() if k not in ("self", "init_image", "strength", "params")}

@@ -1,6 +1,6 @@
 """The client's own logic against scripted HTTP answers: retries, errors, headers, request bodies.
 
-What the server really answers is checked in tests/e2e/test_client.py.
+What the real server answers is checked in tests/e2e/test_client.py.
 """
 
 from __future__ import annotations

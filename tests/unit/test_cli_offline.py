@@ -6,6 +6,7 @@ import argparse
 import json
 
 import pytest
+from harness import free_port
 
 from serve_app.cli import build_parser, main, parse_size, plan_batch, read_prompts
 
@@ -17,7 +18,7 @@ def test_size_is_width_x_height():
             parse_size(bad)
 
 
-def test_connection_options_work_before_or_after_the_command(monkeypatch):
+def test_connection_options_work_before_or_after_the_command():
     parser = build_parser()
     before = parser.parse_args(["--url", "http://a:1", "--api-key", "k", "health"])
     after = parser.parse_args(["health", "--url", "http://b:2"])
@@ -48,6 +49,17 @@ def test_batch_of_an_empty_file_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exited:
         main(["batch", str(prompts), "--out-dir", str(tmp_path / "out")])
     assert exited.value.code == 2 and "holds no prompts" in capsys.readouterr().err
+
+
+def test_batch_stops_when_the_server_cannot_be_reached(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\na bird\n")
+    url = f"http://127.0.0.1:{free_port()}"
+    status = main(["batch", str(prompts), "--out-dir", str(tmp_path / "out"), "--url", url, "--quiet"])
+    out, err = capsys.readouterr()
+    assert status == 1 and "0 images written" in out
+    assert err.strip().splitlines()[-1].startswith(f"sd-serve: error: cannot reach {url}")
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_synth_writes_a_model_diffusers_can_load(tmp_path, capsys):
