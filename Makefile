@@ -12,7 +12,7 @@ PIP := $(VENV)/bin/pip
 PY := $(VENV)/bin/python
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install install-test serve test test-unit test-e2e lint clean
+.PHONY: install install-test chromium serve test test-unit test-e2e lint clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,14 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	touch $@
 
 install: $(VENV)/.installed
-install-test: $(VENV)/.installed-test
+install-test: $(VENV)/.installed-test chromium
+
+# The web page's browser test drives Debian's chromium through Playwright
+# (Playwright's own browser download cannot work offline). sudo only when not root.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
 
 serve: install
 	@$(PY) -c "import yaml; h = yaml.safe_load(open('$(CONFIG)'))['http_options']; \

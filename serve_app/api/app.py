@@ -17,6 +17,7 @@ from .middleware import (
     RequestIdMiddleware,
 )
 from .service import GenerationService
+from .web import mount_web_page
 
 DESCRIPTION = """Text-to-image and image-to-image with dynamic batching on Ray Serve.
 
@@ -56,4 +57,5 @@ def create_api(service: GenerationService, api_keys: list[str] | None = None) ->
     app.include_router(native.router)
     app.include_router(openai_compat.router)
     app.include_router(a1111.router)
+    mount_web_page(app)
     return app
