@@ -140,7 +140,7 @@ class OutcomeCounterMiddleware:
 OPEN_PATHS = frozenset(
     {"/", "/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/favicon.ico"}
 )
-OPEN_PREFIXES = ("/static/",)
+OPEN_PREFIXES = ("/web/",)
 
 
 class ApiKeyMiddleware:
