@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
+import time
 
 from ray.serve.handle import DeploymentHandle
 
@@ -26,7 +28,7 @@ class GenerationService:
 
     async def run(self, jobs: list[GenerationJob]) -> list[GeneratedImage]:
         """One Generator call per image, so the images of one request batch with everyone else's."""
-        responses = [self.generator.generate.remote(job) for job in jobs]
+        responses = [self.generator.generate.remote(dataclasses.replace(job, submitted_at=time.time())) for job in jobs]
         try:
             return list(await asyncio.gather(*responses))
         except GenerationError as exc:
