@@ -50,6 +50,10 @@ test-e2e: install-test
 local-cluster: install
 	$(PY) deploy/local_cluster.py
 
+# Copy serve_config.yaml into the KubeRay manifest's serveConfigV2 (a test checks they agree).
+kuberay-manifest: install
+	$(PY) deploy/kuberay/sync_serve_config.py
+
 lint: install-test
 	$(VENV)/bin/ruff check serve_app tests loadtest deploy
 	$(VENV)/bin/ruff format --check serve_app tests loadtest deploy
