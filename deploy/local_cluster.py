@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -230,6 +231,7 @@ def run(hold_s: float) -> dict:
     root = Path(tempfile.mkdtemp(prefix="sd-cluster-"))  # short: Ray's socket paths must stay under 108 bytes
     cluster = LocalRayCluster(root)
     report["logs"] = str(root)
+    print(f"node logs and temp files: {root}")
     try:
         started = time.monotonic()
         cluster.start_head(num_cpus=1)
@@ -273,14 +275,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hold", type=float, default=0, help="seconds to keep the cluster up after the traffic")
     parser.add_argument("--report", type=Path, help="write the placement, traffic and timings here as JSON")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the nodes' logs even when all went well")
     args = parser.parse_args()
     report = run(args.hold)
     print("timings (s):", report["timings_s"])
-    if args.report:
-        args.report.write_text(json.dumps(report, indent=2))
     on_both = len(set(report["placement"].values())) == 2
     served_by_both = all(c["calls"] for c in report["traffic"]["by_replica"].values())
-    sys.exit(0 if on_both and served_by_both and not report["surviving_process_groups"] else 1)
+    ok = on_both and served_by_both and not report["surviving_process_groups"]
+    if ok and not args.keep_logs:
+        shutil.rmtree(report.pop("logs"))
+    else:
+        print(f"node logs: {report['logs']}")
+    if args.report:
+        args.report.write_text(json.dumps(report, indent=2))
+    sys.exit(0 if ok else 1)
 
 
 if __name__ == "__main__":
