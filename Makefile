@@ -12,7 +12,7 @@ PIP := $(VENV)/bin/pip
 PY := $(VENV)/bin/python
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install install-test chromium serve test test-unit test-e2e lint clean
+.PHONY: install install-test chromium serve test test-unit test-e2e lint clean local-cluster kuberay-manifest
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,9 +53,17 @@ test-unit: install-test
 test-e2e: install-test
 	$(VENV)/bin/pytest tests/e2e
 
+# Two Ray nodes on this machine, `serve deploy`, replicas on both, traffic, clean stop (deploy/local_cluster.py).
+local-cluster: install
+	$(PY) deploy/local_cluster.py
+
+# Copy serve_config.yaml into the KubeRay manifest's serveConfigV2 (a test checks they agree).
+kuberay-manifest: install
+	$(PY) deploy/kuberay/sync_serve_config.py
+
 lint: install-test
-	$(VENV)/bin/ruff check serve_app tests loadtest
-	$(VENV)/bin/ruff format --check serve_app tests loadtest
+	$(VENV)/bin/ruff check serve_app tests loadtest deploy
+	$(VENV)/bin/ruff format --check serve_app tests loadtest deploy
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

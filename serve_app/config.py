@@ -129,6 +129,33 @@ class BatchingConfig(_Strict):
     )
 
 
+def batching_advice(max_batch_size: int, max_ongoing_requests: int, target_ongoing_requests: float | None) -> list[str]:
+    """Warnings for batching and autoscaling settings that work against each other.
+
+    A replica holds at most `max_ongoing_requests` requests, and a batch is taken from those.
+    The autoscaler adds replicas once replicas average more than `target_ongoing_requests`.
+    So keep  max_batch_size <= target_ongoing_requests <= max_ongoing_requests:
+    a lower target spreads the load before any batch fills (small batches, more replicas for the
+    same throughput); a target above max_ongoing_requests only scales once callers queue.
+    """
+    if target_ongoing_requests is None:
+        return []
+    advice = []
+    if target_ongoing_requests < max_batch_size:
+        advice.append(
+            f"autoscaling_config.target_ongoing_requests ({target_ongoing_requests:g}) is below "
+            f"user_config.max_batch_size ({max_batch_size}): replicas are added before a batch can fill, "
+            f"so batches stay near {target_ongoing_requests:g} images; set it to at least {max_batch_size}"
+        )
+    if target_ongoing_requests > max_ongoing_requests:
+        advice.append(
+            f"autoscaling_config.target_ongoing_requests ({target_ongoing_requests:g}) is above "
+            f"max_ongoing_requests ({max_ongoing_requests}), which a replica never exceeds: scaling up waits "
+            "until requests queue in front of the replicas; keep it between max_batch_size and max_ongoing_requests"
+        )
+    return advice
+
+
 def format_validation_error(exc: ValidationError, where: str) -> str:
     """One line per problem, each naming the key path, for errors people read in a terminal."""
     lines = []

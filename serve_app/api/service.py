@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import Counter
 
@@ -36,7 +37,10 @@ class GenerationService:
         responses = []
         finished = False
         try:
-            responses.extend(self.generator.generate.remote(job) for job in jobs)
+            submitted_at = time.time()  # for the Generator's queue-wait metric
+            responses.extend(
+                self.generator.generate.remote(dataclasses.replace(job, submitted_at=submitted_at)) for job in jobs
+            )
             images = list(await asyncio.gather(*responses))
             finished = True
             return images
