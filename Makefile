@@ -13,7 +13,7 @@ PIP := $(VENV)/bin/pip
 PY := $(VENV)/bin/python
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install install-test serve test test-unit test-e2e lint bench clean
+.PHONY: install install-test chromium serve test test-unit test-e2e lint bench clean local-cluster kuberay-manifest
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,14 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	touch $@
 
 install: $(VENV)/.installed
-install-test: $(VENV)/.installed-test
+install-test: $(VENV)/.installed-test chromium
+
+# The web page's browser test drives Debian's chromium through Playwright
+# (Playwright's own browser download cannot work offline). sudo only when not root.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
 
 serve: install
 	@$(PY) -c "import yaml; h = yaml.safe_load(open('$(CONFIG)'))['http_options']; \
@@ -51,9 +58,17 @@ test-e2e: install-test
 bench: install-test
 	$(PY) -m loadtest.benchmark $(BENCH_ARGS)
 
+# Two Ray nodes on this machine, `serve deploy`, replicas on both, traffic, clean stop (deploy/local_cluster.py).
+local-cluster: install
+	$(PY) deploy/local_cluster.py
+
+# Copy serve_config.yaml into the KubeRay manifest's serveConfigV2 (a test checks they agree).
+kuberay-manifest: install
+	$(PY) deploy/kuberay/sync_serve_config.py
+
 lint: install-test
-	$(VENV)/bin/ruff check serve_app tests loadtest
-	$(VENV)/bin/ruff format --check serve_app tests loadtest
+	$(VENV)/bin/ruff check serve_app tests loadtest deploy
+	$(VENV)/bin/ruff format --check serve_app tests loadtest deploy
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -8,6 +8,9 @@ falls back to a default.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .pipeline.loading import ModelSource, ModelSourceError, PipelineOptions
@@ -39,13 +42,62 @@ class RequestLimits(_Strict):
     max_prompt_chars: int = Field(
         2000, ge=1, description="longer prompts are rejected (tokens past the model's window are truncated)"
     )
-    max_num_images: int = Field(4, ge=1, description="images per request")
+    max_num_images: int = Field(4, ge=1, description="images per request (or per batch entry)")
+    max_batch_items: int = Field(16, ge=1, description="entries in one /generate/batch request")
+    max_body_bytes: int = Field(20 * 2**20, ge=1024, description="request body size; larger bodies get 413")
+    max_upload_pixels: int = Field(
+        4096 * 4096, ge=64 * 64, description="pixels of an uploaded init image (stops decompression bombs)"
+    )
+    request_timeout_s: float = Field(
+        60, gt=0, description="deadline per request (504 past it); keep it below http_options.request_timeout_s"
+    )
+    max_concurrent_requests: int = Field(
+        512, ge=1, description="generation requests one ingress replica holds at once; more get 503 at once"
+    )
+    retry_after_s: int = Field(2, ge=1, description="Retry-After sent with 503 answers")
 
     @model_validator(mode="after")
     def _sizes_consistent(self) -> RequestLimits:
         if self.min_size > min(self.max_width, self.max_height):
             raise ValueError(f"min_size {self.min_size} is larger than max_width/max_height")
         return self
+
+
+class AuthConfig(_Strict):
+    """Optional API keys. The keys never sit in the Serve config: it names where to read them."""
+
+    api_keys_env: str | None = Field(None, description="environment variable holding keys, comma-separated")
+    api_keys_file: str | None = Field(None, description="file holding keys, one per line (# comments allowed)")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.api_keys_env or self.api_keys_file)
+
+    def load_keys(self) -> list[str]:
+        """Read the keys; a source that is named but empty is an error, never an open door."""
+        keys: list[str] = []
+        if self.api_keys_env:
+            value = os.environ.get(self.api_keys_env, "")
+            found = [k.strip() for k in value.split(",") if k.strip()]
+            if not found:
+                raise ValueError(f"auth.api_keys_env names {self.api_keys_env!r}, but that variable is unset or empty")
+            keys += found
+        if self.api_keys_file:
+            path = Path(self.api_keys_file).expanduser()
+            if not path.is_file():
+                raise ValueError(f"auth.api_keys_file {self.api_keys_file!r} does not exist")
+            lines = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+            found = [line for line in lines if line]
+            if not found:
+                raise ValueError(f"auth.api_keys_file {self.api_keys_file!r} holds no keys")
+            keys += found
+        return keys
+
+
+class CorsConfig(_Strict):
+    allow_origins: list[str] = Field(
+        default_factory=list, description="origins allowed to call from a browser; empty = CORS off"
+    )
 
 
 class AppArgs(_Strict):
@@ -55,6 +107,8 @@ class AppArgs(_Strict):
     pipeline: PipelineOptions = Field(default_factory=PipelineOptions)
     defaults: RequestDefaults = Field(default_factory=RequestDefaults)
     limits: RequestLimits = Field(default_factory=RequestLimits)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    cors: CorsConfig = Field(default_factory=CorsConfig)
 
     @field_validator("model")
     @classmethod
@@ -73,6 +127,33 @@ class BatchingConfig(_Strict):
     batch_wait_timeout_s: float = Field(
         0.05, ge=0, le=10, description="how long the first request of a batch waits for others to join"
     )
+
+
+def batching_advice(max_batch_size: int, max_ongoing_requests: int, target_ongoing_requests: float | None) -> list[str]:
+    """Warnings for batching and autoscaling settings that work against each other.
+
+    A replica holds at most `max_ongoing_requests` requests, and a batch is taken from those.
+    The autoscaler adds replicas once replicas average more than `target_ongoing_requests`.
+    So keep  max_batch_size <= target_ongoing_requests <= max_ongoing_requests:
+    a lower target spreads the load before any batch fills (small batches, more replicas for the
+    same throughput); a target above max_ongoing_requests only scales once callers queue.
+    """
+    if target_ongoing_requests is None:
+        return []
+    advice = []
+    if target_ongoing_requests < max_batch_size:
+        advice.append(
+            f"autoscaling_config.target_ongoing_requests ({target_ongoing_requests:g}) is below "
+            f"user_config.max_batch_size ({max_batch_size}): replicas are added before a batch can fill, "
+            f"so batches stay near {target_ongoing_requests:g} images; set it to at least {max_batch_size}"
+        )
+    if target_ongoing_requests > max_ongoing_requests:
+        advice.append(
+            f"autoscaling_config.target_ongoing_requests ({target_ongoing_requests:g}) is above "
+            f"max_ongoing_requests ({max_ongoing_requests}), which a replica never exceeds: scaling up waits "
+            "until requests queue in front of the replicas; keep it between max_batch_size and max_ongoing_requests"
+        )
+    return advice
 
 
 def format_validation_error(exc: ValidationError, where: str) -> str:

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
+import resource
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
+import ray
 from ray import serve
 
-from .config import BatchingConfig, RequestDefaults
+from .config import BatchingConfig, RequestDefaults, batching_advice
+from .metrics import GeneratorMetrics
 from .pipeline.jobs import GeneratedImage, GenerationJob
 from .pipeline.loading import PipelineOptions
 
@@ -24,7 +30,7 @@ _DEFAULT_BATCHING = BatchingConfig()
     # Twice the batch: one batch computes while the next one fills.
     max_ongoing_requests=2 * _DEFAULT_BATCHING.max_batch_size,
     user_config=_DEFAULT_BATCHING.model_dump(),
-    health_check_period_s=10,
+    health_check_period_s=2,
     health_check_timeout_s=30,
 )
 class ImageGenerator:
@@ -40,22 +46,33 @@ class ImageGenerator:
         self._batching = _DEFAULT_BATCHING
         self._started = time.time()
         self._replica = serve.get_replica_context().replica_id.unique_id
+        self._node_id = ray.get_runtime_context().get_node_id()
+        self.metrics = GeneratorMetrics()
         logger.info("ImageGenerator ready: %s, warm-up %.2fs", self.engine.describe(), self.warmup_s)
 
     def reconfigure(self, user_config: dict) -> None:
         batching = BatchingConfig.model_validate(user_config or {})
-        max_ongoing = serve.get_replica_context()._deployment_config.max_ongoing_requests
+        deployment_config = serve.get_replica_context()._deployment_config
+        max_ongoing = deployment_config.max_ongoing_requests
         if batching.max_batch_size > max_ongoing:
             raise ValueError(
                 f"ImageGenerator: user_config.max_batch_size ({batching.max_batch_size}) is larger than "
                 f"max_ongoing_requests ({max_ongoing}), which would cap every batch at {max_ongoing}; "
                 f"set max_ongoing_requests to at least {batching.max_batch_size} (2x is better)"
             )
+        autoscaling = deployment_config.autoscaling_config
+        for advice in batching_advice(
+            batching.max_batch_size, max_ongoing, autoscaling.target_ongoing_requests if autoscaling else None
+        ):
+            logger.warning("ImageGenerator: %s", advice)
         self._run_batch.set_max_batch_size(batching.max_batch_size)
         self._run_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
         self._batching = batching
+        self.metrics.max_batch_size.set(batching.max_batch_size)
 
     async def generate(self, job: GenerationJob) -> GeneratedImage:
+        if job.submitted_at is None:  # called by something other than the ingress: the wait starts here
+            job = dataclasses.replace(job, submitted_at=time.time())
         result = await self._run_batch(job)
         if isinstance(result, Exception):
             raise result
@@ -66,16 +83,35 @@ class ImageGenerator:
     )
     async def _run_batch(self, jobs: list[GenerationJob]) -> list[GeneratedImage | Exception]:
         loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(self._worker, self.engine.generate, jobs)
+        try:
+            started, results, call_sizes = await loop.run_in_executor(self._worker, self._generate_on_worker, jobs)
+        except Exception as exc:
+            self.metrics.record_results([exc] * len(jobs), [])
+            raise
+        # Metrics are recorded here, on the event loop, not from the worker thread.
+        self.metrics.record_queue_waits([started - job.submitted_at for job in jobs])
+        self.metrics.record_results(results, call_sizes)
         for result in results:
             if isinstance(result, GeneratedImage):
                 result.replica = self._replica
         return results
 
+    def _generate_on_worker(self, jobs: list[GenerationJob]) -> tuple[float, list, list[int]]:
+        """When the work started, the results, and the size of each pipeline call it took."""
+        started = time.time()
+        calls_before = Counter(self.engine.calls_by_batch_size)
+        results = self.engine.generate(jobs)
+        # Only this thread runs the engine, so the difference is exactly this batch's calls.
+        call_sizes = list((self.engine.calls_by_batch_size - calls_before).elements())
+        return started, results, call_sizes
+
     def info(self) -> dict:
         return {
             **self.engine.describe(),
             "replica": self._replica,
+            "node_id": self._node_id,
+            "pid": os.getpid(),
+            "memory_rss_bytes": _rss_bytes(),
             "uptime_s": round(time.time() - self._started, 1),
             "warmup_s": round(self.warmup_s, 3),
             "batching": self._batching.model_dump(),
@@ -84,3 +120,12 @@ class ImageGenerator:
 
     def check_health(self) -> None:
         self.engine.check_health()
+
+
+def _rss_bytes() -> int:
+    """Resident memory of this replica process (Linux /proc; peak RSS elsewhere)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

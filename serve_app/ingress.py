@@ -19,7 +19,9 @@ from .config import AppArgs
 @serve.ingress()
 class Ingress:
     def __init__(self, generator: DeploymentHandle, settings: AppArgs):
-        self.service = GenerationService(generator, settings)
+        # Keys are read here, on the replica, from the environment or file the config names.
+        self.api_keys = settings.auth.load_keys() if settings.auth.enabled else None
+        self.service = GenerationService(generator, settings, serve.get_replica_context().app_name)
 
     def __serve_build_asgi_app__(self):
-        return create_api(self.service)
+        return create_api(self.service, self.api_keys)

@@ -47,22 +47,36 @@ def deployment(config: dict, name: str) -> dict:
 
 @dataclass
 class ServeCluster:
-    """A local Ray instance with Serve listening on 127.0.0.1:port."""
+    """A local Ray instance with Serve listening on 127.0.0.1:port, its Prometheus metrics on metrics_port."""
 
     port: int
+    metrics_port: int
     request_timeout_s: float | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
     @classmethod
     def start(cls, num_cpus: int = 4, request_timeout_s: float | None = 60) -> ServeCluster:
         import ray
         from ray.serve._private import api as serve_private_api
 
-        ray.init(num_cpus=num_cpus, include_dashboard=False, namespace="serve", log_to_driver=False)
-        cluster = cls(port=free_port(), request_timeout_s=request_timeout_s)
+        metrics_port = free_port()
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            namespace="serve",
+            log_to_driver=False,
+            _metrics_export_port=metrics_port,
+            # Workers report metrics to the node's agent every second (default 10 s): quicker scrapes in tests.
+            _system_config={"metrics_report_interval_ms": 1000},
+        )
+        cluster = cls(port=free_port(), metrics_port=metrics_port, request_timeout_s=request_timeout_s)
         http_options = {"host": "127.0.0.1", "port": cluster.port}
         if request_timeout_s is not None:
             http_options["request_timeout_s"] = request_timeout_s

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import base64
+import binascii
 import io
-from typing import Literal
+import zipfile
 
 import numpy as np
-from PIL import Image, PngImagePlugin
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
+from ..config import RequestLimits
 from ..pipeline.jobs import GeneratedImage
 from ..pipeline.schedulers import SCHEDULERS
+from .errors import ApiError
 
-OutputFormat = Literal["png", "jpeg", "webp"]
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 # zlib level 1: several times faster than Pillow's default 6 on noisy images, a little larger.
 PNG_COMPRESS_LEVEL = 1
@@ -38,9 +40,7 @@ def parameters_text(image: GeneratedImage, model: str) -> str:
     return "\n".join(lines)
 
 
-def encode_image(
-    pixels: np.ndarray, output_format: OutputFormat = "png", quality: int = 90, parameters: str = ""
-) -> bytes:
+def encode_image(pixels: np.ndarray, output_format: str = "png", quality: int = 90, parameters: str = "") -> bytes:
     picture = Image.fromarray(pixels)
     buffer = io.BytesIO()
     if output_format == "png":
@@ -59,3 +59,82 @@ def encode_image(
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
+
+
+UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP")
+
+
+def decode_init_image(
+    data: bytes | str, limits: RequestLimits, width: int | None, height: int | None, field: str = "init_image"
+) -> np.ndarray:
+    """An uploaded image as RGB uint8 at the output size (multiples of 8, within limits).
+
+    The pixel count is checked from the header before anything is decoded, so a
+    small file that expands to gigapixels (a decompression bomb) costs nothing.
+    """
+    if isinstance(data, str):
+        data = _base64_payload(data, field)
+    try:
+        picture = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError):
+        raise ApiError.invalid(field, f"is not an image; send {', '.join(UPLOAD_FORMATS)}") from None
+    if picture.format not in UPLOAD_FORMATS:
+        raise ApiError.invalid(field, f"format {picture.format} is not accepted; send {', '.join(UPLOAD_FORMATS)}")
+    if picture.width * picture.height > limits.max_upload_pixels:
+        raise ApiError.invalid(
+            field,
+            f"has {picture.width}x{picture.height} pixels; at most {limits.max_upload_pixels} pixels are accepted",
+        )
+    try:
+        picture = picture.convert("RGB")
+    except (OSError, Image.DecompressionBombError, SyntaxError, ValueError):
+        raise ApiError.invalid(field, "could not be decoded (truncated or corrupt)") from None
+    size = output_size(picture.width, picture.height, width, height, limits)
+    if size != picture.size:
+        picture = picture.resize(size, Image.Resampling.LANCZOS)
+    return np.asarray(picture)
+
+
+def output_size(
+    image_width: int, image_height: int, width: int | None, height: int | None, limits: RequestLimits
+) -> tuple[int, int]:
+    """Requested size, or the image's aspect ratio fitted inside the limits, in multiples of 8."""
+    if width and height:
+        return width, height
+    aspect = image_width / image_height
+    if width:
+        height = width / aspect
+    elif height:
+        width = height * aspect
+    else:
+        scale = min(
+            1.0,
+            limits.max_width / image_width,
+            limits.max_height / image_height,
+            (limits.max_pixels / (image_width * image_height)) ** 0.5,
+        )
+        width, height = image_width * scale, image_height * scale
+
+    def fit(value: float, upper: int) -> int:
+        return max(limits.min_size, min(upper, int(value) // 8 * 8))
+
+    return fit(width, limits.max_width), fit(height, limits.max_height)
+
+
+def _base64_payload(text: str, field: str) -> bytes:
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError.invalid(field, "must be base64 (or a data: URL) of a PNG, JPEG or WebP image") from None
+
+
+def zip_archive(files: dict[str, bytes]) -> bytes:
+    """Images stored as they are (already compressed), metadata deflated."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in files.items():
+            kind = zipfile.ZIP_DEFLATED if name.endswith(".json") else zipfile.ZIP_STORED
+            archive.writestr(name, data, compress_type=kind)
+    return buffer.getvalue()

@@ -3,25 +3,27 @@
     {"error": {"code": "invalid_request", "message": "width: must be ...", "field": "width"},
      "request_id": "3f2a..."}
 
-422 validation (the field named), 400 malformed JSON, 413 body too large,
+OpenAI-compatible routes (/v1/...) answer in OpenAI's shape instead:
+    {"error": {"message": "...", "type": "invalid_request_error", "param": "size", "code": "invalid_request"}}
+
+422 validation (the field named), 400 malformed body, 413 body too large,
 503 overloaded (with Retry-After), 504 timed out, 500 unexpected (never a
 stack trace). Every response carries X-Request-Id.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger("ray.serve")
 
-REQUEST_ID_HEADER = "X-Request-Id"
+OPENAI_PREFIX = "/v1/"
 
 
 class ApiError(Exception):
@@ -42,12 +44,48 @@ def request_id_of(request: Request) -> str:
     return request.scope.get("state", {}).get("request_id", "")
 
 
-def error_body(code: str, message: str, request_id: str, field: str | None = None, **extra) -> dict:
+def validate_or_422(model, data):
+    """Validate a body the route parsed itself (multipart forms, dual content types) like FastAPI would."""
+    if not isinstance(data, dict):
+        raise ApiError(400, "malformed_request", "request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+
+
+def error_body(
+    path: str, status: int, code: str, message: str, request_id: str, field: str | None = None, **extra
+) -> dict:
+    """The error document for a response on `path`: OpenAI's shape under /v1/, ours elsewhere."""
+    if path.startswith(OPENAI_PREFIX):
+        return {"error": {"message": message, "type": _openai_type(status), "param": field, "code": code}}
     error = {"code": code, "message": message}
     if field is not None:
         error["field"] = field
     error.update(extra)
     return {"error": error, "request_id": request_id}
+
+
+def error_response(
+    request: Request,
+    status: int,
+    code: str,
+    message: str,
+    field: str | None = None,
+    headers: dict | None = None,
+    **extra,
+) -> JSONResponse:
+    body = error_body(request.url.path, status, code, message, request_id_of(request), field, **extra)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _openai_type(status: int) -> str:
+    if status in (401, 403):
+        return "authentication_error"
+    if status == 429:
+        return "rate_limit_error"
+    return "server_error" if status >= 500 else "invalid_request_error"
 
 
 def _field_path(loc) -> str:
@@ -64,89 +102,30 @@ def validation_problems(exc: RequestValidationError) -> list[dict]:
     return problems
 
 
-def is_malformed_body(exc: RequestValidationError) -> bool:
-    return any(error.get("type") in ("json_invalid", "model_attributes_type") for error in exc.errors())
+def _is_malformed_body(exc: RequestValidationError) -> bool:
+    return any(
+        error.get("type") in ("json_invalid", "model_attributes_type")
+        or (error.get("type") == "missing" and tuple(error.get("loc", ())) == ("body",))
+        for error in exc.errors()
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Map every failure to the error shape. Routes may override the shape (OpenAI compatibility)."""
-
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
-        body = error_body(exc.code, exc.message, request_id_of(request), exc.field)
-        return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+        return error_response(request, exc.status, exc.code, exc.message, exc.field, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
-        if is_malformed_body(exc):
-            return JSONResponse(
-                error_body("malformed_request", "request body must be a JSON object", request_id_of(request)),
-                status_code=400,
-            )
+        if _is_malformed_body(exc):
+            return error_response(request, 400, "malformed_request", "request body must be a JSON object")
         problems = validation_problems(exc)
         message = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
-        body = error_body("invalid_request", message, request_id_of(request), problems[0]["field"], details=problems)
-        return JSONResponse(body, status_code=422)
+        return error_response(request, 422, "invalid_request", message, problems[0]["field"], details=problems)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
             exc.status_code, "http_error"
         )
-        return JSONResponse(
-            error_body(code, str(exc.detail), request_id_of(request)),
-            status_code=exc.status_code,
-            headers=getattr(exc, "headers", None),
-        )
-
-
-class RequestIdMiddleware:
-    """Outermost ASGI layer: knows the request id, makes sure every response carries it,
-    and turns anything unhandled into a 500 JSON error without a stack trace.
-
-    Behind Ray Serve's proxy the request already has an id (the client's X-Request-Id
-    or one the proxy made) and the proxy stamps it on the response; only without a
-    proxy in front does this layer make one and stamp it itself.
-    """
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        incoming = _incoming_request_id(scope)
-        request_id = incoming or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
-        extra_headers = [] if incoming else [(REQUEST_ID_HEADER.lower().encode(), request_id.encode())]
-        started = False
-
-        async def send_with_id(message):
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-                message = {**message, "headers": [*message.get("headers", []), *extra_headers]}
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        except Exception:
-            logger.exception("unhandled error in request %s", request_id)
-            if started:
-                raise
-            body = json.dumps(error_body("internal_error", "internal server error", request_id)).encode()
-            await send_with_id(
-                {
-                    "type": "http.response.start",
-                    "status": 500,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-                }
-            )
-            await send_with_id({"type": "http.response.body", "body": body})
-
-
-def _incoming_request_id(scope) -> str | None:
-    for name, value in scope.get("headers", []):
-        if name == b"x-request-id":
-            return value.decode("latin-1")
-    return None
+        return error_response(request, exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))

@@ -1,7 +1,7 @@
-"""Request and response models of the native API (`/generate`).
+"""Request and response models of the native API (/generate, /generate/batch, /img2img).
 
-Hard bounds live in the field definitions (they appear in /openapi.json);
-the deployment's own, usually tighter, limits are checked by `check_limits`
+Hard bounds live in the field definitions (they appear in /openapi.json); the
+deployment's own, usually tighter, limits are applied by `api.jobs.check_limits`
 so that a config change never needs a code change.
 """
 
@@ -9,34 +9,20 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..config import RequestLimits
 from ..pipeline.jobs import SEED_MAX
 from ..pipeline.schedulers import SCHEDULER_NAMES
-from .errors import ApiError
 
 SchedulerName = Literal[SCHEDULER_NAMES]  # type: ignore[valid-type]
+OutputFormat = Literal["png", "jpeg", "webp"]
+ResponseFormat = Literal["image", "json", "zip"]
 
 
-class GenerateRequest(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {"prompt": "a lighthouse at dawn, oil painting", "seed": 42},
-                {
-                    "prompt": "a red fox in snow",
-                    "negative_prompt": "blurry",
-                    "width": 512,
-                    "height": 512,
-                    "num_inference_steps": 20,
-                    "guidance_scale": 7.0,
-                    "response_format": "json",
-                },
-            ]
-        },
-    )
+class ImageParams(BaseModel):
+    """What to draw: the parameters every native endpoint shares."""
+
+    model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(..., min_length=1, description="what to draw")
     negative_prompt: str = Field("", description="what to steer away from (ignored when guidance_scale <= 1)")
@@ -50,16 +36,132 @@ class GenerateRequest(BaseModel):
     guidance_scale: float | None = Field(
         None, ge=0, le=100, description="classifier-free guidance; default: the model's"
     )
-    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="random if left out; reported in X-Seed / metadata")
-    scheduler: SchedulerName = Field("default", description="sampler; 'default' is the model's own")
-    response_format: Literal["image", "json"] = Field(
-        "image", description="image: the encoded image bytes; json: base64 images with generation metadata"
+    seed: int | None = Field(
+        None, ge=0, le=SEED_MAX, description="random if left out; image i of a request gets seed + i"
     )
+    scheduler: SchedulerName = Field("default", description="sampler; 'default' is the model's own")
+    num_images: int = Field(
+        1, ge=1, le=64, description="images for this prompt, each with its own seed, batched together"
+    )
+
+
+class OutputOptions(BaseModel):
+    output_format: OutputFormat = Field(
+        "png", description="png embeds the generation parameters; jpeg/webp are smaller"
+    )
+    quality: int = Field(90, ge=1, le=100, description="jpeg/webp quality")
+
+
+class GenerateRequest(ImageParams, OutputOptions):
+    response_format: ResponseFormat | None = Field(
+        None,
+        description="image: the encoded bytes (one image); json: base64 images with metadata; zip: images and "
+        "metadata.json. Default: image for one image, json for several (or what the Accept header asks for).",
+    )
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"prompt": "a lighthouse at dawn, oil painting", "seed": 42},
+                {
+                    "prompt": "a red fox in snow",
+                    "negative_prompt": "blurry",
+                    "width": 512,
+                    "height": 512,
+                    "num_inference_steps": 20,
+                    "guidance_scale": 7.0,
+                    "scheduler": "euler_a",
+                    "num_images": 2,
+                    "response_format": "json",
+                },
+            ]
+        },
+    )
+
+
+class Img2ImgRequest(GenerateRequest):
+    init_image: str = Field(..., description="the starting image: base64 (PNG, JPEG or WebP), or a data: URL")
+    strength: float | None = Field(
+        None, gt=0, le=1, description="how far to move from the init image (1 = ignore it); default: 0.75"
+    )
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"prompt": "the same scene at night", "init_image": "<base64 PNG>", "strength": 0.6, "seed": 1}
+            ]
+        },
+    )
+
+
+class SharedParams(BaseModel):
+    """Batch fields that apply to every entry that leaves them out."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    negative_prompt: str | None = None
+    width: int | None = Field(None, ge=8, le=4096, multiple_of=8)
+    height: int | None = Field(None, ge=8, le=4096, multiple_of=8)
+    num_inference_steps: int | None = Field(None, ge=1, le=1000)
+    guidance_scale: float | None = Field(None, ge=0, le=100)
+    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="with 'prompts': entry i gets seed + i x num_images")
+    scheduler: SchedulerName | None = None
+    num_images: int | None = Field(None, ge=1, le=64)
+
+
+class BatchItem(SharedParams):
+    prompt: str = Field(..., min_length=1)
+
+
+class BatchRequest(SharedParams, OutputOptions):
+    prompts: list[str] | None = Field(None, min_length=1, description="one entry per prompt, shared parameters")
+    requests: list[BatchItem] | None = Field(None, min_length=1, description="full entries; unset fields are shared")
+    response_format: Literal["json", "zip"] | None = Field(
+        None, description="json (default) or zip (also chosen by Accept: application/zip)"
+    )
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"prompts": ["a cat", "a dog", "a bird"], "seed": 7, "width": 512, "height": 512},
+                {
+                    "requests": [{"prompt": "a cat", "seed": 1}, {"prompt": "a dog", "num_images": 2}],
+                    "num_inference_steps": 4,
+                },
+            ]
+        },
+    )
+
+    @model_validator(mode="after")
+    def _one_list(self) -> BatchRequest:
+        if (self.prompts is None) == (self.requests is None):
+            raise ValueError("give exactly one of 'prompts' (a list of strings) or 'requests' (a list of objects)")
+        if self.prompts is not None and not all(p.strip() for p in self.prompts):
+            raise ValueError("'prompts' entries must not be empty")
+        return self
+
+    def items(self) -> list[ImageParams]:
+        """Every entry as complete parameters: its own fields over the shared ones."""
+        shared = {k: getattr(self, k) for k in SharedParams.model_fields if k in self.model_fields_set}
+        if self.requests is not None:
+            return [ImageParams.model_validate({**shared, **r.model_dump(exclude_unset=True)}) for r in self.requests]
+        per_prompt = shared.get("num_images") or 1
+        items = []
+        for index, prompt in enumerate(self.prompts):
+            entry = {**shared, "prompt": prompt}
+            if "seed" in shared:  # distinct, reproducible seeds across the whole batch
+                entry["seed"] = (shared["seed"] + index * per_prompt) % (SEED_MAX + 1)
+            items.append(ImageParams.model_validate(entry))
+        return items
 
 
 class ImageData(BaseModel):
     b64: str = Field(..., description="the encoded image, base64")
     seed: int
+    media_type: str
     batch_size: int = Field(..., description="images in the pipeline call that made this one")
 
 
@@ -71,9 +173,11 @@ class GenerationMetadata(BaseModel):
     num_inference_steps: int
     guidance_scale: float
     scheduler: str
+    strength: float | None = None
+    seeds: list[int]
     model: str
     batch_size: int = Field(..., description="largest pipeline call among this request's images")
-    generation_time_s: float = Field(..., description="wall time of the pipeline call")
+    generation_time_s: float = Field(..., description="wall time of the (slowest) pipeline call")
     request_id: str
     warnings: list[str] = Field(default_factory=list)
 
@@ -83,27 +187,6 @@ class GenerateResponse(BaseModel):
     metadata: GenerationMetadata
 
 
-def check_limits(request: GenerateRequest, limits: RequestLimits) -> None:
-    """Apply the deployment's limits; 422 names the field and the allowed range."""
-    for field, value, upper in (
-        ("width", request.width, limits.max_width),
-        ("height", request.height, limits.max_height),
-    ):
-        if value is not None and not limits.min_size <= value <= upper:
-            raise ApiError.invalid(field, f"must be between {limits.min_size} and {upper} (got {value})")
-    if request.width and request.height and request.width * request.height > limits.max_pixels:
-        raise ApiError.invalid(
-            "width", f"width x height must be at most {limits.max_pixels} pixels (got {request.width * request.height})"
-        )
-    if request.num_inference_steps is not None and request.num_inference_steps > limits.max_steps:
-        raise ApiError.invalid(
-            "num_inference_steps", f"must be between 1 and {limits.max_steps} (got {request.num_inference_steps})"
-        )
-    if request.guidance_scale is not None and request.guidance_scale > limits.max_guidance_scale:
-        raise ApiError.invalid(
-            "guidance_scale", f"must be between 0 and {limits.max_guidance_scale} (got {request.guidance_scale})"
-        )
-    for field in ("prompt", "negative_prompt"):
-        length = len(getattr(request, field))
-        if length > limits.max_prompt_chars:
-            raise ApiError.invalid(field, f"must be at most {limits.max_prompt_chars} characters (got {length})")
+class BatchResponse(BaseModel):
+    results: list[GenerateResponse]
+    request_id: str

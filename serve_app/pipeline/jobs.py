@@ -31,6 +31,8 @@ class GenerationJob:
     init_image: np.ndarray | None = field(default=None, repr=False, compare=False)
     strength: float | None = None
     request_id: str = ""
+    # Wall-clock time (time.time()) the ingress handed the job on: queue wait is measured from here.
+    submitted_at: float | None = field(default=None, compare=False)
 
     @property
     def kind(self) -> str:

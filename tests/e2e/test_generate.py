@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-import base64
-import io
-from concurrent.futures import ThreadPoolExecutor
-
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
-
-
-def png(response: httpx.Response) -> Image.Image:
-    assert response.status_code == 200, response.text
-    assert response.headers["content-type"] == "image/png"
-    return Image.open(io.BytesIO(response.content))
+from helpers import burst, decode, png
 
 
 def test_png_has_the_requested_size_and_reports_seed_batch_and_request_id(client):
@@ -70,7 +60,7 @@ def test_json_mode_returns_base64_images_and_metadata(client):
     data = response.json()
     [image] = data["images"]
     assert image["seed"] == 5
-    assert Image.open(io.BytesIO(base64.b64decode(image["b64"]))).size == (96, 64)
+    assert decode(image["b64"]).size == (96, 64)
     meta = data["metadata"]
     assert {
         k: meta[k] for k in ("prompt", "negative_prompt", "width", "height", "num_inference_steps", "guidance_scale")
@@ -133,8 +123,7 @@ def test_healthz_and_info(client):
 
 
 def _burst(url: str, bodies: list[dict]) -> list[httpx.Response]:
-    with httpx.Client(base_url=url, timeout=120) as http, ThreadPoolExecutor(len(bodies)) as pool:
-        return list(pool.map(lambda body: http.post("/generate", json=body), bodies))
+    return burst(url, [("/generate", body) for body in bodies])
 
 
 def test_a_concurrent_burst_is_batched(demo_server, client):

@@ -7,7 +7,7 @@ from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
 from serve_app.app import build_app
-from serve_app.config import AppArgs, BatchingConfig, RequestLimits
+from serve_app.config import AppArgs, BatchingConfig, RequestLimits, batching_advice
 
 CONFIGS = sorted([REPO / "serve_config.yaml", *(REPO / "configs").glob("*.yaml")])
 
@@ -30,8 +30,8 @@ def test_every_config_passes_rays_schema_and_ours(path: Path):
         batching = BatchingConfig.model_validate(generator["user_config"])
         assert generator["max_ongoing_requests"] >= batching.max_batch_size, "ongoing requests would cap batches"
         if "autoscaling_config" in generator:
-            # A target below the batch size adds replicas before any of them can fill a batch.
-            assert generator["autoscaling_config"]["target_ongoing_requests"] >= batching.max_batch_size
+            target = generator["autoscaling_config"]["target_ongoing_requests"]
+            assert batching_advice(batching.max_batch_size, generator["max_ongoing_requests"], target) == []
         assert deployments["Ingress"]["max_ongoing_requests"] > generator["max_ongoing_requests"]
 
 
@@ -60,6 +60,21 @@ def test_unknown_keys_are_rejected_with_their_path():
 def test_bad_model_source_is_rejected_at_build_time():
     with pytest.raises(ValueError, match="unknown synthetic preset 'huge'"):
         build_app({"model": "synthetic:huge"})
+
+
+@pytest.mark.parametrize(
+    ("batch", "max_ongoing", "target", "says"),
+    [
+        (16, 32, 16, []),
+        (16, 32, 32, []),
+        (8, 16, None, []),
+        (16, 32, 4, ["below user_config.max_batch_size (16)", "at least 16"]),
+        (8, 16, 24, ["above max_ongoing_requests (16)"]),
+    ],
+)
+def test_batching_advice_keeps_target_between_batch_size_and_max_ongoing(batch, max_ongoing, target, says):
+    advice = " ".join(batching_advice(batch, max_ongoing, target))
+    assert all(text in advice for text in says) and bool(advice) == bool(says), advice
 
 
 def test_batching_config_bounds():

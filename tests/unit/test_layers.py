@@ -19,3 +19,10 @@ def test_ingress_never_imports_torch():
 def test_pipeline_layer_knows_nothing_of_ray_or_http():
     loaded = _modules_after_import("serve_app.pipeline.engine")
     assert not {"ray", "fastapi", "starlette"} & loaded
+
+
+def test_client_and_cli_speak_http_only():
+    # They run on laptops and CI boxes without torch; `sd-serve synth` loads it only when it runs.
+    loaded = _modules_after_import("serve_app.cli")
+    assert "serve_app.client" in loaded
+    assert not {"torch", "ray", "diffusers", "transformers", "fastapi"} & loaded

@@ -1,0 +1,249 @@
+"""ASGI layers around the FastAPI app: request ids and last-resort 500s, outcome counts,
+API keys, admission control, body size limit, deadlines.
+
+Plain ASGI rather than Starlette's BaseHTTPMiddleware: they run on every request,
+and answering early (401, 413, 503) must not read the body first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import uuid
+from collections import Counter
+
+from starlette.exceptions import HTTPException
+
+from .errors import error_body
+
+logger = logging.getLogger("ray.serve")
+
+REQUEST_ID_HEADER = "X-Request-Id"
+
+
+async def _send_json(send, status: int, body: dict, extra_headers: list | None = None) -> None:
+    data = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers + (extra_headers or [])})
+    await send({"type": "http.response.body", "body": data})
+
+
+class RequestIdMiddleware:
+    """Outermost layer: knows the request id, makes sure every response carries it,
+    and turns anything unhandled into a 500 JSON error without a stack trace.
+
+    Behind Ray Serve's proxy the request already has an id (the client's X-Request-Id
+    or one the proxy made) and the proxy stamps it on the response; only without a
+    proxy in front does this layer make one and stamp it itself.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        incoming = _header(scope, b"x-request-id")
+        request_id = incoming or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        extra_headers = [] if incoming else [(REQUEST_ID_HEADER.lower().encode(), request_id.encode())]
+        started = False
+
+        async def send_with_id(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message = {**message, "headers": [*message.get("headers", []), *extra_headers]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            logger.exception("unhandled error in request %s", request_id)
+            if started:
+                raise
+            body = error_body(scope.get("path", ""), 500, "internal_error", "internal server error", request_id)
+            await _send_json(send_with_id, 500, body)
+
+
+class BodyTooLarge(HTTPException):
+    """An HTTPException so that FastAPI's body parsing passes it on as a 413 (it turns other errors into 400)."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body is larger than {limit} bytes")
+
+
+class BodySizeLimitMiddleware:
+    """413 for bodies over the limit: at once from Content-Length, or as soon as a
+    chunked body passes it, before any of it is parsed."""
+
+    def __init__(self, app, max_body_bytes: int):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = _header(scope, b"content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
+            return await self._reject(scope, send)
+        received = 0
+
+        async def counting_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise BodyTooLarge(self.max_body_bytes)
+            return message
+
+        try:
+            await self.app(scope, counting_receive, send)
+        except BodyTooLarge:
+            await self._reject(scope, send)
+
+    async def _reject(self, scope, send):
+        message = f"request body is larger than {self.max_body_bytes} bytes"
+        await _send_error(scope, send, 413, "payload_too_large", message, [(b"connection", b"close")])
+
+
+def _header(scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+class OutcomeCounterMiddleware:
+    """Counts responses by status code, for /info."""
+
+    def __init__(self, app, counter: Counter):
+        self.app = app
+        self.counter = counter
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.counter[str(message["status"])] += 1
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+# Routes anyone may call when API keys are on: probes, the web page and the API description.
+OPEN_PATHS = frozenset(
+    {"/", "/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/favicon.ico"}
+)
+OPEN_PREFIXES = ("/web/",)
+
+
+class ApiKeyMiddleware:
+    """Bearer API keys: 401 without one, 403 for a wrong one; keys compared in constant time."""
+
+    def __init__(self, app, keys: list[str]):
+        self.app = app
+        self.keys = [key.encode() for key in keys]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or self._is_open(scope):
+            return await self.app(scope, receive, send)
+        scheme, _, token = (_header(scope, b"authorization") or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return await _send_error(
+                scope,
+                send,
+                401,
+                "missing_api_key",
+                "send an API key: Authorization: Bearer <key>",
+                [(b"www-authenticate", b"Bearer")],
+            )
+        offered = token.strip().encode()
+        # Compare with every key, always: the time taken says nothing about which key came close.
+        matches = [hmac.compare_digest(offered, key) for key in self.keys]
+        if not any(matches):
+            return await _send_error(scope, send, 403, "invalid_api_key", "the API key is not valid")
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    def _is_open(scope) -> bool:
+        path = scope.get("path", "")
+        return scope.get("method") == "OPTIONS" or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+
+
+class ConcurrencyLimitMiddleware:
+    """The ingress's own bound: past `limit` generation requests in flight, answer 503 at once
+    (before reading a possibly large body) instead of queueing without end."""
+
+    def __init__(self, app, limit: int, retry_after_s: int):
+        self.app = app
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+        self.active = 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        if self.active >= self.limit:
+            message = f"server busy: {self.active} requests in flight; retry after {self.retry_after_s}s"
+            return await _send_error(
+                scope, send, 503, "overloaded", message, [(b"retry-after", str(self.retry_after_s).encode())]
+            )
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+
+
+TIMEOUT_HEADER = "X-Request-Timeout"
+
+
+class DeadlineMiddleware:
+    """504 when a generation request outlives its deadline: the server's `request_timeout_s`, or a
+    shorter one the client asks for in X-Request-Timeout (seconds). Cancelling the request here
+    cancels its Generator calls too, so work that has not started is dropped."""
+
+    def __init__(self, app, default_s: float):
+        self.app = app
+        self.default_s = default_s
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        timeout = self.default_s
+        asked = _header(scope, TIMEOUT_HEADER.lower().encode())
+        if asked is not None:
+            try:
+                seconds = float(asked)
+            except ValueError:
+                seconds = float("nan")
+            if not 0 < seconds < float("inf"):
+                message = f"{TIMEOUT_HEADER}: must be a positive number of seconds (got {asked!r})"
+                return await _send_error(scope, send, 422, "invalid_request", message, field=TIMEOUT_HEADER)
+            timeout = min(seconds, self.default_s)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await asyncio.wait_for(self.app(scope, receive, tracking_send), timeout)
+        except asyncio.TimeoutError:
+            if not started:
+                await _send_error(scope, send, 504, "timeout", f"request did not finish within {timeout:g}s")
+
+
+async def _send_error(
+    scope, send, status: int, code: str, message: str, headers: list | None = None, field: str | None = None
+) -> None:
+    request_id = scope.get("state", {}).get("request_id", "")
+    body = error_body(scope.get("path", ""), status, code, message, request_id, field)
+    await _send_json(send, status, body, headers)

@@ -1,0 +1,45 @@
+"""Helpers for tests that read images out of responses."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import httpx
+import numpy as np
+from PIL import Image
+
+
+def decode(data: bytes | str) -> Image.Image:
+    if isinstance(data, str):
+        data = base64.b64decode(data)
+    return Image.open(io.BytesIO(data))
+
+
+def png(response: httpx.Response) -> Image.Image:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    return decode(response.content)
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB")).astype(int)
+
+
+def max_diff(a: Image.Image, b: Image.Image) -> int:
+    return int(np.abs(pixels(a) - pixels(b)).max())
+
+
+def png_bytes(size=(64, 64), seed=0) -> bytes:
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def burst(url: str, requests: list[tuple[str, dict]], timeout: float = 120) -> list[httpx.Response]:
+    """Send (path, json) requests all at once from threads; answers in request order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with httpx.Client(base_url=url, timeout=timeout) as http, ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(lambda item: http.post(item[0], json=item[1]), requests))

@@ -1,0 +1,126 @@
+"""sd-serve against the real demo server: commands in-process through main(argv), one through the console script."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from harness import free_port
+from helpers import decode, max_diff
+
+from serve_app.cli import main
+
+
+@pytest.fixture
+def sd_serve(demo_server, capsys, monkeypatch, tmp_path):
+    """Run `sd-serve ARGS` against the demo server in tmp_path; returns (exit status, stdout, stderr)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SD_SERVE_URL", demo_server)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        status = main(list(args))
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    return run
+
+
+def test_generate_writes_the_image(sd_serve, tmp_path):
+    status, out, _ = sd_serve(
+        "generate", "a lighthouse", "--seed", "42", "--size", "128x64", "--steps", "3", "-o", "a.png"
+    )
+    assert status == 0 and "wrote a.png (seed 42, 128x64" in out
+    image = decode((tmp_path / "a.png").read_bytes())
+    assert image.size == (128, 64) and "Seed: 42" in image.info["parameters"] and "Steps: 3" in image.info["parameters"]
+
+
+def test_generate_several_images_names_them_by_seed_and_takes_the_format_from_the_suffix(sd_serve, tmp_path):
+    status, out, _ = sd_serve("generate", "foxes", "--seed", "7", "--num-images", "2", "-o", "fox.webp")
+    assert status == 0
+    assert decode((tmp_path / "fox-7.webp").read_bytes()).format == "WEBP"
+    assert decode((tmp_path / "fox-8.webp").read_bytes()).format == "WEBP"
+    status, out, _ = sd_serve("generate", "unnamed", "--seed", "3", "--format", "jpeg")
+    assert status == 0 and decode((tmp_path / "sd-3.jpg").read_bytes()).format == "JPEG"
+
+
+def test_errors_exit_non_zero_with_the_servers_message_on_one_line(sd_serve, tmp_path):
+    status, out, err = sd_serve("generate", "too wide", "--size", "512x64")
+    assert status == 1 and out == ""
+    assert err.startswith("sd-serve: error: 422 invalid_request: width: must be between 64 and 256 (got 512)")
+    assert err.count("\n") == 1
+    status, _, err = sd_serve("--url", f"http://127.0.0.1:{free_port()}", "health")
+    assert status == 1 and "cannot reach" in err and "is the server running?" in err
+
+
+def test_img2img_writes_the_image(sd_serve, tmp_path):
+    sd_serve("generate", "a house", "--seed", "1", "--size", "128x64", "-o", "house.png")
+    status, out, _ = sd_serve("img2img", "house.png", "at night", "--strength", "0.5", "--seed", "2", "-o", "n.png")
+    assert status == 0 and decode((tmp_path / "n.png").read_bytes()).size == (128, 64)
+
+
+def test_health_shows_liveness_readiness_and_what_is_served(sd_serve):
+    status, out, _ = sd_serve("health")
+    assert status == 0
+    lines = dict(line.split(None, 1) for line in out.splitlines())
+    assert lines["live"] == "yes" and lines["ready"] in ("yes", "not reported (no /readyz)")
+    assert lines["model"].startswith("synthetic:tiny") and "cpu" in lines["device"]
+    status, out, _ = sd_serve("health", "--json")
+    report = json.loads(out)
+    assert report["live"] is True and report["info"]["limits"]["max_width"] == 256
+
+
+def test_batch_writes_every_prompt_and_a_rerun_only_fills_the_gaps(sd_serve, tmp_path):
+    (tmp_path / "prompts.txt").write_text("a cat\n\n# skipped\na dog\na bird\na fish\n")
+    batch = ("batch", "prompts.txt", "--out-dir", "out", "--concurrency", "3", "--seed", "100")
+    status, out, err = sd_serve(*batch)
+    assert status == 0
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["00001-100.png", "00004-103.png", "00005-104.png", "00006-105.png"]
+    assert "4 images written to out in" in out and "images/s" in out
+    assert "0 already there, skipped; 0 prompts failed" in out
+    assert "4/4" in err  # the progress bar ran to the end
+
+    files = {name: tmp_path / "out" / name for name in names}
+    first = {name: path.read_bytes() for name, path in files.items()}
+    stamps = {name: path.stat().st_mtime_ns for name, path in files.items()}
+    files["00004-103.png"].unlink()
+    status, out, err = sd_serve(*batch)
+    assert status == 0 and "1 image written" in out and "3 already there, skipped" in out and "1/1" in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == names
+    assert all(files[n].stat().st_mtime_ns == stamps[n] for n in names if n != "00004-103.png")
+    assert max_diff(decode(files["00004-103.png"].read_bytes()), decode(first["00004-103.png"])) <= 1
+
+    status, out, _ = sd_serve(*batch, "--quiet")
+    assert status == 0 and "0 images written" in out and "4 already there" in out
+
+
+def test_batch_reports_failed_prompts_and_exits_non_zero(sd_serve, tmp_path):
+    too_long = "x" * 3000  # over the server's max_prompt_chars: 422 for that line only
+    (tmp_path / "prompts.txt").write_text(f"a cat\n{too_long}\na dog\n")
+    status, out, err = sd_serve("batch", "prompts.txt", "--out-dir", "out", "--num-images", "2", "--format", "jpeg")
+    assert status == 1
+    assert "4 images written" in out and "1 prompt failed" in out
+    assert "line 2" in err and "422 invalid_request" in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "00001-0.jpg",
+        "00001-1.jpg",
+        "00003-4.jpg",
+        "00003-5.jpg",
+    ]
+
+
+def test_console_script_is_installed(demo_server, tmp_path):
+    sd_serve_script = Path(sys.executable).with_name("sd-serve")
+    done = subprocess.run(
+        [str(sd_serve_script), "generate", "x", "--url", demo_server, "--seed", "9", "-o", str(tmp_path / "x.png")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert decode((tmp_path / "x.png").read_bytes()).size == (64, 64)
+    done = subprocess.run([str(sd_serve_script), "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "sd-serve batch prompts.txt" in done.stdout

@@ -1,0 +1,155 @@
+"""The Generator's custom metrics on Ray's Prometheus endpoint, after real HTTP traffic.
+
+The module deploys the demo config as its own application, so its replica starts
+from zero and every scraped value can be compared with an exact expectation
+(the replica's /info, the response headers, the number of requests sent).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from harness import REPO, load_config
+from prometheus_client.parser import text_string_to_metric_families
+
+from serve_app.metrics import BATCH_SIZE_BUCKETS, PER_IMAGE_BUCKETS_S, QUEUE_WAIT_BUCKETS_S
+
+APP = "sd-metrics"
+DASHBOARD = REPO / "deploy" / "grafana" / "stable-diffusion.json"
+
+
+def scrape(url: str) -> dict[str, list[tuple[dict, float]]]:
+    """Every sample on the endpoint: name -> [(labels, value)]."""
+    samples = defaultdict(list)
+    for family in text_string_to_metric_families(httpx.get(url, timeout=10).text):
+        for sample in family.samples:
+            samples[sample.name].append((sample.labels, sample.value))
+    return samples
+
+
+def value(samples, name: str, **labels) -> float:
+    """Sum of the samples of `name` whose labels include `labels` (0 if none)."""
+    return sum(v for sample_labels, v in samples.get(name, []) if labels.items() <= sample_labels.items())
+
+
+@pytest.fixture(scope="module")
+def metrics_app(serve_cluster):
+    config = load_config()
+    config["applications"][0]["name"] = APP
+    serve_cluster.deploy(config)
+    return serve_cluster
+
+
+@pytest.fixture(scope="module")
+def traffic(metrics_app):
+    """A concurrent burst and a few single requests through HTTP, and one job the generator rejects."""
+    from ray import serve
+
+    from serve_app.pipeline.errors import InvalidJobError
+    from serve_app.pipeline.jobs import GenerationJob
+
+    def post(i: int) -> tuple[httpx.Response, float]:
+        started = time.perf_counter()
+        response = http.post("/generate", json={"prompt": f"metrics {i}", "seed": i})
+        return response, time.perf_counter() - started
+
+    with httpx.Client(base_url=metrics_app.url, timeout=120) as http:
+        with ThreadPoolExecutor(16) as pool:
+            sent = list(pool.map(post, range(16)))
+        sent += [post(100 + i) for i in range(3)]
+        info = http.get("/info").json()["generator"]
+        # An HTTP error for Serve's error counter (the dashboard charts it); it never reaches the generator.
+        assert http.post("/generate", json={"prompt": "x", "width": 65}).status_code == 422
+    assert all(response.status_code == 200 for response, _ in sent)
+
+    generator = serve.get_deployment_handle("ImageGenerator", app_name=APP)
+    started = time.perf_counter()
+    with pytest.raises(InvalidJobError):
+        generator.generate.remote(GenerationJob(prompt="x", seed=1, scheduler="warp")).result()
+    rejected_latency = time.perf_counter() - started
+    return {
+        "responses": [r for r, _ in sent],
+        "latencies": [s for _, s in sent] + [rejected_latency],
+        "info": info,
+    }
+
+
+@pytest.fixture(scope="module")
+def scraped(metrics_app, traffic):
+    """The endpoint once it shows all the traffic (workers report every second; allow a minute)."""
+    expected_images = len(traffic["responses"])
+    deadline = time.monotonic() + 60
+    while True:
+        samples = scrape(metrics_app.metrics_url)
+        done = value(samples, "ray_sd_images_generated_total", application=APP) == expected_images
+        errors_in = value(samples, "ray_sd_generation_errors_total", application=APP) == 1
+        if (done and errors_in) or time.monotonic() > deadline:
+            return samples
+        time.sleep(1)
+
+
+def test_images_and_batch_sizes_match_the_replicas_own_count(traffic, scraped):
+    info = traffic["info"]
+    mine = {"application": APP, "deployment": "ImageGenerator", "replica": info["replica"]}
+    calls = {int(size): count for size, count in info["pipeline_calls_by_batch_size"].items()}
+    print(f"\npipeline calls by batch size: {calls}")
+    assert max(calls) > 1, "the burst of 16 should have been batched"
+
+    assert value(scraped, "ray_sd_images_generated_total", **mine) == len(traffic["responses"])
+    assert value(scraped, "ray_sd_pipeline_calls_total", **mine) == sum(calls.values())
+    assert value(scraped, "ray_sd_pipeline_batch_size_count", **mine) == sum(calls.values())
+    for bound in BATCH_SIZE_BUCKETS:
+        expected = sum(n for size, n in calls.items() if size <= bound)
+        assert value(scraped, "ray_sd_pipeline_batch_size_bucket", le=str(float(bound)), **mine) == expected
+    assert value(scraped, "ray_sd_max_batch_size", **mine) == 8
+
+
+def test_pipeline_time_adds_up_to_the_response_headers(traffic, scraped):
+    """Each response reports its call's time and size; per image that is time / size."""
+    per_image = [float(r.headers["x-generation-time-s"]) / int(r.headers["x-batch-size"]) for r in traffic["responses"]]
+    rounding = 1e-4  # headers carry 4 decimals, the metrics the exact times
+    assert value(scraped, "ray_sd_pipeline_seconds_total", application=APP) == pytest.approx(
+        sum(per_image), abs=rounding * len(per_image)
+    )
+    assert value(scraped, "ray_sd_generation_seconds_per_image_count", application=APP) == len(per_image)
+    for bound in PER_IMAGE_BUCKETS_S:
+        in_bucket = value(scraped, "ray_sd_generation_seconds_per_image_bucket", application=APP, le=str(float(bound)))
+        assert (
+            sum(t <= bound - rounding for t in per_image) <= in_bucket <= sum(t <= bound + rounding for t in per_image)
+        )
+
+
+def test_queue_wait_is_recorded_per_job_and_bounded_by_the_latency(traffic, scraped):
+    jobs = len(traffic["latencies"])  # the rejected job reached a batch too
+    assert value(scraped, "ray_sd_queue_wait_seconds_count", application=APP) == jobs
+    # No job waited longer than the slowest request took from end to end.
+    slowest = max(traffic["latencies"])
+    bound = min(b for b in QUEUE_WAIT_BUCKETS_S if b >= slowest)
+    assert value(scraped, "ray_sd_queue_wait_seconds_bucket", application=APP, le=str(float(bound))) == jobs
+    waits = {
+        labels["le"]: v for labels, v in scraped["ray_sd_queue_wait_seconds_bucket"] if labels["application"] == APP
+    }
+    print(f"\nqueue waits, cumulative by bucket (s): {waits}; slowest request {slowest:.3f} s")
+
+
+def test_errors_are_counted_by_kind(scraped):
+    assert value(scraped, "ray_sd_generation_errors_total", application=APP, kind="invalid_request") == 1
+    assert value(scraped, "ray_sd_generation_errors_total", application=APP) == 1
+
+
+def test_every_metric_the_grafana_dashboard_charts_is_on_the_endpoint(scraped):
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    charted = {name for expr in exprs for name in re.findall(r"\bray_[a-z_]+\b", expr)}
+    assert {"ray_sd_images_generated_total", "ray_sd_queue_wait_seconds_bucket"} <= charted
+    # Every panel selects by application, so each metric must carry this application's label.
+    missing = sorted(
+        name for name in charted if not any(labels.get("application") == APP for labels, _ in scraped[name])
+    )
+    assert not missing, f"the dashboard charts metrics the endpoint does not have for {APP}: {missing}"

@@ -1,0 +1,127 @@
+"""The ASGI layers in isolation, around a tiny app (no Ray)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import pytest
+from fastapi import FastAPI
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from serve_app.api.errors import install_error_handlers
+from serve_app.api.middleware import (
+    ApiKeyMiddleware,
+    BodySizeLimitMiddleware,
+    ConcurrencyLimitMiddleware,
+    DeadlineMiddleware,
+    OutcomeCounterMiddleware,
+    RequestIdMiddleware,
+)
+
+
+async def echo(request: Request):
+    body = await request.body()
+    await asyncio.sleep(float(request.query_params.get("sleep", 0)))
+    if request.query_params.get("boom"):
+        raise RuntimeError("secret internals")
+    return JSONResponse({"bytes": len(body)})
+
+
+def app_with(*layers) -> TestClient:
+    """A FastAPI app with our error handlers and the given layers, innermost first, as create_api builds it."""
+    app = FastAPI()
+    install_error_handlers(app)
+    for path, methods in (("/work", ["POST"]), ("/healthz", ["GET"]), ("/v1/work", ["POST"])):
+        app.add_route(path, echo, methods=methods)
+    for layer, kwargs in layers:
+        app.add_middleware(layer, **kwargs)
+    app.add_middleware(RequestIdMiddleware)
+    return TestClient(app, raise_server_exceptions=False)
+
+
+def test_request_id_is_made_or_kept_and_unhandled_errors_are_json_500():
+    client = app_with()
+    made = client.post("/work")
+    assert len(made.headers["x-request-id"]) == 32
+    boom = client.post("/work?boom=1", headers={"X-Request-Id": "abc"})
+    assert boom.status_code == 500
+    assert boom.json() == {"error": {"code": "internal_error", "message": "internal server error"}, "request_id": "abc"}
+    assert "secret" not in boom.text
+
+
+def test_body_limit_by_declared_length_and_by_counting():
+    client = app_with((BodySizeLimitMiddleware, {"max_body_bytes": 100}))
+    assert client.post("/work", content=b"x" * 100).json() == {"bytes": 100}
+    assert client.post("/work", content=b"x" * 101).status_code == 413
+    chunked = client.post("/work", content=iter([b"x" * 60, b"x" * 60]))
+    assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "payload_too_large"
+
+
+def test_api_keys():
+    client = app_with((ApiKeyMiddleware, {"keys": ["k1", "k2"]}))
+    missing = client.post("/work")
+    assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+    assert client.post("/work", headers={"Authorization": "Bearer nope"}).status_code == 403
+    assert client.post("/work", headers={"Authorization": "Basic k1"}).status_code == 401
+    assert client.post("/work", headers={"Authorization": "Bearer k2"}).status_code == 200
+    assert client.get("/healthz").status_code == 200  # probes stay open
+    openai_style = client.post("/v1/work")
+    assert openai_style.json()["error"]["type"] == "authentication_error"
+
+
+def test_deadline_default_and_client_asked():
+    client = app_with((DeadlineMiddleware, {"default_s": 0.5}))
+    assert client.post("/work?sleep=0.05").status_code == 200
+    late = client.post("/work?sleep=2")
+    assert late.status_code == 504 and late.json()["error"]["code"] == "timeout"
+    shorter = client.post("/work?sleep=0.3", headers={"X-Request-Timeout": "0.1"})
+    assert shorter.status_code == 504 and "0.1s" in shorter.json()["error"]["message"]
+    longer_is_capped = client.post("/work?sleep=2", headers={"X-Request-Timeout": "100"})
+    assert longer_is_capped.status_code == 504
+    for bad in ("soon", "-1", "0", "inf"):
+        response = client.post("/work", headers={"X-Request-Timeout": bad})
+        assert response.status_code == 422 and response.json()["error"]["field"] == "X-Request-Timeout"
+
+
+def test_concurrency_limit_sheds_with_retry_after():
+    limited = ConcurrencyLimitMiddleware(
+        Starlette(routes=[Route("/work", echo, methods=["POST"])]), limit=2, retry_after_s=3
+    )
+
+    async def scenario():
+        import httpx
+
+        transport = httpx.ASGITransport(app=RequestIdMiddleware(limited))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            return await asyncio.gather(*(http.post("/work?sleep=0.3") for _ in range(5)))
+
+    responses = asyncio.run(scenario())
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [200, 200, 503, 503, 503]
+    shed = next(r for r in responses if r.status_code == 503)
+    assert shed.headers["retry-after"] == "3" and shed.json()["error"]["code"] == "overloaded"
+    assert limited.active == 0
+
+
+def test_outcomes_are_counted_by_status():
+    counter: Counter = Counter()
+    client = app_with(
+        (BodySizeLimitMiddleware, {"max_body_bytes": 10}), (OutcomeCounterMiddleware, {"counter": counter})
+    )
+    client.post("/work")
+    client.post("/work", content=b"x" * 11)
+    client.get("/nothing")
+    assert counter == Counter({"200": 1, "413": 1, "404": 1})
+
+
+@pytest.mark.parametrize("method", ["GET", "OPTIONS"])
+def test_layers_leave_non_generation_requests_alone(method):
+    client = app_with(
+        (DeadlineMiddleware, {"default_s": 0.01}), (ConcurrencyLimitMiddleware, {"limit": 0, "retry_after_s": 1})
+    )
+    assert client.request(method, "/healthz").status_code in (200, 405)
