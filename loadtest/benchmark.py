@@ -41,6 +41,7 @@ from .sweep import (
     run_length,
     run_sweep,
 )
+from .traffic import NATIVE_ENDPOINTS
 
 CPU_CONFIG = REPO / "configs" / "cpu-demo.yaml"
 GPU_CONFIG = REPO / "configs" / "synthetic-sd-turbo-gpu.yaml"
@@ -264,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     batch_sizes = parse_levels(args.batch_sizes)
     duration_s, requests = run_length(args)
     mix = mix_from_arguments(args)
+    if not set(mix.endpoints.choices) <= set(NATIVE_ENDPOINTS):
+        parser.error(f"--endpoints: the baseline speaks only {', '.join(NATIVE_ENDPOINTS)}; the mix must too")
     config_path = args.config or (GPU_CONFIG if (args.device or "").startswith("cuda") else CPU_CONFIG)
     config = served_config(config_path, args.model, args.device)
     served = ServedModel.of(config)

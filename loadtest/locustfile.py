@@ -21,7 +21,7 @@ import itertools
 from locust import FastHttpUser, LoadTestShape, between, events, task
 
 from loadtest.shapes import PROFILES, stage_at
-from loadtest.traffic import DEFAULT, RequestMix, RequestStream
+from loadtest.traffic import DEFAULT, REALISTIC_ENDPOINTS, RequestMix, RequestStream
 
 
 @events.init_command_line_parser.add_listener
@@ -33,7 +33,9 @@ def _options(parser) -> None:
     )
     parser.add_argument("--mix-sizes", default=DEFAULT, env_var="LOCUST_MIX_SIZES", help='e.g. "64x64:3,128x128:1"')
     parser.add_argument("--mix-steps", default=DEFAULT, env_var="LOCUST_MIX_STEPS", help='e.g. "2:3,4:1"')
-    parser.add_argument("--mix-endpoints", default="png:9,json:1", env_var="LOCUST_MIX_ENDPOINTS")
+    parser.add_argument(
+        "--mix-endpoints", default=REALISTIC_ENDPOINTS, env_var="LOCUST_MIX_ENDPOINTS", help="see traffic.ENDPOINTS"
+    )
     parser.add_argument("--mix-negative-share", type=float, default=0.25, env_var="LOCUST_MIX_NEGATIVE_SHARE")
     parser.add_argument(
         "--think-time", type=float, default=0.0, env_var="LOCUST_THINK_TIME", help="max seconds between requests"
@@ -76,8 +78,11 @@ class ImageClient(FastHttpUser):
         ) as response:
             if response.status_code != 200:
                 response.failure(f"HTTP {response.status_code}")
-            elif request.endpoint == "png" and not response.content.startswith(b"\x89PNG"):
-                response.failure("not a PNG")
+            elif request.endpoint == "png":
+                if not response.content.startswith(b"\x89PNG"):
+                    response.failure("not a PNG")
+            elif not (response.json().get("images") or response.json().get("data")):
+                response.failure("no images in the JSON answer")
 
 
 class StagedShape(LoadTestShape):

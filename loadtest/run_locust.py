@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .servers import REPO
 from .shapes import PROFILES, total_seconds
-from .traffic import DEFAULT
+from .traffic import DEFAULT, REALISTIC_ENDPOINTS
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage-seconds", type=float, default=20)
     parser.add_argument("--sizes", default=DEFAULT, help='weighted sizes, e.g. "64x64:3,128x128:1"')
     parser.add_argument("--steps", default=DEFAULT, help='weighted step counts, e.g. "2:3,4:1"')
-    parser.add_argument("--endpoints", default="png:9,json:1", help='weighted endpoints, e.g. "png:9,json:1"')
+    parser.add_argument("--endpoints", default=REALISTIC_ENDPOINTS, help="weighted endpoints (traffic.ENDPOINTS)")
     parser.add_argument("--negative-share", type=float, default=0.25, help="share of requests with a negative prompt")
     parser.add_argument("--out", type=Path, default=Path("results") / time.strftime("locust-%Y%m%d-%H%M%S"))
     parser.add_argument("locust_args", nargs="*", help="after --: passed to locust as they are")

@@ -90,12 +90,14 @@ class LevelResult:
 
 
 def read_outcome(status: int, content_type: str, headers, payload, latency_s: float, finished_at: float) -> Outcome:
-    """Images and batch sizes from a response of /generate (PNG with headers, or JSON with metadata)."""
+    """Images and batch sizes from a response: an image with X-Batch-Size, or JSON listing its images
+    (native `images` with `batch_size` each, OpenAI `data`, AUTOMATIC1111 `images` as base64 strings)."""
     if status != 200:
         return Outcome(latency_s, finished_at, error=f"HTTP {status}")
     if content_type.startswith("application/json"):
-        images = payload.get("images", [])
-        return Outcome(latency_s, finished_at, len(images), [int(i.get("batch_size", 0)) for i in images])
+        images = payload.get("images") or payload.get("data") or []
+        sizes = [int(i.get("batch_size", 0)) if isinstance(i, dict) else 0 for i in images]
+        return Outcome(latency_s, finished_at, len(images), sizes)
     return Outcome(latency_s, finished_at, 1, [int(headers.get("X-Batch-Size", 0))])
 
 
@@ -218,7 +220,7 @@ def add_mix_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("request mix (see loadtest/traffic.py)")
     group.add_argument("--sizes", default=DEFAULT, help='weighted sizes, e.g. "64x64:3,128x128:1" (default: model)')
     group.add_argument("--steps", default=DEFAULT, help='weighted step counts, e.g. "2:3,4:1" (default: model)')
-    group.add_argument("--endpoints", default="png", help='weighted endpoints, e.g. "png:9,json:1"')
+    group.add_argument("--endpoints", default="png", help='weighted endpoints, e.g. "png:7,json:1,openai:1,a1111:1"')
     group.add_argument("--negative-share", type=float, default=0.25, help="share of requests with a negative prompt")
     group.add_argument("--seed", type=int, default=0, help="seed of the request stream")
 

@@ -7,7 +7,7 @@ command-line option or an environment variable:
 
     sizes      "default" or "64x64:3,128x128:1"   (default: the model's own size)
     steps      "default" or "2:3,4:1"             (default: the model's own steps)
-    endpoints  "png:9,json:1"                      (see ENDPOINTS)
+    endpoints  "png:7,json:1,openai:1,a1111:1"      (see ENDPOINTS)
 
 Prompts come from prompts.txt next to this file; a share of requests also
 carries a negative prompt. Every choice comes from one seeded random stream,
@@ -17,6 +17,7 @@ so two runs with the same seed send the same requests.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,19 +26,44 @@ DEFAULT = "default"  # leave the parameter out of the request: the server's mode
 NEGATIVE_PROMPTS = ("blurry, low quality", "text, watermark", "oversaturated", "deformed, extra limbs")
 
 
+def _native(response_format: str):
+    def body(params: dict) -> dict:
+        return {**params, "response_format": response_format}
+
+    return body
+
+
+def _openai(params: dict) -> dict:
+    body = {key: params[key] for key in ("prompt", "negative_prompt", "seed", "num_inference_steps") if key in params}
+    if "width" in params:
+        body["size"] = f"{params['width']}x{params['height']}"
+    return {**body, "n": 1, "response_format": "b64_json"}
+
+
+def _a1111(params: dict) -> dict:
+    names = {"num_inference_steps": "steps"}
+    return {names.get(key, key): value for key, value in params.items()}
+
+
 @dataclass(frozen=True)
 class Endpoint:
-    """One kind of request: where it goes and what it adds to the body."""
+    """One kind of request: where it goes, and how it spells the common parameters."""
 
     method: str
     path: str
-    extra: tuple[tuple[str, object], ...] = ()
+    body: Callable[[dict], dict]
 
 
 ENDPOINTS = {
-    "png": Endpoint("POST", "/generate"),
-    "json": Endpoint("POST", "/generate", (("response_format", "json"),)),
+    "png": Endpoint("POST", "/generate", _native("image")),
+    "json": Endpoint("POST", "/generate", _native("json")),
+    "openai": Endpoint("POST", "/v1/images/generations", _openai),
+    "a1111": Endpoint("POST", "/sdapi/v1/txt2img", _a1111),
 }
+# The unbatched baseline (baseline_server.py) speaks only these.
+NATIVE_ENDPOINTS = ("png", "json")
+# Locust's default: mostly the native API, some clients of each compatible API.
+REALISTIC_ENDPOINTS = "png:7,json:1,openai:1,a1111:1"
 
 
 @dataclass(frozen=True)
@@ -161,5 +187,4 @@ class RequestStream:
             body["num_inference_steps"] = steps
         name = self.mix.endpoints.pick(rng)
         endpoint = ENDPOINTS[name]
-        body.update(endpoint.extra)
-        return Request(name, endpoint.method, endpoint.path, body)
+        return Request(name, endpoint.method, endpoint.path, endpoint.body(body))

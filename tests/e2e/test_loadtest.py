@@ -49,6 +49,12 @@ def test_json_responses_count_their_images_and_report_batch_sizes(demo_server):
     assert 0 not in result.batch_sizes  # each JSON image says its batch size
 
 
+def test_every_endpoint_of_the_mix_answers_with_an_image(demo_server):
+    mix = RequestMix.from_specs(endpoints="png:1,json:1,openai:1,a1111:1", sizes="64x64,128x64", steps="2,3")
+    [result] = asyncio.run(run_sweep(demo_server, [4], mix, requests=24, warmup_requests=0, progress=False))
+    assert (result.errors, result.images) == (0, 24), result.error_kinds
+
+
 def test_sweep_command_writes_csv_markdown_and_plot_with_the_measured_numbers(demo_server, tmp_path, capsys):
     out = tmp_path / "sweep"
     argv = ["--url", demo_server, "--concurrency", "1,2", "--requests", "4", "--out", str(out), "--no-progress"]
@@ -69,11 +75,13 @@ def test_sweep_command_writes_csv_markdown_and_plot_with_the_measured_numbers(de
 def test_locust_runs_headless_in_its_own_process_and_writes_its_reports(demo_server, tmp_path):
     out = tmp_path / "locust"
     argv = ["--url", demo_server, "--load-profile", "hold", "--peak-users", "2", "--stage-seconds", "1"]
-    assert run_locust.main([*argv, "--endpoints", "png:1,json:1", "--out", str(out)]) == 0
+    assert run_locust.main([*argv, "--endpoints", "png:1,json:1,openai:1,a1111:1", "--out", str(out)]) == 0
     stats = run_locust.aggregated_stats(out)
     assert int(stats["Request Count"]) > 0 and stats["Failure Count"] == "0"
-    names = {row["Name"] for row in csv.DictReader((out / "locust_stats.csv").open())}
-    assert {"POST /generate [png]", "POST /generate [json]"} <= names
+    names = {row["Name"] for row in csv.DictReader((out / "locust_stats.csv").open())} - {"Aggregated"}
+    known = {"POST /generate [png]", "POST /generate [json]"}
+    known |= {"POST /v1/images/generations [openai]", "POST /sdapi/v1/txt2img [a1111]"}
+    assert names <= known and len(names) >= 2, names
     assert "<html" in (out / "report.html").read_text()[:2000].lower()
 
 

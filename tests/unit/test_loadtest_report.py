@@ -75,6 +75,10 @@ def test_outcomes_read_batch_sizes_from_headers_or_json():
     body = {"images": [{"b64": "", "batch_size": 3}, {"b64": "", "batch_size": 3}]}
     js = read_outcome(200, "application/json", {}, body, 0.1, 1.0)
     assert (js.images, js.batch_sizes) == (2, [3, 3])
+    openai = read_outcome(200, "application/json", {}, {"data": [{"b64_json": "", "seed": 1}]}, 0.1, 1.0)
+    assert (openai.images, openai.batch_sizes) == (1, [0])  # OpenAI answers do not carry batch sizes
+    a1111 = read_outcome(200, "application/json", {}, {"images": ["iVBOR", "iVBOR"], "info": "{}"}, 0.1, 1.0)
+    assert (a1111.images, a1111.batch_sizes) == (2, [0, 0])
     failed = read_outcome(503, "application/json", {}, {"error": {}}, 0.1, 1.0)
     assert (failed.images, failed.error) == (0, "HTTP 503")
 

@@ -36,7 +36,18 @@ def test_weights_shape_the_mix():
     assert {r.body["num_inference_steps"] for r in requests} == {2, 4}
     json_requests = [r for r in requests if r.endpoint == "json"]
     assert json_requests and all(r.body["response_format"] == "json" for r in json_requests)
-    assert all("response_format" not in r.body for r in requests if r.endpoint == "png")
+    assert all(r.body["response_format"] == "image" for r in requests if r.endpoint == "png")
+
+
+def test_each_endpoint_spells_the_same_parameters_its_own_way():
+    mix = RequestMix.from_specs(sizes="96x64", steps="3", endpoints="openai:1,a1111:1", negative_share=1.0)
+    requests = {r.endpoint: r for r in bodies(mix, 50)}
+    openai, a1111 = requests["openai"], requests["a1111"]
+    assert (openai.path, a1111.path) == ("/v1/images/generations", "/sdapi/v1/txt2img")
+    assert openai.body["size"] == "96x64" and openai.body["n"] == 1 and openai.body["num_inference_steps"] == 3
+    assert "width" not in openai.body and openai.body["negative_prompt"]
+    assert (a1111.body["width"], a1111.body["height"], a1111.body["steps"]) == (96, 64, 3)
+    assert "num_inference_steps" not in a1111.body
 
 
 @pytest.mark.parametrize(("share", "expected"), [(0.0, 0), (1.0, 100)])
