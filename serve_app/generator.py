@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import logging
 import os
 import resource
 import time
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import ray
@@ -22,6 +24,49 @@ from .pipeline.loading import PipelineOptions
 logger = logging.getLogger("ray.serve")
 
 _DEFAULT_BATCHING = BatchingConfig()
+
+
+class PipelineQueue:
+    """Jobs waiting for the pipeline; each run takes all that wait, up to `max_batch_size`.
+
+    @serve.batch closes a batch when its wait ends, even while the pipeline is still busy with
+    the previous one; under load it then hands over batches of k and max-k in turn. Here those
+    batches wait together and the next run takes them at once, so a busy replica runs full batches.
+    Runs never overlap, and a job whose caller gave up is dropped before it costs a pipeline call.
+    """
+
+    def __init__(self, run: Callable[[list[GenerationJob]], Awaitable[list]], max_batch_size: int):
+        self._run = run
+        self.max_batch_size = max_batch_size
+        self._waiting: deque[tuple[GenerationJob, asyncio.Future]] = deque()
+        self._draining: asyncio.Task | None = None
+
+    def submit(self, jobs: list[GenerationJob]) -> list[asyncio.Future]:
+        """One future per job, resolved with its result (an image or the exception that stopped it)."""
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in jobs]
+        self._waiting.extend(zip(jobs, futures))
+        if self._draining is None or self._draining.done():
+            # A context of its own: the runs serve many requests, not the one whose batch started them.
+            self._draining = loop.create_task(self._drain(), context=contextvars.Context())
+        return futures
+
+    async def _drain(self) -> None:
+        while self._waiting:
+            taken = []
+            while self._waiting and len(taken) < self.max_batch_size:
+                job, future = self._waiting.popleft()
+                if not future.cancelled():
+                    taken.append((job, future))
+            if not taken:
+                continue
+            try:
+                results = await self._run([job for job, _ in taken])
+            except Exception as exc:  # noqa: BLE001 - every caller of this run gets the failure
+                results = [exc] * len(taken)
+            for (_, future), result in zip(taken, results):
+                if not future.done():
+                    future.set_result(result)
 
 
 @serve.deployment(
@@ -44,6 +89,7 @@ class ImageGenerator:
         # to collect the next batch while this one computes.
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
         self._batching = _DEFAULT_BATCHING
+        self._queue = PipelineQueue(self._run_pipeline, self._batching.max_batch_size)
         self._started = time.time()
         self._replica = serve.get_replica_context().replica_id.unique_id
         self._node_id = ray.get_runtime_context().get_node_id()
@@ -65,15 +111,16 @@ class ImageGenerator:
             batching.max_batch_size, max_ongoing, autoscaling.target_ongoing_requests if autoscaling else None
         ):
             logger.warning("ImageGenerator: %s", advice)
-        self._run_batch.set_max_batch_size(batching.max_batch_size)
-        self._run_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        self._collect_batch.set_max_batch_size(batching.max_batch_size)
+        self._collect_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        self._queue.max_batch_size = batching.max_batch_size
         self._batching = batching
         self.metrics.max_batch_size.set(batching.max_batch_size)
 
     async def generate(self, job: GenerationJob) -> GeneratedImage:
         if job.submitted_at is None:  # called by something other than the ingress: the wait starts here
             job = dataclasses.replace(job, submitted_at=time.time())
-        result = await self._run_batch(job)
+        result = await (await self._collect_batch(job))
         if isinstance(result, Exception):
             raise result
         return result
@@ -81,7 +128,11 @@ class ImageGenerator:
     @serve.batch(
         max_batch_size=_DEFAULT_BATCHING.max_batch_size, batch_wait_timeout_s=_DEFAULT_BATCHING.batch_wait_timeout_s
     )
-    async def _run_batch(self, jobs: list[GenerationJob]) -> list[GeneratedImage | Exception]:
+    async def _collect_batch(self, jobs: list[GenerationJob]) -> list[asyncio.Future]:
+        """Hand a collected batch to the pipeline queue without waiting for its run, so batching goes on."""
+        return self._queue.submit(jobs)
+
+    async def _run_pipeline(self, jobs: list[GenerationJob]) -> list[GeneratedImage | Exception]:
         loop = asyncio.get_running_loop()
         try:
             started, results, call_sizes = await loop.run_in_executor(self._worker, self._generate_on_worker, jobs)
