@@ -118,7 +118,7 @@ def test_healthz_and_info(client):
     generator = info["generator"]
     assert info["model"] == generator["model"] == "synthetic:tiny"
     assert generator["device"] == "cpu" and generator["dtype"] == "float32"
-    assert generator["batching"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.05}
+    assert generator["batching"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.0}
     assert isinstance(generator["pipeline_calls_by_batch_size"], dict)
 
 

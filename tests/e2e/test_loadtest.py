@@ -113,7 +113,7 @@ def test_benchmark_compares_raw_server_and_baseline_in_one_run(tmp_path):
     assert benchmark.main([*argv, "--out", str(out), "--no-progress"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ceiling_batch_size"] in (1, 2) and summary["ceiling_images_per_s"] > 0
-    assert summary["batch_wait_ms"] == 50.0  # read from the running server's /info
+    assert summary["batch_wait_ms"] == 0.0  # read from the running server's /info (configs/cpu-demo.yaml)
     assert [row["concurrency"] for row in summary["ratios"]] == [1, 2]
     for row in summary["ratios"]:
         assert row["server_images_per_s"] > 0 and row["baseline_images_per_s"] > 0
