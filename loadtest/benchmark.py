@@ -4,7 +4,8 @@
     python -m loadtest.benchmark --model synthetic:sd-turbo --device cuda   # GPU box
 
 Same model, same machine, same request mix, one after the other:
-  1. raw pipeline in this process at batch sizes 1, 2, 4, 8, 16; the best images/s is the ceiling;
+  1. raw pipeline in this process at batch sizes 1, 2, 4, 8, 16; the best images/s is the ceiling
+     (measured again at the end; the faster pass counts at each batch size);
   2. this server (`serve_local` on a free port, from --config), under the concurrency sweep;
   3. the unbatched baseline (loadtest/baseline_server.py, uvicorn), under the same sweep.
 The raw pipeline and the baseline use the config's torch thread count, like the server's generator.
@@ -20,6 +21,7 @@ import asyncio
 import copy
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -203,9 +205,12 @@ class Comparison:
         }
 
 
-def machine() -> str:
-    import os
+def best_per_batch_size(first: list[RawResult], second: list[RawResult]) -> list[RawResult]:
+    """The faster of two raw passes at each batch size."""
+    return [max(a, b, key=lambda r: r.images_per_s) for a, b in zip(first, second)]
 
+
+def machine() -> str:
     try:
         import torch
 
@@ -291,12 +296,16 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
 
-    print(f"model {served.model} on {served.device}, torch threads {served.threads}; mix: {mix.describe()}")
-    print(f"1/3 raw pipeline, batch sizes {batch_sizes} ...", flush=True)
-    raw = measure(served.model, served.device, batch_sizes, mix, served.threads, served.dtype, args.raw_seconds)
-    print(report.raw_table(raw), flush=True)
+    def raw_pass() -> list[RawResult]:
+        return measure(served.model, served.device, batch_sizes, mix, served.threads, served.dtype, args.raw_seconds)
 
-    print(f"2/3 server ({'at ' + args.url if args.url else config_path.name + ' on a free port'}) ...", flush=True)
+    load_before = os.getloadavg()[0]
+    print(f"model {served.model} on {served.device}, torch threads {served.threads}; mix: {mix.describe()}")
+    print(f"1/4 raw pipeline, batch sizes {batch_sizes} ...", flush=True)
+    raw_first = raw_pass()
+    print(report.raw_table(raw_first), flush=True)
+
+    print(f"2/4 server ({'at ' + args.url if args.url else config_path.name + ' on a free port'}) ...", flush=True)
     if args.url:
         batch_wait_s = batch_wait_of(args.url)
         server_results = sweep(args.url, "server")
@@ -305,10 +314,12 @@ def main(argv: list[str] | None = None) -> int:
             batch_wait_s = batch_wait_of(server.url)
             server_results = sweep(server.url, "server", server.cpu_seconds)
 
-    print("3/3 unbatched baseline ...", flush=True)
+    print("3/4 unbatched baseline ...", flush=True)
     with baseline_server(served.model, served.device, out, served.threads) as baseline:
         baseline_results = sweep(baseline.url, "baseline", baseline.cpu_seconds)
 
+    print("4/4 raw pipeline again (the better of the two passes counts: a busy moment never lowers the ceiling)")
+    raw = best_per_batch_size(raw_first, raw_pass())
     comparison = Comparison(raw, server_results, baseline_results, batch_wait_s)
     length = f"{duration_s:g} s per level" if duration_s else f"{requests} requests per level"
     title = f"Benchmark: {served.model} on {served.device}"
@@ -320,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- torch threads (raw, baseline, generator): {served.threads}",
         f"- request mix: {mix.describe()}; {length}; closed loop",
         f"- command: python -m loadtest.benchmark {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip(),
-        f"- wall time: {time.perf_counter() - started:.0f} s",
+        f"- wall time: {time.perf_counter() - started:.0f} s; machine load (1-minute average) "
+        f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end",
     ]
     written = write_results(out, comparison, title, header)
     print("\n" + comparison.ratio_table())

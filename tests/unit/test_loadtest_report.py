@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from loadtest import report
-from loadtest.benchmark import Comparison
+from loadtest.benchmark import Comparison, best_per_batch_size
 from loadtest.raw_pipeline import RawResult
 from loadtest.servers import process_name
 from loadtest.sweep import LevelResult, read_outcome
@@ -122,6 +122,12 @@ def test_comparison_ratios_overhead_and_targets():
     slow = Comparison(raw, [level(1, 10, latencies=(0.2,)), level(16, 300)], baseline, batch_wait_s=0.05)
     assert all("MISSED" in line for line in slow.targets())
     assert "| 16 | 70.0 | 30.0 | 0.88 | 2.33 |" in comparison.ratio_table()
+
+
+def test_the_faster_raw_pass_counts_at_each_batch_size():
+    first = [RawResult(1, 10, 10, 0.3), RawResult(8, 10, 80, 2.0)]
+    second = [RawResult(1, 10, 10, 0.5), RawResult(8, 10, 80, 1.0)]
+    assert best_per_batch_size(first, second) == [first[0], second[1]]
 
 
 def test_http_side_of_the_load_tools_loads_neither_torch_nor_ray():
