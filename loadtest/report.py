@@ -141,9 +141,11 @@ def plot(path: Path, series: Series, title: str = "", ceiling: float | None = No
         throughput.axhline(ceiling, linestyle="--", color="gray", label=f"raw pipeline best ({ceiling:.1f})")
     throughput.set(xlabel="concurrency", ylabel="images/s", title="throughput", ylim=(0, None))
     latency.set(xlabel="concurrency", ylabel="ms", title="p95 latency", ylim=(0, None))
+    levels = sorted({r.concurrency for results in series.values() for r in results})
     for axes in (throughput, latency):
         axes.set_xscale("log", base=2)
-        axes.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axes.set_xticks(levels, [str(level) for level in levels])
+        axes.minorticks_off()
         axes.grid(True, alpha=0.3)
         axes.legend()
     if title:
