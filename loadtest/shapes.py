@@ -9,6 +9,7 @@ and lasts one stage length.
 
 from __future__ import annotations
 
+MAX_SPAWN_RATE = 100.0
 PROFILES: dict[str, list[tuple[float, float]]] = {
     "ramp": [(0.25, 1.0), (0.5, 1.0), (0.75, 1.0), (1.0, 1.0)],
     "hold": [(1.0, 4.0), (1.0, 4.0), (1.0, 4.0)],
@@ -23,7 +24,8 @@ def stage_at(profile: str, peak_users: int, stage_seconds: float, run_time_s: fl
     if index >= len(stages):
         return None
     fraction, rate = stages[index]
-    return max(1, round(fraction * peak_users)), max(1.0, rate * peak_users)
+    # Locust warns that spawning more than 100 users a second can misbehave.
+    return max(1, round(fraction * peak_users)), min(MAX_SPAWN_RATE, max(1.0, rate * peak_users))
 
 
 def total_seconds(profile: str, stage_seconds: float) -> float:

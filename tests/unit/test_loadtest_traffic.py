@@ -90,6 +90,11 @@ def test_every_profile_stops_after_its_last_stage_and_peaks_at_peak_users(profil
     assert stage_at(profile, 16, 10, total_seconds(profile, 10)) is None
 
 
+def test_spawn_rates_stay_within_what_locust_handles():
+    assert stage_at("spike", 1000, 10, 15) == (1000, 100.0)
+    assert stage_at("ramp", 2, 10, 0) == (1, 2.0)
+
+
 def test_ramp_rises_and_spike_falls_back():
     ramp = [stage_at("ramp", 16, 1, t + 0.5)[0] for t in range(4)]
     assert ramp == sorted(ramp) and ramp[0] < ramp[-1]
