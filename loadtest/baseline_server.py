@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import base64
 import io
+import json
 import secrets
 import threading
 import time
@@ -48,9 +49,10 @@ class BaselineRequest(BaseModel):
     response_format: str = "image"
 
 
-def create_app(model: str, options: PipelineOptions) -> FastAPI:
+def create_app(model: str, options: PipelineOptions, overrides: dict | None = None) -> FastAPI:
+    """`overrides`: a Serve config's `args.defaults`, so that requests leaving a parameter out get the same."""
     pipe = load_pipeline(ModelSource.parse(model), options)
-    defaults = model_defaults(pipe, ModelSource.parse(model), {})
+    defaults = model_defaults(pipe, ModelSource.parse(model), overrides or {})
     lock = threading.Lock()
     app = FastAPI(title="Unbatched baseline (benchmark only)")
 
@@ -90,11 +92,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (the server's generator: 1)")
+    parser.add_argument("--defaults", type=json.loads, default={}, help="JSON, e.g. '{\"num_inference_steps\": 1}'")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8100)
     args = parser.parse_args(argv)
     options = PipelineOptions(device=args.device, dtype=args.dtype, torch_threads=args.threads)
-    uvicorn.run(create_app(args.model, options), host=args.host, port=args.port, log_level="warning")
+    app = create_app(args.model, options, args.defaults)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

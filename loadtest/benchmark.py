@@ -58,22 +58,26 @@ class ServedModel:
     """What the config serves: the raw pipeline and the baseline load the same."""
 
     model: str
-    device: str
-    dtype: str
-    threads: int | None
+    pipeline: dict  # args.pipeline: device, dtype, torch threads, optimisations
+    defaults: dict  # args.defaults: what requests get for parameters they leave out
 
     @classmethod
     def of(cls, config: dict) -> ServedModel:
         args = config["applications"][0].get("args", {})
-        pipeline = args.get("pipeline", {})
-        device = pipeline.get("device", "auto")
-        if device == "auto":
+        pipeline = dict(args.get("pipeline", {}))
+        if pipeline.get("device", "auto") == "auto":
             from serve_app.pipeline.loading import resolve_device
 
-            device = resolve_device(device)
-        return cls(
-            args.get("model", "synthetic:tiny"), device, pipeline.get("dtype", "auto"), pipeline.get("torch_threads")
-        )
+            pipeline["device"] = resolve_device("auto")
+        return cls(args.get("model", "synthetic:tiny"), pipeline, dict(args.get("defaults", {})))
+
+    @property
+    def device(self) -> str:
+        return self.pipeline["device"]
+
+    @property
+    def threads(self) -> int | None:
+        return self.pipeline.get("torch_threads")
 
 
 def served_config(path: Path, model: str | None, device: str | None) -> dict:
@@ -297,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     def raw_pass() -> list[RawResult]:
-        return measure(served.model, served.device, batch_sizes, mix, served.threads, served.dtype, args.raw_seconds)
+        return measure(served.model, served.pipeline, batch_sizes, mix, served.defaults, args.raw_seconds)
 
     load_before = os.getloadavg()[0]
     print(f"model {served.model} on {served.device}, torch threads {served.threads}; mix: {mix.describe()}")
@@ -315,7 +319,10 @@ def main(argv: list[str] | None = None) -> int:
             server_results = sweep(server.url, "server", server.cpu_seconds)
 
     print("3/4 unbatched baseline ...", flush=True)
-    with baseline_server(served.model, served.device, out, served.threads) as baseline:
+    baseline = baseline_server(
+        served.model, served.device, out, served.threads, served.pipeline.get("dtype", "auto"), served.defaults
+    )
+    with baseline:
         baseline_results = sweep(baseline.url, "baseline", baseline.cpu_seconds)
 
     print("4/4 raw pipeline again (the better of the two passes counts: a busy moment never lowers the ceiling)")

@@ -55,16 +55,19 @@ def job_from_body(body: dict):
 
 def measure(
     model: str,
-    device: str,
+    pipeline: dict,
     batch_sizes: list[int],
     mix: RequestMix,
-    threads: int | None = None,
-    dtype: str = "auto",
+    defaults: dict | None = None,
     seconds_per_size: float = 3.0,
     min_calls: int = 3,
     seed: int = 0,
 ) -> list[RawResult]:
-    """Images/s at each batch size; the model is loaded once, warmed up, and released at the end."""
+    """Images/s at each batch size; the model is loaded once, warmed up, and released at the end.
+
+    `pipeline` and `defaults` are a Serve config's `args.pipeline` and `args.defaults`: the same
+    device, dtype, threads and optimisations, and the same parameters for what requests leave out.
+    """
     import gc
 
     import torch
@@ -73,7 +76,7 @@ def measure(
     from serve_app.pipeline.loading import PipelineOptions
 
     threads_before = torch.get_num_threads()
-    engine = ImageEngine.load(model, PipelineOptions(device=device, dtype=dtype, torch_threads=threads))
+    engine = ImageEngine.load(model, PipelineOptions.model_validate(pipeline), defaults)
     engine.warmup()
     stream = RequestStream(mix, seed=seed)
     results = []
@@ -122,15 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds per batch size")
     add_mix_arguments(parser)
     args = parser.parse_args(argv)
+    pipeline = {"device": args.device, "dtype": args.dtype, "torch_threads": args.threads}
     results = measure(
-        args.model,
-        args.device,
-        args.batch_sizes,
-        mix_from_arguments(args),
-        args.threads,
-        args.dtype,
-        args.seconds,
-        seed=args.seed,
+        args.model, pipeline, args.batch_sizes, mix_from_arguments(args), seconds_per_size=args.seconds, seed=args.seed
     )
     print(raw_table(results))
     return 0

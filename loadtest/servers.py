@@ -8,6 +8,7 @@ alive after a grace period. Nothing else on the machine is touched.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -133,12 +134,18 @@ def serve_server(config: Path, log_dir: Path, port: int | None = None) -> Server
 
 
 def baseline_server(
-    model: str, device: str, log_dir: Path, threads: int | None = None, port: int | None = None
+    model: str,
+    device: str,
+    log_dir: Path,
+    threads: int | None = None,
+    dtype: str = "auto",
+    defaults: dict | None = None,
+    port: int | None = None,
 ) -> ServerProcess:
     """The unbatched FastAPI baseline (loadtest/baseline_server.py) under uvicorn."""
     port = port or free_port()
     command = [sys.executable, "-m", "loadtest.baseline_server", "--model", model, "--device", device]
-    command += ["--port", str(port)]
+    command += ["--dtype", dtype, "--defaults", json.dumps(defaults or {}), "--port", str(port)]
     env = {}
     if threads:
         command += ["--threads", str(threads)]

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from loadtest import report
-from loadtest.benchmark import Comparison, best_per_batch_size
+from loadtest.benchmark import CPU_CONFIG, REPO, Comparison, ServedModel, best_per_batch_size, served_config
 from loadtest.raw_pipeline import RawResult
 from loadtest.servers import process_name
 from loadtest.sweep import LevelResult, read_outcome
@@ -136,3 +136,12 @@ def test_http_side_of_the_load_tools_loads_neither_torch_nor_ray():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert not {"torch", "ray", "serve_app"} & set(done.stdout.split())
+
+
+def test_the_benchmark_loads_what_the_config_serves_with_its_overrides():
+    demo = ServedModel.of(served_config(CPU_CONFIG, None, None))
+    assert (demo.model, demo.device, demo.threads, demo.defaults) == ("synthetic:tiny", "cpu", 1, {})
+    gpu = ServedModel.of(served_config(CPU_CONFIG, "synthetic:sd-turbo", "cuda"))
+    assert (gpu.model, gpu.device, gpu.pipeline["dtype"]) == ("synthetic:sd-turbo", "cuda", "float32")
+    production = ServedModel.of(served_config(REPO / "serve_config.yaml", None, None))
+    assert production.defaults["num_inference_steps"] == 1  # the raw pipeline and baseline get the same defaults
