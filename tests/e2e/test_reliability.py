@@ -25,6 +25,8 @@ def tight_server(serve_cluster) -> str:
     config["applications"][0]["args"]["limits"].update(max_concurrent_requests=32, retry_after_s=3)
     generator = deployment(config, "ImageGenerator")
     generator.update(max_ongoing_requests=16, max_queued_requests=8)
+    # The first batch waits to fill, so no slot frees while a burst arrives (the demo itself does not wait).
+    generator["user_config"] = {"max_batch_size": 8, "batch_wait_timeout_s": 0.05}
     serve_cluster.deploy(config)
     yield serve_cluster.url
     serve_cluster.deploy(load_config())
