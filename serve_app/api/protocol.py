@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..pipeline.jobs import SEED_MAX
 from ..pipeline.schedulers import SCHEDULER_NAMES
 
 SchedulerName = Literal[SCHEDULER_NAMES]  # type: ignore[valid-type]
+
 OutputFormat = Literal["png", "jpeg", "webp"]
 ResponseFormat = Literal["image", "json", "zip"]
 
@@ -135,6 +136,17 @@ class BatchRequest(SharedParams, OutputOptions):
         },
     )
 
+    @field_validator("prompts")
+    @classmethod
+    def _prompts_are_text(cls, prompts: list[str] | None) -> list[str] | None:
+        # A top-level str field rejects lone surrogates ("\ud800"); strings inside a list are not checked.
+        for index, prompt in enumerate(prompts or []):
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"entry {index} is not valid Unicode text") from None
+        return prompts
+
     @model_validator(mode="after")
     def _one_list(self) -> BatchRequest:
         if (self.prompts is None) == (self.requests is None):
@@ -144,10 +156,10 @@ class BatchRequest(SharedParams, OutputOptions):
         return self
 
     def items(self) -> list[ImageParams]:
-        """Every entry as complete parameters: its own fields over the shared ones."""
-        shared = {k: getattr(self, k) for k in SharedParams.model_fields if k in self.model_fields_set}
+        """Every entry as complete parameters: its own fields over the shared ones (null = not given)."""
+        shared = {k: getattr(self, k) for k in SharedParams.model_fields if getattr(self, k) is not None}
         if self.requests is not None:
-            return [ImageParams.model_validate({**shared, **r.model_dump(exclude_unset=True)}) for r in self.requests]
+            return [ImageParams.model_validate({**shared, **r.model_dump(exclude_none=True)}) for r in self.requests]
         per_prompt = shared.get("num_images") or 1
         items = []
         for index, prompt in enumerate(self.prompts):

@@ -138,3 +138,27 @@ def test_sdxl_empty_and_nonempty_negative_prompts_do_not_share_a_call():
     batched = xl.generate(jobs + [GenerationJob(prompt="y", seed=3)])
     assert [r.batch_size for r in batched] == [2, 1, 2]
     assert max_pixel_diff(batched[0], xl.generate(jobs[:1])[0]) <= 1
+
+
+def test_health_check_fails_once_the_pipeline_is_broken(engine):
+    from serve_app.pipeline.errors import PipelineUnavailableError
+
+    engine.check_health()  # healthy: returns quietly
+    engine._fatal_error = "CUDA error: an illegal memory access was encountered"
+    try:
+        with pytest.raises(PipelineUnavailableError, match="needs a restart"):
+            engine.check_health()
+    finally:
+        engine._fatal_error = None
+
+
+def test_a_cuda_error_marks_the_engine_broken(engine, monkeypatch):
+    def cuda_failure(jobs):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    monkeypatch.setattr(engine, "run_group", cuda_failure)
+    monkeypatch.setattr(engine, "device", torch.device("cuda"))
+    [result] = engine.generate([GenerationJob(prompt="x", seed=1)])
+    assert result.status == 500
+    assert engine._fatal_error and "device-side assert" in engine._fatal_error
+    engine._fatal_error = None

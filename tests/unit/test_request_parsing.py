@@ -101,3 +101,17 @@ def test_readiness():
     assert is_ready({"status": "HEALTHY", "running_replicas": 0})  # scaled to zero, healthy
     assert not is_ready({"status": "UPDATING", "running_replicas": 0})
     assert not is_ready({"status": "MISSING", "running_replicas": 0})
+
+
+def test_batch_nulls_mean_not_given_and_lone_surrogates_are_rejected():
+    """Both were 500s found by the fuzzer (the surrogates through the batch merge)."""
+    items = BatchRequest.model_validate(
+        {"requests": [{"prompt": "a", "negative_prompt": None, "num_images": None}], "negative_prompt": "fog"}
+    ).items()
+    assert items[0].negative_prompt == "fog" and items[0].num_images == 1
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="unicode"):
+        ImageParams(prompt="bad \ud800 text")
+    with pytest.raises(ValidationError, match="entry 1 is not valid Unicode"):
+        BatchRequest(prompts=["fine", "bad \udfff"])
