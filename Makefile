@@ -13,7 +13,7 @@ PIP := $(VENV)/bin/pip
 PY := $(VENV)/bin/python
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install install-test chromium serve test test-unit test-e2e lint bench clean local-cluster kuberay-manifest
+.PHONY: install install-test chromium serve test test-unit test-e2e lint bench soak clean local-cluster kuberay-manifest
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,12 @@ test-e2e: install-test
 # Raw pipeline vs this server vs an unbatched baseline, one run (BENCHMARKS.md). Options: make bench BENCH_ARGS="--duration 5"
 bench: install-test
 	$(PY) -m loadtest.benchmark $(BENCH_ARGS)
+
+# Steady load against a running server for SOAK_MINUTES, sampling replica memory (not in CI).
+SOAK_URL ?= http://127.0.0.1:8000
+SOAK_MINUTES ?= 30
+soak: install-test
+	$(PY) -m loadtest.soak --url $(SOAK_URL) --minutes $(SOAK_MINUTES)
 
 # Two Ray nodes on this machine, `serve deploy`, replicas on both, traffic, clean stop (deploy/local_cluster.py).
 local-cluster: install

@@ -72,8 +72,9 @@ class PipelineQueue:
 @serve.deployment(
     name="ImageGenerator",
     ray_actor_options={"num_cpus": 1},
-    # Twice the batch: one batch computes while the next one fills.
-    max_ongoing_requests=2 * _DEFAULT_BATCHING.max_batch_size,
+    # Well above the batch: requests queue here, where the next pipeline run takes them all,
+    # rather than in the callers' routers, whose retries back off while the pipeline idles.
+    max_ongoing_requests=8 * _DEFAULT_BATCHING.max_batch_size,
     user_config=_DEFAULT_BATCHING.model_dump(),
     health_check_period_s=2,
     health_check_timeout_s=30,
@@ -104,7 +105,7 @@ class ImageGenerator:
             raise ValueError(
                 f"ImageGenerator: user_config.max_batch_size ({batching.max_batch_size}) is larger than "
                 f"max_ongoing_requests ({max_ongoing}), which would cap every batch at {max_ongoing}; "
-                f"set max_ongoing_requests to at least {batching.max_batch_size} (2x is better)"
+                f"set max_ongoing_requests to at least {batching.max_batch_size} (several times more is better)"
             )
         autoscaling = deployment_config.autoscaling_config
         for advice in batching_advice(
