@@ -20,13 +20,12 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
 from .errors import GenerationError, InsufficientMemoryError, InvalidJobError, PipelineUnavailableError
-from .jobs import GeneratedImage, GenerationDefaults, GenerationJob, batch_key
+from .jobs import GeneratedImage, GenerationDefaults, GenerationJob, group_by_key
 from .loading import ModelSource, PipelineOptions, load_pipeline
 from .schedulers import SCHEDULER_NAMES, make_scheduler
 
@@ -88,16 +87,15 @@ class ImageEngine:
     def generate(self, jobs: list[GenerationJob]) -> list[GeneratedImage | GenerationError]:
         """An image, or the error that stopped it, for every job, in order."""
         results: list[GeneratedImage | GenerationError | None] = [None] * len(jobs)
-        groups: dict[Any, list[tuple[int, GenerationJob, list[str]]]] = {}
+        ready: list[tuple[int, GenerationJob, list[str]]] = []
         for index, job in enumerate(jobs):
             try:
-                prepared, warnings = self.prepare(job)
+                ready.append((index, *self.prepare(job)))
             except GenerationError as exc:
                 results[index] = exc
-                continue
-            key = (batch_key(prepared), self._empty_negative_is_special and not prepared.negative_prompt)
-            groups.setdefault(key, []).append((index, prepared, warnings))
-        for members in groups.values():
+        groups = group_by_key([job for _, job, _ in ready], split_empty_negative=self._empty_negative_is_special)
+        for group in groups:
+            members = [ready[i] for i in group]
             for (index, _, _), result in zip(members, self._run_splitting_on_oom(members)):
                 results[index] = result
         return results
@@ -194,7 +192,8 @@ class ImageEngine:
         except GenerationError as exc:
             return [exc] * len(members)
         except Exception as exc:  # noqa: BLE001 - an unexpected pipeline failure must reach every caller
-            logger.exception("pipeline call failed for a batch of %d", len(members))
+            request_ids = sorted({job.request_id for job in jobs})
+            logger.exception("pipeline call failed for a batch of %d (requests %s)", len(members), request_ids)
             if self.device.type == "cuda" and "CUDA error" in str(exc):
                 self._fatal_error = repr(exc)
             return [GenerationError(f"image generation failed: {type(exc).__name__}")] * len(members)

@@ -70,11 +70,13 @@ def _first_set(value, default):
     return default if value is None else value
 
 
-def batch_key(job: GenerationJob) -> Hashable:
+def batch_key(job: GenerationJob, split_empty_negative: bool = False) -> Hashable:
     """Jobs with equal keys can share one pipeline call.
 
     Everything that is a scalar argument of the diffusers call is in the key;
     prompt, negative prompt and seed are per image and stay out of it.
+    `split_empty_negative`: keep empty and non-empty negative prompts apart, for
+    models (SDXL) that encode an empty one as zeros instead of through the text encoders.
     `job` must already have its defaults filled in.
     """
     return (
@@ -85,14 +87,15 @@ def batch_key(job: GenerationJob) -> Hashable:
         float(job.guidance_scale),
         job.scheduler,
         job.strength,
+        split_empty_negative and not job.negative_prompt,
     )
 
 
-def group_by_key(jobs: list[GenerationJob]) -> list[list[int]]:
+def group_by_key(jobs: list[GenerationJob], split_empty_negative: bool = False) -> list[list[int]]:
     """Indices of `jobs` grouped by `batch_key`, groups in order of first arrival."""
     groups: dict[Hashable, list[int]] = {}
     for index, job in enumerate(jobs):
-        groups.setdefault(batch_key(job), []).append(index)
+        groups.setdefault(batch_key(job, split_empty_negative), []).append(index)
     return list(groups.values())
 
 

@@ -44,3 +44,9 @@ def test_guidance_given_as_int_or_float_shares_a_batch():
 def test_groups_keep_arrival_order():
     jobs = [job(width=64), job(width=128), job(width=64), job(width=128), job(width=256)]
     assert group_by_key(jobs) == [[0, 2], [1, 3], [4]]
+
+
+def test_empty_negative_prompts_split_only_when_the_model_needs_it():
+    jobs = [job(negative_prompt=""), job(negative_prompt="blurry"), job(negative_prompt="")]
+    assert group_by_key(jobs) == [[0, 1, 2]]
+    assert group_by_key(jobs, split_empty_negative=True) == [[0, 2], [1]]
