@@ -39,6 +39,7 @@ chromium:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
 
 serve: install
+	@$(PY) -m serve_app.config $(CONFIG)
 	@$(PY) -c "import yaml; h = yaml.safe_load(open('$(CONFIG)'))['http_options']; \
 	host = '127.0.0.1' if h.get('host') in (None, '0.0.0.0') else h['host']; url = f\"http://{host}:{h.get('port', 8000)}\"; \
 	print(f'\nStarting $(CONFIG): the server answers at {url} once Serve logs \"Deployed app\".'); \

@@ -29,30 +29,23 @@ import torch
 import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel
 
 from serve_app.pipeline.engine import model_defaults
 from serve_app.pipeline.loading import ModelSource, PipelineOptions, load_pipeline
+from serve_app.pipeline.params import GenerationDefaults, ImageParams
 
 # The server's PNG level (serve_app/api/encoding.py), so the comparison measures serving, not zlib.
 PNG_COMPRESS_LEVEL = 1
 
 
-class BaselineRequest(BaseModel):
-    prompt: str
-    negative_prompt: str = ""
-    width: int | None = None
-    height: int | None = None
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
-    seed: int | None = None
+class BaselineRequest(ImageParams):
     response_format: str = "image"
 
 
 def create_app(model: str, options: PipelineOptions, overrides: dict | None = None) -> FastAPI:
     """`overrides`: a Serve config's `args.defaults`, so that requests leaving a parameter out get the same."""
     pipe = load_pipeline(ModelSource.parse(model), options)
-    defaults = model_defaults(pipe, ModelSource.parse(model), overrides or {})
+    defaults = GenerationDefaults.model_validate(overrides or {}).over(model_defaults(pipe, ModelSource.parse(model)))
     lock = threading.Lock()
     app = FastAPI(title="Unbatched baseline (benchmark only)")
 
@@ -63,15 +56,16 @@ def create_app(model: str, options: PipelineOptions, overrides: dict | None = No
     @app.post("/generate")
     def generate(body: BaselineRequest):  # sync: FastAPI runs it on its thread pool
         seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
+        params = body.with_defaults(defaults)
         with lock:
             started = time.perf_counter()
             image = pipe(
-                prompt=body.prompt,
-                negative_prompt=body.negative_prompt or None,
-                width=body.width or defaults.width,
-                height=body.height or defaults.height,
-                num_inference_steps=body.num_inference_steps or defaults.num_inference_steps,
-                guidance_scale=body.guidance_scale if body.guidance_scale is not None else defaults.guidance_scale,
+                prompt=params.prompt,
+                negative_prompt=params.negative_prompt or None,
+                width=params.width,
+                height=params.height,
+                num_inference_steps=params.num_inference_steps,
+                guidance_scale=params.guidance_scale,
                 generator=torch.Generator("cpu").manual_seed(seed),
             ).images[0]
             seconds = time.perf_counter() - started

@@ -40,17 +40,11 @@ class RawResult:
 
 
 def job_from_body(body: dict):
+    """The job a native /generate body makes (its image parameters; output options aside)."""
     from serve_app.pipeline.jobs import GenerationJob
+    from serve_app.pipeline.params import ImageParams
 
-    return GenerationJob(
-        prompt=body["prompt"],
-        seed=body["seed"],
-        negative_prompt=body.get("negative_prompt", ""),
-        width=body.get("width"),
-        height=body.get("height"),
-        num_inference_steps=body.get("num_inference_steps"),
-        guidance_scale=body.get("guidance_scale"),
-    )
+    return GenerationJob(ImageParams.model_validate({k: v for k, v in body.items() if k in ImageParams.model_fields}))
 
 
 def measure(
@@ -74,9 +68,12 @@ def measure(
 
     from serve_app.pipeline.engine import ImageEngine
     from serve_app.pipeline.loading import PipelineOptions
+    from serve_app.pipeline.params import GenerationDefaults
 
     threads_before = torch.get_num_threads()
-    engine = ImageEngine.load(model, PipelineOptions.model_validate(pipeline), defaults)
+    engine = ImageEngine.load(
+        model, PipelineOptions.model_validate(pipeline), GenerationDefaults.model_validate(defaults or {})
+    )
     engine.warmup()
     stream = RequestStream(mix, seed=seed)
     results = []

@@ -30,6 +30,9 @@ from typing import Any, Literal
 import httpx
 from PIL import Image
 
+# The server's own response model (pydantic only), so the client reads exactly what the server writes.
+from .api.native.protocol import GenerationMetadata
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 URL_ENV = "SD_SERVE_URL"
 API_KEY_ENV = "SD_SERVE_API_KEY"
@@ -63,29 +66,6 @@ class GeneratedImage:
         path = Path(path)
         path.write_bytes(self.data)
         return path
-
-
-@dataclass(frozen=True)
-class GenerationMetadata:
-    prompt: str
-    negative_prompt: str
-    width: int
-    height: int
-    num_inference_steps: int
-    guidance_scale: float
-    scheduler: str
-    seeds: list[int]
-    model: str
-    batch_size: int
-    generation_time_s: float
-    request_id: str
-    strength: float | None = None
-    warnings: list[str] = field(default_factory=list)
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> GenerationMetadata:
-        known = {name: data[name] for name in cls.__dataclass_fields__ if name in data}
-        return cls(**known)
 
 
 @dataclass(frozen=True)
@@ -123,7 +103,7 @@ class Generation:
             )
             for i in data["images"]
         ]
-        return cls(images=images, metadata=GenerationMetadata.from_json(data["metadata"]))
+        return cls(images=images, metadata=GenerationMetadata.model_validate(data["metadata"]))
 
 
 @dataclass(frozen=True)
@@ -218,9 +198,6 @@ class RetryPolicy:
         if retry_after_s is not None:
             return min(self.max_wait_s, retry_after_s) * (1 + 0.1 * rand())
         return min(self.max_wait_s, self.backoff_s * 2**retry) * rand()
-
-
-NO_RETRIES = RetryPolicy(max_retries=0)
 
 
 def retry_after_seconds(value: str | None) -> float | None:

@@ -14,20 +14,11 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .pipeline.loading import ModelSource, ModelSourceError, PipelineOptions
+from .pipeline.params import GenerationDefaults
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class RequestDefaults(_Strict):
-    """Values a request gets for parameters it leaves out; unset ones come from the model itself."""
-
-    width: int | None = Field(None, ge=8, multiple_of=8)
-    height: int | None = Field(None, ge=8, multiple_of=8)
-    num_inference_steps: int | None = Field(None, ge=1)
-    guidance_scale: float | None = Field(None, ge=0)
-    strength: float | None = Field(None, gt=0, le=1)
 
 
 class RequestLimits(_Strict):
@@ -43,7 +34,7 @@ class RequestLimits(_Strict):
         2000, ge=1, description="longer prompts are rejected (tokens past the model's window are truncated)"
     )
     max_num_images: int = Field(4, ge=1, description="images per request (or per batch entry)")
-    max_batch_items: int = Field(16, ge=1, description="entries in one /generate/batch request")
+    max_prompts_per_request: int = Field(16, ge=1, description="entries in one /generate/batch request")
     max_body_bytes: int = Field(20 * 2**20, ge=1024, description="request body size; larger bodies get 413")
     max_upload_pixels: int = Field(
         4096 * 4096, ge=64 * 64, description="pixels of an uploaded init image (stops decompression bombs)"
@@ -105,7 +96,9 @@ class AppArgs(_Strict):
 
     model: str = Field("synthetic:tiny", description="model source: synthetic:<preset>, a Hub repo id, or a directory")
     pipeline: PipelineOptions = Field(default_factory=PipelineOptions)
-    defaults: RequestDefaults = Field(default_factory=RequestDefaults)
+    defaults: GenerationDefaults = Field(
+        default_factory=GenerationDefaults, description="what requests get for parameters they leave out"
+    )
     limits: RequestLimits = Field(default_factory=RequestLimits)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     cors: CorsConfig = Field(default_factory=CorsConfig)
@@ -129,31 +122,61 @@ class BatchingConfig(_Strict):
     )
 
 
-def batching_advice(max_batch_size: int, max_ongoing_requests: int, target_ongoing_requests: float | None) -> list[str]:
-    """Warnings for batching and autoscaling settings that work against each other.
+def check_serve_config(config: dict) -> list[str]:
+    """Problems in a whole Serve config (Ray's part and our `args` together), one line each, saying how
+    to fix them. Empty when the config is coherent.
 
-    A replica holds at most `max_ongoing_requests` requests, and a batch is taken from those.
-    The autoscaler adds replicas once replicas average more than `target_ongoing_requests`.
-    So keep  max_batch_size <= target_ongoing_requests <= max_ongoing_requests:
-    a lower target spreads the load before any batch fills (small batches, more replicas for the
-    same throughput); a target above max_ongoing_requests only scales once callers queue.
+    The app builder only sees `args`; the `deployments` overrides reach the replicas later. So the
+    settings that must agree across both are checked here, from the file: by `make serve` before it
+    starts Serve (`python -m serve_app.config CONFIG`), and by the tests for every shipped config.
+
+    Batching: a replica holds at most `max_ongoing_requests` requests and a batch is taken from
+    those, so `max_batch_size` above it caps every batch. The autoscaler adds replicas once replicas
+    average more than `target_ongoing_requests`, so keep
+    max_batch_size <= target_ongoing_requests <= max_ongoing_requests: a lower target spreads the
+    load before any batch fills; a target above max_ongoing_requests only scales once callers queue.
     """
-    if target_ongoing_requests is None:
-        return []
-    advice = []
-    if target_ongoing_requests < max_batch_size:
-        advice.append(
-            f"autoscaling_config.target_ongoing_requests ({target_ongoing_requests:g}) is below "
-            f"user_config.max_batch_size ({max_batch_size}): replicas are added before a batch can fill, "
-            f"so batches stay near {target_ongoing_requests:g} images; set it to at least {max_batch_size}"
-        )
-    if target_ongoing_requests > max_ongoing_requests:
-        advice.append(
-            f"autoscaling_config.target_ongoing_requests ({target_ongoing_requests:g}) is above "
-            f"max_ongoing_requests ({max_ongoing_requests}), which a replica never exceeds: scaling up waits "
-            "until requests queue in front of the replicas; keep it between max_batch_size and max_ongoing_requests"
-        )
-    return advice
+    problems = []
+    for app in config.get("applications", []):
+        where = f"applications[{app.get('name', '?')}]"
+        try:
+            AppArgs.model_validate(app.get("args") or {})
+        except ValidationError as exc:
+            problems.append(format_validation_error(exc, f"{where}.args"))
+        deployments = {d.get("name"): d for d in app.get("deployments", [])}
+        generator = deployments.get("ImageGenerator", {})
+        max_ongoing = generator.get("max_ongoing_requests", GENERATOR_MAX_ONGOING_REQUESTS)
+        try:
+            batching = BatchingConfig.model_validate(generator.get("user_config") or {})
+        except ValidationError as exc:
+            problems.append(format_validation_error(exc, f"{where}.ImageGenerator.user_config"))
+            continue
+        batch = batching.max_batch_size
+        prefix = f"{where}.ImageGenerator"
+        if batch > max_ongoing:
+            problems.append(
+                f"{prefix}: user_config.max_batch_size ({batch}) is larger than max_ongoing_requests ({max_ongoing}), "
+                f"which caps every batch at {max_ongoing}; set max_ongoing_requests to at least {batch} "
+                "(several times more is better)"
+            )
+        target = (generator.get("autoscaling_config") or {}).get("target_ongoing_requests")
+        if target is not None and target < batch:
+            problems.append(
+                f"{prefix}: autoscaling_config.target_ongoing_requests ({target:g}) is below user_config.max_batch_size "
+                f"({batch}): replicas are added before a batch can fill, so batches stay near {target:g} images; "
+                f"set it to at least {batch}"
+            )
+        if target is not None and target > max_ongoing:
+            problems.append(
+                f"{prefix}: autoscaling_config.target_ongoing_requests ({target:g}) is above max_ongoing_requests "
+                f"({max_ongoing}), which a replica never exceeds: scaling up waits until requests queue in front of "
+                "the replicas; keep it between max_batch_size and max_ongoing_requests"
+            )
+    return problems
+
+
+# What the ImageGenerator deployment declares when a config does not override it (generator.py).
+GENERATOR_MAX_ONGOING_REQUESTS = 8 * BatchingConfig().max_batch_size
 
 
 def format_validation_error(exc: ValidationError, where: str) -> str:
@@ -164,3 +187,23 @@ def format_validation_error(exc: ValidationError, where: str) -> str:
         message = "unknown key (check its spelling)" if error["type"] == "extra_forbidden" else error["msg"]
         lines.append(f"  {where}.{path}: {message}")
     return f"invalid {where}:\n" + "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m serve_app.config CONFIG...`: check Serve config files; exit 1 with the problems found."""
+    import sys
+
+    import yaml
+
+    paths = sys.argv[1:] if argv is None else argv
+    failed = False
+    for path in paths:
+        problems = check_serve_config(yaml.safe_load(Path(path).read_text()))
+        for problem in problems:
+            print(f"{path}: {problem}", file=sys.stderr)
+        failed = failed or bool(problems)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

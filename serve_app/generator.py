@@ -16,10 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 import ray
 from ray import serve
 
-from .config import BatchingConfig, RequestDefaults, batching_advice
+from .config import GENERATOR_MAX_ONGOING_REQUESTS, BatchingConfig
 from .metrics import GeneratorMetrics
-from .pipeline.jobs import GeneratedImage, GenerationJob
+from .pipeline.jobs import GenerationJob, ImageResult
 from .pipeline.loading import PipelineOptions
+from .pipeline.params import GenerationDefaults
 
 logger = logging.getLogger("ray.serve")
 
@@ -74,16 +75,16 @@ class PipelineQueue:
     ray_actor_options={"num_cpus": 1},
     # Well above the batch: requests queue here, where the next pipeline run takes them all,
     # rather than in the callers' routers, whose retries back off while the pipeline idles.
-    max_ongoing_requests=8 * _DEFAULT_BATCHING.max_batch_size,
+    max_ongoing_requests=GENERATOR_MAX_ONGOING_REQUESTS,
     user_config=_DEFAULT_BATCHING.model_dump(),
     health_check_period_s=2,
     health_check_timeout_s=30,
 )
 class ImageGenerator:
-    def __init__(self, model: str, pipeline: PipelineOptions, defaults: RequestDefaults):
+    def __init__(self, model: str, pipeline: PipelineOptions, defaults: GenerationDefaults):
         from .pipeline.engine import ImageEngine  # torch loads here, on the replica, not in the builder
 
-        self.engine = ImageEngine.load(model, pipeline, defaults.model_dump())
+        self.engine = ImageEngine.load(model, pipeline, defaults)
         self.warmup_s = self.engine.warmup()
         self.engine.calls_by_batch_size.clear()  # report traffic, not the warm-up
         # One worker thread: pipeline calls never overlap, and the event loop stays free
@@ -99,26 +100,13 @@ class ImageGenerator:
 
     def reconfigure(self, user_config: dict) -> None:
         batching = BatchingConfig.model_validate(user_config or {})
-        deployment_config = serve.get_replica_context()._deployment_config
-        max_ongoing = deployment_config.max_ongoing_requests
-        if batching.max_batch_size > max_ongoing:
-            raise ValueError(
-                f"ImageGenerator: user_config.max_batch_size ({batching.max_batch_size}) is larger than "
-                f"max_ongoing_requests ({max_ongoing}), which would cap every batch at {max_ongoing}; "
-                f"set max_ongoing_requests to at least {batching.max_batch_size} (several times more is better)"
-            )
-        autoscaling = deployment_config.autoscaling_config
-        for advice in batching_advice(
-            batching.max_batch_size, max_ongoing, autoscaling.target_ongoing_requests if autoscaling else None
-        ):
-            logger.warning("ImageGenerator: %s", advice)
         self._collect_batch.set_max_batch_size(batching.max_batch_size)
         self._collect_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
         self._queue.max_batch_size = batching.max_batch_size
         self._batching = batching
         self.metrics.max_batch_size.set(batching.max_batch_size)
 
-    async def generate(self, job: GenerationJob) -> GeneratedImage:
+    async def generate(self, job: GenerationJob) -> ImageResult:
         if job.submitted_at is None:  # called by something other than the ingress: the wait starts here
             job = dataclasses.replace(job, submitted_at=time.time())
         result = await (await self._collect_batch(job))
@@ -133,7 +121,7 @@ class ImageGenerator:
         """Hand a collected batch to the pipeline queue without waiting for its run, so batching goes on."""
         return self._queue.submit(jobs)
 
-    async def _run_pipeline(self, jobs: list[GenerationJob]) -> list[GeneratedImage | Exception]:
+    async def _run_pipeline(self, jobs: list[GenerationJob]) -> list[ImageResult | Exception]:
         loop = asyncio.get_running_loop()
         try:
             started, results, call_sizes = await loop.run_in_executor(self._worker, self._generate_on_worker, jobs)
@@ -144,7 +132,7 @@ class ImageGenerator:
         self.metrics.record_queue_waits([started - job.submitted_at for job in jobs])
         self.metrics.record_results(results, call_sizes)
         for result in results:
-            if isinstance(result, GeneratedImage):
+            if isinstance(result, ImageResult):
                 result.replica = self._replica
         return results
 

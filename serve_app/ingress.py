@@ -5,8 +5,8 @@ from __future__ import annotations
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from .api.app import create_api
-from .api.service import GenerationService
+from .api.asgi import create_api
+from .api.serving import GenerationService
 from .config import AppArgs
 
 

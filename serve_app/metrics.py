@@ -23,7 +23,7 @@ from __future__ import annotations
 from ray.serve.metrics import Counter, Gauge, Histogram
 
 from .pipeline.errors import GenerationError
-from .pipeline.jobs import GeneratedImage
+from .pipeline.jobs import ImageResult
 
 BATCH_SIZE_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 QUEUE_WAIT_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
@@ -68,13 +68,13 @@ class GeneratorMetrics:
         for wait in waits_s:
             self.queue_wait.observe(max(wait, 0.0))  # clocks of two nodes may differ by a little
 
-    def record_results(self, results: list[GeneratedImage | BaseException], call_sizes: list[int]) -> None:
+    def record_results(self, results: list[ImageResult | BaseException], call_sizes: list[int]) -> None:
         """One batch's outcome: a result per job, and the size of every pipeline call it took."""
         for size in call_sizes:
             self.batch_size.observe(size)
         if call_sizes:
             self.calls.inc(len(call_sizes))
-        images = [r for r in results if isinstance(r, GeneratedImage)]
+        images = [r for r in results if isinstance(r, ImageResult)]
         # Each image carries its call's time and size: summing time/size over images sums the calls' times.
         per_image = [image.generation_time_s / image.batch_size for image in images]
         if images:

@@ -11,8 +11,8 @@ import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from ..config import RequestLimits
-from ..pipeline.jobs import GeneratedImage
-from ..pipeline.schedulers import SCHEDULERS
+from ..pipeline.params import ImageParams
+from ..pipeline.schedulers import a1111_name
 from .errors import ApiError
 
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -20,22 +20,21 @@ MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 PNG_COMPRESS_LEVEL = 1
 
 
-def parameters_text(image: GeneratedImage, model: str) -> str:
-    """Generation parameters in the `parameters` text convention that SD tools and viewers read."""
-    sampler = SCHEDULERS[image.scheduler].a1111_name if image.scheduler in SCHEDULERS else image.scheduler
-    lines = [image.prompt]
-    if image.negative_prompt:
-        lines.append(f"Negative prompt: {image.negative_prompt}")
+def parameters_text(params: ImageParams, model: str) -> str:
+    """An image's parameters in the `parameters` text convention that SD tools and viewers read."""
+    lines = [params.prompt]
+    if params.negative_prompt:
+        lines.append(f"Negative prompt: {params.negative_prompt}")
     fields = [
-        f"Steps: {image.num_inference_steps}",
-        f"Sampler: {sampler}",
-        f"CFG scale: {image.guidance_scale:g}",
-        f"Seed: {image.seed}",
-        f"Size: {image.width}x{image.height}",
+        f"Steps: {params.num_inference_steps}",
+        f"Sampler: {a1111_name(params.scheduler)}",
+        f"CFG scale: {params.guidance_scale:g}",
+        f"Seed: {params.seed}",
+        f"Size: {params.width}x{params.height}",
         f"Model: {model}",
     ]
-    if image.strength is not None:
-        fields.append(f"Denoising strength: {image.strength:g}")
+    if params.strength is not None:
+        fields.append(f"Denoising strength: {params.strength:g}")
     lines.append(", ".join(fields))
     return "\n".join(lines)
 

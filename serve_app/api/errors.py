@@ -13,15 +13,11 @@ stack trace). Every response carries X-Request-Id.
 
 from __future__ import annotations
 
-import logging
-
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
-logger = logging.getLogger("ray.serve")
 
 OPENAI_PREFIX = "/v1/"
 

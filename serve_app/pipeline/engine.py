@@ -14,7 +14,6 @@ worker thread).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -25,8 +24,9 @@ import numpy as np
 import torch
 
 from .errors import GenerationError, InsufficientMemoryError, InvalidJobError, PipelineUnavailableError
-from .jobs import GeneratedImage, GenerationDefaults, GenerationJob, group_by_key
+from .jobs import GenerationJob, ImageResult, group_by_call_key
 from .loading import ModelSource, PipelineOptions, load_pipeline
+from .params import GenerationDefaults, ImageParams
 from .schedulers import SCHEDULER_NAMES, make_scheduler
 
 logger = logging.getLogger(__name__)
@@ -59,14 +59,16 @@ class ImageEngine:
     # -- construction -------------------------------------------------------------
 
     @classmethod
-    def load(cls, model: str, options: PipelineOptions | None = None, defaults: dict | None = None) -> ImageEngine:
+    def load(
+        cls, model: str, options: PipelineOptions | None = None, defaults: GenerationDefaults | None = None
+    ) -> ImageEngine:
         """Load `model` (a model source string); `defaults` overrides what jobs get when they leave a parameter out."""
         options = options or PipelineOptions()
         source = ModelSource.parse(model)
         started = time.perf_counter()
         pipe = load_pipeline(source, options)
         logger.info("loaded %s on %s in %.1fs", source, pipe.device, time.perf_counter() - started)
-        return cls(pipe, source, options, model_defaults(pipe, source, defaults or {}))
+        return cls(pipe, source, options, (defaults or GenerationDefaults()).over(model_defaults(pipe, source)))
 
     @property
     def img2img(self):
@@ -84,16 +86,16 @@ class ImageEngine:
 
     # -- the public calls ---------------------------------------------------------
 
-    def generate(self, jobs: list[GenerationJob]) -> list[GeneratedImage | GenerationError]:
+    def generate(self, jobs: list[GenerationJob]) -> list[ImageResult | GenerationError]:
         """An image, or the error that stopped it, for every job, in order."""
-        results: list[GeneratedImage | GenerationError | None] = [None] * len(jobs)
+        results: list[ImageResult | GenerationError | None] = [None] * len(jobs)
         ready: list[tuple[int, GenerationJob, list[str]]] = []
         for index, job in enumerate(jobs):
             try:
                 ready.append((index, *self.prepare(job)))
             except GenerationError as exc:
                 results[index] = exc
-        groups = group_by_key([job for _, job, _ in ready], split_empty_negative=self._empty_negative_is_special)
+        groups = group_by_call_key([job for _, job, _ in ready], split_empty_negative=self._empty_negative_is_special)
         for group in groups:
             members = [ready[i] for i in group]
             for (index, _, _), result in zip(members, self._run_splitting_on_oom(members)):
@@ -103,18 +105,15 @@ class ImageEngine:
     def prepare(self, job: GenerationJob) -> tuple[GenerationJob, list[str]]:
         """The job with defaults filled in, checked against this model; plus warnings for the caller."""
         job = job.with_defaults(self.defaults)
-        if job.scheduler not in SCHEDULER_NAMES:
+        params = job.params
+        if job.init_image is not None and int(params.num_inference_steps * params.strength) < 1:
             raise InvalidJobError(
-                f"unknown scheduler {job.scheduler!r}; choose one of {', '.join(SCHEDULER_NAMES)}", "scheduler"
-            )
-        if job.init_image is not None and int(job.num_inference_steps * job.strength) < 1:
-            raise InvalidJobError(
-                f"strength {job.strength} x num_inference_steps {job.num_inference_steps} leaves no denoising step; "
-                "raise one of them",
+                f"strength {params.strength} x num_inference_steps {params.num_inference_steps} leaves no "
+                "denoising step; raise one of them",
                 "strength",
             )
         warnings = []
-        for name, text in (("prompt", job.prompt), ("negative_prompt", job.negative_prompt)):
+        for name, text in (("prompt", params.prompt), ("negative_prompt", params.negative_prompt)):
             tokens = len(self.pipe.tokenizer(text).input_ids)
             if tokens > self.max_prompt_tokens:
                 warnings.append(
@@ -125,7 +124,8 @@ class ImageEngine:
     def warmup(self) -> float:
         """Run one small call so the first real request does not pay for lazy initialisation."""
         started = time.perf_counter()
-        job = GenerationJob(prompt="warm-up", seed=0, num_inference_steps=min(2, self.defaults.num_inference_steps))
+        steps = min(2, self.defaults.num_inference_steps)
+        job = GenerationJob(ImageParams(prompt="warm-up", seed=0, num_inference_steps=steps))
         result = self.generate([job])[0]
         if isinstance(result, Exception):
             raise result
@@ -152,7 +152,7 @@ class ImageEngine:
             "device": str(self.device),
             "dtype": str(self.pipe.dtype).removeprefix("torch."),
             "attention": self.options.attention,
-            "defaults": dataclasses.asdict(self.defaults),
+            "defaults": self.defaults.model_dump(),
             "max_prompt_tokens": self.max_prompt_tokens,
             "schedulers": list(SCHEDULER_NAMES),
             "default_scheduler": type(self._model_scheduler).__name__,
@@ -170,17 +170,17 @@ class ImageEngine:
 
     # -- one pipeline call, in steps ----------------------------------------------
 
-    def _run_splitting_on_oom(self, members) -> list[GeneratedImage | GenerationError]:
+    def _run_splitting_on_oom(self, members) -> list[ImageResult | GenerationError]:
         jobs = [job for _, job, _ in members]
         try:
             run = self.run_group(jobs)
         except torch.OutOfMemoryError:
             self._release_memory()
             if len(members) == 1:
-                job = jobs[0]
+                params = jobs[0].params
                 return [
                     InsufficientMemoryError(
-                        f"a {job.width}x{job.height} image does not fit in device memory on this replica; "
+                        f"a {params.width}x{params.height} image does not fit in device memory on this replica; "
                         "ask for a smaller size"
                     )
                 ]
@@ -198,31 +198,17 @@ class ImageEngine:
                 self._fatal_error = repr(exc)
             return [GenerationError(f"image generation failed: {type(exc).__name__}")] * len(members)
         return [
-            GeneratedImage(
-                pixels=pixels,
-                seed=job.seed,
-                prompt=job.prompt,
-                negative_prompt=job.negative_prompt,
-                width=job.width,
-                height=job.height,
-                num_inference_steps=job.num_inference_steps,
-                guidance_scale=job.guidance_scale,
-                scheduler=job.scheduler,
-                strength=job.strength,
-                batch_size=len(jobs),
-                generation_time_s=run.seconds,
-                warnings=warnings,
-            )
+            ImageResult(pixels, job.params, batch_size=len(jobs), generation_time_s=run.seconds, warnings=warnings)
             for pixels, (_, job, warnings) in zip(run.images, members)
         ]
 
     def run_group(self, jobs: list[GenerationJob]) -> GroupRun:
-        """One pipeline call for jobs that share a `batch_key` (defaults already filled)."""
+        """One pipeline call for jobs that share a `call_key` (defaults already filled)."""
         first = jobs[0]
         pipe = self.img2img if first.init_image is not None else self.pipe
         kwargs = self._call_arguments(jobs)
         with self._lock:
-            pipe.scheduler = make_scheduler(first.scheduler, self._model_scheduler)
+            pipe.scheduler = make_scheduler(first.params.scheduler, self._model_scheduler)
             started = time.perf_counter()
             with torch.inference_mode():
                 output = pipe(**kwargs)
@@ -231,10 +217,10 @@ class ImageEngine:
         return GroupRun(images=list(_to_uint8(output.images)), seconds=seconds)
 
     def _call_arguments(self, jobs: list[GenerationJob]) -> dict:
-        first = jobs[0]
-        negatives = [job.negative_prompt for job in jobs]
+        first = jobs[0].params
+        negatives = [job.params.negative_prompt for job in jobs]
         kwargs = {
-            "prompt": [job.prompt for job in jobs],
+            "prompt": [job.params.prompt for job in jobs],
             # All-empty negatives go as None so SDXL keeps its zero embedding; elsewhere None == "".
             "negative_prompt": negatives if any(negatives) else None,
             "num_inference_steps": first.num_inference_steps,
@@ -243,7 +229,7 @@ class ImageEngine:
             "generator": [torch.Generator("cpu").manual_seed(job.seed) for job in jobs],
             "output_type": "np",
         }
-        if first.init_image is not None:
+        if jobs[0].init_image is not None:
             from PIL import Image
 
             kwargs["image"] = [Image.fromarray(job.init_image) for job in jobs]
@@ -263,13 +249,16 @@ def _to_uint8(images: np.ndarray) -> np.ndarray:
     return (np.nan_to_num(images) * 255).round().clip(0, 255).astype(np.uint8)
 
 
-def model_defaults(pipe, source: ModelSource, overrides: dict) -> GenerationDefaults:
-    """What a job gets for parameters it leaves out: overrides, then the preset, then the model's native size."""
+# When neither the config nor a synthetic preset says otherwise.
+_FALLBACK_DEFAULTS = GenerationDefaults(num_inference_steps=25, guidance_scale=7.5, strength=0.75)
+
+
+def model_defaults(pipe, source: ModelSource) -> GenerationDefaults:
+    """What a job gets for parameters it leaves out, by the model: its preset, its native size, then fallbacks."""
     native = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
-    values: dict = {"width": native, "height": native}
+    defaults = GenerationDefaults(width=native, height=native).over(_FALLBACK_DEFAULTS)
     if source.kind == "synthetic":
         from .synthetic import load_preset
 
-        values.update(load_preset(source.location).get("defaults", {}))
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return GenerationDefaults(**values)
+        defaults = GenerationDefaults(**load_preset(source.location).get("defaults", {})).over(defaults)
+    return defaults

@@ -34,8 +34,5 @@ class InsufficientMemoryError(GenerationError):
     code = "insufficient_memory"
 
 
-class PipelineUnavailableError(GenerationError):
-    """The replica's device failed; Serve's health check will replace the replica."""
-
-    status = 503
-    code = "pipeline_unavailable"
+class PipelineUnavailableError(RuntimeError):
+    """The replica's device failed: raised to Serve's health check, which replaces the replica."""

@@ -1,7 +1,7 @@
-"""The contract between the HTTP side and the pipeline: one job in, one image out.
+"""The contract between the serving layer and the engines: one job in, one image (or an error) out.
 
 Torch-free on purpose: the ingress builds `GenerationJob`s and reads
-`GeneratedImage`s on CPU-only nodes without importing torch.
+`ImageResult`s on CPU-only nodes without importing torch.
 """
 
 from __future__ import annotations
@@ -12,24 +12,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-SEED_MAX = 2**32 - 1
+from .params import GenerationDefaults, ImageParams
 
 
 @dataclass(frozen=True)
 class GenerationJob:
-    """One image to make. Unset parameters take the model's defaults."""
+    """One image to make: its parameters (seed set), an init image for image-to-image, who asked."""
 
-    prompt: str
-    seed: int
-    negative_prompt: str = ""
-    width: int | None = None
-    height: int | None = None
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
-    scheduler: str = "default"
+    params: ImageParams
     # Image-to-image: an RGB uint8 array (height, width, 3) already at the output size.
     init_image: np.ndarray | None = field(default=None, repr=False, compare=False)
-    strength: float | None = None
     request_id: str = ""
     # Wall-clock time (time.time()) the ingress handed the job on: queue wait is measured from here.
     submitted_at: float | None = field(default=None, compare=False)
@@ -38,40 +30,34 @@ class GenerationJob:
     def kind(self) -> str:
         return "img2img" if self.init_image is not None else "txt2img"
 
+    @property
+    def seed(self) -> int:
+        return self.params.seed
+
     def with_defaults(self, defaults: GenerationDefaults) -> GenerationJob:
-        """The job with every unset parameter filled from `defaults`."""
-        if self.init_image is not None:
-            height, width = self.init_image.shape[:2]
-        else:
-            width = self.width if self.width is not None else defaults.width
-            height = self.height if self.height is not None else defaults.height
-        return dataclasses.replace(
-            self,
-            width=width,
-            height=height,
-            num_inference_steps=_first_set(self.num_inference_steps, defaults.num_inference_steps),
-            guidance_scale=_first_set(self.guidance_scale, defaults.guidance_scale),
-            strength=_first_set(self.strength, defaults.strength) if self.init_image is not None else None,
-        )
+        """The job with every unset parameter filled from `defaults` (an init image fixes the size)."""
+        init_size = None if self.init_image is None else (self.init_image.shape[1], self.init_image.shape[0])
+        return dataclasses.replace(self, params=self.params.with_defaults(defaults, init_size))
 
 
-@dataclass(frozen=True)
-class GenerationDefaults:
-    """What a job gets for the parameters it leaves out."""
+@dataclass
+class ImageResult:
+    """An image, the parameters it was made with (defaults filled in) and the facts of its making."""
 
-    width: int = 512
-    height: int = 512
-    num_inference_steps: int = 25
-    guidance_scale: float = 7.5
-    strength: float = 0.75
+    pixels: np.ndarray  # uint8, (height, width, 3)
+    params: ImageParams
+    batch_size: int  # images in the largest model call this image took part in
+    generation_time_s: float  # wall time from its work starting to the image being ready
+    warnings: list[str] = field(default_factory=list)
+    replica: str = ""
+
+    @property
+    def seed(self) -> int:
+        return self.params.seed
 
 
-def _first_set(value, default):
-    return default if value is None else value
-
-
-def batch_key(job: GenerationJob, split_empty_negative: bool = False) -> Hashable:
-    """Jobs with equal keys can share one pipeline call.
+def call_key(job: GenerationJob, split_empty_negative: bool = False) -> Hashable:
+    """Jobs with equal keys can share one whole-pipeline call (the request-level engine).
 
     Everything that is a scalar argument of the diffusers call is in the key;
     prompt, negative prompt and seed are per image and stay out of it.
@@ -79,41 +65,22 @@ def batch_key(job: GenerationJob, split_empty_negative: bool = False) -> Hashabl
     models (SDXL) that encode an empty one as zeros instead of through the text encoders.
     `job` must already have its defaults filled in.
     """
+    p = job.params
     return (
         job.kind,
-        job.width,
-        job.height,
-        job.num_inference_steps,
-        float(job.guidance_scale),
-        job.scheduler,
-        job.strength,
-        split_empty_negative and not job.negative_prompt,
+        p.width,
+        p.height,
+        p.num_inference_steps,
+        float(p.guidance_scale),
+        p.scheduler,
+        p.strength,
+        split_empty_negative and not p.negative_prompt,
     )
 
 
-def group_by_key(jobs: list[GenerationJob], split_empty_negative: bool = False) -> list[list[int]]:
-    """Indices of `jobs` grouped by `batch_key`, groups in order of first arrival."""
+def group_by_call_key(jobs: list[GenerationJob], split_empty_negative: bool = False) -> list[list[int]]:
+    """Indices of `jobs` grouped by `call_key`, groups in order of first arrival."""
     groups: dict[Hashable, list[int]] = {}
     for index, job in enumerate(jobs):
-        groups.setdefault(batch_key(job, split_empty_negative), []).append(index)
+        groups.setdefault(call_key(job, split_empty_negative), []).append(index)
     return list(groups.values())
-
-
-@dataclass
-class GeneratedImage:
-    """An image and how it was made, as the pipeline actually ran it."""
-
-    pixels: np.ndarray  # uint8, (height, width, 3)
-    seed: int
-    prompt: str
-    negative_prompt: str
-    width: int
-    height: int
-    num_inference_steps: int
-    guidance_scale: float
-    scheduler: str
-    strength: float | None
-    batch_size: int  # images in the pipeline call that made this one
-    generation_time_s: float  # wall time of that pipeline call
-    warnings: list[str] = field(default_factory=list)
-    replica: str = ""

@@ -33,6 +33,23 @@ SCHEDULERS: dict[str, SchedulerSpec] = {
 }
 
 SCHEDULER_NAMES: tuple[str, ...] = (DEFAULT, *SCHEDULERS)
+_BY_A1111_NAME = {spec.a1111_name.lower(): name for name, spec in SCHEDULERS.items()}
+
+
+def a1111_name(name: str) -> str:
+    """How AUTOMATIC1111 (and the `parameters` text SD tools read) calls one of our samplers."""
+    return SCHEDULERS[name].a1111_name if name in SCHEDULERS else name
+
+
+def from_a1111_name(sampler: str, karras: bool = False) -> str | None:
+    """Our name for an AUTOMATIC1111 sampler name (or one of ours); None when unknown.
+    `karras`: A1111's `scheduler: Karras`, for samplers that have a Karras variant."""
+    key = sampler.strip().lower()
+    if karras and f"{key} karras" in _BY_A1111_NAME:
+        key = f"{key} karras"
+    if key in _BY_A1111_NAME:
+        return _BY_A1111_NAME[key]
+    return key if key in SCHEDULER_NAMES else None
 
 
 def make_scheduler(name: str, model_scheduler):
@@ -44,8 +61,6 @@ def make_scheduler(name: str, model_scheduler):
     """
     if name == DEFAULT:
         return type(model_scheduler).from_config(model_scheduler.config)
-    if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
     import diffusers
 
     spec = SCHEDULERS[name]

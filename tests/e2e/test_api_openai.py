@@ -62,7 +62,7 @@ def test_models_lists_the_served_model(oai):
     ("kwargs", "param", "says"),
     [
         ({"size": "500x500"}, "size", "multiples of 8"),
-        ({"size": "huge"}, "size", "512x512"),
+        ({"size": "huge"}, "size", "256x256"),
         ({"size": "1024x1024"}, "size", "between 64 and 256"),
         ({"n": 5}, "n", "between 1 and 4"),
         ({"response_format": "url"}, "response_format", "b64_json"),

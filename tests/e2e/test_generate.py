@@ -37,9 +37,10 @@ def test_served_image_matches_the_raw_pipeline(client):
     from serve_app.pipeline.engine import ImageEngine
     from serve_app.pipeline.jobs import GenerationJob
     from serve_app.pipeline.loading import PipelineOptions
+    from serve_app.pipeline.params import ImageParams
 
     engine = ImageEngine.load("synthetic:tiny", PipelineOptions(device="cpu"))
-    [raw] = engine.generate([GenerationJob(prompt="a boat", negative_prompt="fog", seed=77)])
+    [raw] = engine.generate([GenerationJob(ImageParams(prompt="a boat", negative_prompt="fog", seed=77))])
     served = png(client.post("/generate", json={"prompt": "a boat", "negative_prompt": "fog", "seed": 77}))
     assert np.abs(np.asarray(served).astype(int) - raw.pixels.astype(int)).max() <= 1
 

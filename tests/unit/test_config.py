@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -7,7 +9,7 @@ from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
 from serve_app.app import build_app
-from serve_app.config import AppArgs, BatchingConfig, RequestLimits, batching_advice
+from serve_app.config import AppArgs, BatchingConfig, RequestLimits, check_serve_config
 
 CONFIGS = sorted([REPO / "serve_config.yaml", *(REPO / "configs").glob("*.yaml")])
 
@@ -26,13 +28,8 @@ def test_every_config_passes_rays_schema_and_ours(path: Path):
         AppArgs.model_validate(app["args"])
         deployments = {d["name"]: d for d in app["deployments"]}
         assert set(deployments) <= {"Ingress", "ImageGenerator"}, f"unknown deployment names {set(deployments)}"
-        generator = deployments["ImageGenerator"]
-        batching = BatchingConfig.model_validate(generator["user_config"])
-        assert generator["max_ongoing_requests"] >= batching.max_batch_size, "ongoing requests would cap batches"
-        if "autoscaling_config" in generator:
-            target = generator["autoscaling_config"]["target_ongoing_requests"]
-            assert batching_advice(batching.max_batch_size, generator["max_ongoing_requests"], target) == []
-        assert deployments["Ingress"]["max_ongoing_requests"] > generator["max_ongoing_requests"]
+        assert deployments["Ingress"]["max_ongoing_requests"] > deployments["ImageGenerator"]["max_ongoing_requests"]
+    assert check_serve_config(raw) == []
 
 
 def test_production_config_serves_a_real_model_on_autoscaled_gpus():
@@ -62,19 +59,41 @@ def test_bad_model_source_is_rejected_at_build_time():
         build_app({"model": "synthetic:huge"})
 
 
+def serve_config(batch: int, max_ongoing: int | None, target: float | None, args: dict | None = None) -> dict:
+    generator = {"name": "ImageGenerator", "user_config": {"max_batch_size": batch}}
+    if max_ongoing is not None:
+        generator["max_ongoing_requests"] = max_ongoing
+    if target is not None:
+        generator["autoscaling_config"] = {"target_ongoing_requests": target}
+    return {"applications": [{"name": "sd", "args": args or {}, "deployments": [generator]}]}
+
+
 @pytest.mark.parametrize(
     ("batch", "max_ongoing", "target", "says"),
     [
         (16, 32, 16, []),
         (16, 32, 32, []),
         (8, 16, None, []),
+        (8, None, None, []),  # the deployment's own default holds a batch
         (16, 32, 4, ["below user_config.max_batch_size (16)", "at least 16"]),
         (8, 16, 24, ["above max_ongoing_requests (16)"]),
+        (16, 8, None, ["caps every batch at 8", "at least 16"]),
     ],
 )
-def test_batching_advice_keeps_target_between_batch_size_and_max_ongoing(batch, max_ongoing, target, says):
-    advice = " ".join(batching_advice(batch, max_ongoing, target))
-    assert all(text in advice for text in says) and bool(advice) == bool(says), advice
+def test_config_check_keeps_batch_below_target_below_max_ongoing(batch, max_ongoing, target, says):
+    problems = " ".join(check_serve_config(serve_config(batch, max_ongoing, target)))
+    assert all(text in problems for text in says) and bool(problems) == bool(says), problems
+
+
+def test_config_check_names_bad_args_and_its_command_exits_1(tmp_path):
+    problems = check_serve_config(serve_config(8, 32, None, {"limits": {"max_stepz": 3}}))
+    assert problems and "applications[sd].args.limits.max_stepz: unknown key" in problems[0]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(serve_config(16, 8, None)))
+    done = subprocess.run([sys.executable, "-m", "serve_app.config", str(bad)], capture_output=True, text=True)
+    assert done.returncode == 1 and "caps every batch at 8" in done.stderr
+    good = subprocess.run([sys.executable, "-m", "serve_app.config", str(REPO / "configs" / "cpu-demo.yaml")])
+    assert good.returncode == 0
 
 
 def test_batching_config_bounds():

@@ -4,9 +4,14 @@ import torch
 
 from serve_app.pipeline.engine import GroupRun, ImageEngine
 from serve_app.pipeline.errors import InsufficientMemoryError, InvalidJobError
-from serve_app.pipeline.jobs import GeneratedImage, GenerationJob
+from serve_app.pipeline.jobs import GenerationJob, ImageResult
 from serve_app.pipeline.loading import PipelineOptions
+from serve_app.pipeline.params import GenerationDefaults, ImageParams
 from serve_app.pipeline.schedulers import SCHEDULER_NAMES
+
+
+def make_job(init_image=None, **params) -> GenerationJob:
+    return GenerationJob(ImageParams(**params), init_image=init_image)
 
 
 @pytest.fixture(scope="module")
@@ -14,18 +19,20 @@ def engine():
     return ImageEngine.load("synthetic:tiny", PipelineOptions(device="cpu", torch_threads=1))
 
 
-def max_pixel_diff(a: GeneratedImage, b: GeneratedImage) -> int:
+def max_pixel_diff(a: ImageResult, b: ImageResult) -> int:
     return int(np.abs(a.pixels.astype(int) - b.pixels.astype(int)).max())
 
 
 def test_defaults_come_from_the_preset_and_overrides(engine):
     assert (engine.defaults.width, engine.defaults.num_inference_steps) == (64, 2)
-    overridden = ImageEngine(engine.pipe, engine.source, engine.options, engine.defaults.__class__(width=128))
-    assert overridden.prepare(GenerationJob(prompt="p", seed=0))[0].width == 128
+    overridden = ImageEngine(
+        engine.pipe, engine.source, engine.options, GenerationDefaults(width=128).over(engine.defaults)
+    )
+    assert overridden.prepare(make_job(prompt="p", seed=0))[0].params.width == 128
 
 
 def test_same_seed_same_image_alone_or_inside_a_batch(engine):
-    jobs = [GenerationJob(prompt=f"prompt {i}", seed=100 + i, negative_prompt="ugly" * (i % 2)) for i in range(8)]
+    jobs = [make_job(prompt=f"prompt {i}", seed=100 + i, negative_prompt="ugly" * (i % 2)) for i in range(8)]
     batched = engine.generate(jobs)
     assert [image.batch_size for image in batched] == [8] * 8
     for job, in_batch in zip(jobs, batched):
@@ -35,53 +42,54 @@ def test_same_seed_same_image_alone_or_inside_a_batch(engine):
 
 
 def test_different_seeds_give_different_images(engine):
-    a, b = engine.generate([GenerationJob(prompt="x", seed=1), GenerationJob(prompt="x", seed=2)])
+    a, b = engine.generate([make_job(prompt="x", seed=1), make_job(prompt="x", seed=2)])
     assert max_pixel_diff(a, b) > 10
 
 
 def test_a_mixed_batch_runs_one_call_per_group_and_keeps_order(engine):
     sizes = [64, 128, 64, 128, 96]
-    results = engine.generate([GenerationJob(prompt="x", seed=i, width=s, height=s) for i, s in enumerate(sizes)])
+    results = engine.generate([make_job(prompt="x", seed=i, width=s, height=s) for i, s in enumerate(sizes)])
     assert [r.pixels.shape[:2] for r in results] == [(s, s) for s in sizes]
     assert [r.batch_size for r in results] == [2, 2, 2, 2, 1]
     assert [r.seed for r in results] == list(range(5))
+    assert [r.params.width for r in results] == sizes
 
 
 def test_every_named_scheduler_runs_and_default_is_the_models(engine):
     for name in SCHEDULER_NAMES:
-        result = engine.generate([GenerationJob(prompt="x", seed=1, scheduler=name, num_inference_steps=3)])[0]
-        assert isinstance(result, GeneratedImage), (name, result)
+        result = engine.generate([make_job(prompt="x", seed=1, scheduler=name, num_inference_steps=3)])[0]
+        assert isinstance(result, ImageResult), (name, result)
     # A request for another sampler must not leak into the next default request.
-    first = engine.generate([GenerationJob(prompt="x", seed=5)])[0]
-    engine.generate([GenerationJob(prompt="x", seed=5, scheduler="euler_a")])
-    again = engine.generate([GenerationJob(prompt="x", seed=5)])[0]
+    first = engine.generate([make_job(prompt="x", seed=5)])[0]
+    engine.generate([make_job(prompt="x", seed=5, scheduler="euler_a")])
+    again = engine.generate([make_job(prompt="x", seed=5)])[0]
     assert max_pixel_diff(first, again) == 0
 
 
 def test_img2img_shares_weights_and_strength_changes_the_result(engine):
-    init = engine.generate([GenerationJob(prompt="init", seed=9)])[0].pixels
+    init = engine.generate([make_job(prompt="init", seed=9)])[0].pixels
     weak, strong = engine.generate(
         [
-            GenerationJob(prompt="x", seed=1, init_image=init, strength=0.3, num_inference_steps=10),
-            GenerationJob(prompt="x", seed=1, init_image=init, strength=0.9, num_inference_steps=10),
+            make_job(prompt="x", seed=1, init_image=init, strength=0.3, num_inference_steps=10),
+            make_job(prompt="x", seed=1, init_image=init, strength=0.9, num_inference_steps=10),
         ]
     )
     assert engine.img2img.unet is engine.pipe.unet
     assert weak.batch_size == strong.batch_size == 1  # strength is part of the batch key
     # Random VAE weights do not reconstruct the init image, so compare outputs, not distances to it.
     assert max_pixel_diff(weak, strong) > 10
-    again = engine.generate([GenerationJob(prompt="x", seed=1, init_image=init, strength=0.3, num_inference_steps=10)])
+    again = engine.generate([make_job(prompt="x", seed=1, init_image=init, strength=0.3, num_inference_steps=10)])
     assert max_pixel_diff(weak, again[0]) == 0
 
 
 def test_strength_too_small_for_the_steps_is_a_job_error(engine):
     init = np.zeros((64, 64, 3), np.uint8)
-    [error] = engine.generate([GenerationJob(prompt="x", seed=1, init_image=init, strength=0.1, num_inference_steps=4)])
+    [error] = engine.generate([make_job(prompt="x", seed=1, init_image=init, strength=0.1, num_inference_steps=4)])
     assert isinstance(error, InvalidJobError) and error.field == "strength"
 
 
 def test_long_prompts_are_truncated_with_a_warning(engine):
-    [image] = engine.generate([GenerationJob(prompt="word " * 100, seed=1)])
+    [image] = engine.generate([make_job(prompt="word " * 100, seed=1)])
     assert any("prompt has" in warning and "77" in warning for warning in image.warnings)
 
 
@@ -93,15 +101,15 @@ def test_out_of_memory_splits_the_batch_before_failing_anyone(engine, monkeypatc
         calls.append(len(jobs))
         if len(jobs) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        if any(job.width > 64 for job in jobs):
+        if any(job.params.width > 64 for job in jobs):
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real_run(jobs)
 
     monkeypatch.setattr(engine, "run_group", run_group_with_4_image_memory)
-    results = engine.generate([GenerationJob(prompt="x", seed=i) for i in range(5)])
-    assert all(isinstance(r, GeneratedImage) for r in results)
+    results = engine.generate([make_job(prompt="x", seed=i) for i in range(5)])
+    assert all(isinstance(r, ImageResult) for r in results)
     assert calls == [5, 2, 3, 1, 2]
-    [too_big] = engine.generate([GenerationJob(prompt="x", seed=1, width=128, height=128)])
+    [too_big] = engine.generate([make_job(prompt="x", seed=1, width=128, height=128)])
     assert isinstance(too_big, InsufficientMemoryError) and "128x128" in too_big.message
 
 
@@ -110,19 +118,19 @@ def test_an_unexpected_failure_reaches_every_job_of_the_call(engine, monkeypatch
         raise RuntimeError("kaboom")
 
     monkeypatch.setattr(engine, "run_group", broken)
-    results = engine.generate([GenerationJob(prompt="x", seed=i) for i in range(3)])
+    results = engine.generate([make_job(prompt="x", seed=i) for i in range(3)])
     assert all(r.status == 500 and "RuntimeError" in r.message for r in results)
 
 
 def test_calls_are_counted_by_batch_size(engine):
     engine.calls_by_batch_size.clear()
-    engine.generate([GenerationJob(prompt="x", seed=i) for i in range(3)])
-    engine.generate([GenerationJob(prompt="x", seed=1)])
+    engine.generate([make_job(prompt="x", seed=i) for i in range(3)])
+    engine.generate([make_job(prompt="x", seed=1)])
     assert dict(engine.calls_by_batch_size) == {3: 1, 1: 1}
 
 
 def test_group_run_reports_its_duration(engine):
-    run = engine.run_group([GenerationJob(prompt="x", seed=1).with_defaults(engine.defaults)])
+    run = engine.run_group([make_job(prompt="x", seed=1).with_defaults(engine.defaults)])
     assert isinstance(run, GroupRun) and run.seconds > 0 and run.images[0].dtype == np.uint8
 
 
@@ -134,8 +142,8 @@ def test_describe_names_device_dtype_and_defaults(engine):
 
 def test_sdxl_empty_and_nonempty_negative_prompts_do_not_share_a_call():
     xl = ImageEngine.load("synthetic:tiny-xl", PipelineOptions(device="cpu"))
-    jobs = [GenerationJob(prompt="x", seed=1), GenerationJob(prompt="x", seed=2, negative_prompt="bad")]
-    batched = xl.generate(jobs + [GenerationJob(prompt="y", seed=3)])
+    jobs = [make_job(prompt="x", seed=1), make_job(prompt="x", seed=2, negative_prompt="bad")]
+    batched = xl.generate(jobs + [make_job(prompt="y", seed=3)])
     assert [r.batch_size for r in batched] == [2, 1, 2]
     assert max_pixel_diff(batched[0], xl.generate(jobs[:1])[0]) <= 1
 
@@ -158,7 +166,7 @@ def test_a_cuda_error_marks_the_engine_broken(engine, monkeypatch):
 
     monkeypatch.setattr(engine, "run_group", cuda_failure)
     monkeypatch.setattr(engine, "device", torch.device("cuda"))
-    [result] = engine.generate([GenerationJob(prompt="x", seed=1)])
+    [result] = engine.generate([make_job(prompt="x", seed=1)])
     assert result.status == 500
     assert engine._fatal_error and "device-side assert" in engine._fatal_error
     engine._fatal_error = None

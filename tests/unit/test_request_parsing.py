@@ -10,10 +10,10 @@ from PIL import Image
 
 from serve_app.api.encoding import decode_init_image, output_size
 from serve_app.api.errors import ApiError
-from serve_app.api.jobs import build_jobs, check_limits
-from serve_app.api.protocol import BatchRequest, ImageParams
-from serve_app.api.service import is_ready
+from serve_app.api.native.protocol import GenerateRequest, MultiPromptRequest
+from serve_app.api.serving import build_jobs, check_limits, is_ready
 from serve_app.config import AuthConfig, RequestLimits
+from serve_app.pipeline.params import ImageParams
 
 LIMITS = RequestLimits(min_size=64, max_width=512, max_height=512, max_pixels=512 * 384, max_steps=20, max_num_images=4)
 
@@ -31,32 +31,39 @@ LIMITS = RequestLimits(min_size=64, max_width=512, max_height=512, max_pixels=51
     ],
 )
 def test_limits_name_the_field(fields, field):
+    request = GenerateRequest(**{"prompt": "p", **fields})
     with pytest.raises(ApiError) as info:
-        check_limits(ImageParams(**{"prompt": "p", **fields}), LIMITS)
+        check_limits(request.image_params(), request.num_images, LIMITS)
     assert info.value.status == 422 and info.value.field == field
 
 
 def test_limit_errors_use_the_callers_names():
     with pytest.raises(ApiError) as info:
-        check_limits(ImageParams(prompt="p", num_inference_steps=50), LIMITS, {"num_inference_steps": "steps"})
+        check_limits(ImageParams(prompt="p", num_inference_steps=50), 1, LIMITS, {"num_inference_steps": "steps"})
     assert info.value.field == "steps" and info.value.message.startswith("steps: must be between 1 and 20")
 
 
 def test_jobs_get_consecutive_seeds_that_wrap():
-    jobs = build_jobs(ImageParams(prompt="p", seed=2**32 - 2, num_images=3), LIMITS, "rid")
+    jobs = build_jobs(ImageParams(prompt="p", seed=2**32 - 2), 3, LIMITS, "rid")
     assert [j.seed for j in jobs] == [2**32 - 2, 2**32 - 1, 0]
     assert {j.request_id for j in jobs} == {"rid"}
-    drawn = build_jobs(ImageParams(prompt="p", num_images=2), LIMITS, "rid")
+    assert {j.params.model_copy(update={"seed": None}) for j in jobs} == {ImageParams(prompt="p")}
+    drawn = build_jobs(ImageParams(prompt="p"), 2, LIMITS, "rid")
     assert drawn[1].seed == (drawn[0].seed + 1) % 2**32
 
 
 def test_batch_shorthand_and_full_entries():
-    shorthand = BatchRequest(prompts=["a", "b"], seed=10, num_images=2, width=128).items()
+    shorthand = MultiPromptRequest(prompts=["a", "b"], seed=10, num_images=2, width=128).entries()
     assert [(i.prompt, i.seed, i.width, i.num_images) for i in shorthand] == [("a", 10, 128, 2), ("b", 12, 128, 2)]
-    full = BatchRequest.model_validate(
-        {"requests": [{"prompt": "a"}, {"prompt": "b", "width": 64}], "width": 128}
-    ).items()
-    assert [i.width for i in full] == [128, 64]
+    full = MultiPromptRequest.model_validate(
+        {
+            "requests": [{"prompt": "a"}, {"prompt": "b", "width": 64, "scheduler": "default"}],
+            "width": 128,
+            "scheduler": "euler",
+        }
+    ).entries()
+    # An entry's own value wins, even when it equals the field's default.
+    assert [(i.width, i.scheduler) for i in full] == [(128, "euler"), (64, "default")]
 
 
 def _png(width, height) -> bytes:
@@ -105,13 +112,22 @@ def test_readiness():
 
 def test_batch_nulls_mean_not_given_and_lone_surrogates_are_rejected():
     """Both were 500s found by the fuzzer (the surrogates through the batch merge)."""
-    items = BatchRequest.model_validate(
+    entries = MultiPromptRequest.model_validate(
         {"requests": [{"prompt": "a", "negative_prompt": None, "num_images": None}], "negative_prompt": "fog"}
-    ).items()
-    assert items[0].negative_prompt == "fog" and items[0].num_images == 1
+    ).entries()
+    assert entries[0].negative_prompt == "fog" and entries[0].num_images == 1
     from pydantic import ValidationError
 
     with pytest.raises(ValidationError, match="unicode"):
         ImageParams(prompt="bad \ud800 text")
-    with pytest.raises(ValidationError, match="entry 1 is not valid Unicode"):
-        BatchRequest(prompts=["fine", "bad \udfff"])
+    with pytest.raises(ValidationError, match="prompts.1\n.*unicode"):
+        MultiPromptRequest(prompts=["fine", "bad \udfff"])
+    with pytest.raises(ValidationError, match="entry 1 must not be empty"):
+        MultiPromptRequest(prompts=["fine", "  "])
+
+
+def test_strength_belongs_to_image_to_image_only():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="image-to-image only"):
+        GenerateRequest(prompt="p", strength=0.5)

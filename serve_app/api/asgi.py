@@ -1,4 +1,4 @@
-"""The FastAPI application the Ingress serves."""
+"""The ASGI (FastAPI) application the Ingress serves: middleware, error handlers, every family's routes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from .. import __version__
-from . import a1111, native, openai_compat
+from . import health
+from .a1111 import routes as a1111_routes
 from .errors import install_error_handlers
 from .middleware import (
     ApiKeyMiddleware,
@@ -16,7 +17,9 @@ from .middleware import (
     OutcomeCounterMiddleware,
     RequestIdMiddleware,
 )
-from .service import GenerationService
+from .native import routes as native_routes
+from .openai import routes as openai_routes
+from .serving import GenerationService
 from .web import mount_web_page
 
 DESCRIPTION = """Text-to-image and image-to-image with dynamic batching on Ray Serve.
@@ -54,8 +57,9 @@ def create_api(service: GenerationService, api_keys: list[str] | None = None) ->
         )
     app.add_middleware(OutcomeCounterMiddleware, counter=service.responses_by_status)
     app.add_middleware(RequestIdMiddleware)
-    app.include_router(native.router)
-    app.include_router(openai_compat.router)
-    app.include_router(a1111.router)
+    app.include_router(native_routes.router)
+    app.include_router(health.router)
+    app.include_router(openai_routes.router)
+    app.include_router(a1111_routes.router)
     mount_web_page(app)
     return app

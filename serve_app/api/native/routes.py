@@ -1,41 +1,38 @@
-"""The native API: /generate, /generate/batch, /img2img, /healthz, /info."""
+"""The native API's routes: /generate, /img2img, /generate/batch."""
 
 from __future__ import annotations
 
 import json
-import time
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import APIRouter, Request, UploadFile
+from fastapi.responses import Response
+from pydantic import Field
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
 
-from ..pipeline.jobs import GeneratedImage
-from .encoding import MEDIA_TYPES, b64, decode_init_image, encode_image, parameters_text, zip_archive
-from .errors import ApiError, request_id_of, validate_or_422
-from .jobs import build_jobs
+from ...pipeline.jobs import ImageResult
+from ..encoding import MEDIA_TYPES, b64, decode_init_image, zip_archive
+from ..errors import ApiError, request_id_of, validate_or_422
+from ..serving import Service, build_jobs, encode_images
 from .protocol import (
-    BatchRequest,
-    BatchResponse,
     GenerateRequest,
     GenerateResponse,
     GenerationMetadata,
     ImageData,
-    ImageParams,
+    Img2ImgFields,
     Img2ImgRequest,
+    MultiPromptRequest,
+    MultiPromptResponse,
     OutputOptions,
 )
-from .service import GenerationService, is_ready
 
-router = APIRouter()
-
-
-def get_service(request: Request) -> GenerationService:
-    return request.app.state.service
+router = APIRouter(tags=["Native"])
 
 
-Service = Annotated[GenerationService, Depends(get_service)]
+class Img2ImgForm(Img2ImgFields):
+    """/img2img as multipart/form-data: the init image as a file, the other fields as form fields."""
+
+    init_image: UploadFile = Field(..., description="the starting image file (PNG, JPEG or WebP)")
+
 
 _IMAGE_RESPONSE = {
     200: {
@@ -50,7 +47,7 @@ _IMAGE_RESPONSE = {
 @router.post("/generate", response_model=GenerateResponse, responses=_IMAGE_RESPONSE, summary="Text to image")
 async def generate(body: GenerateRequest, request: Request, service: Service):
     form = choose_response_format(body.response_format, body.num_images, request.headers.get("accept"))
-    jobs = build_jobs(body, service.limits, request_id_of(request))
+    jobs = build_jobs(body.image_params(), body.num_images, service.limits, request_id_of(request))
     images = await service.generate(jobs)
     return await respond(images, body, form, request_id_of(request), service.model)
 
@@ -61,21 +58,13 @@ async def generate(body: GenerateRequest, request: Request, service: Service):
     responses=_IMAGE_RESPONSE,
     summary="Image to image",
     description="JSON with `init_image` as base64, or multipart/form-data with the image file in `init_image` "
-    "(or `image`) and the other fields as form fields.",
+    "and the other fields as form fields.",
     openapi_extra={
         "requestBody": {
             "required": True,
             "content": {
                 "application/json": {"schema": Img2ImgRequest.model_json_schema()},
-                "multipart/form-data": {
-                    "schema": {
-                        **Img2ImgRequest.model_json_schema(),
-                        "properties": {
-                            **Img2ImgRequest.model_json_schema()["properties"],
-                            "init_image": {"type": "string", "format": "binary"},
-                        },
-                    }
-                },
+                "multipart/form-data": {"schema": Img2ImgForm.model_json_schema()},
             },
         }
     },
@@ -84,37 +73,42 @@ async def img2img(request: Request, service: Service):
     body, upload = await _read_img2img(request)
     form = choose_response_format(body.response_format, body.num_images, request.headers.get("accept"))
     init_image = await run_in_threadpool(decode_init_image, upload, service.limits, body.width, body.height)
-    jobs = build_jobs(body, service.limits, request_id_of(request), init_image=init_image, strength=body.strength)
+    jobs = build_jobs(
+        body.image_params(), body.num_images, service.limits, request_id_of(request), init_image=init_image
+    )
     images = await service.generate(jobs)
     return await respond(images, body, form, request_id_of(request), service.model)
 
 
 @router.post(
     "/generate/batch",
-    response_model=BatchResponse,
+    response_model=MultiPromptResponse,
     responses={200: {"content": {"application/zip": {}}}},
     summary="Many prompts in one request",
     description="Every image goes through the same batcher as single requests, submitted together.",
 )
-async def generate_batch(body: BatchRequest, request: Request, service: Service):
+async def generate_batch(body: MultiPromptRequest, request: Request, service: Service):
     request_id = request_id_of(request)
-    items = body.items()
-    list_field = "prompts" if body.prompts is not None else "requests"
-    if len(items) > service.limits.max_batch_items:
+    entries = body.entries()
+    if len(entries) > service.limits.max_prompts_per_request:
         raise ApiError.invalid(
-            list_field, f"must have at most {service.limits.max_batch_items} entries (got {len(items)})"
+            body.list_field, f"must have at most {service.limits.max_prompts_per_request} entries (got {len(entries)})"
         )
     job_lists = [
         build_jobs(
-            item, service.limits, request_id, names={f: f"{list_field}.{i}.{f}" for f in ImageParams.model_fields}
+            entry.image_params(),
+            entry.num_images,
+            service.limits,
+            request_id,
+            names={f: f"{body.list_field}.{i}.{f}" for f in type(entry).model_fields},
         )
-        for i, item in enumerate(items)
+        for i, entry in enumerate(entries)
     ]
     results = await service.generate_each(job_lists)
     wants_zip = body.response_format == "zip" or (
         body.response_format is None and "application/zip" in request.headers.get("accept", "")
     )
-    encoded = [await encode_all(images, body, service.model) for images in results]
+    encoded = [await encode_images(images, body.output_format, body.quality, service.model) for images in results]
     if wants_zip:
         files = {
             f"{i:03d}-{j:02d}-{image.seed}.{body.output_format}": data
@@ -124,7 +118,7 @@ async def generate_batch(body: BatchRequest, request: Request, service: Service)
         meta = [metadata(images, service.model, request_id).model_dump() for images in results]
         files["metadata.json"] = json.dumps(meta, indent=2).encode()
         return zip_response(files, request_id)
-    return BatchResponse(
+    return MultiPromptResponse(
         results=[
             json_response(images, datas, body, service.model, request_id) for images, datas in zip(results, encoded)
         ],
@@ -132,38 +126,7 @@ async def generate_batch(body: BatchRequest, request: Request, service: Service)
     )
 
 
-@router.get("/healthz", summary="Liveness: the HTTP side is up")
-async def healthz():
-    return {"status": "ok"}
-
-
-@router.get(
-    "/readyz",
-    summary="Readiness: a Generator replica can take work",
-    responses={503: {"description": "no Generator replica is running yet (Retry-After says when to ask again)"}},
-)
-async def readyz(service: Service):
-    status = await service.generator_status()
-    body = {"status": "ready" if is_ready(status) else "not_ready", "generator": status}
-    if not is_ready(status):
-        return JSONResponse(body, status_code=503, headers={"Retry-After": str(service.limits.retry_after_s)})
-    return body
-
-
-@router.get("/info", summary="Model, device, replicas, batching, pipeline calls by batch size, responses by status")
-async def info(service: Service):
-    return {
-        "model": service.model,
-        "uptime_s": int(time.time()) - service.started_at,
-        "limits": service.limits.model_dump(),
-        "auth": service.settings.auth.enabled,
-        "responses_by_status": dict(sorted(service.responses_by_status.items())),
-        "generator_deployment": await service.generator_status(),
-        "generator": await service.generator_info(),
-    }
-
-
-# -- shared by the routes above --------------------------------------------------------
+# -- answers ------------------------------------------------------------------------------------
 
 
 def choose_response_format(asked: str | None, count: int, accept: str | None) -> str:
@@ -180,21 +143,10 @@ def choose_response_format(asked: str | None, count: int, accept: str | None) ->
     return "image"
 
 
-async def encode_all(images: list[GeneratedImage], options: OutputOptions, model: str) -> list[bytes]:
-    """Encode off the event loop: a 1024x1024 PNG takes tens of milliseconds."""
-
-    def encode() -> list[bytes]:
-        return [
-            encode_image(i.pixels, options.output_format, options.quality, parameters_text(i, model)) for i in images
-        ]
-
-    return await run_in_threadpool(encode)
-
-
 async def respond(
-    images: list[GeneratedImage], options: OutputOptions, form: str, request_id: str, model: str
+    images: list[ImageResult], options: OutputOptions, form: str, request_id: str, model: str
 ) -> Response | GenerateResponse:
-    encoded = await encode_all(images, options, model)
+    encoded = await encode_images(images, options.output_format, options.quality, model)
     if form == "image":
         image = images[0]
         return Response(encoded[0], media_type=MEDIA_TYPES[options.output_format], headers=image_headers(image))
@@ -209,7 +161,7 @@ async def respond(
 
 
 def json_response(
-    images: list[GeneratedImage], encoded: list[bytes], options: OutputOptions, model: str, request_id: str
+    images: list[ImageResult], encoded: list[bytes], options: OutputOptions, model: str, request_id: str
 ) -> GenerateResponse:
     return GenerateResponse(
         images=[
@@ -230,7 +182,7 @@ def zip_response(files: dict[str, bytes], request_id: str) -> Response:
     )
 
 
-def image_headers(image: GeneratedImage) -> dict[str, str]:
+def image_headers(image: ImageResult) -> dict[str, str]:
     return {
         "X-Seed": str(image.seed),
         "X-Batch-Size": str(image.batch_size),
@@ -238,17 +190,9 @@ def image_headers(image: GeneratedImage) -> dict[str, str]:
     }
 
 
-def metadata(images: list[GeneratedImage], model: str, request_id: str) -> GenerationMetadata:
-    first = images[0]
+def metadata(images: list[ImageResult], model: str, request_id: str) -> GenerationMetadata:
     return GenerationMetadata(
-        prompt=first.prompt,
-        negative_prompt=first.negative_prompt,
-        width=first.width,
-        height=first.height,
-        num_inference_steps=first.num_inference_steps,
-        guidance_scale=first.guidance_scale,
-        scheduler=first.scheduler,
-        strength=first.strength,
+        **images[0].params.model_dump(),
         seeds=[i.seed for i in images],
         model=model,
         batch_size=max(i.batch_size for i in images),
@@ -258,18 +202,13 @@ def metadata(images: list[GeneratedImage], model: str, request_id: str) -> Gener
     )
 
 
-async def _read_img2img(request: Request) -> tuple[Img2ImgRequest, bytes | str]:
+async def _read_img2img(request: Request) -> tuple[Img2ImgFields, bytes | str]:
     """The request from JSON (init_image as base64) or multipart (init_image as a file)."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         form = await request.form(max_files=1, max_fields=64)
-        upload = form.get("init_image") or form.get("image")
-        if not isinstance(upload, UploadFile):
-            raise ApiError.invalid("init_image", "attach the image file as form field 'init_image' (or 'image')")
-        fields = {k: v for k, v in form.items() if k not in ("init_image", "image")}
-        data = await upload.read()
-        body = validate_or_422(Img2ImgRequest, {**fields, "init_image": ""})
-        return body, data
+        body = validate_or_422(Img2ImgForm, dict(form))
+        return body, await body.init_image.read()
     try:
         payload = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -277,6 +216,4 @@ async def _read_img2img(request: Request) -> tuple[Img2ImgRequest, bytes | str]:
             400, "malformed_request", "request body must be a JSON object (or multipart/form-data)"
         ) from None
     body = validate_or_422(Img2ImgRequest, payload)
-    if not body.init_image:
-        raise ApiError.invalid("init_image", "must not be empty")
     return body, body.init_image

@@ -1,0 +1,93 @@
+"""AUTOMATIC1111 web UI API models (/sdapi/v1/txt2img, /sdapi/v1/img2img).
+
+Supported: prompt, negative_prompt, steps, cfg_scale, width, height, seed (-1 = random),
+batch_size, n_iter, sampler_name (+ scheduler "Karras"), denoising_strength, init_images.
+Anything else A1111 accepts (hires fix, face restoration, scripts, override_settings) is
+ignored, except `mask`, which is refused: silently ignoring a mask would return the wrong picture.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ...pipeline.params import GuidanceScale, ImageCount, ImageParams, ImageSide, Prompt, Seed, Steps, Strength
+from ...pipeline.schedulers import SCHEDULERS, from_a1111_name
+from ..errors import ApiError
+
+# Our field names as A1111 callers know them, for error messages.
+FIELD_NAMES = {
+    "num_inference_steps": "steps",
+    "guidance_scale": "cfg_scale",
+    "num_images": "batch_size",
+    "scheduler": "sampler_name",
+    "strength": "denoising_strength",
+}
+
+
+class A1111Txt2ImgRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [{"prompt": "a castle", "steps": 20, "cfg_scale": 7, "seed": -1, "batch_size": 2}]
+        },
+    )
+
+    prompt: Prompt
+    negative_prompt: str = ""
+    steps: Steps | None = None
+    cfg_scale: GuidanceScale | None = None
+    width: ImageSide | None = None
+    height: ImageSide | None = None
+    seed: Seed | Literal[-1] = Field(-1, description="-1: random")
+    batch_size: ImageCount = 1
+    n_iter: ImageCount = 1
+    sampler_name: str | None = Field(None, description="e.g. 'Euler a', 'DPM++ 2M'; our names work too")
+    sampler_index: str | None = Field(None, description="older alias of sampler_name")
+    scheduler: str | None = Field(None, description="'Karras' selects Karras sigmas where the sampler has them")
+
+    @property
+    def num_images(self) -> int:
+        return self.batch_size * self.n_iter
+
+    def image_params(self, strength: float | None = None) -> ImageParams:
+        return ImageParams(
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            width=self.width,
+            height=self.height,
+            num_inference_steps=self.steps,
+            guidance_scale=self.cfg_scale,
+            seed=None if self.seed == -1 else self.seed,
+            scheduler=self._scheduler(),
+            strength=strength,
+        )
+
+    def _scheduler(self) -> str:
+        sampler = self.sampler_name or self.sampler_index
+        if not sampler:
+            return "default"
+        karras = (self.scheduler or "").strip().lower() == "karras"
+        name = from_a1111_name(sampler, karras)
+        if name is None:
+            known = ", ".join(spec.a1111_name for spec in SCHEDULERS.values())
+            raise ApiError.invalid("sampler_name", f"unknown sampler {sampler!r}; choose one of {known}")
+        return name
+
+
+class A1111Img2ImgRequest(A1111Txt2ImgRequest):
+    init_images: list[str] = Field(..., min_length=1, description="base64 images; the first is used")
+    denoising_strength: Strength = 0.75
+    mask: Any = None
+
+    def image_params(self) -> ImageParams:  # type: ignore[override]
+        if self.mask:
+            raise ApiError.invalid("mask", "inpainting is not supported by this server")
+        return super().image_params(strength=self.denoising_strength)
+
+
+class A1111GenerationResult(BaseModel):
+    images: list[str]
+    parameters: dict[str, Any]
+    info: str

@@ -1,0 +1,88 @@
+"""AUTOMATIC1111 web UI API routes: /sdapi/v1/txt2img, /sdapi/v1/img2img and the probes tools call."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+
+from ...pipeline.jobs import ImageResult
+from ...pipeline.schedulers import SCHEDULERS, a1111_name
+from ..encoding import b64, decode_init_image, parameters_text
+from ..errors import request_id_of
+from ..serving import Service, build_jobs, encode_images
+from .protocol import FIELD_NAMES, A1111GenerationResult, A1111Img2ImgRequest, A1111Txt2ImgRequest
+
+router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 compatible"])
+
+
+@router.post("/txt2img", response_model=A1111GenerationResult, summary="AUTOMATIC1111: text to image")
+async def txt2img(body: A1111Txt2ImgRequest, request: Request, service: Service):
+    jobs = build_jobs(body.image_params(), body.num_images, service.limits, request_id_of(request), names=FIELD_NAMES)
+    return await _result(await service.generate(jobs), body, service.model)
+
+
+@router.post("/img2img", response_model=A1111GenerationResult, summary="AUTOMATIC1111: image to image")
+async def img2img(body: A1111Img2ImgRequest, request: Request, service: Service):
+    params = body.image_params()
+    init_image = await run_in_threadpool(
+        decode_init_image, body.init_images[0], service.limits, params.width, params.height, "init_images.0"
+    )
+    jobs = build_jobs(
+        params, body.num_images, service.limits, request_id_of(request), init_image=init_image, names=FIELD_NAMES
+    )
+    return await _result(await service.generate(jobs), body, service.model)
+
+
+@router.get("/samplers", summary="AUTOMATIC1111: samplers this server knows")
+async def samplers():
+    return [{"name": spec.a1111_name, "aliases": [name], "options": {}} for name, spec in SCHEDULERS.items()]
+
+
+@router.get("/sd-models", summary="AUTOMATIC1111: the served model")
+async def sd_models(service: Service):
+    model = service.model
+    return [{"title": model, "model_name": model, "hash": None, "sha256": None, "filename": model, "config": None}]
+
+
+@router.get("/options", summary="AUTOMATIC1111: the settings tools read")
+async def options(service: Service):
+    return {"sd_model_checkpoint": service.model, "samples_format": "png"}
+
+
+async def _result(images: list[ImageResult], body: A1111Txt2ImgRequest, model: str) -> A1111GenerationResult:
+    encoded = await encode_images(images, "png", 90, model)
+    first = images[0].params
+    info = {
+        "prompt": first.prompt,
+        "all_prompts": [i.params.prompt for i in images],
+        "negative_prompt": first.negative_prompt,
+        "all_negative_prompts": [i.params.negative_prompt for i in images],
+        "seed": first.seed,
+        "all_seeds": [i.seed for i in images],
+        "subseed": -1,
+        "all_subseeds": [-1] * len(images),
+        "subseed_strength": 0,
+        "width": first.width,
+        "height": first.height,
+        "sampler_name": a1111_name(first.scheduler),
+        "cfg_scale": first.guidance_scale,
+        "steps": first.num_inference_steps,
+        "batch_size": body.batch_size,
+        "n_iter": body.n_iter,
+        "denoising_strength": first.strength,
+        "sd_model_name": model,
+        "sd_model_hash": None,
+        "restore_faces": False,
+        "extra_generation_params": {},
+        "index_of_first_image": 0,
+        "infotexts": [parameters_text(i.params, model) for i in images],
+        "styles": [],
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+        "clip_skip": 1,
+        "is_using_inpainting_conditioning": False,
+    }
+    parameters = body.model_dump(exclude={"init_images"})
+    return A1111GenerationResult(images=[b64(data) for data in encoded], parameters=parameters, info=json.dumps(info))

@@ -1,0 +1,43 @@
+"""Probes and the server's own description: /healthz, /readyz, /info."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from .serving import Service, is_ready
+
+router = APIRouter(tags=["Health"])
+
+
+@router.get("/healthz", summary="Liveness: the HTTP side is up")
+async def healthz():
+    return {"status": "ok"}
+
+
+@router.get(
+    "/readyz",
+    summary="Readiness: a Generator replica can take work",
+    responses={503: {"description": "no Generator replica is running yet (Retry-After says when to ask again)"}},
+)
+async def readyz(service: Service):
+    status = await service.generator_status()
+    body = {"status": "ready" if is_ready(status) else "not_ready", "generator": status}
+    if not is_ready(status):
+        return JSONResponse(body, status_code=503, headers={"Retry-After": str(service.limits.retry_after_s)})
+    return body
+
+
+@router.get("/info", summary="Model, device, replicas, batching, model calls by batch size, responses by status")
+async def info(service: Service):
+    return {
+        "model": service.model,
+        "uptime_s": int(time.time()) - service.started_at,
+        "limits": service.limits.model_dump(),
+        "auth": service.settings.auth.enabled,
+        "responses_by_status": dict(sorted(service.responses_by_status.items())),
+        "generator_deployment": await service.generator_status(),
+        "generator": await service.generator_info(),
+    }

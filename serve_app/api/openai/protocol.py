@@ -1,0 +1,112 @@
+"""OpenAI Images API request and response models, plus this server's extensions.
+
+Fields OpenAI defines that mean nothing here (quality, style, user, ...) are accepted and
+ignored (`extra="ignore"`: new OpenAI fields must not break old servers). `seed`,
+`negative_prompt`, `num_inference_steps`, `guidance_scale`, `scheduler` (and `strength` for
+edits) are extensions, sent with the openai package's `extra_body`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ...pipeline.params import GuidanceScale, ImageParams, Prompt, SchedulerName, Seed, Steps, Strength
+from ..errors import ApiError
+
+_SIZE = re.compile(r"^(\d+)x(\d+)$")
+# Our field names as OpenAI callers know them, for error messages.
+FIELD_NAMES = {"width": "size", "height": "size", "num_images": "n"}
+
+
+class ImageGenerationRequest(BaseModel):
+    """POST /v1/images/generations."""
+
+    model_config = ConfigDict(
+        extra="ignore", json_schema_extra={"examples": [{"prompt": "a watercolor fox", "n": 2, "size": "256x256"}]}
+    )
+
+    prompt: Prompt
+    model: str | None = Field(None, description="accepted and ignored: this server serves one model")
+    n: int = Field(1, ge=1, le=10)
+    size: str | None = Field(None, description="'WIDTHxHEIGHT' (multiples of 8) or 'auto' (the model's default)")
+    response_format: Literal["b64_json", "url"] | None = Field(None, description="only b64_json is supported")
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_compression: int | None = Field(None, ge=0, le=100, description="jpeg/webp quality")
+    quality: str | None = None
+    style: str | None = None
+    user: str | None = None
+    # Extensions
+    seed: Seed | None = None
+    negative_prompt: str = ""
+    num_inference_steps: Steps | None = None
+    guidance_scale: GuidanceScale | None = None
+    scheduler: SchedulerName = "default"
+
+    def image_params(self, strength: float | None = None) -> ImageParams:
+        if self.response_format == "url":
+            raise ApiError.invalid(
+                "response_format", "'url' is not supported: images are returned inline; use 'b64_json'"
+            )
+        width, height = self._size()
+        return ImageParams(
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            width=width,
+            height=height,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            scheduler=self.scheduler,
+            seed=self.seed,
+            strength=strength,
+        )
+
+    def _size(self) -> tuple[int | None, int | None]:
+        if self.size in (None, "auto"):
+            return None, None
+        match = _SIZE.match(self.size)
+        if not match:
+            raise ApiError.invalid("size", f"must look like '256x256' or be 'auto' (got {self.size!r})")
+        width, height = int(match[1]), int(match[2])
+        if width % 8 or height % 8:
+            raise ApiError.invalid("size", f"width and height must be multiples of 8 (got {self.size})")
+        return width, height
+
+
+class ImageEditFields(ImageGenerationRequest):
+    """POST /v1/images/edits (multipart/form-data) without the file: its routes add `image`."""
+
+    strength: Strength | None = Field(None, description="extension: how far to move from the image (default 0.75)")
+    mask: Any = Field(None, description="not supported: sending one is an error, not a silently wrong picture")
+
+    def image_params(self) -> ImageParams:  # type: ignore[override]
+        if self.mask is not None:
+            raise ApiError.invalid("mask", "masks (inpainting) are not supported by this server")
+        return super().image_params(strength=self.strength)
+
+
+class ImageObject(BaseModel):
+    b64_json: str
+    revised_prompt: str | None = None
+    seed: int
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageObject]
+    output_format: str
+    size: str
+
+
+class ModelObject(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "ray-sd-serve"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelObject]

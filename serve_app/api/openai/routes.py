@@ -1,0 +1,84 @@
+"""OpenAI Images API routes: /v1/images/generations, /v1/images/edits, /v1/models.
+
+The official `openai` Python package, pointed at this server's base URL
+(`OpenAI(base_url="http://host:8000/v1", api_key="unused")`), works unmodified.
+Errors use OpenAI's shape: {"error": {"message", "type", "param", "code"}} (see api/errors.py).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Request, UploadFile
+from pydantic import Field
+from starlette.concurrency import run_in_threadpool
+
+from ...pipeline.jobs import ImageResult
+from ..encoding import b64, decode_init_image
+from ..errors import ApiError, request_id_of
+from ..serving import Service, build_jobs, encode_images
+from .protocol import (
+    FIELD_NAMES,
+    ImageEditFields,
+    ImageGenerationRequest,
+    ImageObject,
+    ImagesResponse,
+    ModelList,
+    ModelObject,
+)
+
+PREFIX = "/v1"
+router = APIRouter(prefix=PREFIX, tags=["OpenAI compatible"])
+
+
+class ImageEditForm(ImageEditFields):
+    image: UploadFile = Field(..., description="the image to edit (PNG, JPEG or WebP)")
+
+
+@router.post("/images/generations", response_model=ImagesResponse, summary="OpenAI: create image")
+async def create_image(body: ImageGenerationRequest, request: Request, service: Service):
+    jobs = build_jobs(body.image_params(), body.n, service.limits, request_id_of(request), names=FIELD_NAMES)
+    return await _response(await service.generate(jobs), body, service.model)
+
+
+@router.post(
+    "/images/edits",
+    response_model=ImagesResponse,
+    summary="OpenAI: edit image (image-to-image)",
+    description="multipart/form-data with `image` and `prompt`; `strength` (0-1, default 0.75) is an extension.",
+)
+async def edit_image(form: Annotated[ImageEditForm, Form()], request: Request, service: Service):
+    params = form.image_params()
+    init_image = await run_in_threadpool(
+        decode_init_image, await form.image.read(), service.limits, params.width, params.height, "image"
+    )
+    jobs = build_jobs(params, form.n, service.limits, request_id_of(request), init_image=init_image, names=FIELD_NAMES)
+    return await _response(await service.generate(jobs), form, service.model)
+
+
+@router.get("/models", response_model=ModelList, summary="OpenAI: list models")
+async def list_models(service: Service):
+    return ModelList(data=[ModelObject(id=service.model, created=service.started_at)])
+
+
+@router.get("/models/{model_id:path}", response_model=ModelObject, summary="OpenAI: retrieve model")
+async def get_model(model_id: str, service: Service):
+    if model_id != service.model:
+        raise ApiError(
+            404,
+            "model_not_found",
+            f"the model '{model_id}' does not exist; this server serves '{service.model}'",
+            "model",
+        )
+    return ModelObject(id=service.model, created=service.started_at)
+
+
+async def _response(images: list[ImageResult], body: ImageGenerationRequest, model: str) -> ImagesResponse:
+    encoded = await encode_images(images, body.output_format, body.output_compression or 90, model)
+    return ImagesResponse(
+        created=int(time.time()),
+        data=[ImageObject(b64_json=b64(data), seed=image.seed) for image, data in zip(images, encoded)],
+        output_format=body.output_format,
+        size=f"{images[0].params.width}x{images[0].params.height}",
+    )

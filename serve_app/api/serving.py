@@ -1,0 +1,206 @@
+"""Serving code every API family shares: from parameters to jobs (limits, seeds), the Generator calls
+and their failures, and encoding the images off the event loop.
+
+Each family's routes turn their request into `ImageParams` (its protocol module does that) and come
+through here, so limits, seeding, batching and errors behave the same everywhere. `names` maps our
+field names to the family's own, so a 422 names the field the caller actually sent (`size`,
+`steps`, `cfg_scale`, ...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import secrets
+import time
+from collections import Counter
+from typing import Annotated
+
+import numpy as np
+from fastapi import Depends, Request
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+from starlette.concurrency import run_in_threadpool
+
+from ..config import AppArgs, RequestLimits
+from ..pipeline.errors import GenerationError
+from ..pipeline.jobs import GenerationJob, ImageResult
+from ..pipeline.params import SEED_MAX, ImageParams
+from .encoding import encode_image, parameters_text
+from .errors import ApiError
+
+GENERATOR = "ImageGenerator"
+_STATUS_CACHE_S = 1.0
+
+
+# -- from parameters to jobs -----------------------------------------------------------------
+
+
+def new_seed() -> int:
+    return secrets.randbelow(SEED_MAX + 1)
+
+
+def check_limits(
+    params: ImageParams, num_images: int, limits: RequestLimits, names: dict[str, str] | None = None
+) -> None:
+    """Apply the deployment's limits; 422 names the field and the allowed range."""
+    names = names or {}
+
+    def invalid(field: str, problem: str) -> ApiError:
+        return ApiError.invalid(names.get(field, field), problem)
+
+    for field, value, upper in (
+        ("width", params.width, limits.max_width),
+        ("height", params.height, limits.max_height),
+    ):
+        if value is not None and not limits.min_size <= value <= upper:
+            raise invalid(field, f"must be between {limits.min_size} and {upper} (got {value})")
+    if params.width and params.height and params.width * params.height > limits.max_pixels:
+        pixels = params.width * params.height
+        raise invalid("width", f"width x height must be at most {limits.max_pixels} pixels (got {pixels})")
+    if params.num_inference_steps is not None and params.num_inference_steps > limits.max_steps:
+        raise invalid(
+            "num_inference_steps", f"must be between 1 and {limits.max_steps} (got {params.num_inference_steps})"
+        )
+    if params.guidance_scale is not None and params.guidance_scale > limits.max_guidance_scale:
+        raise invalid(
+            "guidance_scale", f"must be between 0 and {limits.max_guidance_scale} (got {params.guidance_scale})"
+        )
+    if num_images > limits.max_num_images:
+        raise invalid("num_images", f"must be between 1 and {limits.max_num_images} (got {num_images})")
+    for field in ("prompt", "negative_prompt"):
+        length = len(getattr(params, field))
+        if length > limits.max_prompt_chars:
+            raise invalid(field, f"must be at most {limits.max_prompt_chars} characters (got {length})")
+
+
+def build_jobs(
+    params: ImageParams,
+    num_images: int,
+    limits: RequestLimits,
+    request_id: str,
+    *,
+    init_image: np.ndarray | None = None,
+    names: dict[str, str] | None = None,
+) -> list[GenerationJob]:
+    """One job per image; image i gets seed + i (the base seed is drawn when left out)."""
+    check_limits(params, num_images, limits, names)
+    base_seed = params.seed if params.seed is not None else new_seed()
+    return [
+        GenerationJob(
+            params=params.model_copy(update={"seed": (base_seed + i) % (SEED_MAX + 1)}),
+            init_image=init_image,
+            request_id=request_id,
+        )
+        for i in range(num_images)
+    ]
+
+
+# -- encoding ---------------------------------------------------------------------------------
+
+
+async def encode_images(images: list[ImageResult], output_format: str, quality: int, model: str) -> list[bytes]:
+    """Encode off the event loop: a 1024x1024 PNG takes tens of milliseconds."""
+
+    def encode() -> list[bytes]:
+        return [encode_image(i.pixels, output_format, quality, parameters_text(i.params, model)) for i in images]
+
+    return await run_in_threadpool(encode)
+
+
+# -- the Generator ----------------------------------------------------------------------------
+
+
+class GenerationService:
+    """What the routes call. Fans jobs out to the Generator and maps its failures to API errors."""
+
+    def __init__(self, generator: DeploymentHandle, settings: AppArgs, app_name: str | None = None):
+        self.generator = generator
+        self.settings = settings
+        self.model = settings.model
+        self.limits = settings.limits
+        self.app_name = app_name
+        self.started_at = int(time.time())
+        self.responses_by_status: Counter[str] = Counter()
+        self._status: tuple[float, dict] | None = None
+
+    async def generate(self, jobs: list[GenerationJob]) -> list[ImageResult]:
+        """One Generator call per image, so the images of one request batch with everyone else's."""
+        responses = []
+        finished = False
+        try:
+            submitted_at = time.time()  # for the Generator's queue-wait metric
+            responses.extend(
+                self.generator.generate.remote(dataclasses.replace(job, submitted_at=submitted_at)) for job in jobs
+            )
+            images = list(await asyncio.gather(*responses))
+            finished = True
+            return images
+        except GenerationError as exc:
+            raise ApiError(exc.status, exc.code, exc.message, exc.field) from None
+        except BackPressureError as exc:
+            raise self._unavailable("overloaded", f"server busy: {exc.message}", exc.retry_after_s) from None
+        except (RayActorError, DeploymentUnavailableError):
+            message = "the generator replica working on this request stopped; retry (a new one is starting)"
+            raise self._unavailable("generator_unavailable", message) from None
+        finally:
+            if not finished:
+                # Failure, time-out or client gone: drop this request's work that has not started.
+                for response in responses:
+                    _cancel_quietly(response)
+
+    async def generate_each(self, job_lists: list[list[GenerationJob]]) -> list[list[ImageResult]]:
+        """Several requests' jobs submitted together (so they share batches), answered per request."""
+        images = iter(await self.generate([job for jobs in job_lists for job in jobs]))
+        return [[next(images) for _ in jobs] for jobs in job_lists]
+
+    async def generator_info(self) -> dict:
+        return await asyncio.wait_for(self.generator.info.remote(), timeout=10)
+
+    async def generator_status(self) -> dict:
+        """Replica counts and state of the Generator deployment, from Serve's controller (cached briefly)."""
+        now = time.monotonic()
+        if self._status is None or now - self._status[0] > _STATUS_CACHE_S:
+            self._status = (now, await run_in_threadpool(self._read_status))
+        return self._status[1]
+
+    def _read_status(self) -> dict:
+        from ray import serve
+
+        apps = serve.status().applications
+        app = apps.get(self.app_name) if self.app_name else next(iter(apps.values()), None)
+        deployment = app.deployments.get(GENERATOR) if app else None
+        if deployment is None:
+            return {"status": "MISSING", "running_replicas": 0, "replica_states": {}}
+        states = {str(getattr(state, "value", state)): count for state, count in deployment.replica_states.items()}
+        return {
+            "status": str(getattr(deployment.status, "value", deployment.status)),
+            "running_replicas": states.get("RUNNING", 0),
+            "replica_states": states,
+        }
+
+    def _unavailable(self, code: str, message: str, retry_after_s: float | None = None) -> ApiError:
+        retry_after = max(1, round(retry_after_s)) if retry_after_s else self.limits.retry_after_s
+        return ApiError(503, code, message, headers={"Retry-After": str(retry_after)})
+
+
+def _cancel_quietly(response) -> None:
+    # cancel() re-raises the call's own error (e.g. BackPressureError) when it already failed.
+    try:
+        response.cancel()
+    except Exception:  # noqa: BLE001 - nothing left to cancel
+        pass
+
+
+def is_ready(status: dict) -> bool:
+    """Ready when a Generator replica runs, or when none is needed yet (scaled to zero, healthy)."""
+    return status["running_replicas"] > 0 or status["status"] == "HEALTHY"
+
+
+def get_service(request: Request) -> GenerationService:
+    return request.app.state.service
+
+
+# The routes' dependency: `service: Service` in a route's signature.
+Service = Annotated[GenerationService, Depends(get_service)]
