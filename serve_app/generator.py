@@ -41,6 +41,12 @@ class PipelineQueue:
         self.max_batch_size = max_batch_size
         self._waiting: deque[tuple[GenerationJob, asyncio.Future]] = deque()
         self._draining: asyncio.Task | None = None
+        self.cancelled_before_start = 0
+        self.running = 0
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
 
     def submit(self, jobs: list[GenerationJob]) -> list[asyncio.Future]:
         """One future per job, resolved with its result (an image or the exception that stopped it)."""
@@ -57,14 +63,19 @@ class PipelineQueue:
             taken = []
             while self._waiting and len(taken) < self.max_batch_size:
                 job, future = self._waiting.popleft()
-                if not future.cancelled():
+                if future.cancelled():
+                    self.cancelled_before_start += 1
+                else:
                     taken.append((job, future))
             if not taken:
                 continue
+            self.running = len(taken)
             try:
                 results = await self._run([job for job, _ in taken])
             except Exception as exc:  # noqa: BLE001 - every caller of this run gets the failure
                 results = [exc] * len(taken)
+            finally:
+                self.running = 0
             for (_, future), result in zip(taken, results):
                 if not future.done():
                     future.set_result(result)
@@ -96,6 +107,7 @@ class ImageGenerator:
         self._replica = serve.get_replica_context().replica_id.unique_id
         self._node_id = ray.get_runtime_context().get_node_id()
         self.metrics = GeneratorMetrics()
+        self.outcomes: Counter[str] = Counter()  # jobs received, succeeded, failed
         logger.info("ImageGenerator ready: %s, warm-up %.2fs", self.engine.describe(), self.warmup_s)
 
     def reconfigure(self, user_config: dict) -> None:
@@ -109,7 +121,9 @@ class ImageGenerator:
     async def generate(self, job: GenerationJob) -> ImageResult:
         if job.submitted_at is None:  # called by something other than the ingress: the wait starts here
             job = dataclasses.replace(job, submitted_at=time.time())
+        self.outcomes["received"] += 1
         result = await (await self._collect_batch(job))
+        self.outcomes["failed" if isinstance(result, Exception) else "succeeded"] += 1
         if isinstance(result, Exception):
             raise result
         return result
@@ -156,6 +170,13 @@ class ImageGenerator:
             "warmup_s": round(self.warmup_s, 3),
             "batching": self._batching.model_dump(),
             "pipeline_calls_by_batch_size": {str(k): v for k, v in sorted(self.engine.calls_by_batch_size.items())},
+            # Jobs since start: tests and operators synchronise on these rather than on time.
+            "jobs": {
+                **{key: self.outcomes[key] for key in ("received", "succeeded", "failed")},
+                "cancelled_before_start": self._queue.cancelled_before_start,
+                "waiting": self._queue.waiting,
+                "running": self._queue.running,
+            },
         }
 
     def check_health(self) -> None:
