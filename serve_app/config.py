@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .pipeline.batching import BatchingLimits
 from .pipeline.loading import ModelSource, ModelSourceError, PipelineOptions
 from .pipeline.params import GenerationDefaults
 
@@ -116,10 +118,21 @@ class AppArgs(_Strict):
 class BatchingConfig(_Strict):
     """The Generator's `user_config`: changeable at run time without restarting replicas."""
 
-    max_batch_size: int = Field(8, ge=1, le=256, description="most images in one pipeline call")
+    max_batch_size: int = Field(
+        8, ge=1, le=256, description="most images in one model call: a UNet step (step engine) or a pipeline call"
+    )
     batch_wait_timeout_s: float = Field(
         0.05, ge=0, le=10, description="how long the first request of a batch waits for others to join"
     )
+    max_active_requests: int = Field(
+        32, ge=1, le=4096, description="images being denoised at once, all sizes together (step engine)"
+    )
+    admission: Literal["fifo", "fewest_steps"] = Field(
+        "fifo", description="which waiting images join first (step engine): arrival order, or the shortest first"
+    )
+
+    def loop_limits(self) -> BatchingLimits:
+        return BatchingLimits(self.max_batch_size, self.max_active_requests, self.admission)
 
 
 def check_serve_config(config: dict) -> list[str]:

@@ -4,11 +4,15 @@ As scraped, Ray prefixes each name with `ray_`, adds `_total` to counters and
 tags every series with the Serve `application`, `deployment` and `replica`:
 
   ray_sd_images_generated_total            images made (successful jobs)
-  ray_sd_pipeline_calls_total              pipeline calls that made them: images / calls = mean batch size
-  ray_sd_pipeline_seconds_total            wall time inside those calls: its rate is the pipeline's busy fraction
-  ray_sd_pipeline_batch_size_bucket        images per pipeline call (histogram)
-  ray_sd_queue_wait_seconds_bucket         from the ingress handing a job on to its batch starting work (histogram)
-  ray_sd_generation_seconds_per_image_bucket  a call's wall time divided by its images, per image (histogram)
+  ray_sd_model_calls_total                 model calls that made them: UNet steps (step engine) or whole
+                                           pipeline calls (request engine)
+  ray_sd_model_seconds_total               wall time inside model calls: its rate is the model's busy fraction
+  ray_sd_model_batch_size_bucket           images per model call (histogram): batching made visible
+  ray_sd_queue_wait_seconds_bucket         from the ingress handing a job on to its work starting (histogram)
+  ray_sd_generation_seconds_bucket         from an image's work starting to the image being ready (histogram)
+  ray_sd_admitted_mid_flight_total         images that joined while others were being denoised (step engine)
+  ray_sd_cancelled_total{when}             jobs whose caller gave up: before_start, or in_flight (their
+                                           rows stopped costing compute at the next step)
   ray_sd_generation_errors_total{kind}     failed jobs by error code (invalid_request, insufficient_memory, ...)
   ray_sd_max_batch_size                    the configured max_batch_size, to compare the batch sizes with
 
@@ -20,14 +24,17 @@ the same endpoint; deploy/grafana/stable-diffusion.json charts both.
 
 from __future__ import annotations
 
+from collections import Counter as Tally
+
 from ray.serve.metrics import Counter, Gauge, Histogram
 
+from .pipeline.batching import JobCancelled
 from .pipeline.errors import GenerationError
-from .pipeline.jobs import ImageResult
+from .pipeline.jobs import GenerationJob, ImageResult
 
 BATCH_SIZE_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 QUEUE_WAIT_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
-PER_IMAGE_BUCKETS_S = [0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
+GENERATION_BUCKETS_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
 
 
 def error_kind(error: BaseException) -> str:
@@ -36,53 +43,67 @@ def error_kind(error: BaseException) -> str:
 
 
 class GeneratorMetrics:
-    """Created once per replica (Serve adds the replica's tags)."""
+    """Created once per replica (Serve adds the replica's tags). Recorded on the replica's event loop."""
 
     def __init__(self) -> None:
         self.images = Counter("sd_images_generated", description="Images generated (successful jobs).")
-        self.calls = Counter("sd_pipeline_calls", description="Successful pipeline calls.")
-        self.pipeline_seconds = Counter(
-            "sd_pipeline_seconds", description="Wall time spent in successful pipeline calls, in seconds."
-        )
+        self.calls = Counter("sd_model_calls", description="Model calls: UNet steps or whole pipeline calls.")
+        self.model_seconds = Counter("sd_model_seconds", description="Wall time spent in model calls, in seconds.")
         self.batch_size = Histogram(
-            "sd_pipeline_batch_size",
-            description="Images per pipeline call; the count is the number of calls.",
+            "sd_model_batch_size",
+            description="Images per model call; the count is the number of calls.",
             boundaries=BATCH_SIZE_BUCKETS,
         )
         self.queue_wait = Histogram(
             "sd_queue_wait_seconds",
-            description="Seconds from the ingress submitting a job to the start of the batch that runs it.",
+            description="Seconds from the ingress submitting a job to its work starting.",
             boundaries=QUEUE_WAIT_BUCKETS_S,
         )
-        self.seconds_per_image = Histogram(
-            "sd_generation_seconds_per_image",
-            description="Pipeline-call wall time divided by the images in that call, one observation per image.",
-            boundaries=PER_IMAGE_BUCKETS_S,
+        self.generation = Histogram(
+            "sd_generation_seconds",
+            description="Seconds from an image's work starting to the image being ready.",
+            boundaries=GENERATION_BUCKETS_S,
         )
+        self.admitted_mid_flight = Counter(
+            "sd_admitted_mid_flight", description="Images that joined the running batch while others were denoised."
+        )
+        self.cancelled = Counter("sd_cancelled", description="Jobs whose caller gave up, by when.", tag_keys=("when",))
         self.errors = Counter(
             "sd_generation_errors", description="Jobs that failed, by error kind.", tag_keys=("kind",)
         )
         self.max_batch_size = Gauge("sd_max_batch_size", description="The configured max_batch_size.")
+        self._seen: dict = {"model_calls_by_batch_size": {}}
 
-    def record_queue_waits(self, waits_s: list[float]) -> None:
-        for wait in waits_s:
-            self.queue_wait.observe(max(wait, 0.0))  # clocks of two nodes may differ by a little
+    def record_result(self, job: GenerationJob, result: ImageResult | BaseException, now: float) -> None:
+        """One job's outcome; `now` is the wall-clock time it was delivered."""
+        if isinstance(result, ImageResult):
+            self.images.inc()
+            self.generation.observe(result.generation_time_s)
+            if job.submitted_at is not None:  # clocks of two nodes may differ by a little
+                self.queue_wait.observe(max(now - result.generation_time_s - job.submitted_at, 0.0))
+        elif not isinstance(result, JobCancelled):
+            self.errors.inc(tags={"kind": error_kind(result)})
 
-    def record_results(self, results: list[ImageResult | BaseException], call_sizes: list[int]) -> None:
-        """One batch's outcome: a result per job, and the size of every pipeline call it took."""
-        for size in call_sizes:
-            self.batch_size.observe(size)
-        if call_sizes:
-            self.calls.inc(len(call_sizes))
-        images = [r for r in results if isinstance(r, ImageResult)]
-        # Each image carries its call's time and size: summing time/size over images sums the calls' times.
-        per_image = [image.generation_time_s / image.batch_size for image in images]
-        if images:
-            self.images.inc(len(images))
-        if sum(per_image) > 0:  # Ray counters refuse increments of 0
-            self.pipeline_seconds.inc(sum(per_image))
-        for seconds in per_image:
-            self.seconds_per_image.observe(seconds)
-        for result in results:
-            if isinstance(result, BaseException):
-                self.errors.inc(tags={"kind": error_kind(result)})
+    def record_counters(self, counters: dict) -> None:
+        """The engine loop's counters (`LoopCounters.snapshot()`): what changed since the last call."""
+        seen, self._seen = self._seen, counters
+        calls = Tally({int(k): v for k, v in counters["model_calls_by_batch_size"].items()})
+        calls.subtract({int(k): v for k, v in seen["model_calls_by_batch_size"].items()})
+        for size, count in calls.items():
+            for _ in range(count):
+                self.batch_size.observe(size)
+        _increase(self.calls, sum(calls.values()))
+        _increase(self.model_seconds, counters["busy_s"] - seen.get("busy_s", 0.0))
+        _increase(self.admitted_mid_flight, counters["admitted_mid_flight"] - seen.get("admitted_mid_flight", 0))
+        for when in ("before_start", "in_flight"):
+            key = f"cancelled_{when}"
+            _increase(self.cancelled, counters[key] - seen.get(key, 0), tags={"when": when})
+
+
+def _increase(counter: Counter, amount: float, **kwargs) -> None:
+    if amount > 0:  # Ray counters refuse increments of 0
+        counter.inc(amount, **kwargs)
+
+
+def _is_cancellation(result: BaseException) -> bool:
+    return type(result).__name__ == "_Cancelled"

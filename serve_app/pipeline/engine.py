@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +31,9 @@ from .params import GenerationDefaults, ImageParams
 from .schedulers import SCHEDULER_NAMES, make_scheduler
 
 logger = logging.getLogger(__name__)
+
+# Called after each denoising step with (steps done, steps in all); returning True stops the call.
+StepCallback = Callable[[int, int], bool]
 
 
 @dataclass
@@ -47,7 +51,7 @@ class ImageEngine:
         self.options = options
         self.defaults = defaults
         self.device = torch.device(pipe.device)
-        self._model_scheduler = pipe.scheduler  # pipelines get a fresh copy per call
+        self.model_scheduler = pipe.scheduler  # every call and every stepped image gets a fresh copy
         self._img2img = None
         self._lock = threading.Lock()
         self._fatal_error: str | None = None
@@ -87,7 +91,8 @@ class ImageEngine:
     # -- the public calls ---------------------------------------------------------
 
     def generate(self, jobs: list[GenerationJob]) -> list[ImageResult | GenerationError]:
-        """An image, or the error that stopped it, for every job, in order."""
+        """An image, or the error that stopped it, for every job, in order: whole pipeline calls, one per
+        group of jobs that can share one."""
         results: list[ImageResult | GenerationError | None] = [None] * len(jobs)
         ready: list[tuple[int, GenerationJob, list[str]]] = []
         for index, job in enumerate(jobs):
@@ -95,12 +100,55 @@ class ImageEngine:
                 ready.append((index, *self.prepare(job)))
             except GenerationError as exc:
                 results[index] = exc
-        groups = group_by_call_key([job for _, job, _ in ready], split_empty_negative=self._empty_negative_is_special)
-        for group in groups:
+        for group in self.groups([job for _, job, _ in ready]):
             members = [ready[i] for i in group]
-            for (index, _, _), result in zip(members, self._run_splitting_on_oom(members)):
+            for (index, _, _), result in zip(members, self.run_prepared([(j, w) for _, j, w in members])):
                 results[index] = result
         return results
+
+    def groups(self, jobs: list[GenerationJob]) -> list[list[int]]:
+        """Indices of prepared `jobs` grouped so that each group can share one pipeline call."""
+        return group_by_call_key(jobs, split_empty_negative=self._empty_negative_is_special)
+
+    def run_prepared(
+        self, members: list[tuple[GenerationJob, list[str]]], on_step: StepCallback | None = None
+    ) -> list[ImageResult | GenerationError]:
+        """One group's prepared jobs (and their warnings) in one pipeline call, split in halves while the
+        device runs out of memory. `on_step(step, total)` after each step; returning True stops the call."""
+        jobs = [job for job, _ in members]
+        try:
+            run = self.run_group(jobs, on_step)
+        except torch.OutOfMemoryError:
+            self._release_memory()
+            if len(members) == 1:
+                params = jobs[0].params
+                return [
+                    InsufficientMemoryError(
+                        f"a {params.width}x{params.height} image does not fit in device memory on this replica; "
+                        "ask for a smaller size"
+                    )
+                ]
+            half = len(members) // 2
+            logger.warning(
+                "out of memory on a batch of %d; retrying as %d + %d", len(members), half, len(members) - half
+            )
+            return self.run_prepared(members[:half], on_step) + self.run_prepared(members[half:], on_step)
+        except GenerationError as exc:
+            return [exc] * len(members)
+        except Exception as exc:  # noqa: BLE001 - an unexpected pipeline failure must reach every caller
+            request_ids = sorted({job.request_id for job in jobs})
+            logger.exception("pipeline call failed for a batch of %d (requests %s)", len(members), request_ids)
+            self.note_failure(exc)
+            return [GenerationError(f"image generation failed: {type(exc).__name__}")] * len(members)
+        return [
+            ImageResult(pixels, job.params, batch_size=len(jobs), generation_time_s=run.seconds, warnings=warnings)
+            for pixels, (job, warnings) in zip(run.images, members)
+        ]
+
+    def note_failure(self, exc: Exception) -> None:
+        """A CUDA error leaves the device unusable: fail the health check so Serve replaces the replica."""
+        if self.device.type == "cuda" and "CUDA error" in str(exc):
+            self._fatal_error = repr(exc)
 
     def prepare(self, job: GenerationJob) -> tuple[GenerationJob, list[str]]:
         """The job with defaults filled in, checked against this model; plus warnings for the caller."""
@@ -155,7 +203,7 @@ class ImageEngine:
             "defaults": self.defaults.model_dump(),
             "max_prompt_tokens": self.max_prompt_tokens,
             "schedulers": list(SCHEDULER_NAMES),
-            "default_scheduler": type(self._model_scheduler).__name__,
+            "default_scheduler": type(self.model_scheduler).__name__,
         }
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
@@ -170,45 +218,15 @@ class ImageEngine:
 
     # -- one pipeline call, in steps ----------------------------------------------
 
-    def _run_splitting_on_oom(self, members) -> list[ImageResult | GenerationError]:
-        jobs = [job for _, job, _ in members]
-        try:
-            run = self.run_group(jobs)
-        except torch.OutOfMemoryError:
-            self._release_memory()
-            if len(members) == 1:
-                params = jobs[0].params
-                return [
-                    InsufficientMemoryError(
-                        f"a {params.width}x{params.height} image does not fit in device memory on this replica; "
-                        "ask for a smaller size"
-                    )
-                ]
-            half = len(members) // 2
-            logger.warning(
-                "out of memory on a batch of %d; retrying as %d + %d", len(members), half, len(members) - half
-            )
-            return self._run_splitting_on_oom(members[:half]) + self._run_splitting_on_oom(members[half:])
-        except GenerationError as exc:
-            return [exc] * len(members)
-        except Exception as exc:  # noqa: BLE001 - an unexpected pipeline failure must reach every caller
-            request_ids = sorted({job.request_id for job in jobs})
-            logger.exception("pipeline call failed for a batch of %d (requests %s)", len(members), request_ids)
-            if self.device.type == "cuda" and "CUDA error" in str(exc):
-                self._fatal_error = repr(exc)
-            return [GenerationError(f"image generation failed: {type(exc).__name__}")] * len(members)
-        return [
-            ImageResult(pixels, job.params, batch_size=len(jobs), generation_time_s=run.seconds, warnings=warnings)
-            for pixels, (_, job, warnings) in zip(run.images, members)
-        ]
-
-    def run_group(self, jobs: list[GenerationJob]) -> GroupRun:
+    def run_group(self, jobs: list[GenerationJob], on_step: StepCallback | None = None) -> GroupRun:
         """One pipeline call for jobs that share a `call_key` (defaults already filled)."""
         first = jobs[0]
         pipe = self.img2img if first.init_image is not None else self.pipe
         kwargs = self._call_arguments(jobs)
+        if on_step is not None:
+            kwargs["callback_on_step_end"] = _step_callback(on_step)
         with self._lock:
-            pipe.scheduler = make_scheduler(first.params.scheduler, self._model_scheduler)
+            pipe.scheduler = make_scheduler(first.params.scheduler, self.model_scheduler)
             started = time.perf_counter()
             with torch.inference_mode():
                 output = pipe(**kwargs)
@@ -242,6 +260,17 @@ class ImageEngine:
     def _release_memory(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _step_callback(on_step: StepCallback):
+    """diffusers' callback_on_step_end, reporting progress; setting `_interrupt` skips the remaining steps."""
+
+    def callback(pipe, step_index: int, timestep, callback_kwargs: dict) -> dict:
+        if on_step(step_index + 1, pipe.num_timesteps):
+            pipe._interrupt = True
+        return callback_kwargs
+
+    return callback
 
 
 def _to_uint8(images: np.ndarray) -> np.ndarray:

@@ -86,6 +86,11 @@ class PipelineOptions(BaseModel):
     vae_slicing: bool = Field(False, description="decode a batch one image at a time (less peak memory)")
     vae_tiling: bool = Field(False, description="decode large images in tiles (less peak memory)")
     seed: int = Field(0, description="weight seed for synthetic models")
+    engine: Literal["step", "request"] = Field(
+        "step",
+        description="step: images join and leave the running batch at every denoising step (continuous batching); "
+        "request: whole pipeline calls. Pipelines the step engine does not know run request-level.",
+    )
 
 
 def resolve_device(device: str) -> str:

@@ -84,6 +84,22 @@ def _text_encoder(spec: dict, tokenizer):
     return model_class(config)
 
 
+def _scheduler(diffusers, spec: dict):
+    """The preset's scheduler with every config value stated, as it is after a save and load.
+
+    `from_config` records the keys a config leaves out in `_use_default_values`,
+    and a later `OtherScheduler.from_config(config)` takes its own defaults for
+    those instead of this scheduler's (e.g. Euler's `timestep_spacing` would be
+    "linspace" in memory but PNDM's "leading" once saved): the same model would
+    make different images in memory and from disk. Rebuilding from the complete
+    config, as `from_pretrained` does, leaves no key to a default.
+    """
+    spec = dict(spec)
+    scheduler_class = getattr(diffusers, spec.pop("class"))
+    complete = {k: v for k, v in scheduler_class.from_config(spec).config.items() if k != "_use_default_values"}
+    return scheduler_class.from_config(complete)
+
+
 def build_pipeline(preset: str, *, seed: int = 0, device: str = "cpu", dtype=None):
     """A pipeline of the preset's architecture with weights drawn from `seed` (float32 unless `dtype`)."""
     import diffusers
@@ -91,8 +107,7 @@ def build_pipeline(preset: str, *, seed: int = 0, device: str = "cpu", dtype=Non
 
     spec = load_preset(preset)
     tokenizer = build_tokenizer()
-    scheduler_spec = dict(spec["scheduler"])
-    scheduler = getattr(diffusers, scheduler_spec.pop("class")).from_config(scheduler_spec)
+    scheduler = _scheduler(diffusers, spec["scheduler"])
 
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.device(device):

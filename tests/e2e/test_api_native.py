@@ -178,7 +178,7 @@ def test_img2img_multipart_without_a_file_names_the_field(client):
     assert response.status_code == 422 and response.json()["error"]["field"] == "init_image"
 
 
-def test_a_mixed_burst_of_txt2img_img2img_and_sizes_batches_by_key(demo_server):
+def test_a_mixed_burst_of_txt2img_img2img_and_sizes_shares_model_calls_by_size(demo_server):
     init = base64.b64encode(png_bytes((64, 64), seed=3)).decode()
     kinds = [
         ("/generate", {"prompt": "t", "width": 64, "height": 64}),
@@ -191,5 +191,7 @@ def test_a_mixed_burst_of_txt2img_img2img_and_sizes_batches_by_key(demo_server):
     sizes = [png(r).size for r in responses]
     assert sizes == [(64, 64), (128, 64), (64, 64), (64, 64)] * 4
     batch_sizes = [int(r.headers["x-batch-size"]) for r in responses]
-    assert max(batch_sizes) > 1, batch_sizes  # each kind batched with its own kind
-    assert max(batch_sizes) <= 4  # never mixed with another kind: only 4 of each exist
+    assert max(batch_sizes) > 1, batch_sizes
+    # Text-to-image and image-to-image at any strength share UNet calls; another size never does
+    # (only 4 images are 128x64), and no call exceeds max_batch_size.
+    assert max(batch_sizes[1::4]) <= 4 and max(batch_sizes) <= 8, batch_sizes

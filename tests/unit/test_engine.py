@@ -97,13 +97,13 @@ def test_out_of_memory_splits_the_batch_before_failing_anyone(engine, monkeypatc
     real_run = engine.run_group
     calls = []
 
-    def run_group_with_4_image_memory(jobs):
+    def run_group_with_4_image_memory(jobs, on_step=None):
         calls.append(len(jobs))
         if len(jobs) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         if any(job.params.width > 64 for job in jobs):
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_run(jobs)
+        return real_run(jobs, on_step)
 
     monkeypatch.setattr(engine, "run_group", run_group_with_4_image_memory)
     results = engine.generate([make_job(prompt="x", seed=i) for i in range(5)])
@@ -114,7 +114,7 @@ def test_out_of_memory_splits_the_batch_before_failing_anyone(engine, monkeypatc
 
 
 def test_an_unexpected_failure_reaches_every_job_of_the_call(engine, monkeypatch):
-    def broken(jobs):
+    def broken(jobs, on_step=None):
         raise RuntimeError("kaboom")
 
     monkeypatch.setattr(engine, "run_group", broken)
@@ -161,7 +161,7 @@ def test_health_check_fails_once_the_pipeline_is_broken(engine):
 
 
 def test_a_cuda_error_marks_the_engine_broken(engine, monkeypatch):
-    def cuda_failure(jobs):
+    def cuda_failure(jobs, on_step=None):
         raise RuntimeError("CUDA error: device-side assert triggered")
 
     monkeypatch.setattr(engine, "run_group", cuda_failure)

@@ -1,0 +1,500 @@
+"""How jobs share model calls: one loop on one worker thread, and the two engines it can drive.
+
+The serving layer submits jobs from its event loop (`EngineLoop.submit`, thread-safe) and gets
+each image back through a callback the moment it is ready; progress comes the same way. One
+worker thread runs the engine, so a pipeline object is never called from two threads at once,
+and one place decides what runs next.
+
+* `StepBatcher` (continuous batching): every tick admits waiting jobs (their prompts encoded
+  together), runs ONE UNet call over the active images of one latent shape, steps each image's own
+  scheduler, and decodes the images that finished. Requests with different step counts,
+  samplers, guidance and strengths share the call; a job joins at the next tick, not after the
+  current request ends. Shapes take turns round-robin: every active image advances at least once
+  every (number of shapes) ticks, so a lone odd size can neither starve nor be starved, and the
+  turn order needs no tuning. A cancelled job leaves at the next tick.
+* `RequestBatcher` (whole pipeline calls): each tick takes the waiting jobs, up to
+  `max_batch_size`, and runs one diffusers call per group that can share one (same size, steps,
+  guidance, sampler, strength). For pipelines the step engine does not know. Progress comes from
+  the pipeline's step callback; a call whose jobs were all cancelled stops at the next step.
+
+No Ray and no asyncio here: the Generator adapts the callbacks to its event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .errors import GenerationError, InsufficientMemoryError
+from .jobs import GenerationJob, ImageResult
+
+logger = logging.getLogger(__name__)
+
+AdmissionPolicy = Literal["fifo", "fewest_steps"]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far one image is: `step` of `total_steps` model evaluations done."""
+
+    step: int
+    total_steps: int
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One submitted job on its way through the loop. `cancel()` may be called from any thread."""
+
+    job: GenerationJob  # defaults filled in, checked by the engine
+    warnings: list[str]
+    on_done: Callable[[ImageResult | Exception], None]
+    on_progress: Callable[[Progress], None] | None = None
+    submitted_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None
+    batch_size: int = 0  # images in the largest model call it took part in
+    cancelled: bool = False
+    finished: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def progress(self, step: int, total_steps: int) -> None:
+        if self.on_progress is not None:
+            try:
+                self.on_progress(Progress(step, total_steps))
+            except Exception:  # noqa: BLE001 - a listener's failure must not stop the loop
+                logger.exception("progress listener failed")
+
+    def finish(self, result: ImageResult | Exception) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        try:
+            self.on_done(result)
+        except Exception:  # noqa: BLE001 - a listener's failure must not stop the loop
+            logger.exception("result listener failed")
+
+    def result(self, pixels, seconds: float | None = None) -> ImageResult:
+        elapsed = time.monotonic() - (self.started_at or self.submitted_at)
+        return ImageResult(
+            pixels,
+            self.job.params,
+            batch_size=self.batch_size,
+            generation_time_s=elapsed if seconds is None else seconds,
+            warnings=self.warnings,
+        )
+
+
+@dataclass
+class BatchingLimits:
+    """The knobs of the loop (the Generator's `user_config` sets them at run time)."""
+
+    max_batch_size: int = 8  # images in one model call (per latent shape, for the step engine)
+    max_active_requests: int = 32  # images in flight at once (step engine), across shapes
+    admission: AdmissionPolicy = "fifo"
+
+
+class LoopCounters:
+    """What the loop has done since start; read from any thread (plain ints, updated by the worker)."""
+
+    def __init__(self) -> None:
+        self.model_calls_by_batch_size: Counter[int] = Counter()
+        self.admitted = 0
+        self.admitted_mid_flight = 0  # joined while other images were being denoised
+        self.cancelled_before_start = 0
+        self.cancelled_in_flight = 0
+        self.succeeded = 0
+        self.failed = 0
+        self.busy_s = 0.0  # wall time in model calls (UNet steps, decodes, whole pipeline calls)
+
+    def snapshot(self) -> dict:
+        return {
+            "model_calls_by_batch_size": {str(k): v for k, v in sorted(self.model_calls_by_batch_size.items())},
+            "admitted": self.admitted,
+            "admitted_mid_flight": self.admitted_mid_flight,
+            "cancelled_before_start": self.cancelled_before_start,
+            "cancelled_in_flight": self.cancelled_in_flight,
+            "succeeded": self.succeeded,
+            "failed": self.failed,
+            "busy_s": round(self.busy_s, 3),
+        }
+
+
+class Batcher:
+    """What an engine does each tick. Only the loop's worker thread calls these."""
+
+    engine_name: str
+
+    def __init__(self, limits: BatchingLimits, counters: LoopCounters):
+        self.limits = limits
+        self.counters = counters
+        self.waiting: deque[Ticket] = deque()
+
+    def has_work(self) -> bool:
+        return bool(self.waiting)
+
+    @property
+    def active(self) -> int:
+        return 0
+
+    def tick(self) -> None:
+        raise NotImplementedError
+
+    def abandon(self, error: Exception) -> None:
+        """Finish every ticket in flight with `error` (after a tick failed unexpectedly)."""
+        raise NotImplementedError
+
+    def _drop_cancelled_waiting(self) -> None:
+        kept = deque()
+        for ticket in self.waiting:
+            if ticket.cancelled:
+                self.counters.cancelled_before_start += 1
+                ticket.finish(JobCancelled())
+            else:
+                kept.append(ticket)
+        self.waiting = kept
+
+    def _finish(self, ticket: Ticket, result: ImageResult | Exception) -> None:
+        if isinstance(result, Exception):
+            self.counters.failed += 1
+        else:
+            self.counters.succeeded += 1
+        ticket.finish(result)
+
+
+class JobCancelled(Exception):
+    """The outcome of a job whose caller gave up: delivered so that every ticket ends, read by nobody."""
+
+
+class EngineLoop:
+    """Runs a batcher on its own worker thread; `submit` from any thread."""
+
+    def __init__(self, batcher: Batcher, prepare: Callable[[GenerationJob], tuple[GenerationJob, list[str]]]):
+        self.batcher = batcher
+        self.counters = batcher.counters
+        self._prepare = prepare
+        self._incoming: deque[Ticket] = deque()
+        self._wake = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._incoming) + len(self.batcher.waiting)
+
+    @property
+    def active(self) -> int:
+        return self.batcher.active
+
+    def submit(
+        self,
+        job: GenerationJob,
+        on_done: Callable[[ImageResult | Exception], None],
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> Ticket:
+        """Queue a job; `on_done` gets its image or error on the worker thread (or at once, for a bad job)."""
+        try:
+            prepared, warnings = self._prepare(job)
+        except GenerationError as exc:
+            ticket = Ticket(job, [], on_done, on_progress)
+            self.counters.failed += 1
+            ticket.finish(exc)
+            return ticket
+        ticket = Ticket(prepared, warnings, on_done, on_progress)
+        with self._wake:
+            self._incoming.append(ticket)
+            self._wake.notify()
+        return ticket
+
+    def submit_all(self, jobs: list[GenerationJob], on_done: Callable[[int, ImageResult | Exception], None]):
+        """Several jobs that arrived together, admitted together (at the same tick)."""
+        tickets = []
+        with self._wake:  # held across the batch, so the worker takes all of them in one tick
+            for index, job in enumerate(jobs):
+                tickets.append(self.submit(job, lambda result, index=index: on_done(index, result)))
+        return tickets
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopped = True
+            self._wake.notify()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopped and not self._incoming and not self.batcher.has_work():
+                    self._wake.wait()
+                if self._stopped:
+                    return
+                self.batcher.waiting.extend(self._incoming)
+                self._incoming.clear()
+            try:
+                self.batcher.tick()
+            except Exception as exc:  # noqa: BLE001 - the loop must outlive any one tick
+                logger.exception("engine tick failed")
+                # Whatever that tick held ends with an error rather than never.
+                self.batcher.abandon(GenerationError(f"image generation failed: {type(exc).__name__}"))
+
+
+# -- whole pipeline calls -----------------------------------------------------------------------
+
+
+class RequestBatcher(Batcher):
+    """Each tick: the waiting jobs (up to max_batch_size), one whole pipeline call per compatible group."""
+
+    engine_name = "request"
+
+    def __init__(self, engine, limits: BatchingLimits, counters: LoopCounters):
+        super().__init__(limits, counters)
+        self.engine = engine  # an ImageEngine
+        self._running: list[Ticket] = []
+
+    @property
+    def active(self) -> int:
+        return len(self._running)
+
+    def tick(self) -> None:
+        self._drop_cancelled_waiting()
+        taken = []
+        while self.waiting and len(taken) < self.limits.max_batch_size:
+            taken.append(self.waiting.popleft())
+        if not taken:
+            return
+        self._running = taken
+        self.counters.admitted += len(taken)
+        now = time.monotonic()
+        for ticket in taken:
+            ticket.started_at = now
+        try:
+            for group in self.engine.groups([t.job for t in taken]):
+                self._run_group([taken[i] for i in group])
+        finally:
+            self._running = []
+
+    def abandon(self, error: Exception) -> None:
+        for ticket in self._running:
+            self._finish(ticket, error)
+        self._running = []
+
+    def _run_group(self, tickets: list[Ticket]) -> None:
+        def on_step(step: int, total: int) -> bool:
+            for ticket in tickets:
+                ticket.progress(step, total)
+            return all(t.cancelled for t in tickets)  # True: stop the call, nobody waits for it
+
+        started = time.perf_counter()
+        results = self.engine.run_prepared([(t.job, t.warnings) for t in tickets], on_step=on_step)
+        self.counters.busy_s += time.perf_counter() - started
+        # Every call of k images returns k images of batch_size k (halves after running out of memory).
+        sizes = Counter(r.batch_size for r in results if isinstance(r, ImageResult))
+        for size, images in sizes.items():
+            self.counters.model_calls_by_batch_size[size] += images // size
+        for ticket, result in zip(tickets, results):
+            ticket.batch_size = getattr(result, "batch_size", 0)
+            if ticket.cancelled:
+                self.counters.cancelled_in_flight += 1
+                ticket.finish(JobCancelled())
+            else:
+                self._finish(ticket, result)
+
+
+# -- one UNet step at a time ------------------------------------------------------------------
+
+
+class StepBatcher(Batcher):
+    """Each tick: admit, one UNet call over the active images of one size (sizes take turns), decode
+    those that finished. `stepper` is a `stepping.StepPipeline`; `engine` the `ImageEngine` it serves."""
+
+    engine_name = "step"
+
+    def __init__(self, engine, stepper, limits: BatchingLimits, counters: LoopCounters):
+        super().__init__(limits, counters)
+        import torch
+
+        self.engine = engine
+        self.stepper = stepper
+        self._out_of_memory = torch.OutOfMemoryError
+        # Active images by output size (one latent shape per size for a given model), in admission order.
+        self._active: dict[tuple[int, int], list[tuple[Ticket, object]]] = {}
+        self._last_size: tuple[int, int] | None = None
+
+    @property
+    def active(self) -> int:
+        return sum(len(group) for group in self._active.values())
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or self.active > 0
+
+    def tick(self) -> None:
+        self._drop_cancelled_waiting()
+        self._drop_cancelled_active()
+        self._admit()
+        size = self._next_size()
+        if size is not None:
+            self._step(size)
+
+    def abandon(self, error: Exception) -> None:
+        for group in self._active.values():
+            for ticket, _ in group:
+                self._finish(ticket, error)
+        self._active.clear()
+
+    # -- admission -------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        room = self.limits.max_active_requests - self.active
+        if room <= 0 or not self.waiting:
+            return
+        in_flight = self.active > 0
+        taken: list[Ticket] = []
+        per_size = {size: len(group) for size, group in self._active.items()}
+        for ticket in self._admission_order():
+            size = _size(ticket.job)
+            if len(taken) < room and per_size.get(size, 0) < self.limits.max_batch_size:
+                taken.append(ticket)
+                per_size[size] = per_size.get(size, 0) + 1
+        if not taken:
+            return
+        chosen = set(map(id, taken))
+        self.waiting = deque(t for t in self.waiting if id(t) not in chosen)
+        now = time.monotonic()
+        started = time.perf_counter()
+        states = self.stepper.start([t.job for t in taken])  # prompts encoded together
+        self.counters.busy_s += time.perf_counter() - started
+        for ticket, state in zip(taken, states):
+            ticket.started_at = now
+            if isinstance(state, Exception):
+                self._finish(ticket, state)
+                continue
+            self.counters.admitted += 1
+            self.counters.admitted_mid_flight += in_flight
+            self._active.setdefault(_size(ticket.job), []).append((ticket, state))
+            ticket.progress(0, state.total_steps)
+
+    def _admission_order(self) -> list[Ticket]:
+        if self.limits.admission == "fewest_steps":
+            # Short jobs first (ties in arrival order): lower mean latency; sustained short traffic delays long jobs.
+            return sorted(self.waiting, key=lambda t: _denoising_steps(t.job))
+        return list(self.waiting)
+
+    def _drop_cancelled_active(self) -> None:
+        for size, group in list(self._active.items()):
+            kept = []
+            for ticket, state in group:
+                if ticket.cancelled:
+                    self.counters.cancelled_in_flight += 1
+                    ticket.finish(JobCancelled())
+                else:
+                    kept.append((ticket, state))
+            self._set_group(size, kept)
+
+    def _set_group(self, size: tuple[int, int], group: list) -> None:
+        if group:
+            self._active[size] = group
+        else:
+            self._active.pop(size, None)
+
+    def _next_size(self) -> tuple[int, int] | None:
+        """Round-robin over the sizes with active images, in the order they became active."""
+        sizes = list(self._active)
+        if not sizes:
+            return None
+        if self._last_size in sizes:
+            self._last_size = sizes[(sizes.index(self._last_size) + 1) % len(sizes)]
+        else:
+            self._last_size = sizes[0]
+        return self._last_size
+
+    # -- one step ----------------------------------------------------------------------
+
+    def _step(self, size: tuple[int, int]) -> None:
+        group = self._active[size]
+        failed = self._step_splitting_on_oom(group)
+        done, running = [], []
+        for ticket, state in group:
+            if id(ticket) in failed:
+                self._finish(ticket, failed[id(ticket)])
+            elif state.error is not None:
+                self._finish(ticket, state.error)
+            elif state.done:
+                done.append((ticket, state))
+            else:
+                running.append((ticket, state))
+            if not ticket.finished:
+                ticket.progress(state.step_index, state.total_steps)
+        self._set_group(size, running)
+        if done:
+            self._decode(done)
+
+    def _step_splitting_on_oom(self, group: list[tuple[Ticket, object]]) -> dict[int, Exception]:
+        """One UNet call over `group`, in halves while the device runs out of memory; the failures by ticket id."""
+        states = [state for _, state in group]
+        started = time.perf_counter()
+        try:
+            self.stepper.step(states)
+        except self._out_of_memory:
+            self.engine._release_memory()
+            if len(group) == 1:
+                params = group[0][0].job.params
+                message = f"a {params.width}x{params.height} image does not fit in device memory on this replica"
+                return {id(group[0][0]): InsufficientMemoryError(message + "; ask for a smaller size")}
+            half = len(group) // 2
+            logger.warning("out of memory stepping %d images; stepping %d + %d", len(group), half, len(group) - half)
+            return self._step_splitting_on_oom(group[:half]) | self._step_splitting_on_oom(group[half:])
+        except Exception as exc:  # noqa: BLE001 - an unexpected failure fails this call's images, not the loop
+            logger.exception("UNet step failed for %d images (requests %s)", len(group), _request_ids(group))
+            self.engine.note_failure(exc)
+            error = GenerationError(f"image generation failed: {type(exc).__name__}")
+            return {id(ticket): error for ticket, _ in group}
+        self.counters.busy_s += time.perf_counter() - started
+        self.counters.model_calls_by_batch_size[len(group)] += 1
+        for ticket, _ in group:
+            ticket.batch_size = max(ticket.batch_size, len(group))
+        return {}
+
+    def _decode(self, done: list[tuple[Ticket, object]]) -> None:
+        started = time.perf_counter()
+        try:
+            images = self.stepper.decode([state for _, state in done])
+        except Exception as exc:  # noqa: BLE001 - fail these images, keep the loop
+            logger.exception("VAE decode failed for %d images (requests %s)", len(done), _request_ids(done))
+            self.engine.note_failure(exc)
+            error = GenerationError(f"image decoding failed: {type(exc).__name__}")
+            for ticket, _ in done:
+                self._finish(ticket, error)
+            return
+        self.counters.busy_s += time.perf_counter() - started
+        for (ticket, _), pixels in zip(done, images):
+            self._finish(ticket, ticket.result(pixels))
+
+
+def _size(job: GenerationJob) -> tuple[int, int]:
+    return job.params.width, job.params.height
+
+
+def _denoising_steps(job: GenerationJob) -> float:
+    params = job.params
+    return params.num_inference_steps * (params.strength if job.init_image is not None else 1.0)
+
+
+def _request_ids(group) -> list[str]:
+    return sorted({ticket.job.request_id for ticket, _ in group})
+
+
+def make_batcher(engine, kind: Literal["step", "request"], limits: BatchingLimits, counters: LoopCounters) -> Batcher:
+    """The step engine where the model's pipeline can be stepped, whole pipeline calls otherwise (logged)."""
+    if kind == "step":
+        from .stepping import StepPipeline
+
+        reason = StepPipeline.unsupported_reason(engine.pipe)
+        if reason is None:
+            return StepBatcher(engine, StepPipeline(engine.pipe, engine.model_scheduler), limits, counters)
+        logger.warning("%s runs whole pipeline calls (engine: request): %s", engine.source, reason)
+    return RequestBatcher(engine, limits, counters)

@@ -1,0 +1,838 @@
+"""Step-level batching: images at different denoising steps share one UNet call per tick.
+
+The request-level engine runs whole diffusers pipeline calls, so every image
+in a call must share steps, guidance, scheduler and strength, and a request
+that arrives mid-call waits for the call to end. Here the pipeline's
+`__call__` is taken apart into its named steps:
+
+  start   check inputs, encode prompts (one batched call), make each image's
+          generator, scheduler and timesteps (img2img: from the strength),
+          prepare its latents and its SDXL added conditioning
+  step    ONE UNet call over the rows of every given image: per-row
+          timesteps, classifier-free-guidance rows only for images that use
+          guidance, each image's own guidance scale, then each image's
+          scheduler step on its own rows
+  decode  one batched VAE decode, as the pipeline decodes
+
+Each step replicates what `StableDiffusionPipeline`, `StableDiffusionImg2ImgPipeline`,
+`StableDiffusionXLPipeline` and `StableDiffusionXLImg2ImgPipeline` (diffusers 0.42)
+do, in the same order, so an image stepped alone is bit-identical to the plain
+pipeline's for the same parameters and seed; stepped beside others it differs
+only as ordinary batching does (kernels round differently by batch size: at
+most 1/255 per pixel).
+
+Cohorts. A scheduler keeps per-image history (step index, PNDM's `ets`, DPM++'s
+`model_outputs`, Heun's previous derivative), so every image needs its own.
+Stepping one scheduler per image costs 50-700 µs of Python per image per tick,
+which for small or fast models is a real share of the UNet call. Images
+started together with the same sampler, step count, strength and latent shape
+run in lockstep, and their schedulers would hold identical history row by row:
+they share ONE scheduler over their stacked latents (a cohort), exactly as one
+pipeline call over a batch does, with a list of per-image generators. When the
+caller steps only some of a cohort (one was cancelled, failed, or is left for a
+later tick) the cohort splits: each part gets a copy of the scheduler with its
+own rows of every per-image tensor. Splitting is exact for the scheduler classes
+in `COHORT_SCHEDULERS` (tested); any other class runs one scheduler per image.
+
+Which images run in which tick (admission, cancellation, fairness) is the
+caller's policy; this module is the mechanics. No Ray, no HTTP.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import GenerationError, InvalidJobError
+from .jobs import GenerationJob
+from .schedulers import SCHEDULER_NAMES, make_scheduler
+
+logger = logging.getLogger(__name__)
+
+# Pipeline classes whose __call__ this module replicates step by step (with their img2img variants).
+STEPPABLE_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+# Scheduler classes whose per-image state is exactly their tensors shaped like the latents
+# (verified for each, see tests/unit/test_stepping.py): a cohort of them splits exactly.
+COHORT_SCHEDULERS = frozenset(
+    {
+        "PNDMScheduler",
+        "EulerDiscreteScheduler",
+        "EulerAncestralDiscreteScheduler",
+        "HeunDiscreteScheduler",
+        "KDPM2DiscreteScheduler",
+        "KDPM2AncestralDiscreteScheduler",
+        "DPMSolverMultistepScheduler",
+        "DDIMScheduler",
+        "UniPCMultistepScheduler",
+        "LCMScheduler",
+    }
+)
+
+_TEMPLATE_CACHE_SIZE = 64
+
+
+class DenoisingState:
+    """One image in flight. Created by `StepPipeline.start`, advanced by `StepPipeline.step`.
+
+    Its latents, scheduler, timesteps and step index live in its cohort (see the
+    module docstring): while the images of a cohort stay in lockstep they share
+    one scheduler instance over their stacked latents; `latents` is this image's row.
+    """
+
+    def __init__(self, job: GenerationJob, generator: torch.Generator, conditioning: _Conditioning):
+        self.job = job
+        self.generator = generator  # CPU, seeded with job.seed: latents, VAE sample, ancestral noise
+        self.guidance_scale = float(job.params.guidance_scale)
+        self.cond = conditioning.cond  # (1, tokens, dim) prompt embeddings
+        self.uncond = conditioning.uncond  # negative prompt embeddings; None when it runs without guidance
+        # SDXL added conditioning, (1, dim) each; None for SD 1.x/2.x.
+        self.text_embeds = conditioning.text_embeds
+        self.uncond_text_embeds = conditioning.uncond_text_embeds
+        self.time_ids = conditioning.time_ids
+        self.uncond_time_ids = conditioning.uncond_time_ids
+        self.timestep_cond = conditioning.timestep_cond  # guidance embedding for UNets distilled with one (LCM)
+        self.error: GenerationError | None = None
+        self._cohort: _Cohort | None = None
+        self._row = 0
+
+    def __repr__(self) -> str:
+        status = "failed" if self.error else f"{self.step_index}/{self.total_steps}"
+        return f"DenoisingState(request_id={self.job.request_id!r}, {self.job.params.scheduler}, {status})"
+
+    @property
+    def scheduler(self):
+        """Its scheduler (shared with the rest of its cohort while they run in lockstep)."""
+        return self._cohort.scheduler
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        """The timesteps it runs (img2img: the tail its strength leaves)."""
+        return self._cohort.timesteps
+
+    @property
+    def step_index(self) -> int:
+        """UNet evaluations done."""
+        return self._cohort.step_index
+
+    @property
+    def total_steps(self) -> int:
+        """UNet evaluations it needs: len(timesteps), not num_inference_steps (PNDM N+1, Heun 2N-1)."""
+        return self._cohort.total_steps
+
+    @property
+    def latents(self) -> torch.Tensor:
+        """Its current latents, (1, C, h, w): a view of its cohort's rows."""
+        return self._cohort.latents[self._row : self._row + 1]
+
+    @latents.setter
+    def latents(self, value: torch.Tensor) -> None:
+        # Replacing one image's latents takes it out of lockstep: give it a cohort of its own first.
+        with torch.inference_mode():
+            if len(self._cohort.members) > 1:
+                self._cohort.partition([self])
+            self._cohort.latents = value.to(self._cohort.latents)
+
+    @property
+    def uses_guidance(self) -> bool:
+        """Whether it takes an unconditional (negative prompt) row besides its conditional one."""
+        return self.uncond is not None
+
+    @property
+    def rows(self) -> int:
+        """UNet rows it takes in a tick."""
+        return 2 if self.uses_guidance else 1
+
+    @property
+    def shape_key(self) -> tuple:
+        """Only states with equal keys may share a UNet call."""
+        latents = self._cohort.latents
+        return (*latents.shape[1:], latents.dtype, latents.device)
+
+    @property
+    def finished(self) -> bool:
+        return self.error is None and self.step_index >= self.total_steps
+
+    @property
+    def done(self) -> bool:
+        """Finished or failed: either way it takes no more steps."""
+        return self.error is not None or self.step_index >= self.total_steps
+
+
+@dataclass
+class _Conditioning:
+    cond: torch.Tensor
+    uncond: torch.Tensor | None
+    pooled: torch.Tensor | None = None
+    uncond_pooled: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
+    uncond_text_embeds: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+    uncond_time_ids: torch.Tensor | None = None
+    timestep_cond: torch.Tensor | None = None
+
+
+class _Cohort:
+    """Images in lockstep: one scheduler over their stacked latents, one row each."""
+
+    def __init__(self, scheduler, timesteps: torch.Tensor, members: list[DenoisingState], latents: torch.Tensor):
+        self.scheduler = scheduler
+        self.timesteps = timesteps
+        self.step_index = 0
+        self.latents = latents
+        self._timestep_list = list(timesteps)  # 0-dim tensors, as the pipeline's `for t in timesteps` gives
+        # The UNet's time embedding calls .float() on timesteps: float32 values are exact for every scheduler.
+        self._timestep_values = timesteps.to(torch.float32).tolist()
+        self.members: list[DenoisingState] = []
+        self._set_members(members)
+
+    def _set_members(self, members: list[DenoisingState]) -> None:
+        self.members = list(members)
+        for row, state in enumerate(self.members):
+            state._cohort, state._row = self, row
+        generators = [state.generator for state in self.members]
+        accepted = _step_parameters(type(self.scheduler))
+        self.step_kwargs: dict = {}
+        if "eta" in accepted:
+            self.step_kwargs["eta"] = 0.0  # the pipelines' default
+        if "generator" in accepted:
+            # A list draws each row from its own generator, as a pipeline call with a list does.
+            self.step_kwargs["generator"] = generators[0] if len(generators) == 1 else generators
+
+    @property
+    def total_steps(self) -> int:
+        return len(self._timestep_list)
+
+    @property
+    def timestep(self):
+        return self._timestep_list[self.step_index]
+
+    @property
+    def timestep_value(self) -> float:
+        return self._timestep_values[self.step_index]
+
+    def partition(self, selected: list[DenoisingState]) -> _Cohort:
+        """Split into a cohort of `selected` (returned) and one of the rest, each with its rows of history."""
+        chosen = {id(s) for s in selected}
+        rest = [s for s in self.members if id(s) not in chosen]
+        taken = self._take([s for s in self.members if id(s) in chosen])
+        if rest:
+            self._take(rest)
+        return taken
+
+    def _take(self, members: list[DenoisingState]) -> _Cohort:
+        rows = torch.tensor([s._row for s in members], device=self.latents.device)
+        n = len(self.members)
+        # Every tensor of the scheduler shaped like the latents is per-image history: copy the scheduler
+        # with those tensors replaced by their rows (deepcopy's memo substitutes them wherever they occur).
+        memo: dict = {}
+        for tensor in _per_image_tensors(self.scheduler, self.latents.shape, n):
+            memo[id(tensor)] = tensor.index_select(0, rows)
+        scheduler = copy.deepcopy(self.scheduler, memo)
+        cohort = _Cohort.__new__(_Cohort)
+        cohort.scheduler = scheduler
+        cohort.timesteps = self.timesteps
+        cohort.step_index = self.step_index
+        cohort.latents = self.latents.index_select(0, rows)
+        cohort._timestep_list = self._timestep_list
+        cohort._timestep_values = self._timestep_values
+        cohort._set_members(members)
+        return cohort
+
+
+class StepPipeline:
+    """The mechanics of step-level batching over one loaded diffusers pipeline.
+
+    Not thread-safe (neither is the pipeline): call from one thread at a time.
+    """
+
+    def __init__(self, pipe, model_scheduler=None, img2img_pipe=None):
+        reason = self.unsupported_reason(pipe)
+        if reason:
+            raise ValueError(f"{type(pipe).__name__} cannot be stepped: {reason}")
+        self.pipe = pipe
+        # The scheduler the model shipped with: every sampler is built from its config.
+        self.model_scheduler = model_scheduler if model_scheduler is not None else pipe.scheduler
+        self._img2img = img2img_pipe
+        self.is_sdxl = type(pipe).__name__ == "StableDiffusionXLPipeline"
+        self.device = pipe._execution_device
+        # diffusers' do_classifier_free_guidance is False for UNets distilled with a guidance
+        # embedding (time_cond_proj_dim): they take the scale as conditioning instead.
+        self.guidance_embedding_dim = pipe.unet.config.time_cond_proj_dim
+        self._templates: OrderedDict[tuple[str, int], Any] = OrderedDict()
+        self._rows_cache: tuple[list[DenoisingState], dict] | None = None
+
+    # -- what can be stepped ----------------------------------------------------------
+
+    @staticmethod
+    def unsupported_reason(pipe) -> str | None:
+        """None if this pipeline can be stepped here; else why not, in one sentence (run it request-level)."""
+        name = type(pipe).__name__
+        if name not in STEPPABLE_PIPELINES:
+            return (
+                f"step-level batching is built over a text-to-image {' or '.join(STEPPABLE_PIPELINES)} "
+                f"(img2img included), and {name} is neither"
+            )
+        unet = getattr(pipe, "unet", None)
+        if unet is None or not hasattr(unet, "config") or not hasattr(unet.config, "time_cond_proj_dim"):
+            return "its denoiser is not a UNet2DConditionModel"
+        if unet.config.in_channels != pipe.vae.config.latent_channels:
+            return (
+                f"its UNet takes {unet.config.in_channels} input channels, not the VAE's "
+                f"{pipe.vae.config.latent_channels} (an inpainting or depth model)"
+            )
+        if getattr(unet, "encoder_hid_proj", None) is not None:
+            return "an IP-adapter is loaded, and its image embeddings are not replicated here"
+        return None
+
+    @staticmethod
+    def unsupported_scheduler_reason(scheduler) -> str | None:
+        """None if this scheduler instance can be stepped here; else why not."""
+        missing = [m for m in ("set_timesteps", "scale_model_input", "step", "add_noise") if not hasattr(scheduler, m)]
+        if missing:
+            return f"{type(scheduler).__name__} has no {', '.join(missing)}"
+        return None
+
+    @property
+    def img2img(self):
+        """The image-to-image pipeline over the same modules (its helpers only; never called whole here)."""
+        if self._img2img is None:
+            from diffusers import AutoPipelineForImage2Image
+
+            self._img2img = AutoPipelineForImage2Image.from_pipe(self.pipe)
+            self._img2img.set_progress_bar_config(disable=True)
+        return self._img2img
+
+    # -- start --------------------------------------------------------------------------
+
+    def start(self, jobs: list[GenerationJob]) -> list[DenoisingState | GenerationError]:
+        """A state ready for its first step, or the error that stopped it, for every job, in order.
+
+        `jobs` must have their defaults filled in (`GenerationJob.with_defaults`).
+        """
+        results: list[DenoisingState | GenerationError | None] = [None] * len(jobs)
+        valid: list[int] = []
+        for index, job in enumerate(jobs):
+            try:
+                self.check_inputs(job)
+                valid.append(index)
+            except GenerationError as exc:
+                results[index] = exc
+        with torch.inference_mode():
+            encoded = self.encode_prompts([jobs[i] for i in valid])
+            cohorts: dict[tuple, list[tuple[int, GenerationJob, _Conditioning]]] = {}
+            for index, conditioning in zip(valid, encoded):
+                if isinstance(conditioning, GenerationError):
+                    results[index] = conditioning
+                else:
+                    cohorts.setdefault(self._cohort_key(jobs[index], index), []).append(
+                        (index, jobs[index], conditioning)
+                    )
+            for members in cohorts.values():
+                for index, result in zip([m[0] for m in members], self._start_cohort(members)):
+                    results[index] = result
+        return results  # type: ignore[return-value]
+
+    def check_inputs(self, job: GenerationJob) -> None:
+        """What the pipeline's check_inputs (and the request-level engine) refuse, as a job error."""
+        p = job.params
+        needed = ("width", "height", "num_inference_steps", "guidance_scale", "seed")
+        unset = [name for name in needed if getattr(p, name) is None]
+        if job.init_image is not None and p.strength is None:
+            unset.append("strength")
+        if unset:
+            raise ValueError(f"job {job.request_id!r} has no {', '.join(unset)}: call job.with_defaults(...) first")
+        if p.height % 8 or p.width % 8:
+            raise InvalidJobError(f"width and height must be multiples of 8, not {p.width}x{p.height}", "width")
+        if p.scheduler not in SCHEDULER_NAMES:
+            names = ", ".join(SCHEDULER_NAMES)
+            raise InvalidJobError(f"unknown scheduler {p.scheduler!r}; choose one of {names}", "scheduler")
+        if job.init_image is not None:
+            image = job.init_image
+            if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
+                raise InvalidJobError("init_image must be an RGB uint8 array (height, width, 3)", "init_image")
+            if int(p.num_inference_steps * p.strength) < 1:
+                raise InvalidJobError(
+                    f"strength {p.strength} x num_inference_steps {p.num_inference_steps} leaves no denoising step; "
+                    "raise one of them",
+                    "strength",
+                )
+
+    def uses_guidance(self, guidance_scale: float) -> bool:
+        """Whether an image gets unconditional rows: diffusers' do_classifier_free_guidance."""
+        return guidance_scale > 1 and self.guidance_embedding_dim is None
+
+    def encode_prompts(self, jobs: list[GenerationJob]) -> list[_Conditioning | GenerationError]:
+        """Prompt embeddings for every job from one encode_prompt call; if that fails, one call per job,
+        so that only a job whose prompt cannot be encoded fails."""
+        if not jobs:
+            return []
+        try:
+            return self._encode_batch(jobs)
+        except Exception as exc:  # noqa: BLE001 - find the job that broke the batch
+            if len(jobs) == 1:
+                logger.warning("could not encode the prompt of job %r: %r", jobs[0].request_id, exc)
+                return [GenerationError(f"could not encode the prompt: {type(exc).__name__}: {exc}", "prompt")]
+            logger.warning("batched prompt encoding failed (%r); encoding %d jobs one by one", exc, len(jobs))
+            return [result for job in jobs for result in self.encode_prompts([job])]
+
+    def _encode_batch(self, jobs: list[GenerationJob]) -> list[_Conditioning]:
+        pipe = self.pipe
+        guided = [self.uses_guidance(job.params.guidance_scale) for job in jobs]
+        do_cfg = any(guided)
+        prompts = [job.params.prompt for job in jobs]
+        negatives = [job.params.negative_prompt for job in jobs]
+        # All-empty negatives go as None, as the request-level engine passes them (SDXL then uses zeros).
+        negative_prompt = negatives if any(negatives) else None
+        if self.is_sdxl:
+            cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
+                prompt=prompts,
+                device=self.device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=do_cfg,
+                negative_prompt=negative_prompt,
+            )
+            # Mixed empty and non-empty negatives went through the text encoders together; an empty
+            # one alone would have been zeros (force_zeros_for_empty_prompt): give it zeros.
+            zero_empty = negative_prompt is not None and bool(pipe.config.force_zeros_for_empty_prompt)
+        else:
+            cond, uncond = pipe.encode_prompt(prompts, self.device, 1, do_cfg, negative_prompt)
+            pooled = uncond_pooled = None
+            zero_empty = False
+        encoded = []
+        for i, (job, with_cfg) in enumerate(zip(jobs, guided)):
+            row = slice(i, i + 1)
+            item = _Conditioning(cond=cond[row], uncond=uncond[row] if with_cfg else None)
+            if pooled is not None:
+                item.pooled = pooled[row]
+                item.uncond_pooled = uncond_pooled[row] if with_cfg else None
+                if with_cfg and zero_empty and not job.params.negative_prompt:
+                    item.uncond = torch.zeros_like(item.uncond)
+                    item.uncond_pooled = torch.zeros_like(item.uncond_pooled)
+            encoded.append(item)
+        return encoded
+
+    def _cohort_key(self, job: GenerationJob, index: int) -> tuple:
+        """Jobs with equal keys start in lockstep and may share a scheduler."""
+        p = job.params
+        if job.init_image is None:
+            kind: tuple = ("txt2img", p.width, p.height)
+        else:
+            kind = ("img2img", job.init_image.shape, p.strength)
+        scheduler_class = self._template(p.scheduler, p.num_inference_steps).__class__.__name__
+        alone = None if scheduler_class in COHORT_SCHEDULERS else index
+        return (p.scheduler, p.num_inference_steps, *kind, alone)
+
+    def _template(self, name: str, steps: int):
+        """A scheduler with its timesteps set, to copy: `from_config` costs ~1 ms, a copy a fifth of that."""
+        key = (name, steps)
+        template = self._templates.get(key)
+        if template is None:
+            template = make_scheduler(name, self.model_scheduler)
+            template.set_timesteps(steps, device=self.device)  # retrieve_timesteps, with no custom timesteps
+            self._templates[key] = template
+            while len(self._templates) > _TEMPLATE_CACHE_SIZE:
+                self._templates.popitem(last=False)
+        else:
+            self._templates.move_to_end(key)
+        return template
+
+    def _start_cohort(self, members: list[tuple[int, GenerationJob, _Conditioning]]) -> list:
+        """States for jobs that share a cohort key; an error in place of any job that fails."""
+        first = members[0][1]
+        try:
+            scheduler = copy.deepcopy(self._template(first.params.scheduler, first.params.num_inference_steps))
+            reason = self.unsupported_scheduler_reason(scheduler)
+            if reason:
+                raise InvalidJobError(f"scheduler {first.params.scheduler!r} cannot be used: {reason}", "scheduler")
+            timesteps = self.prepare_timesteps(scheduler, first)
+        except GenerationError as exc:
+            return [exc] * len(members)
+        results: list = []
+        states, latents = [], []
+        for _, job, conditioning in members:
+            try:
+                generator = torch.Generator("cpu").manual_seed(job.params.seed)
+                dtype = conditioning.cond.dtype
+                if job.init_image is None:
+                    image_latents = self.prepare_latents(scheduler, job.params.width, job.params.height, dtype, generator)
+                else:
+                    image_latents = self.prepare_image_latents(scheduler, job.init_image, timesteps, dtype, generator)
+                if self.is_sdxl:
+                    self.prepare_added_conditioning(job, conditioning, image_latents.shape)
+                if self.guidance_embedding_dim is not None:
+                    conditioning.timestep_cond = self.prepare_guidance_embedding(job.params.guidance_scale, dtype)
+            except GenerationError as exc:
+                results.append(exc)
+                continue
+            except Exception as exc:  # noqa: BLE001 - one job's failure must not stop the others
+                logger.exception("could not start job %r", job.request_id)
+                results.append(GenerationError(f"image generation failed: {type(exc).__name__}: {exc}"))
+                continue
+            state = DenoisingState(job, generator, conditioning)
+            states.append(state)
+            latents.append(image_latents)
+            results.append(state)
+        if states:
+            if self.is_sdxl and first.init_image is None and hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(0)  # StableDiffusionXLPipeline does this; StableDiffusionPipeline does not
+            _Cohort(scheduler, timesteps, states, torch.cat(latents) if len(latents) > 1 else latents[0])
+        return results
+
+    def prepare_timesteps(self, scheduler, job: GenerationJob) -> torch.Tensor:
+        """The scheduler's timesteps (set by the template); for img2img, get_timesteps: start
+        t_start * order steps in, with the scheduler's begin index set there."""
+        timesteps = scheduler.timesteps
+        if job.init_image is not None:
+            steps = job.params.num_inference_steps
+            init_timestep = min(int(steps * job.params.strength), steps)
+            t_start = max(steps - init_timestep, 0)
+            timesteps = timesteps[t_start * scheduler.order :]
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(t_start * scheduler.order)
+        return timesteps
+
+    def prepare_latents(self, scheduler, width: int, height: int, dtype, generator) -> torch.Tensor:
+        """Text-to-image: noise from the image's generator, scaled by the scheduler's initial sigma."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        factor = self.pipe.vae_scale_factor
+        shape = (1, self.pipe.unet.config.in_channels, int(height) // factor, int(width) // factor)
+        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
+        return latents * scheduler.init_noise_sigma
+
+    def prepare_image_latents(self, scheduler, init_image: np.ndarray, timesteps, dtype, generator) -> torch.Tensor:
+        """Image-to-image: preprocess as a PIL image is, VAE-encode (sampling with the image's generator),
+        scale, then noise to the first timestep."""
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
+        from diffusers.utils.torch_utils import randn_tensor
+        from PIL import Image
+
+        vae = self.pipe.vae
+        image = self.img2img.image_processor.preprocess(Image.fromarray(init_image))
+        image = image.to(device=self.device, dtype=dtype)
+        # SDXL's img2img encodes in float32 when a float16 VAE would overflow (force_upcast); SD's does
+        # not. (The pipeline then casts the VAE to the prompt dtype; here it gets its own dtype back.)
+        vae_dtype = vae.dtype
+        upcast = self.is_sdxl and vae.config.force_upcast
+        if upcast:
+            image = image.float()
+            if vae_dtype != torch.float32:
+                vae.to(dtype=torch.float32)
+        try:
+            init_latents = retrieve_latents(vae.encode(image), generator=generator)
+        finally:
+            if upcast and vae_dtype != torch.float32:
+                vae.to(dtype=vae_dtype)
+        if self.is_sdxl:
+            init_latents = init_latents.to(dtype)
+            mean, std = _latents_mean_std(vae)
+            if mean is not None:
+                mean, std = mean.to(device=self.device, dtype=dtype), std.to(device=self.device, dtype=dtype)
+                init_latents = (init_latents - mean) * vae.config.scaling_factor / std
+            else:
+                init_latents = vae.config.scaling_factor * init_latents
+        else:
+            init_latents = vae.config.scaling_factor * init_latents
+        noise = randn_tensor(init_latents.shape, generator=generator, device=self.device, dtype=dtype)
+        return scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(1))
+
+    def prepare_added_conditioning(self, job: GenerationJob, conditioning: _Conditioning, latents_shape) -> None:
+        """SDXL: pooled text embeddings and size conditioning (img2img: its aesthetic-score variant)."""
+        pipe = self.pipe
+        dtype = conditioning.cond.dtype
+        if pipe.text_encoder_2 is None:
+            projection_dim = int(conditioning.pooled.shape[-1])
+        else:
+            projection_dim = pipe.text_encoder_2.config.projection_dim
+        factor = pipe.vae_scale_factor
+        size = (latents_shape[-2] * factor, latents_shape[-1] * factor)  # (height, width), as the pipelines derive it
+        crop = (0, 0)
+        if job.init_image is None:
+            time_ids = pipe._get_add_time_ids(size, crop, size, dtype=dtype, text_encoder_projection_dim=projection_dim)
+            uncond_time_ids = time_ids
+        else:
+            # The img2img pipeline's defaults: aesthetic_score 6.0, negative 2.5 (when the model asks for them).
+            time_ids, uncond_time_ids = self.img2img._get_add_time_ids(
+                size, crop, size, 6.0, 2.5, size, crop, size, dtype=dtype, text_encoder_projection_dim=projection_dim
+            )
+        conditioning.text_embeds = conditioning.pooled.to(self.device)
+        conditioning.time_ids = time_ids.to(self.device)
+        if conditioning.uncond is not None:
+            conditioning.uncond_text_embeds = conditioning.uncond_pooled.to(self.device)
+            conditioning.uncond_time_ids = uncond_time_ids.to(self.device)
+
+    def prepare_guidance_embedding(self, guidance_scale: float, dtype) -> torch.Tensor:
+        """For UNets with time_cond_proj_dim: the guidance scale as an embedding, per image."""
+        scale = torch.tensor(guidance_scale - 1).repeat(1)
+        embedding = self.pipe.get_guidance_scale_embedding(scale, embedding_dim=self.guidance_embedding_dim)
+        return embedding.to(device=self.device, dtype=dtype)
+
+    # -- step ---------------------------------------------------------------------------
+
+    def step(self, states: list[DenoisingState]) -> list[GenerationError | None]:
+        """Advance every state by one UNet evaluation, all in ONE UNet call; per state, None or its error.
+
+        States must be unfinished and share a `shape_key`. If the UNet call itself raises
+        (out of memory, say) no state has advanced, and the caller may retry with fewer.
+        """
+        self._check_batch(states)
+        if not states:
+            return []
+        with torch.inference_mode():
+            cohorts = self._cohorts_of(states)
+            ordered = [state for cohort in cohorts for state in cohort.members]
+            noise_pred = self.predict_noise(cohorts, ordered)
+            errors = self._scheduler_steps(cohorts, noise_pred)
+        by_state = {id(state): error for state, error in zip(ordered, errors)}
+        return [by_state[id(state)] for state in states]
+
+    def _check_batch(self, states: list[DenoisingState]) -> None:
+        for state in states:
+            if state.done:
+                raise ValueError(f"{state!r} is done; take it out of the batch")
+        if len({state.shape_key for state in states}) > 1:
+            raise ValueError("states with different shape_key cannot share a UNet call; step them apart")
+        if len({id(state) for state in states}) != len(states):
+            raise ValueError("a state appears twice in one step")
+
+    def _cohorts_of(self, states: list[DenoisingState]) -> list[_Cohort]:
+        """The cohorts to step, in order of first appearance; a cohort only partly here splits."""
+        present: dict[int, tuple[_Cohort, list[DenoisingState]]] = {}
+        for state in states:
+            present.setdefault(id(state._cohort), (state._cohort, []))[1].append(state)
+        cohorts = []
+        for cohort, members in present.values():
+            if len(members) != len(cohort.members):
+                cohort = cohort.partition(members)
+            cohorts.append(cohort)
+        return cohorts
+
+    def predict_noise(self, cohorts: list[_Cohort], ordered: list[DenoisingState]) -> torch.Tensor:
+        """One UNet call; the guided noise prediction for each row of `ordered` (the cohorts' members)."""
+        rows = self._conditioning_rows(ordered)
+        scaled = [cohort.scheduler.scale_model_input(cohort.latents, cohort.timestep) for cohort in cohorts]
+        scaled = scaled[0] if len(scaled) == 1 else torch.cat(scaled)
+        values = [cohort.timestep_value for cohort in cohorts for _ in cohort.members]
+        # Rows: the unconditional ones of guided states, then the conditional ones of all states,
+        # as the pipeline lays out cat([latents] * 2) beside cat([negative_embeds, prompt_embeds]).
+        if rows["guided_count"]:
+            model_input = torch.cat([scaled[rows["guided"]], scaled])
+            values = [values[i] for i in rows["guided_positions"]] + values
+        else:
+            model_input = scaled
+        t = torch.tensor(values, dtype=torch.float32, device=self.device)
+        out = self.pipe.unet(
+            model_input,
+            t,
+            encoder_hidden_states=rows["encoder_hidden_states"],
+            timestep_cond=rows["timestep_cond"],
+            cross_attention_kwargs=None,
+            added_cond_kwargs=rows["added_cond_kwargs"],
+            return_dict=False,
+        )[0]
+        k = rows["guided_count"]
+        uncond_out, cond_out = out[:k], out[k:]
+        groups = rows["guidance_groups"]
+        if len(groups) == 1 and isinstance(groups[0][2], slice) and groups[0][2] == slice(0, len(ordered)):
+            scale, uncond_rows, _ = groups[0]
+            u = uncond_out[uncond_rows]
+            return u + scale * (cond_out - u)  # everyone guided alike: the pipeline's expression, whole
+        noise_pred = cond_out.clone() if groups else cond_out
+        for scale, uncond_rows, cond_rows in groups:
+            # One expression per guidance value, the scale a Python float as the pipeline writes it
+            # (a tensor of scales would round differently in half precision).
+            u = uncond_out[uncond_rows]
+            noise_pred[cond_rows] = u + scale * (cond_out[cond_rows] - u)
+        return noise_pred
+
+    def _conditioning_rows(self, ordered: list[DenoisingState]) -> dict:
+        """Embeddings and added conditioning for the rows of these states, kept while the set is unchanged."""
+        if self._rows_cache is not None:
+            cached_states, cached = self._rows_cache
+            if len(cached_states) == len(ordered) and all(a is b for a, b in zip(cached_states, ordered)):
+                return cached
+        guided_positions = [i for i, state in enumerate(ordered) if state.uses_guidance]
+        guided_states = [ordered[i] for i in guided_positions]
+        rows: dict = {
+            "guided": _as_index(guided_positions, self.device) if guided_positions else None,
+            "guided_positions": guided_positions,
+            "guided_count": len(guided_positions),
+            "encoder_hidden_states": torch.cat([s.uncond for s in guided_states] + [s.cond for s in ordered]),
+            "added_cond_kwargs": None,
+            "timestep_cond": None,
+        }
+        if self.is_sdxl:
+            rows["added_cond_kwargs"] = {
+                "text_embeds": torch.cat(
+                    [s.uncond_text_embeds for s in guided_states] + [s.text_embeds for s in ordered]
+                ),
+                "time_ids": torch.cat([s.uncond_time_ids for s in guided_states] + [s.time_ids for s in ordered]),
+            }
+        if self.guidance_embedding_dim is not None:
+            rows["timestep_cond"] = torch.cat([s.timestep_cond for s in ordered])  # no guided rows here
+        by_scale: dict[float, list[tuple[int, int]]] = {}
+        for uncond_row, position in enumerate(guided_positions):
+            by_scale.setdefault(ordered[position].guidance_scale, []).append((uncond_row, position))
+        rows["guidance_groups"] = [
+            (
+                scale,
+                _as_index([u for u, _ in pairs], self.device),
+                _as_index([p for _, p in pairs], self.device),
+            )
+            for scale, pairs in by_scale.items()
+        ]
+        self._rows_cache = (list(ordered), rows)
+        return rows
+
+    def _scheduler_steps(self, cohorts: list[_Cohort], noise_pred: torch.Tensor) -> list[GenerationError | None]:
+        """Each cohort's scheduler step on its rows; errors per row of `noise_pred`."""
+        errors: list[GenerationError | None] = []
+        stepped: list[tuple[_Cohort, torch.Tensor, int]] = []
+        offset = 0
+        for cohort in cohorts:
+            n = len(cohort.members)
+            try:
+                latents = cohort.scheduler.step(
+                    noise_pred[offset : offset + n],
+                    cohort.timestep,
+                    cohort.latents,
+                    **cohort.step_kwargs,
+                    return_dict=False,
+                )[0]
+            except Exception as exc:  # noqa: BLE001 - one scheduler failing must not stop the others
+                logger.exception("scheduler step failed for %s", cohort.members)
+                error = GenerationError(f"denoising failed: {type(exc).__name__}: {exc}")
+                for state in cohort.members:
+                    state.error = error
+                errors.extend([error] * n)
+            else:
+                stepped.append((cohort, latents, len(errors)))
+                errors.extend([None] * n)
+            offset += n
+        if not stepped:
+            return errors
+        # One reduction and one device sync for the whole batch, not one per image.
+        new = [latents for _, latents, _ in stepped]
+        finite = torch.isfinite(new[0] if len(new) == 1 else torch.cat(new)).flatten(1).all(1).tolist()
+        checked = 0
+        for cohort, latents, first in stepped:
+            cohort.latents = latents
+            cohort.step_index += 1
+            for row, state in enumerate(cohort.members):
+                if not finite[checked + row]:
+                    state.error = errors[first + row] = GenerationError(
+                        f"the latents became non-finite at step {cohort.step_index} of {cohort.total_steps} "
+                        "(numerical overflow); try another seed, scheduler or guidance scale"
+                    )
+            checked += len(cohort.members)
+        return errors
+
+    # -- decode -------------------------------------------------------------------------
+
+    def decode(self, states: list[DenoisingState]) -> list[np.ndarray]:
+        """uint8 (height, width, 3) images of finished states: one VAE decode per latent shape."""
+        for state in states:
+            if not state.finished:
+                raise ValueError(f"{state!r} is not finished; decode only finished states")
+        images: list[np.ndarray | None] = [None] * len(states)
+        groups: dict[tuple, list[int]] = {}
+        for index, state in enumerate(states):
+            groups.setdefault(state.shape_key, []).append(index)
+        with torch.inference_mode():
+            for indices in groups.values():
+                latents = _stacked_latents([states[i] for i in indices])
+                for i, image in zip(indices, self.decode_latents(latents)):
+                    images[i] = image
+        return images  # type: ignore[return-value]
+
+    def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
+        """The pipeline's decode (safety checker and watermark included), then the engine's uint8 conversion."""
+        pipe, vae = self.pipe, self.pipe.vae
+        if not self.is_sdxl:
+            image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+            image, has_nsfw_concept = pipe.run_safety_checker(image, self.device, latents.dtype)
+            do_denormalize = [True] * image.shape[0] if has_nsfw_concept is None else [not n for n in has_nsfw_concept]
+            return to_uint8(pipe.image_processor.postprocess(image, output_type="np", do_denormalize=do_denormalize))
+        # SDXL: a float16 VAE that would overflow (force_upcast) decodes in float32.
+        needs_upcasting = vae.dtype == torch.float16 and vae.config.force_upcast
+        if needs_upcasting:
+            vae.to(dtype=torch.float32)
+            latents = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype)
+        try:
+            mean, std = _latents_mean_std(vae)
+            if mean is not None:
+                mean, std = mean.to(latents.device, latents.dtype), std.to(latents.device, latents.dtype)
+                latents = latents * std / vae.config.scaling_factor + mean
+            else:
+                latents = latents / vae.config.scaling_factor
+            image = vae.decode(latents, return_dict=False)[0]
+        finally:
+            if needs_upcasting:
+                vae.to(dtype=torch.float16)
+        if getattr(pipe, "watermark", None) is not None:
+            image = pipe.watermark.apply_watermark(image)
+        return to_uint8(pipe.image_processor.postprocess(image, output_type="np"))
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """The request-level engine's conversion (the rounding diffusers uses for PIL images)."""
+    return (np.nan_to_num(images) * 255).round().clip(0, 255).astype(np.uint8)
+
+
+def _stacked_latents(states: list[DenoisingState]) -> torch.Tensor:
+    cohort = states[0]._cohort
+    if len(states) == len(cohort.members) and all(s._cohort is cohort and s._row == i for i, s in enumerate(states)):
+        return cohort.latents  # a whole cohort in row order: no copy
+    return torch.cat([state.latents for state in states])
+
+
+def _latents_mean_std(vae):
+    mean = getattr(vae.config, "latents_mean", None)
+    std = getattr(vae.config, "latents_std", None)
+    if mean is None or std is None:
+        return None, None
+    return torch.tensor(mean).view(1, 4, 1, 1), torch.tensor(std).view(1, 4, 1, 1)
+
+
+def _per_image_tensors(scheduler, latents_shape: torch.Size, n: int) -> list[torch.Tensor]:
+    """The scheduler's tensors shaped like the cohort's latents (attributes, and inside lists/tuples/dicts)."""
+    found = []
+
+    def visit(value) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.dim() == len(latents_shape) and value.shape[0] == n and value.shape[1:] == latents_shape[1:]:
+                found.append(value)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+
+    for value in vars(scheduler).values():
+        visit(value)
+    return found
+
+
+def _as_index(indices: list[int], device) -> slice | torch.Tensor:
+    """A slice when the rows are contiguous (a view, no copy), else an index tensor."""
+    if indices == list(range(indices[0], indices[0] + len(indices))):
+        return slice(indices[0], indices[0] + len(indices))
+    return torch.tensor(indices, device=device)
+
+
+_STEP_PARAMETERS: dict[type, frozenset[str]] = {}
+
+
+def _step_parameters(scheduler_class: type) -> frozenset[str]:
+    if scheduler_class not in _STEP_PARAMETERS:
+        _STEP_PARAMETERS[scheduler_class] = frozenset(inspect.signature(scheduler_class.step).parameters)
+    return _STEP_PARAMETERS[scheduler_class]
