@@ -1,0 +1,392 @@
+"""The engine loop's policy, tick by tick, with a scripted stepper (no model, no threads, no sleeps);
+then the loop's thread and both engines on the real tiny model."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from serve_app.pipeline.batching import (
+    BatchingLimits,
+    EngineLoop,
+    JobCancelled,
+    LoopCounters,
+    RequestBatcher,
+    StepBatcher,
+    Ticket,
+    make_batcher,
+)
+from serve_app.pipeline.errors import GenerationError, InsufficientMemoryError
+from serve_app.pipeline.jobs import GenerationJob, ImageResult
+from serve_app.pipeline.params import ImageParams
+
+
+def job(prompt="p", steps=3, size=64, seed=0, guidance_scale=7.5, **params) -> GenerationJob:
+    return GenerationJob(
+        ImageParams(
+            prompt=prompt,
+            seed=seed,
+            num_inference_steps=steps,
+            width=size,
+            height=size,
+            guidance_scale=guidance_scale,
+            **params,
+        )
+    )
+
+
+class FakeState:
+    def __init__(self, job: GenerationJob):
+        self.job = job
+        self.step_index = 0
+        self.total_steps = job.params.num_inference_steps
+        self.error = None
+
+    @property
+    def done(self) -> bool:
+        return self.error is not None or self.step_index >= self.total_steps
+
+
+class FakeStepper:
+    """Records every call; 'bad' prompts fail to start, 'nan' ones fail at their second step."""
+
+    def __init__(self, oom_above: int | None = None):
+        self.started: list[list[str]] = []
+        self.calls: list[list[str]] = []
+        self.decoded: list[list[str]] = []
+        self.oom_above = oom_above
+
+    def start(self, jobs):
+        self.started.append([j.params.prompt for j in jobs])
+        return [GenerationError("cannot encode", "prompt") if j.params.prompt == "bad" else FakeState(j) for j in jobs]
+
+    def step(self, states):
+        if self.oom_above is not None and len(states) > self.oom_above:
+            raise torch.OutOfMemoryError("simulated")
+        self.calls.append([s.job.params.prompt for s in states])
+        errors = []
+        for state in states:
+            state.step_index += 1
+            if state.job.params.prompt == "nan" and state.step_index == 2:
+                state.error = GenerationError("non-finite latents")
+            errors.append(state.error)
+        return errors
+
+    def decode(self, states):
+        self.decoded.append([s.job.params.prompt for s in states])
+        return [np.full((s.job.params.height, s.job.params.width, 3), s.job.seed % 256, np.uint8) for s in states]
+
+
+class FakeEngine:
+    def _release_memory(self):
+        pass
+
+    def note_failure(self, exc):
+        pass
+
+
+class Harness:
+    """A StepBatcher driven one tick at a time; results and progress recorded per prompt."""
+
+    def __init__(self, **limits):
+        self.stepper = FakeStepper(limits.pop("oom_above", None))
+        self.counters = LoopCounters()
+        self.batcher = StepBatcher(FakeEngine(), self.stepper, BatchingLimits(**limits), self.counters)
+        self.results: dict[str, ImageResult | Exception] = {}
+        self.progress: dict[str, list[tuple[int, int]]] = {}
+
+    def submit(self, *jobs: GenerationJob) -> list[Ticket]:
+        tickets = []
+        for j in jobs:
+            name = j.params.prompt
+            ticket = Ticket(
+                j,
+                [],
+                on_done=lambda r, name=name: self.results.__setitem__(name, r),
+                on_progress=lambda p, name=name: self.progress.setdefault(name, []).append((p.step, p.total_steps)),
+            )
+            self.batcher.waiting.append(ticket)
+            tickets.append(ticket)
+        return tickets
+
+    def tick(self, times: int = 1) -> None:
+        for _ in range(times):
+            self.batcher.tick()
+
+    def run(self) -> None:
+        while self.batcher.has_work():
+            self.batcher.tick()
+
+
+def test_a_job_joins_the_running_batch_at_the_next_tick_and_leaves_when_done():
+    h = Harness(max_batch_size=8)
+    h.submit(job("long", steps=5))
+    h.tick(2)
+    h.submit(job("short", steps=2))
+    h.run()
+    assert h.stepper.calls == [["long"], ["long"], ["long", "short"], ["long", "short"], ["long"]]
+    assert h.stepper.decoded == [["short"], ["long"]]  # the short one is handed back first
+    assert h.counters.admitted == 2 and h.counters.admitted_mid_flight == 1
+    assert h.counters.model_calls_by_batch_size == {1: 3, 2: 2}
+    assert h.progress["short"] == [(0, 2), (1, 2), (2, 2)]
+    assert isinstance(h.results["short"], ImageResult) and h.results["short"].batch_size == 2
+    assert h.counters.succeeded == 2
+
+
+def test_jobs_that_arrive_together_start_together_different_parameters_included():
+    h = Harness()
+    h.submit(job("a", steps=2), job("b", steps=4, scheduler="euler"), job("c", steps=3, guidance_scale=1.0))
+    h.run()
+    assert h.stepper.started == [["a", "b", "c"]]  # one batched prompt encoding
+    assert h.stepper.calls[0] == ["a", "b", "c"]
+
+
+def test_max_batch_size_caps_each_size_and_sizes_take_turns():
+    h = Harness(max_batch_size=2)
+    h.submit(job("a1"), job("a2"), job("a3"), job("b1", size=128))
+    h.tick(4)
+    assert h.stepper.calls == [["a1", "a2"], ["b1"], ["a1", "a2"], ["b1"]]  # a3 waits: its size is full
+    h.run()
+    assert h.stepper.calls.count(["a3"]) == 3 and all(len(call) <= 2 for call in h.stepper.calls)
+
+
+def test_max_active_requests_bounds_images_in_flight_across_sizes():
+    h = Harness(max_batch_size=8, max_active_requests=2)
+    h.submit(job("a"), job("b", size=128), job("c", size=256))
+    h.tick()
+    assert h.stepper.started == [["a", "b"]] and h.batcher.active == 2 and len(h.batcher.waiting) == 1
+
+
+def test_fewest_steps_admission_lets_short_jobs_pass_long_ones():
+    h = Harness(max_batch_size=1, admission="fewest_steps")
+    h.submit(job("long", steps=9), job("short", steps=1))
+    h.tick()
+    assert h.stepper.started == [["short"]]
+    fifo = Harness(max_batch_size=1)
+    fifo.submit(job("long", steps=9), job("short", steps=1))
+    fifo.tick()
+    assert fifo.stepper.started == [["long"]]
+
+
+def test_a_cancelled_job_stops_costing_rows_at_the_next_tick():
+    h = Harness()
+    [keep, gone] = h.submit(job("keep", steps=4), job("gone", steps=4))
+    h.tick()
+    gone.cancel()
+    h.run()
+    assert h.stepper.calls == [["keep", "gone"], ["keep"], ["keep"], ["keep"]]
+    assert isinstance(h.results["gone"], JobCancelled) and h.counters.cancelled_in_flight == 1
+    assert isinstance(h.results["keep"], ImageResult)
+
+
+def test_a_job_cancelled_while_waiting_never_starts():
+    h = Harness()
+    [ticket] = h.submit(job("never"))
+    ticket.cancel()
+    h.run()
+    assert h.stepper.started == [] and h.counters.cancelled_before_start == 1
+    assert isinstance(h.results["never"], JobCancelled)
+
+
+def test_a_job_failing_alone_does_not_fail_its_neighbours():
+    h = Harness()
+    h.submit(job("bad"), job("nan"), job("fine"))
+    h.run()
+    assert h.results["bad"].field == "prompt" and "non-finite" in h.results["nan"].message
+    assert isinstance(h.results["fine"], ImageResult)
+    assert h.stepper.calls == [["nan", "fine"], ["nan", "fine"], ["fine"]]
+    assert (h.counters.failed, h.counters.succeeded) == (2, 1)
+
+
+def test_out_of_memory_steps_the_group_in_halves_and_fails_only_what_cannot_fit():
+    h = Harness(oom_above=2)
+    h.submit(*(job(f"j{i}", steps=1) for i in range(5)))
+    h.tick()
+    assert h.stepper.calls == [["j0", "j1"], ["j2"], ["j3", "j4"]]
+    assert all(isinstance(h.results[f"j{i}"], ImageResult) for i in range(5))
+    lone = Harness(oom_above=0)
+    lone.submit(job("huge", size=256))
+    lone.run()
+    assert isinstance(lone.results["huge"], InsufficientMemoryError) and "256x256" in lone.results["huge"].message
+
+
+# -- the loop's thread ----------------------------------------------------------------------------
+
+
+class Collector:
+    def __init__(self, expected: int):
+        self.results: dict[int, ImageResult | Exception] = {}
+        self.expected = expected
+        self.all_done = threading.Event()
+
+    def __call__(self, index, result):
+        self.results[index] = result
+        if len(self.results) == self.expected:
+            self.all_done.set()
+
+
+def test_the_loop_thread_runs_jobs_submitted_from_elsewhere_and_a_failing_model_call_fails_only_its_images():
+    class BuggyStepper(FakeStepper):
+        def step(self, states):
+            if any(s.job.params.prompt == "explode" for s in states):
+                raise KeyError("a bug")  # not one image's error: the whole model call fails
+            return super().step(states)
+
+    batcher = StepBatcher(FakeEngine(), BuggyStepper(), BatchingLimits(), LoopCounters())
+    loop = EngineLoop(batcher, prepare=lambda j: (j, []))
+    try:
+        done = Collector(3)
+        loop.submit_all([job("ok", seed=1), job("explode", size=128), job("ok2", seed=2)], done)
+        assert done.all_done.wait(10)
+        assert isinstance(done.results[0], ImageResult) and isinstance(done.results[2], ImageResult)
+        assert isinstance(done.results[1], GenerationError) and "KeyError" in done.results[1].message
+    finally:
+        loop.stop()
+
+
+def test_when_a_tick_itself_breaks_every_ticket_it_held_still_ends():
+    class BrokenBatcher(StepBatcher):
+        def tick(self):
+            super().tick()
+            raise RuntimeError("a bug in the policy")
+
+    batcher = BrokenBatcher(FakeEngine(), FakeStepper(), BatchingLimits(), LoopCounters())
+    loop = EngineLoop(batcher, prepare=lambda j: (j, []))
+    try:
+        done = Collector(2)
+        loop.submit_all([job("a", steps=5), job("b", steps=5)], done)
+        assert done.all_done.wait(10)
+        assert all(isinstance(r, GenerationError) and "RuntimeError" in r.message for r in done.results.values())
+        assert batcher.active == 0
+    finally:
+        loop.stop()
+
+
+def test_a_bad_job_is_answered_at_once_without_reaching_the_thread():
+    def refuse(j):
+        raise GenerationError("no", "strength")
+
+    loop = EngineLoop(StepBatcher(FakeEngine(), FakeStepper(), BatchingLimits(), LoopCounters()), prepare=refuse)
+    try:
+        got = []
+        loop.submit(job("x"), on_done=got.append)
+        assert got and got[0].field == "strength" and loop.counters.failed == 1
+    finally:
+        loop.stop()
+
+
+# -- whole pipeline calls ---------------------------------------------------------------------
+
+
+class ScriptedEngine(FakeEngine):
+    """An ImageEngine's request-level surface: groups by steps, one 'call' per group."""
+
+    def __init__(self):
+        self.calls: list[list[str]] = []
+
+    def groups(self, jobs):
+        by_steps: dict[int, list[int]] = {}
+        for index, j in enumerate(jobs):
+            by_steps.setdefault(j.params.num_inference_steps, []).append(index)
+        return list(by_steps.values())
+
+    def run_prepared(self, members, on_step=None):
+        self.calls.append([j.params.prompt for j, _ in members])
+        steps = members[0][0].params.num_inference_steps
+        for step in range(1, steps + 1):
+            if on_step(step, steps):
+                break
+        return [ImageResult(np.zeros((8, 8, 3), np.uint8), j.params, len(members), 0.01, w) for j, w in members]
+
+
+def test_request_batcher_runs_one_call_per_group_and_reports_progress():
+    counters = LoopCounters()
+    engine = ScriptedEngine()
+    batcher = RequestBatcher(engine, BatchingLimits(max_batch_size=3), counters)
+    progress: list = []
+    results: list = []
+    for name, steps in (("a", 2), ("b", 3), ("c", 2), ("d", 2)):
+        batcher.waiting.append(
+            Ticket(
+                job(name, steps=steps),
+                [],
+                on_done=results.append,
+                on_progress=lambda p, n=name: progress.append((n, p.step)),
+            )
+        )
+    batcher.tick()
+    assert engine.calls == [["a", "c"], ["b"]]  # d waits: max_batch_size 3
+    assert ("a", 2) in progress and ("b", 3) in progress
+    batcher.tick()
+    assert engine.calls[-1] == ["d"] and counters.model_calls_by_batch_size == {2: 1, 1: 2}
+    assert len(results) == 4 and counters.succeeded == 4
+
+
+def test_request_batcher_stops_a_call_whose_jobs_were_all_cancelled():
+    engine = ScriptedEngine()
+    stopped_at = []
+    original = engine.run_prepared
+
+    def run(members, on_step=None):
+        def watch(step, total):
+            stop = on_step(step, total)
+            if stop:
+                stopped_at.append(step)
+            return stop
+
+        return original(members, watch)
+
+    engine.run_prepared = run
+    batcher = RequestBatcher(engine, BatchingLimits(), LoopCounters())
+    results = []
+    ticket = Ticket(job("gone", steps=5), [], on_done=results.append, on_progress=lambda p: ticket.cancel())
+    batcher.waiting.append(ticket)
+    batcher.tick()
+    assert stopped_at == [1] and isinstance(results[0], JobCancelled)
+
+
+# -- the real tiny model ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from serve_app.pipeline.engine import ImageEngine
+    from serve_app.pipeline.loading import PipelineOptions
+
+    return ImageEngine.load("synthetic:tiny", PipelineOptions(device="cpu", torch_threads=1))
+
+
+def run_through_loop(engine, kind: str, jobs: list[GenerationJob], limits: BatchingLimits | None = None):
+    counters = LoopCounters()
+    loop = EngineLoop(make_batcher(engine, kind, limits or BatchingLimits(), counters), engine.prepare)
+    try:
+        done = Collector(len(jobs))
+        loop.submit_all(jobs, done)
+        assert done.all_done.wait(120)
+        return [done.results[i] for i in range(len(jobs))], counters
+    finally:
+        loop.stop()
+
+
+def test_both_engines_make_the_plain_pipelines_images_from_one_mixed_burst(engine):
+    jobs = [
+        GenerationJob(ImageParams(prompt=f"mixed {i}", seed=i, num_inference_steps=steps, scheduler=sampler))
+        for i, (steps, sampler) in enumerate([(2, "default"), (6, "euler"), (3, "dpmpp_2m"), (4, "euler_a")] * 2)
+    ]
+    reference = engine.generate(jobs)  # whole pipeline calls, grouped by parameters
+    for kind in ("step", "request"):
+        results, counters = run_through_loop(engine, kind, jobs)
+        for ref, got in zip(reference, results):
+            assert isinstance(got, ImageResult), got
+            assert np.abs(got.pixels.astype(int) - ref.pixels.astype(int)).max() <= 1, kind
+    # The step engine ran the 8 different requests together: one size, so every call held them all at first.
+    _, counters = run_through_loop(engine, "step", jobs)
+    assert max(int(k) for k in counters.snapshot()["model_calls_by_batch_size"]) == 8
+
+
+def test_make_batcher_steps_models_it_knows(engine):
+    assert make_batcher(engine, "step", BatchingLimits(), LoopCounters()).engine_name == "step"
+    assert make_batcher(engine, "request", BatchingLimits(), LoopCounters()).engine_name == "request"
