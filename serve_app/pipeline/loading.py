@@ -10,15 +10,12 @@ Nothing falls back silently from a real model to random weights.
 from __future__ import annotations
 
 import importlib.util
-import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-
-logger = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
