@@ -8,6 +8,7 @@ from ray.serve import Application
 from .config import AppArgs, format_validation_error
 from .generator import ImageGenerator
 from .ingress import Ingress
+from .job_queue.manager import JobManager
 
 
 def build_app(args: dict | None = None) -> Application:
@@ -16,4 +17,5 @@ def build_app(args: dict | None = None) -> Application:
     except ValidationError as exc:
         raise ValueError(format_validation_error(exc, "args")) from None
     generator = ImageGenerator.bind(settings.model, settings.pipeline, settings.defaults)
-    return Ingress.bind(generator, settings)
+    manager = JobManager.bind(generator, settings)
+    return Ingress.bind(generator, manager, settings)

@@ -93,6 +93,34 @@ class CorsConfig(_Strict):
     )
 
 
+class JobsConfig(_Strict):
+    """The jobs API: where records and images live, how long, and how many may wait."""
+
+    store: str = Field(
+        "./outputs",
+        validate_default=True,
+        description="a directory (relative to where Serve starts) or an fsspec URL (s3://bucket/prefix)",
+    )
+    retention_s: float = Field(7 * 86400, gt=0, description="finished jobs are deleted this long after submission")
+    max_store_bytes: int | None = Field(None, ge=1, description="past this, the oldest finished jobs are deleted")
+    max_queued: int = Field(10000, ge=1, description="unfinished jobs in all; more get 503")
+    max_queued_per_key: int = Field(1000, ge=1, description="unfinished jobs per API key; more get 429")
+    max_running: int = Field(64, ge=1, description="jobs whose images are sent to the Generator at once")
+    max_attempts: int = Field(3, ge=1, description="runs of a job whose Generator replica died, before it fails")
+    webhook_hosts: list[str] = Field(
+        default_factory=list, description="hosts webhooks may be sent to (host or host:port); empty = webhooks off"
+    )
+    webhook_timeout_s: float = Field(10, gt=0)
+    webhook_retries: int = Field(3, ge=0)
+    webhook_backoff_s: float = Field(1.0, ge=0, description="wait before the first retry; doubles each time")
+
+    @field_validator("store")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        # Replicas may start in another directory than the builder: pin a local path now.
+        return value if "://" in value else str(Path(value).expanduser().resolve())
+
+
 class AppArgs(_Strict):
     """`args:` of the application in a Serve config (import_path: serve_app.app:build_app)."""
 
@@ -104,6 +132,7 @@ class AppArgs(_Strict):
     limits: RequestLimits = Field(default_factory=RequestLimits)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     cors: CorsConfig = Field(default_factory=CorsConfig)
+    jobs: JobsConfig = Field(default_factory=JobsConfig)
 
     @field_validator("model")
     @classmethod

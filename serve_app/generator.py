@@ -15,12 +15,14 @@ import logging
 import os
 import resource
 import time
+from collections.abc import AsyncIterator
 
 import ray
 from ray import serve
 
 from .config import GENERATOR_MAX_ONGOING_REQUESTS, BatchingConfig
 from .metrics import GeneratorMetrics
+from .pipeline.batching import Progress
 from .pipeline.jobs import GenerationJob, ImageResult
 from .pipeline.loading import PipelineOptions
 from .pipeline.params import GenerationDefaults
@@ -58,6 +60,7 @@ class ImageGenerator:
         self._node_id = ray.get_runtime_context().get_node_id()
         self.metrics = GeneratorMetrics()
         self.received = 0
+        self._progress_queues: dict[int, asyncio.Queue] = {}  # by id() of a job being streamed
         logger.info(
             "ImageGenerator ready: %s, engine %s, warm-up %.2fs",
             self.engine.describe(),
@@ -78,13 +81,35 @@ class ImageGenerator:
         self.metrics.max_batch_size.set(batching.max_batch_size)
 
     async def generate(self, job: GenerationJob) -> ImageResult:
-        if job.submitted_at is None:  # called by something other than the ingress: the wait starts here
-            job = dataclasses.replace(job, submitted_at=time.time())
         self.received += 1
-        result = await (await self._collect_batch(job))
+        result = await (await self._collect_batch(_stamped(job)))
         if isinstance(result, Exception):
             raise result
         return result
+
+    async def generate_stream(self, job: GenerationJob) -> AsyncIterator[dict | ImageResult]:
+        """The job's progress as it runs, `{"step", "total_steps"}` (the latest, when several steps
+        passed since the last one was read), then its `ImageResult`; errors are raised. Closing the
+        stream (the caller gave up) cancels the job: it leaves the engine at its next step."""
+        job = _stamped(job)
+        progress: asyncio.Queue[Progress] = asyncio.Queue()
+        self._progress_queues[id(job)] = progress
+        outcome = asyncio.ensure_future(self.generate(job))
+        try:
+            while not outcome.done():
+                waiting = asyncio.ensure_future(progress.get())
+                await asyncio.wait([outcome, waiting], return_when=asyncio.FIRST_COMPLETED)
+                if not waiting.done():
+                    waiting.cancel()
+                    continue
+                latest = waiting.result()
+                while not progress.empty():
+                    latest = progress.get_nowait()
+                yield {"step": latest.step, "total_steps": latest.total_steps}
+            yield outcome.result()
+        finally:
+            self._progress_queues.pop(id(job), None)
+            outcome.cancel()
 
     @serve.batch(
         max_batch_size=_DEFAULT_BATCHING.max_batch_size, batch_wait_timeout_s=_DEFAULT_BATCHING.batch_wait_timeout_s
@@ -98,7 +123,12 @@ class ImageGenerator:
             # Called on the engine's thread: results cross to this replica's event loop.
             event_loop.call_soon_threadsafe(self._deliver, jobs[index], futures[index], result)
 
-        tickets = self.loop.submit_all(jobs, on_done)
+        def on_progress(index: int, progress: Progress) -> None:
+            queue = self._progress_queues.get(id(jobs[index]))
+            if queue is not None:  # someone streams this job's progress
+                event_loop.call_soon_threadsafe(queue.put_nowait, progress)
+
+        tickets = self.loop.submit_all(jobs, on_done, on_progress)
         for future, ticket in zip(futures, tickets):
             # The caller gave up (disconnect, deadline, cancel): the job leaves at the next tick.
             future.add_done_callback(lambda f, ticket=ticket: ticket.cancel() if f.cancelled() else None)
@@ -138,6 +168,11 @@ class ImageGenerator:
 
     def check_health(self) -> None:
         self.engine.check_health()
+
+
+def _stamped(job: GenerationJob) -> GenerationJob:
+    """The job with the time its wait started: the ingress sets it; for other callers it starts here."""
+    return job if job.submitted_at is not None else dataclasses.replace(job, submitted_at=time.time())
 
 
 def _rss_bytes() -> int:

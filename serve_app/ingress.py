@@ -8,6 +8,7 @@ from ray.serve.handle import DeploymentHandle
 from .api.asgi import create_api
 from .api.serving import GenerationService
 from .config import AppArgs
+from .job_queue.store import JobStore
 
 
 @serve.deployment(
@@ -18,10 +19,11 @@ from .config import AppArgs
 )
 @serve.ingress()
 class Ingress:
-    def __init__(self, generator: DeploymentHandle, settings: AppArgs):
+    def __init__(self, generator: DeploymentHandle, manager: DeploymentHandle, settings: AppArgs):
         # Keys are read here, on the replica, from the environment or file the config names.
         self.api_keys = settings.auth.load_keys() if settings.auth.enabled else None
-        self.service = GenerationService(generator, settings, serve.get_replica_context().app_name)
+        app_name = serve.get_replica_context().app_name
+        self.service = GenerationService(generator, settings, app_name, manager, JobStore(settings.jobs.store))
 
     def __serve_build_asgi_app__(self):
         return create_api(self.service, self.api_keys)

@@ -9,6 +9,7 @@ from .. import __version__
 from . import health
 from .a1111 import routes as a1111_routes
 from .errors import install_error_handlers
+from .jobs import routes as job_routes
 from .middleware import (
     ApiKeyMiddleware,
     BodySizeLimitMiddleware,
@@ -58,6 +59,7 @@ def create_api(service: GenerationService, api_keys: list[str] | None = None) ->
     app.add_middleware(OutcomeCounterMiddleware, counter=service.responses_by_status)
     app.add_middleware(RequestIdMiddleware)
     app.include_router(native_routes.router)
+    app.include_router(job_routes.router)
     app.include_router(health.router)
     app.include_router(openai_routes.router)
     app.include_router(a1111_routes.router)

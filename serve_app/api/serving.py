@@ -14,6 +14,7 @@ import dataclasses
 import secrets
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 import numpy as np
@@ -24,6 +25,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.concurrency import run_in_threadpool
 
 from ..config import AppArgs, RequestLimits
+from ..job_queue.store import JobStore
 from ..pipeline.errors import GenerationError
 from ..pipeline.jobs import GenerationJob, ImageResult
 from ..pipeline.params import SEED_MAX, ImageParams
@@ -115,8 +117,17 @@ async def encode_images(images: list[ImageResult], output_format: str, quality: 
 class GenerationService:
     """What the routes call. Fans jobs out to the Generator and maps its failures to API errors."""
 
-    def __init__(self, generator: DeploymentHandle, settings: AppArgs, app_name: str | None = None):
+    def __init__(
+        self,
+        generator: DeploymentHandle,
+        settings: AppArgs,
+        app_name: str | None = None,
+        manager: DeploymentHandle | None = None,
+        store: JobStore | None = None,
+    ):
         self.generator = generator
+        self.manager = manager  # the JobManager: every change to a job goes through it
+        self.store = store  # job records and images, read directly by every ingress replica
         self.settings = settings
         self.model = settings.model
         self.limits = settings.limits
@@ -134,9 +145,56 @@ class GenerationService:
             responses.extend(
                 self.generator.generate.remote(dataclasses.replace(job, submitted_at=submitted_at)) for job in jobs
             )
-            images = list(await asyncio.gather(*responses))
+            images = list(await self._mapped(asyncio.gather(*responses)))
             finished = True
             return images
+        finally:
+            if not finished:
+                # Failure, time-out or client gone: drop this request's work that has not started.
+                for response in responses:
+                    _cancel_quietly(response)
+
+    async def generate_events(self, jobs: list[GenerationJob]) -> AsyncIterator[dict | list[ImageResult]]:
+        """Progress of the request's images as they run, `{"step", "total_steps", "images_done", "num_images"}`
+        (all images together), then the list of images. Errors are raised as from `generate`."""
+        streaming = self.generator.options(stream=True)
+        updates: asyncio.Queue = asyncio.Queue()
+        steps, totals, done = [0] * len(jobs), [0] * len(jobs), [0] * len(jobs)
+
+        async def one(index: int) -> ImageResult:
+            result = None
+            stream = streaming.generate_stream.remote(dataclasses.replace(jobs[index], submitted_at=time.time()))
+            try:
+                async for item in stream:
+                    if isinstance(item, dict):
+                        steps[index], totals[index] = item["step"], item["total_steps"]
+                    else:
+                        result, done[index] = item, 1
+                    updates.put_nowait(None)
+            finally:
+                if result is None:
+                    stream.cancel()
+            return result
+
+        tasks = [asyncio.ensure_future(self._mapped(one(i))) for i in range(len(jobs))]
+        finished = asyncio.ensure_future(asyncio.gather(*tasks))
+        try:
+            while not finished.done():
+                waiting = asyncio.ensure_future(updates.get())
+                await asyncio.wait([finished, waiting], return_when=asyncio.FIRST_COMPLETED)
+                waiting.cancel()
+                while not updates.empty():
+                    updates.get_nowait()
+                yield {"step": sum(steps), "total_steps": sum(totals), "images_done": sum(done), "num_images": len(jobs)}
+            yield finished.result()
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _mapped(self, call):
+        """A Generator call's failures as API errors."""
+        try:
+            return await call
         except GenerationError as exc:
             raise ApiError(exc.status, exc.code, exc.message, exc.field) from None
         except BackPressureError as exc:
@@ -144,11 +202,17 @@ class GenerationService:
         except (RayActorError, DeploymentUnavailableError):
             message = "the generator replica working on this request stopped; retry (a new one is starting)"
             raise self._unavailable("generator_unavailable", message) from None
-        finally:
-            if not finished:
-                # Failure, time-out or client gone: drop this request's work that has not started.
-                for response in responses:
-                    _cancel_quietly(response)
+
+    async def call_manager(self, response):
+        """A JobManager call; its refusals (429, 503, 404, 409) as API errors."""
+        try:
+            return await response
+        except GenerationError as exc:
+            retry_after = getattr(exc, "retry_after_s", None)
+            headers = {"Retry-After": str(retry_after)} if retry_after else None
+            raise ApiError(exc.status, exc.code, exc.message, exc.field, headers=headers) from None
+        except (RayActorError, DeploymentUnavailableError):
+            raise self._unavailable("job_queue_unavailable", "the job queue is restarting; retry") from None
 
     async def generate_each(self, job_lists: list[list[GenerationJob]]) -> list[list[ImageResult]]:
         """Several requests' jobs submitted together (so they share batches), answered per request."""

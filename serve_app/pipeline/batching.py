@@ -212,12 +212,18 @@ class EngineLoop:
             self._wake.notify()
         return ticket
 
-    def submit_all(self, jobs: list[GenerationJob], on_done: Callable[[int, ImageResult | Exception], None]):
-        """Several jobs that arrived together, admitted together (at the same tick)."""
+    def submit_all(
+        self,
+        jobs: list[GenerationJob],
+        on_done: Callable[[int, ImageResult | Exception], None],
+        on_progress: Callable[[int, Progress], None] | None = None,
+    ) -> list[Ticket]:
+        """Several jobs that arrived together, admitted together (at the same tick); callbacks get the job's index."""
         tickets = []
         with self._wake:  # held across the batch, so the worker takes all of them in one tick
             for index, job in enumerate(jobs):
-                tickets.append(self.submit(job, lambda result, index=index: on_done(index, result)))
+                progress = None if on_progress is None else (lambda p, index=index: on_progress(index, p))
+                tickets.append(self.submit(job, lambda result, index=index: on_done(index, result), progress))
         return tickets
 
     def stop(self) -> None:

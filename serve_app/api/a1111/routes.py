@@ -12,6 +12,7 @@ from ...pipeline.jobs import ImageResult
 from ...pipeline.schedulers import SCHEDULERS, a1111_name
 from ..encoding import b64, decode_init_image, parameters_text
 from ..errors import request_id_of
+from ..jobs.routes import find, owner
 from ..serving import Service, build_jobs, encode_images
 from .protocol import FIELD_NAMES, A1111GenerationResult, A1111Img2ImgRequest, A1111Txt2ImgRequest
 
@@ -34,6 +35,44 @@ async def img2img(body: A1111Img2ImgRequest, request: Request, service: Service)
         params, body.num_images, service.limits, request_id_of(request), init_image=init_image, names=FIELD_NAMES
     )
     return await _result(await service.generate(jobs), body, service.model)
+
+
+@router.get("/progress", summary="AUTOMATIC1111: progress of the caller's running job")
+async def progress(request: Request, service: Service):
+    """Maps onto the caller's most recently started job (see /jobs); sync txt2img/img2img calls have none."""
+    job_id = await service.call_manager(service.manager.running_job_of.remote(owner(request, service)))
+    live = await service.call_manager(service.manager.live.remote(job_id)) if job_id else None
+    step = (live or {}).get("progress") or {}
+    done, total = step.get("step", 0), step.get("total_steps", 0)
+    fraction = done / total if total else 0.0
+    eta = None
+    if job_id and done:
+        record = await find(service, request, job_id)
+        elapsed = time.time() - (record.started_at or record.created_at)
+        eta = round(elapsed * (total - done) / done, 2)
+    return {
+        "progress": round(fraction, 4),
+        "eta_relative": eta or 0.0,
+        "state": {
+            "skipped": False,
+            "interrupted": False,
+            "job": job_id or "",
+            "job_count": 1 if job_id else 0,
+            "job_no": 0,
+            "sampling_step": done,
+            "sampling_steps": total,
+        },
+        "current_image": None,
+        "textinfo": None,
+    }
+
+
+@router.post("/interrupt", summary="AUTOMATIC1111: cancel the caller's running job")
+async def interrupt(request: Request, service: Service):
+    job_id = await service.call_manager(service.manager.running_job_of.remote(owner(request, service)))
+    if job_id:
+        await service.call_manager(service.manager.cancel.remote(job_id, owner(request, service)))
+    return {"interrupted": job_id}
 
 
 @router.get("/samplers", summary="AUTOMATIC1111: samplers this server knows")

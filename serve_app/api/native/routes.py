@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from ...pipeline.jobs import ImageResult
 from ..encoding import MEDIA_TYPES, b64, decode_init_image, zip_archive
 from ..errors import ApiError, request_id_of, validate_or_422
+from ..jobs.routes import accepted, event_stream, submit_job
 from ..serving import Service, build_jobs, encode_images
 from .protocol import (
     GenerateRequest,
@@ -44,12 +45,46 @@ _IMAGE_RESPONSE = {
 }
 
 
-@router.post("/generate", response_model=GenerateResponse, responses=_IMAGE_RESPONSE, summary="Text to image")
+@router.post(
+    "/generate",
+    response_model=GenerateResponse,
+    responses=_IMAGE_RESPONSE,
+    summary="Text to image",
+    description="`Prefer: respond-async` makes it a job (202, as POST /jobs); `Accept: text/event-stream` streams "
+    "progress events, then the JSON response as the `succeeded` event.",
+)
 async def generate(body: GenerateRequest, request: Request, service: Service):
-    form = choose_response_format(body.response_format, body.num_images, request.headers.get("accept"))
-    jobs = build_jobs(body.image_params(), body.num_images, service.limits, request_id_of(request))
+    return await _generate(request, service, body)
+
+
+async def _generate(request: Request, service: Service, body: Img2ImgFields | GenerateRequest, init_image=None):
+    """What /generate and /img2img share once the request is read: a job, an event stream, or the images."""
+    if "respond-async" in request.headers.get("prefer", ""):
+        record = await submit_job(service, request, body.image_params(), body.num_images, init_image=init_image)
+        return accepted(record)
+    accept = request.headers.get("accept", "")
+    jobs = build_jobs(
+        body.image_params(), body.num_images, service.limits, request_id_of(request), init_image=init_image
+    )
+    if "text/event-stream" in accept:
+        return event_stream(_events(service, jobs, body, request_id_of(request)))
+    form = choose_response_format(body.response_format, body.num_images, accept)
     images = await service.generate(jobs)
     return await respond(images, body, form, request_id_of(request), service.model)
+
+
+async def _events(service: Service, jobs, options: OutputOptions, request_id: str):
+    """progress events, then `succeeded` with the JSON response, or `failed` with the error."""
+    try:
+        async for update in service.generate_events(jobs):
+            if isinstance(update, dict):
+                yield {"event": "progress", "data": update}
+            else:
+                encoded = await encode_images(update, options.output_format, options.quality, service.model)
+                response = json_response(update, encoded, options, service.model, request_id)
+                yield {"event": "succeeded", "data": response.model_dump(mode="json")}
+    except ApiError as exc:  # the status line is long gone: the error travels as the last event
+        yield {"event": "failed", "data": {"error": {"code": exc.code, "message": exc.message, "field": exc.field}}}
 
 
 @router.post(
@@ -71,13 +106,8 @@ async def generate(body: GenerateRequest, request: Request, service: Service):
 )
 async def img2img(request: Request, service: Service):
     body, upload = await _read_img2img(request)
-    form = choose_response_format(body.response_format, body.num_images, request.headers.get("accept"))
     init_image = await run_in_threadpool(decode_init_image, upload, service.limits, body.width, body.height)
-    jobs = build_jobs(
-        body.image_params(), body.num_images, service.limits, request_id_of(request), init_image=init_image
-    )
-    images = await service.generate(jobs)
-    return await respond(images, body, form, request_id_of(request), service.model)
+    return await _generate(request, service, body, init_image)
 
 
 @router.post(

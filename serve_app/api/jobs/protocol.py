@@ -1,0 +1,112 @@
+"""The jobs API's models: submit any text-to-image or image-to-image request, read its state,
+progress and images, refine a stored image."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ...job_queue.records import JobError, JobRecord, JobStatus, Webhook
+from ...pipeline.params import ImageParams, Prompt, Strength
+from ..native.protocol import ImageRequest
+
+
+class JobRequest(ImageRequest):
+    """POST /jobs: the fields of /generate, or of /img2img with `init_image`; plus an optional webhook."""
+
+    init_image: str | None = Field(None, description="image-to-image: the starting image, base64 or a data: URL")
+    webhook: Webhook | None = Field(None, description="POSTed the final job (hosts must be allowed by the server)")
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"prompt": "a lighthouse at dawn", "seed": 42, "num_images": 2},
+                {"prompt": "the same, at night", "init_image": "<base64 PNG>", "strength": 0.6},
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _strength_needs_an_image(self) -> JobRequest:
+        if self.strength is not None and self.init_image is None:
+            raise ValueError("strength applies to image-to-image: send init_image too")
+        return self
+
+
+class RefineRequest(BaseModel):
+    """POST /jobs/{id}/refine: image-to-image on a stored image (the refiner model when one is configured)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: int = Field(0, ge=0, description="which image of the job")
+    prompt: Prompt | None = Field(None, description="default: the job's own prompt")
+    strength: Strength = 0.3
+    negative_prompt: str | None = None
+    num_inference_steps: int | None = Field(None, ge=1, le=1000)
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    webhook: Webhook | None = None
+
+
+class RefineByIdRequest(RefineRequest):
+    """POST /refine: the same, naming the job in the body."""
+
+    id: str
+
+
+class JobProgress(BaseModel):
+    step: int = Field(..., description="denoising steps done, all the job's images together")
+    total_steps: int
+    images_done: int
+    num_images: int
+
+
+class JobImageView(BaseModel):
+    index: int
+    seed: int
+    url: str
+    metadata: dict
+
+
+class JobView(BaseModel):
+    """A job as the API shows it: the stored record with its live state and URLs."""
+
+    id: str
+    status: JobStatus
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    kind: Literal["txt2img", "img2img"]
+    model: str
+    params: ImageParams
+    seeds: list[int]
+    position: int | None = Field(None, description="place in the queue while queued (1 = next)")
+    progress: JobProgress | None = Field(None, description="while running")
+    error: JobError | None = None
+    images: list[JobImageView] = Field(default_factory=list)
+    refined_from: str | None = None
+    urls: dict[str, str]
+
+    @classmethod
+    def of(cls, record: JobRecord, live: dict | None = None) -> JobView:
+        base = f"/jobs/{record.id}"
+        live = live or {}
+        return cls(
+            **record.model_dump(include={"id", "created_at", "started_at", "finished_at", "kind", "model", "seeds"}),
+            status=live.get("status", record.status),
+            params=record.params,
+            position=live.get("position"),
+            progress=live.get("progress"),
+            error=record.error,
+            images=[
+                JobImageView(index=i.index, seed=i.seed, url=f"{base}/images/{i.index}", metadata=i.metadata)
+                for i in record.images
+            ],
+            refined_from=record.refined_from,
+            urls={"self": base, "events": f"{base}/events", "cancel": base},
+        )
+
+
+class JobList(BaseModel):
+    jobs: list[JobView]
+    next_cursor: str | None = Field(None, description="pass as ?cursor= for the next page; null at the end")

@@ -1,0 +1,362 @@
+"""JobManager: the one queue holder. It takes jobs in (written to the store before anyone is told
+"accepted"), drives them through the Generator with streaming handle calls, keeps their live
+progress, stores their images, tells watchers and webhooks, and sweeps expired jobs.
+
+What survives what:
+* the ingress replica that accepted a job dies: nothing is lost; the job is in the store and here;
+* the Generator replica running a job dies: the streaming call fails, the job runs again (up to
+  `jobs.max_attempts`); the same seeds make the same images, written to the same files;
+* this replica dies: Serve starts a new one, which reads every unfinished job from the store and
+  runs it again from the start (queued first, oldest first). Progress of the lost attempt is lost.
+Only one replica of this deployment may run (num_replicas 1): it is the single writer of records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+
+import httpx
+import numpy as np
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+from starlette.concurrency import run_in_threadpool
+
+from ..config import AppArgs
+from ..pipeline.errors import GenerationError
+from ..pipeline.jobs import GenerationJob, ImageResult
+from .records import JobError, JobImage, JobRecord, JobStatus, created_at
+from .store import JobStore
+
+logger = logging.getLogger("ray.serve")
+
+
+class JobRefused(GenerationError):
+    """A job that cannot be taken now: the caller's share of the queue is full (429) or the queue is (503)."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.status, self.code, self.retry_after_s = status, code, retry_after_s
+
+    def __reduce__(self):  # crosses to the ingress pickled: rebuild it from its own arguments
+        return type(self), (self.status, self.code, self.message, self.retry_after_s)
+
+
+class JobNotFound(GenerationError):
+    status, code = 404, "job_not_found"
+
+
+class JobFinished(GenerationError):
+    status, code = 409, "job_finished"
+
+
+@serve.deployment(
+    name="JobManager",
+    num_replicas=1,
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=4096,  # watchers hold a call open for a job's whole life
+    health_check_period_s=5,
+)
+class JobManager:
+    def __init__(self, generator: DeploymentHandle, settings: AppArgs):
+        self.generator = generator.options(stream=True)
+        self.config = settings.jobs
+        self.model = settings.model
+        self.store = JobStore(self.config.store)
+        self._queue: deque[str] = deque()  # ids waiting to run, in order
+        self._records: dict[str, JobRecord] = {}  # every unfinished job (queued or running)
+        self._progress: dict[str, dict] = {}  # running jobs: step, total_steps, images_done
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._watchers: dict[str, set[asyncio.Queue]] = {}
+        self._wake = asyncio.Event()
+        self._http = httpx.AsyncClient(timeout=self.config.webhook_timeout_s)
+        for record in self.store.unfinished():  # taken over from a previous queue holder
+            record.status = JobStatus.queued
+            self._records[record.id] = record
+            self._queue.append(record.id)
+        if self._queue:
+            logger.info("JobManager: %d unfinished jobs taken over from the store", len(self._queue))
+        loop = asyncio.get_running_loop()
+        self._dispatcher = loop.create_task(self._dispatch())
+        self._sweeper = loop.create_task(self._sweep_forever())
+
+    # -- calls from the ingress -----------------------------------------------------------------
+
+    async def submit(self, record: JobRecord, init_png: bytes | None = None) -> JobRecord:
+        """Take a job: stored before this returns, so an accepted job is never lost."""
+        unfinished = len(self._records)
+        if unfinished >= self.config.max_queued:
+            raise JobRefused(503, "overloaded", f"the job queue is full ({unfinished} jobs)", self._retry_after())
+        mine = sum(1 for r in self._records.values() if r.owner == record.owner)
+        if record.owner is not None and mine >= self.config.max_queued_per_key:
+            raise JobRefused(
+                429,
+                "too_many_jobs",
+                f"this API key has {mine} unfinished jobs, the most it may have at once; wait for some to finish",
+                self._retry_after(),
+            )
+        if init_png is not None:
+            await run_in_threadpool(self.store.put_input, record.id, init_png)
+        await run_in_threadpool(self.store.put, record)
+        self._records[record.id] = record
+        self._queue.append(record.id)
+        self._wake.set()
+        return record
+
+    async def live(self, job_id: str) -> dict | None:
+        """Queue position (1 = next) while queued, progress while running; None for jobs not unfinished here."""
+        record = self._records.get(job_id)
+        if record is None:
+            return None
+        if record.status == JobStatus.queued:
+            return {"status": "queued", "position": self._position(job_id)}
+        return {"status": "running", "progress": self._progress.get(job_id)}
+
+    async def running_job_of(self, owner: str | None) -> str | None:
+        """The caller's most recently started running job (AUTOMATIC1111's progress and interrupt)."""
+        running = [r for r in self._records.values() if r.status == JobStatus.running and r.owner == owner]
+        return max(running, key=lambda r: r.started_at or 0).id if running else None
+
+    async def cancel(self, job_id: str, owner: str | None) -> JobRecord:
+        record = self._records.get(job_id)
+        if record is None or record.owner != owner:
+            stored = await run_in_threadpool(self.store.get, job_id)
+            if stored is None or stored.owner != owner:
+                raise JobNotFound(f"no job {job_id}")
+            raise JobFinished(f"job {job_id} already ended: {stored.status.value}")
+        if record.status == JobStatus.queued:
+            self._queue.remove(job_id)
+        else:
+            self._tasks[job_id].cancel()  # its Generator calls are cancelled: rows leave at the next step
+        await self._finish(record, JobStatus.canceled)
+        return record
+
+    async def events(self, job_id: str) -> AsyncIterator[dict]:
+        """The job's events from now on: its current state first, then each change, ending with the final one."""
+        record = self._records.get(job_id)
+        if record is None:  # finished (or unknown: the ingress checked it exists)
+            stored = await run_in_threadpool(self.store.get, job_id)
+            if stored is not None:
+                yield {"event": stored.status.value, "data": stored.model_dump(mode="json")}
+            return
+        watcher: asyncio.Queue = asyncio.Queue()
+        self._watchers.setdefault(job_id, set()).add(watcher)
+        try:
+            if record.status == JobStatus.queued:
+                yield {"event": "queued", "data": {"id": job_id, "position": self._position(job_id)}}
+            else:
+                yield {"event": "progress", "data": {"id": job_id, **(self._progress.get(job_id) or {})}}
+            while True:
+                event = await watcher.get()
+                yield event
+                if event["event"] in {s.value for s in JobStatus if s.final}:
+                    return
+        finally:
+            watchers = self._watchers.get(job_id, set())
+            watchers.discard(watcher)
+            if not watchers:
+                self._watchers.pop(job_id, None)
+
+    async def counts(self) -> dict:
+        queued = sum(1 for r in self._records.values() if r.status == JobStatus.queued)
+        return {"queued": queued, "running": len(self._records) - queued}
+
+    # -- running jobs ---------------------------------------------------------------------------
+
+    async def _dispatch(self) -> None:
+        while True:
+            while self._queue and len(self._tasks) < self.config.max_running:
+                job_id = self._queue.popleft()
+                task = asyncio.get_running_loop().create_task(self._run(job_id))
+                self._tasks[job_id] = task
+                task.add_done_callback(lambda _, job_id=job_id: self._task_done(job_id))
+            self._wake.clear()
+            await self._wake.wait()
+
+    def _task_done(self, job_id: str) -> None:
+        self._tasks.pop(job_id, None)
+        self._wake.set()
+
+    async def _run(self, job_id: str) -> None:
+        record = self._records[job_id]
+        record.status, record.started_at = JobStatus.running, time.time()
+        record.attempts += 1
+        await run_in_threadpool(self.store.put, record)
+        self._notify(job_id, "running", {"id": job_id, "attempt": record.attempts})
+        try:
+            results = await self._generate(record)
+        except asyncio.CancelledError:
+            return  # cancelled: cancel() records it
+        except GenerationError as exc:
+            await self._finish(record, JobStatus.failed, JobError(code=exc.code, message=exc.message, field=exc.field))
+            return
+        except (RayActorError, DeploymentUnavailableError) as exc:
+            if record.attempts < self.config.max_attempts:
+                logger.warning("job %s: the Generator replica failed (%s); running it again", job_id, exc)
+                record.status = JobStatus.queued
+                self._progress.pop(job_id, None)
+                await run_in_threadpool(self.store.put, record)
+                self._queue.appendleft(job_id)
+                self._notify(job_id, "queued", {"id": job_id, "position": 1})
+                return
+            error = JobError(code="generator_unavailable", message=f"the Generator failed {record.attempts} times")
+            await self._finish(record, JobStatus.failed, error)
+            return
+        except Exception as exc:  # noqa: BLE001 - any other failure ends the job, never the queue
+            logger.exception("job %s failed", job_id)
+            await self._finish(record, JobStatus.failed, JobError(code="internal_error", message=type(exc).__name__))
+            return
+        record.images = await run_in_threadpool(self._store_images, record, results)
+        await self._finish(record, JobStatus.succeeded)
+
+    async def _generate(self, record: JobRecord) -> list[ImageResult]:
+        init_image = None
+        if record.kind == "img2img":
+            init_image = await run_in_threadpool(self._load_input, record.id)
+        jobs = [
+            GenerationJob(record.params.model_copy(update={"seed": seed}), init_image, record.request_id)
+            for seed in record.seeds
+        ]
+        steps, totals = [0] * len(jobs), [0] * len(jobs)
+        done = [False] * len(jobs)
+
+        async def one(index: int) -> ImageResult:
+            result = None
+            stream = self.generator.generate_stream.remote(jobs[index])
+            try:
+                async for item in stream:
+                    if isinstance(item, dict):
+                        steps[index], totals[index] = item["step"], item["total_steps"]
+                        self._report(record.id, steps, totals, done)
+                    else:
+                        result = item
+            finally:
+                if result is None:
+                    stream.cancel()  # the job was cancelled or failed: its image leaves the engine at the next step
+            done[index] = True
+            self._report(record.id, steps, totals, done)
+            return result
+
+        tasks = [asyncio.ensure_future(one(i)) for i in range(len(jobs))]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:  # one failed or the job was cancelled: stop the others' work too
+                task.cancel()
+
+    def _report(self, job_id: str, steps: list[int], totals: list[int], done: list[bool]) -> None:
+        progress = {
+            "step": sum(steps),
+            "total_steps": sum(totals),
+            "images_done": sum(done),
+            "num_images": len(done),
+        }
+        self._progress[job_id] = progress
+        self._notify(job_id, "progress", {"id": job_id, **progress})
+
+    def _load_input(self, job_id: str) -> np.ndarray:
+        from PIL import Image
+
+        data = self.store.get_input(job_id)
+        if data is None:
+            raise GenerationError(f"the init image of job {job_id} is missing from the store")
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+    def _store_images(self, record: JobRecord, results: list[ImageResult]) -> list[JobImage]:
+        from ..api.encoding import encode_image, parameters_text
+
+        images = []
+        for index, result in enumerate(results):
+            png = encode_image(result.pixels, "png", parameters=parameters_text(result.params, record.model))
+            name = self.store.put_image(record.id, index, png)
+            metadata = {
+                **result.params.model_dump(),
+                "batch_size": result.batch_size,
+                "generation_time_s": round(result.generation_time_s, 4),
+                "warnings": result.warnings,
+            }
+            images.append(JobImage(index=index, seed=result.seed, file=name, metadata=metadata))
+        return images
+
+    async def _finish(self, record: JobRecord, status: JobStatus, error: JobError | None = None) -> None:
+        record.status, record.error, record.finished_at = status, error, time.time()
+        self._records.pop(record.id, None)
+        self._progress.pop(record.id, None)
+        await run_in_threadpool(self.store.put, record)
+        self._notify(record.id, status.value, record.model_dump(mode="json"))
+        if record.webhook is not None and status in record.webhook.events:
+            asyncio.get_running_loop().create_task(self._deliver_webhook(record))
+
+    def _notify(self, job_id: str, event: str, data: dict) -> None:
+        for watcher in self._watchers.get(job_id, ()):
+            watcher.put_nowait({"event": event, "data": data})
+        if event == "queued" or event in {s.value for s in JobStatus if s.final}:
+            for other in self._queue:  # queue positions moved
+                for watcher in self._watchers.get(other, ()):
+                    watcher.put_nowait({"event": "queued", "data": {"id": other, "position": self._position(other)}})
+
+    def _position(self, job_id: str) -> int | None:
+        try:
+            return self._queue.index(job_id) + 1
+        except ValueError:
+            return None
+
+    def _retry_after(self) -> int:
+        return max(1, min(60, len(self._records) // max(1, self.config.max_running)))
+
+    async def _deliver_webhook(self, record: JobRecord) -> None:
+        """POST the final record, retried with doubling waits; a receiver that keeps failing is logged, not fatal."""
+        body = record.model_dump(mode="json")
+        for attempt in range(self.config.webhook_retries + 1):
+            try:
+                response = await self._http.post(record.webhook.url, json=body)
+                if response.status_code < 300:
+                    return
+                problem = f"HTTP {response.status_code}"
+            except httpx.HTTPError as exc:
+                problem = type(exc).__name__
+            if attempt < self.config.webhook_retries:
+                await asyncio.sleep(self.config.webhook_backoff_s * 2**attempt)
+        logger.warning("job %s: webhook %s failed after %d attempts (%s)", record.id, record.webhook.url, attempt + 1, problem)
+
+    # -- retention ------------------------------------------------------------------------------
+
+    async def _sweep_forever(self) -> None:
+        interval = max(0.5, min(60.0, self.config.retention_s / 4))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await run_in_threadpool(self.sweep)
+            except Exception:  # noqa: BLE001 - the next sweep tries again
+                logger.exception("JobManager: sweeping the store failed")
+
+    def sweep(self) -> int:
+        """Delete finished jobs past the retention, then the oldest finished ones while over the byte cap."""
+        deleted = 0
+        oldest_first = list(reversed(self.store.ids()))
+        horizon = time.time() - self.config.retention_s
+        kept = []
+        for job_id in oldest_first:
+            if job_id in self._records:
+                continue
+            if created_at(job_id) < horizon:
+                self.store.delete(job_id)
+                deleted += 1
+            else:
+                kept.append(job_id)
+        if self.config.max_store_bytes is not None:
+            sizes = {job_id: self.store.size_bytes(job_id) for job_id in kept}
+            total = sum(sizes.values())
+            for job_id in kept:
+                if total <= self.config.max_store_bytes:
+                    break
+                self.store.delete(job_id)
+                total -= sizes[job_id]
+                deleted += 1
+        return deleted
