@@ -132,6 +132,7 @@ class JobManager:
             raise JobFinished(f"job {job_id} already ended: {stored.status.value}")
         if record.status == JobStatus.queued:
             self._queue.remove(job_id)
+            self._queue_moved()
         else:
             self._tasks[job_id].cancel()  # its Generator calls are cancelled: rows leave at the next step
         await self._finish(record, JobStatus.canceled)
@@ -173,6 +174,7 @@ class JobManager:
         while True:
             while self._queue and len(self._tasks) < self.config.max_running:
                 job_id = self._queue.popleft()
+                self._queue_moved()
                 task = asyncio.get_running_loop().create_task(self._run(job_id))
                 self._tasks[job_id] = task
                 task.add_done_callback(lambda _, job_id=job_id: self._task_done(job_id))
@@ -203,7 +205,8 @@ class JobManager:
                 self._progress.pop(job_id, None)
                 await run_in_threadpool(self.store.put, record)
                 self._queue.appendleft(job_id)
-                self._notify(job_id, "queued", {"id": job_id, "position": 1})
+                self._queue_moved()
+                self._wake.set()
                 return
             error = JobError(code="generator_unavailable", message=f"the Generator failed {record.attempts} times")
             await self._finish(record, JobStatus.failed, error)
@@ -296,10 +299,11 @@ class JobManager:
     def _notify(self, job_id: str, event: str, data: dict) -> None:
         for watcher in self._watchers.get(job_id, ()):
             watcher.put_nowait({"event": event, "data": data})
-        if event == "queued" or event in {s.value for s in JobStatus if s.final}:
-            for other in self._queue:  # queue positions moved
-                for watcher in self._watchers.get(other, ()):
-                    watcher.put_nowait({"event": "queued", "data": {"id": other, "position": self._position(other)}})
+
+    def _queue_moved(self) -> None:
+        """A job left or re-entered the queue: tell the watchers of those behind it their new position."""
+        for position, job_id in enumerate(self._queue, 1):
+            self._notify(job_id, "queued", {"id": job_id, "position": position})
 
     def _position(self, job_id: str) -> int | None:
         try:

@@ -32,8 +32,15 @@ class JobStatus(str, Enum):
         return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.canceled)
 
 
+_last_millis = 0
+
+
 def new_job_id(now: float | None = None) -> str:
+    """A new id. Ids made by one process sort in the order they were made, even within a millisecond."""
+    global _last_millis
     millis = int((time.time() if now is None else now) * 1000)
+    if now is None:
+        millis = _last_millis = max(millis, _last_millis + 1)
     return f"{millis:012x}{secrets.token_hex(12)}"
 
 
