@@ -197,14 +197,7 @@ class _Cohort:
         self.members = list(members)
         for row, state in enumerate(self.members):
             state._cohort, state._row = self, row
-        generators = [state.generator for state in self.members]
-        accepted = _step_parameters(type(self.scheduler))
-        self.step_kwargs: dict = {}
-        if "eta" in accepted:
-            self.step_kwargs["eta"] = 0.0  # the pipelines' default
-        if "generator" in accepted:
-            # A list draws each row from its own generator, as a pipeline call with a list does.
-            self.step_kwargs["generator"] = generators[0] if len(generators) == 1 else generators
+        self.step_kwargs = prepare_extra_step_kwargs(self.scheduler, [state.generator for state in self.members])
 
     @property
     def total_steps(self) -> int:
@@ -331,10 +324,13 @@ class StepPipeline:
             for index, conditioning in zip(valid, encoded):
                 if isinstance(conditioning, GenerationError):
                     results[index] = conditioning
-                else:
-                    cohorts.setdefault(self._cohort_key(jobs[index], index), []).append(
-                        (index, jobs[index], conditioning)
-                    )
+                    continue
+                try:
+                    key = self._cohort_key(jobs[index], index)
+                except GenerationError as exc:
+                    results[index] = exc
+                    continue
+                cohorts.setdefault(key, []).append((index, jobs[index], conditioning))
             for members in cohorts.values():
                 for index, result in zip([m[0] for m in members], self._start_cohort(members)):
                     results[index] = result
@@ -356,7 +352,9 @@ class StepPipeline:
             raise InvalidJobError(f"unknown scheduler {p.scheduler!r}; choose one of {names}", "scheduler")
         if job.init_image is not None:
             image = job.init_image
-            if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
+            if not (
+                isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+            ):
                 raise InvalidJobError("init_image must be an RGB uint8 array (height, width, 3)", "init_image")
             if int(p.num_inference_steps * p.strength) < 1:
                 raise InvalidJobError(
@@ -431,12 +429,21 @@ class StepPipeline:
         return (p.scheduler, p.num_inference_steps, *kind, alone)
 
     def _template(self, name: str, steps: int):
-        """A scheduler with its timesteps set, to copy: `from_config` costs ~1 ms, a copy a fifth of that."""
+        """A scheduler with its timesteps set, to copy: `from_config` costs ~1 ms (KDPM2's constructor
+        0.3 s: it sets 1000 timesteps), a copy a fifth of a millisecond."""
         key = (name, steps)
         template = self._templates.get(key)
         if template is None:
             template = make_scheduler(name, self.model_scheduler)
-            template.set_timesteps(steps, device=self.device)  # retrieve_timesteps, with no custom timesteps
+            reason = self.unsupported_scheduler_reason(template)
+            if reason:
+                raise InvalidJobError(f"scheduler {name!r} cannot be used here: {reason}", "scheduler")
+            try:
+                template.set_timesteps(steps, device=self.device)  # retrieve_timesteps, with no custom timesteps
+            except ValueError as exc:  # e.g. LCM refuses more steps than its original_inference_steps (50)
+                raise InvalidJobError(
+                    f"scheduler {name!r} cannot run {steps} steps: {exc}", "num_inference_steps"
+                ) from exc
             self._templates[key] = template
             while len(self._templates) > _TEMPLATE_CACHE_SIZE:
                 self._templates.popitem(last=False)
@@ -449,9 +456,6 @@ class StepPipeline:
         first = members[0][1]
         try:
             scheduler = copy.deepcopy(self._template(first.params.scheduler, first.params.num_inference_steps))
-            reason = self.unsupported_scheduler_reason(scheduler)
-            if reason:
-                raise InvalidJobError(f"scheduler {first.params.scheduler!r} cannot be used: {reason}", "scheduler")
             timesteps = self.prepare_timesteps(scheduler, first)
         except GenerationError as exc:
             return [exc] * len(members)
@@ -462,7 +466,9 @@ class StepPipeline:
                 generator = torch.Generator("cpu").manual_seed(job.params.seed)
                 dtype = conditioning.cond.dtype
                 if job.init_image is None:
-                    image_latents = self.prepare_latents(scheduler, job.params.width, job.params.height, dtype, generator)
+                    image_latents = self.prepare_latents(
+                        scheduler, job.params.width, job.params.height, dtype, generator
+                    )
                 else:
                     image_latents = self.prepare_image_latents(scheduler, job.init_image, timesteps, dtype, generator)
                 if self.is_sdxl:
@@ -780,6 +786,18 @@ class StepPipeline:
         if getattr(pipe, "watermark", None) is not None:
             image = pipe.watermark.apply_watermark(image)
         return to_uint8(pipe.image_processor.postprocess(image, output_type="np"))
+
+
+def prepare_extra_step_kwargs(scheduler, generators: list[torch.Generator]) -> dict:
+    """The pipelines' prepare_extra_step_kwargs: eta (their default, 0) and the generators, where this
+    scheduler's step() takes them. A list draws each row from its own generator, as a pipeline call does."""
+    accepted = _step_parameters(type(scheduler))
+    kwargs: dict = {}
+    if "eta" in accepted:
+        kwargs["eta"] = 0.0
+    if "generator" in accepted:
+        kwargs["generator"] = generators[0] if len(generators) == 1 else generators
+    return kwargs
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

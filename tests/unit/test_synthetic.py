@@ -52,3 +52,30 @@ def test_sdxl_architecture_builds_with_two_text_encoders():
     assert type(pipe).__name__ == "StableDiffusionXLPipeline"
     assert pipe.text_encoder_2 is not None
     assert _image(pipe).shape == (64, 64, 3)
+
+
+def test_in_memory_and_saved_models_make_the_same_images(tmp_path):
+    """A scheduler config that leaves keys to defaults (`_use_default_values`) makes samplers built from it
+    take their own defaults in memory but the model's once saved (63/255 apart for 4-step Euler)."""
+    from diffusers import DiffusionPipeline
+
+    from serve_app.pipeline.schedulers import make_scheduler
+
+    in_memory = build_pipeline("tiny")
+    assert not in_memory.scheduler.config.get("_use_default_values")
+    in_memory.save_pretrained(tmp_path)
+    loaded = DiffusionPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert dict(loaded.scheduler.config) == dict(in_memory.scheduler.config)
+    model_schedulers = {id(in_memory): in_memory.scheduler, id(loaded): loaded.scheduler}
+
+    def image(pipe, sampler):
+        pipe.scheduler = make_scheduler(sampler, model_schedulers[id(pipe)])
+        generator = torch.Generator("cpu").manual_seed(3)
+        return pipe("a cat", num_inference_steps=4, width=32, height=32, generator=generator, output_type="np").images[
+            0
+        ]
+
+    # Before: euler, euler_a, heun, dpm2, dpm2_a, dpmpp_2m and unipc differed; the model's own (PNDM) did not.
+    for sampler in ("default", "euler", "dpmpp_2m", "unipc"):
+        assert np.array_equal(image(in_memory, sampler), image(loaded, sampler)), sampler
