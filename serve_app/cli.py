@@ -42,6 +42,7 @@ EXAMPLES = f"""examples:
   sd-serve generate "a red fox in snow" --num-images 4 --size 512x512 --steps 20 -o fox.png
   sd-serve img2img lighthouse.png "the same, at night" --strength 0.6 -o night.png
   sd-serve batch prompts.txt --out-dir out/ --concurrency 8     (run it again to resume)
+  sd-serve bulk prompts.jsonl out/ --model synthetic:tiny       (no server: Ray Data; run it again to resume)
   sd-serve health
   sd-serve synth tiny ./tiny-sd
 
@@ -448,6 +449,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     synthetic.add_arguments(synth)
     synth.set_defaults(run=cmd_synth)
+
+    from .bulk import command as bulk_command
+
+    bulk = commands.add_parser(
+        "bulk",
+        help="every row of a JSONL/CSV/Parquet file on Ray Data, no server (resumable)",
+        description=bulk_command.DESCRIPTION,
+        epilog=bulk_command.EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bulk_command.add_arguments(bulk)
+    bulk.set_defaults(run=bulk_command.run)
     return parser
 
 

@@ -22,8 +22,11 @@ class Ingress:
     def __init__(self, generator: DeploymentHandle, manager: DeploymentHandle, settings: AppArgs):
         # Keys are read here, on the replica, from the environment or file the config names.
         self.api_keys = settings.auth.load_keys() if settings.auth.enabled else None
-        app_name = serve.get_replica_context().app_name
-        self.service = GenerationService(generator, settings, app_name, manager, JobStore(settings.jobs.store))
+        context = serve.get_replica_context()
+        store = JobStore(settings.jobs.store)
+        self.service = GenerationService(
+            generator, settings, context.app_name, manager, store, context.replica_id.unique_id
+        )
 
     def __serve_build_asgi_app__(self):
         return create_api(self.service, self.api_keys)

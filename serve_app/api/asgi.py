@@ -57,7 +57,7 @@ def create_api(service: GenerationService, api_keys: list[str] | None = None) ->
             expose_headers=["X-Request-Id", "X-Seed", "X-Batch-Size", "X-Generation-Time-S", "Retry-After"],
         )
     app.add_middleware(OutcomeCounterMiddleware, counter=service.responses_by_status)
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(RequestIdMiddleware, replica=service.replica)
     app.include_router(native_routes.router)
     app.include_router(job_routes.router)
     app.include_router(health.router)

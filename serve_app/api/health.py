@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from fastapi import APIRouter
@@ -38,6 +39,8 @@ async def info(service: Service):
         "limits": service.limits.model_dump(),
         "auth": service.settings.auth.enabled,
         "responses_by_status": dict(sorted(service.responses_by_status.items())),
+        "ingress": {"replica": service.replica, "pid": os.getpid()},
         "generator_deployment": await service.generator_status(),
         "generator": await service.generator_info(),
+        "job_manager": await service.call_manager(service.manager.info.remote()) if service.manager else None,
     }

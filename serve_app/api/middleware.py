@@ -36,11 +36,13 @@ class RequestIdMiddleware:
 
     Behind Ray Serve's proxy the request already has an id (the client's X-Request-Id
     or one the proxy made) and the proxy stamps it on the response; only without a
-    proxy in front does this layer make one and stamp it itself.
+    proxy in front does this layer make one and stamp it itself. `replica` (this ingress
+    replica's id) goes out as X-Ingress-Replica: which replica answered, seen from outside.
     """
 
-    def __init__(self, app):
+    def __init__(self, app, replica: str = ""):
         self.app = app
+        self.replica_header = [(b"x-ingress-replica", replica.encode())] if replica else []
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -49,6 +51,7 @@ class RequestIdMiddleware:
         request_id = incoming or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         extra_headers = [] if incoming else [(REQUEST_ID_HEADER.lower().encode(), request_id.encode())]
+        extra_headers += self.replica_header
         started = False
 
         async def send_with_id(message):

@@ -124,7 +124,9 @@ class GenerationService:
         app_name: str | None = None,
         manager: DeploymentHandle | None = None,
         store: JobStore | None = None,
+        replica: str = "",
     ):
+        self.replica = replica  # this ingress replica's id (X-Ingress-Replica on every answer)
         self.generator = generator
         self.manager = manager  # the JobManager: every change to a job goes through it
         self.store = store  # job records and images, read directly by every ingress replica

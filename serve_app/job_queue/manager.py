@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -151,8 +152,10 @@ class JobManager:
         try:
             if record.status == JobStatus.queued:
                 yield {"event": "queued", "data": {"id": job_id, "position": self._position(job_id)}}
+            elif job_id in self._progress:
+                yield {"event": "progress", "data": {"id": job_id, **self._progress[job_id]}}
             else:
-                yield {"event": "progress", "data": {"id": job_id, **(self._progress.get(job_id) or {})}}
+                yield {"event": "running", "data": {"id": job_id, "attempt": record.attempts}}
             while True:
                 event = await watcher.get()
                 yield event
@@ -164,9 +167,16 @@ class JobManager:
             if not watchers:
                 self._watchers.pop(job_id, None)
 
-    async def counts(self) -> dict:
+    async def info(self) -> dict:
         queued = sum(1 for r in self._records.values() if r.status == JobStatus.queued)
-        return {"queued": queued, "running": len(self._records) - queued}
+        return {
+            "replica": serve.get_replica_context().replica_id.unique_id,
+            "pid": os.getpid(),
+            "store": self.store.url,
+            "queued": queued,
+            "running": len(self._records) - queued,
+            "watchers": sum(len(w) for w in self._watchers.values()),
+        }
 
     # -- running jobs ---------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Literal
@@ -32,7 +33,9 @@ _ACCEPTED = {202: {"description": "accepted: the job's id, status and URLs; Loca
 async def submit(body: JobRequest, request: Request, service: Service):
     init_image = None
     if body.init_image is not None:
-        init_image = await run_in_threadpool(decode_init_image, body.init_image, service.limits, body.width, body.height)
+        init_image = await run_in_threadpool(
+            decode_init_image, body.init_image, service.limits, body.width, body.height
+        )
     record = await submit_job(
         service, request, body.image_params(), body.num_images, init_image=init_image, webhook=body.webhook
     )
@@ -73,7 +76,9 @@ async def get_image(
 ):
     record = await find(service, request, job_id)
     if record.status != JobStatus.succeeded:
-        raise ApiError(409, "job_not_finished", f"job {job_id} is {record.status.value}; its images come when it succeeds")
+        raise ApiError(
+            409, "job_not_finished", f"job {job_id} is {record.status.value}; its images come when it succeeds"
+        )
     if not 0 <= index < len(record.images):
         raise ApiError(404, "image_not_found", f"job {job_id} has images 0 to {len(record.images) - 1}", "index")
     data = await run_in_threadpool(service.store.get_image, job_id, index)
@@ -103,7 +108,13 @@ async def cancel(job_id: str, request: Request, service: Service):
     return JobView.of(record)
 
 
-@router.post("/jobs/{job_id}/refine", status_code=202, response_model=JobView, responses=_ACCEPTED, summary="Refine a stored image")
+@router.post(
+    "/jobs/{job_id}/refine",
+    status_code=202,
+    response_model=JobView,
+    responses=_ACCEPTED,
+    summary="Refine a stored image",
+)
 async def refine(job_id: str, body: RefineRequest, request: Request, service: Service):
     return await _refine(service, request, job_id, body)
 
@@ -122,10 +133,14 @@ async def _refine(service: GenerationService, request: Request, job_id: str, bod
         raise ApiError(410, "job_expired", f"the images of job {job_id} were deleted")
     init_image = await run_in_threadpool(decode_init_image, png, service.limits, None, None)
     stored = source.images[body.image]
+    # By default the steps the image was made with, and never so few that the strength leaves none.
+    steps = body.num_inference_steps or max(
+        stored.metadata.get("num_inference_steps") or 1, math.ceil(1 / body.strength)
+    )
     params = ImageParams(
         prompt=body.prompt or source.params.prompt,
         negative_prompt=source.params.negative_prompt if body.negative_prompt is None else body.negative_prompt,
-        num_inference_steps=body.num_inference_steps or source.params.num_inference_steps,
+        num_inference_steps=steps,
         guidance_scale=source.params.guidance_scale,
         scheduler=source.params.scheduler,
         seed=stored.seed if body.seed is None else body.seed,
@@ -193,7 +208,11 @@ async def find(service: GenerationService, request: Request, job_id: str) -> Job
     """The caller's job, or 404 (unknown, malformed or someone else's) / 410 (deleted after its retention)."""
     record = await run_in_threadpool(service.store.get, job_id) if is_job_id(job_id) else None
     if record is None or record.owner != owner(request, service):
-        if record is None and is_job_id(job_id) and created_at(job_id) < time.time() - service.settings.jobs.retention_s:
+        if (
+            record is None
+            and is_job_id(job_id)
+            and created_at(job_id) < time.time() - service.settings.jobs.retention_s
+        ):
             raise ApiError(410, "job_expired", f"job {job_id} was deleted after the retention period")
         raise ApiError(404, "job_not_found", f"no job {job_id}")
     return record

@@ -1,0 +1,136 @@
+"""The callable class Ray Data runs in its actor pool: one engine per actor, rows in, manifest entries out.
+
+Each actor loads the model once (the project's pipeline layer: `ImageEngine`, the same
+model sources and options as the server) and drives it through the engine loop the
+server's Generator uses (`EngineLoop`). Ray Data calls it with up to two batches at a
+time (`max_concurrent_calls_per_actor=2`): both calls' images go into the one loop, so
+while one call encodes and writes its images the next call's are already being
+denoised, and the last images of a batch share model calls with the first of the next.
+Images are written here, by the actor that made them, straight to the output; what
+comes back to Ray Data is one small manifest entry per row.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import datetime, timezone
+
+import pyarrow as pa
+
+from ..api.encoding import encode_image, parameters_text
+from ..api.serving import build_jobs
+from ..pipeline.jobs import GenerationJob, ImageResult
+from .manifest import DONE, FAILED, Output, entries_table
+from .rows import BulkRequest, image_path
+from .settings import BulkSettings
+
+logger = logging.getLogger(__name__)
+
+
+class ImageMaker:
+    """One engine on this actor's device; `__call__` makes and writes the images of a batch of checked rows."""
+
+    def __init__(self, settings: BulkSettings, output: Output, run_id: str):
+        import ray
+
+        from ..pipeline.batching import BatchingLimits, EngineLoop, LoopCounters, make_batcher
+        from ..pipeline.engine import ImageEngine
+
+        self.settings = settings
+        self.output = output
+        self.run_id = run_id
+        self.engine = ImageEngine.load(settings.model, settings.pipeline, settings.defaults)
+        self.engine.warmup()
+        self.counters = LoopCounters()
+        limits = BatchingLimits(settings.max_batch_size, settings.max_active_requests)
+        self.batcher = make_batcher(self.engine, settings.pipeline.engine, limits, self.counters)
+        self.loop = EngineLoop(self.batcher, self.engine.prepare)
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self._folders: set[str] = set()
+        logger.info("bulk worker ready on node %s: %s, engine %s", self.node_id, self.model, self.batcher.engine_name)
+
+    @property
+    def model(self) -> str:
+        return self.settings.model  # as the server names it in the PNG parameters
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.select(["row", "fields", "request"]).to_pylist()
+        requests = [BulkRequest.model_validate_json(row["request"]) for row in rows]
+        jobs: list[GenerationJob] = []
+        owners: list[int] = []
+        for index, (row, request) in enumerate(zip(rows, requests)):
+            made = build_jobs(request.image_params(), request.num_images, self.settings.limits, f"row-{row['row']}")
+            jobs.extend(made)
+            owners.extend([index] * len(made))
+        results = self._generate(jobs)
+        images_of: list[list[ImageResult | Exception]] = [[] for _ in rows]
+        for owner, result in zip(owners, results):
+            images_of[owner].append(result)
+        return entries_table([self._entry(*made) for made in zip(rows, requests, images_of)])
+
+    def _generate(self, jobs: list[GenerationJob]) -> list[ImageResult | Exception]:
+        """Every job through the engine loop; returns when the last one is back."""
+        results: list[ImageResult | Exception | None] = [None] * len(jobs)
+        if not jobs:
+            return []
+        remaining = [len(jobs)]
+        lock, finished = threading.Lock(), threading.Event()
+
+        def on_done(index: int, result: ImageResult | Exception) -> None:  # on the loop's thread
+            results[index] = result
+            with lock:
+                remaining[0] -= 1
+                if remaining[0] == 0:
+                    finished.set()
+
+        self.loop.submit_all(jobs, on_done)
+        finished.wait()
+        return results
+
+    def _entry(self, row: dict, request: BulkRequest, images: list[ImageResult | Exception]) -> dict:
+        failure = next((image for image in images if isinstance(image, Exception)), None)
+        # As run (the model's defaults filled in), or as asked where no image came back.
+        params = request.image_params() if failure is not None else images[0].params
+        entry = {
+            "row": row["row"],
+            "request": row["fields"],
+            **params.model_dump(exclude={"strength"}),
+            "num_images": request.num_images,
+            "output_format": request.output_format,
+            "quality": request.quality,
+            "model": self.model,
+            "node_id": self.node_id,
+            "run_id": self.run_id,
+        }
+        if failure is not None:
+            entry.update(
+                status=FAILED,
+                error=getattr(failure, "message", None) or f"{type(failure).__name__}: {failure}",
+                error_code=getattr(failure, "code", "generation_failed"),
+                error_field=getattr(failure, "field", None),
+            )
+        else:
+            files = [self._write(row["row"], image, request) for image in images]
+            entry.update(
+                status=DONE,
+                file=files[0],
+                files=files,
+                batch_size=max(image.batch_size for image in images),
+                generation_time_s=max(image.generation_time_s for image in images),
+                warnings=sorted({w for image in images for w in image.warnings}),
+            )
+        entry["finished_at"] = datetime.now(timezone.utc)
+        return entry
+
+    def _write(self, row: int, image: ImageResult, request: BulkRequest) -> str:
+        data = encode_image(
+            image.pixels, request.output_format, request.quality, parameters_text(image.params, self.model)
+        )
+        path = image_path(row, image.seed, request.output_format)
+        folder = path.rsplit("/", 1)[0]
+        if folder not in self._folders:
+            self.output.makedirs(folder)
+            self._folders.add(folder)
+        self.output.write_bytes(path, data)
+        return path
