@@ -85,6 +85,7 @@ class JobView(BaseModel):
     error: JobError | None = None
     images: list[JobImageView] = Field(default_factory=list)
     refined_from: str | None = None
+    attempts: int = Field(0, description="runs so far (a job runs again when its Generator replica dies)")
     urls: dict[str, str]
 
     @classmethod
@@ -92,7 +93,7 @@ class JobView(BaseModel):
         base = f"/jobs/{record.id}"
         live = live or {}
         return cls(
-            **record.model_dump(include={"id", "created_at", "started_at", "finished_at", "kind", "model", "seeds"}),
+            **record.model_dump(include={"id", "created_at", "started_at", "finished_at", "kind", "model", "seeds", "attempts"}),
             status=live.get("status", record.status),
             params=record.params,
             position=live.get("position"),
