@@ -19,10 +19,11 @@ import asyncio
 import base64
 import email.utils
 import io
+import json
 import os
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,8 +31,11 @@ from typing import Any, Literal
 import httpx
 from PIL import Image
 
-# The server's own response model (pydantic only), so the client reads exactly what the server writes.
+# The server's own response models (pydantic only), so the client reads exactly what the server writes.
+from .api.jobs.protocol import JobView
 from .api.native.protocol import GenerationMetadata
+
+FINAL_STATES = ("succeeded", "failed", "canceled")
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 URL_ENV = "SD_SERVE_URL"
@@ -301,6 +305,42 @@ class _Endpoints:
             raise SDServeError.from_response(response)
         return response.json()
 
+    def _job(self, response: httpx.Response) -> JobView:
+        return JobView.model_validate(self._json(response))
+
+    @staticmethod
+    def _job_body(prompt: str, params: dict[str, Any], init_image, strength, webhook) -> dict[str, Any]:
+        body = {
+            k: v for k, v in _image_fields(prompt, **params).items() if k not in ("response_format", "output_format")
+        }
+        if init_image is not None:
+            body["init_image"] = encode_init_image(init_image)
+        if strength is not None:
+            body["strength"] = strength
+        if webhook is not None:
+            body["webhook"] = {"url": webhook}
+        return body
+
+    @staticmethod
+    def _event(lines: list[str]) -> tuple[str, dict] | None:
+        """One server-sent event from its lines ("event: ...", "data: ...")."""
+        kind, data = "message", []
+        for line in lines:
+            if line.startswith("event:"):
+                kind = line.partition(":")[2].strip()
+            elif line.startswith("data:"):
+                data.append(line.partition(":")[2].strip())
+        return (kind, json.loads("\n".join(data))) if data else None
+
+    @staticmethod
+    def _stream_event(kind: str, data: dict) -> tuple[str, dict | Generation]:
+        if kind == "succeeded":
+            return kind, Generation.from_json(data)
+        if kind == "failed":
+            error = data.get("error", {})
+            raise SDServeError(error.get("message", "failed"), code=error.get("code", ""), field=error.get("field"))
+        return kind, data
+
     @staticmethod
     def _probe(response: httpx.Response) -> bool | None:
         """200 → True, 503 → False, 404 → None (the server has no such route)."""
@@ -404,6 +444,90 @@ class SDClient(_Endpoints):
         """Many prompts in one request: strings share `shared`, dicts override it per entry."""
         data = self._json(self.request("POST", "/generate/batch", json=_batch_body(entries, shared)))
         return [Generation.from_json(r) for r in data["results"]]
+
+    # -- jobs: submit now, watch, fetch later -------------------------------------------------
+
+    def submit(
+        self,
+        prompt: str,
+        *,
+        init_image: InitImage | None = None,
+        strength: float | None = None,
+        webhook: str | None = None,
+        negative_prompt: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int | None = None,
+        scheduler: str | None = None,
+        num_images: int = 1,
+    ) -> JobView:
+        """Queue a job (text to image, or image to image with `init_image`); returns at once with its id."""
+        params = _job_arguments(locals())
+        body = self._job_body(prompt, params, init_image, strength, webhook)
+        return self._job(self.request("POST", "/jobs", json=body))
+
+    def job(self, job_id: str) -> JobView:
+        return self._job(self.request("GET", f"/jobs/{job_id}"))
+
+    def jobs(
+        self, status: str | None = None, limit: int = 20, cursor: str | None = None
+    ) -> tuple[list[JobView], str | None]:
+        """A page of jobs, newest first, and the cursor of the next page (None at the end)."""
+        query = {k: v for k, v in {"status": status, "limit": limit, "cursor": cursor}.items() if v is not None}
+        data = self._json(self.request("GET", "/jobs", params=query))
+        return [JobView.model_validate(j) for j in data["jobs"]], data["next_cursor"]
+
+    def cancel(self, job_id: str) -> JobView:
+        return self._job(self.request("DELETE", f"/jobs/{job_id}"))
+
+    def download(self, job_id: str, index: int = 0, output_format: OutputFormat = "png") -> GeneratedImage:
+        response = self.request("GET", f"/jobs/{job_id}/images/{index}", params={"format": output_format})
+        if response.status_code >= 400:
+            raise SDServeError.from_response(response)
+        job = self.job(job_id)
+        return GeneratedImage(response.content, job.seeds[index], response.headers["content-type"], 0)
+
+    def events(self, job_id: str) -> Iterator[tuple[str, dict]]:
+        """The job's server-sent events as (kind, data): queued, running, progress, then the final one."""
+        with self._http.stream("GET", f"/jobs/{job_id}/events", timeout=None) as response:
+            if response.status_code >= 400:
+                response.read()
+                raise SDServeError.from_response(response)
+            lines: list[str] = []
+            for line in response.iter_lines():
+                if line:
+                    lines.append(line)
+                elif (event := self._event(lines)) is not None:
+                    lines = []
+                    yield event
+
+    def wait(self, job_id: str, on_progress: Callable[[dict], Any] | None = None) -> JobView:
+        """Follow the job until it ends; `on_progress` gets each progress update (step, total_steps, images_done)."""
+        for kind, data in self.events(job_id):
+            if kind == "progress" and on_progress is not None:
+                on_progress(data)
+            if kind in FINAL_STATES:
+                break
+        return self.job(job_id)
+
+    def stream(self, prompt: str, **params: Any) -> Iterator[tuple[str, dict | Generation]]:
+        """A synchronous request whose progress streams as it runs: ("progress", {...}) events, then
+        ("succeeded", Generation); a failure raises SDServeError."""
+        body = _image_fields(prompt, **{"num_images": 1, "output_format": "png", "quality": None, **_unset(params)})
+        with self._http.stream("POST", "/generate", json=body, headers={"Accept": "text/event-stream"}) as response:
+            if response.status_code >= 400:
+                response.read()
+                raise SDServeError.from_response(response)
+            lines: list[str] = []
+            for line in response.iter_lines():
+                if line:
+                    lines.append(line)
+                    continue
+                event, lines = self._event(lines), []
+                if event is not None:
+                    yield self._stream_event(*event)
 
     def info(self) -> dict[str, Any]:
         return self._json(self.request("GET", "/info"))
@@ -522,6 +646,55 @@ class AsyncSDClient(_Endpoints):
         data = self._json(await self.request("POST", "/generate/batch", json=_batch_body(entries, shared)))
         return [Generation.from_json(r) for r in data["results"]]
 
+    # -- jobs (see SDClient) ------------------------------------------------------------------
+
+    async def submit(
+        self,
+        prompt: str,
+        *,
+        init_image: InitImage | None = None,
+        strength: float | None = None,
+        webhook: str | None = None,
+        negative_prompt: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int | None = None,
+        scheduler: str | None = None,
+        num_images: int = 1,
+    ) -> JobView:
+        params = _job_arguments(locals())
+        body = self._job_body(prompt, params, init_image, strength, webhook)
+        return self._job(await self.request("POST", "/jobs", json=body))
+
+    async def job(self, job_id: str) -> JobView:
+        return self._job(await self.request("GET", f"/jobs/{job_id}"))
+
+    async def cancel(self, job_id: str) -> JobView:
+        return self._job(await self.request("DELETE", f"/jobs/{job_id}"))
+
+    async def events(self, job_id: str) -> AsyncIterator[tuple[str, dict]]:
+        async with self._http.stream("GET", f"/jobs/{job_id}/events", timeout=None) as response:
+            if response.status_code >= 400:
+                await response.aread()
+                raise SDServeError.from_response(response)
+            lines: list[str] = []
+            async for line in response.aiter_lines():
+                if line:
+                    lines.append(line)
+                elif (event := self._event(lines)) is not None:
+                    lines = []
+                    yield event
+
+    async def wait(self, job_id: str, on_progress: Callable[[dict], Any] | None = None) -> JobView:
+        async for kind, data in self.events(job_id):
+            if kind == "progress" and on_progress is not None:
+                on_progress(data)
+            if kind in FINAL_STATES:
+                break
+        return await self.job(job_id)
+
     async def info(self) -> dict[str, Any]:
         return self._json(await self.request("GET", "/info"))
 
@@ -544,6 +717,20 @@ class AsyncSDClient(_Endpoints):
             return await self._http.get(path)
         except httpx.TransportError as exc:
             raise _transport_error(exc, self.base_url) from None
+
+
+def _job_arguments(scope: dict[str, Any]) -> dict[str, Any]:
+    """A job method's image parameters (what `_image_fields` takes besides the prompt)."""
+    excluded = ("self", "prompt", "init_image", "strength", "webhook")
+    return {**{k: v for k, v in scope.items() if k not in excluded}, "output_format": "png", "quality": None}
+
+
+def _unset(params: dict[str, Any]) -> dict[str, Any]:
+    fields = ("negative_prompt", "width", "height", "num_inference_steps", "guidance_scale", "seed", "scheduler")
+    unknown = set(params) - set(fields) - {"num_images", "output_format", "quality"}
+    if unknown:
+        raise TypeError(f"unknown parameters: {', '.join(sorted(unknown))}")
+    return {**dict.fromkeys(fields), **params}
 
 
 def _image_arguments(scope: dict[str, Any]) -> dict[str, Any]:

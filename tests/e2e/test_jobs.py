@@ -243,3 +243,34 @@ def test_job_images_carry_the_init_image_through_json_too(http):
     job = http.post("/jobs", json={"prompt": "from json", "init_image": init, "strength": 0.6, "seed": 2}).json()
     done = final(http, job["id"])
     assert done["kind"] == "img2img" and done["images"][0]["metadata"]["strength"] == 0.6
+
+
+def test_the_python_client_submits_follows_downloads_cancels_and_streams(server):
+    from serve_app.client import AsyncSDClient, SDClient, SDServeError
+
+    with SDClient(server) as sd:
+        job = sd.submit("client job", seed=12, num_images=2, num_inference_steps=6)
+        assert job.status == "queued" and job.seeds == [12, 13]
+        updates = []
+        done = sd.wait(job.id, on_progress=updates.append)
+        assert done.status == "succeeded" and updates and updates[-1]["images_done"] == 2
+        image = sd.download(job.id, 1, "jpeg")
+        assert image.media_type == "image/jpeg" and image.seed == 13 and image.image.size == (64, 64)
+        assert sd.jobs(limit=1)[0][0].id == job.id
+        slow = sd.submit("client slow", **SLOW)
+        assert sd.cancel(slow.id).status == "canceled"
+        with pytest.raises(SDServeError) as info:
+            sd.cancel(slow.id)
+        assert info.value.status == 409 and info.value.code == "job_finished"
+        events = list(sd.stream("client stream", seed=4, num_inference_steps=4))
+        assert [kind for kind, _ in events][-1] == "succeeded" and events[-1][1].seeds == [4]
+        assert all(kind == "progress" for kind, _ in events[:-1])
+
+    async def follow_async():
+        async with AsyncSDClient(server) as sd:
+            job = await sd.submit("async client", seed=1)
+            return await sd.wait(job.id)
+
+    import asyncio
+
+    assert asyncio.run(follow_async()).status == "succeeded"
