@@ -61,29 +61,45 @@ def b64(data: bytes) -> str:
 
 
 UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP")
+_FORMAT_OF_MEDIA_TYPE = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/webp": "WEBP"}
+# 8 bits per channel, at most 4 channels: what RGB conversion takes without losing what the caller meant.
+_ACCEPTED_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr"})
 
 
 def decode_init_image(
-    data: bytes | str, limits: RequestLimits, width: int | None, height: int | None, field: str = "init_image"
+    data: bytes | str,
+    limits: RequestLimits,
+    width: int | None,
+    height: int | None,
+    field: str = "init_image",
+    media_type: str | None = None,
 ) -> np.ndarray:
     """An uploaded image as RGB uint8 at the output size (multiples of 8, within limits).
 
-    The pixel count is checked from the header before anything is decoded, so a
-    small file that expands to gigapixels (a decompression bomb) costs nothing.
+    Everything is checked from the header before a pixel is decoded: the format (and that it is
+    what `media_type`, the upload's declared type, says), the pixel count (413 past
+    `limits.max_upload_pixels`, so a small file that expands to gigapixels costs nothing), one
+    frame, 8 bits per channel. Truncated or corrupt data is a 422 naming the field, never a 500.
     """
     if isinstance(data, str):
         data = _base64_payload(data, field)
     try:
         picture = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError):
+    except Image.DecompressionBombError:
+        raise _too_many_pixels(field, "more pixels than any image this server decodes", limits) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise ApiError.invalid(field, f"is not an image; send {', '.join(UPLOAD_FORMATS)}") from None
     if picture.format not in UPLOAD_FORMATS:
         raise ApiError.invalid(field, f"format {picture.format} is not accepted; send {', '.join(UPLOAD_FORMATS)}")
+    declared = _FORMAT_OF_MEDIA_TYPE.get((media_type or "").split(";")[0].strip().lower())
+    if media_type and media_type.startswith("image/") and declared != picture.format:
+        raise ApiError.invalid(field, f"is sent as {media_type} but is a {picture.format} image")
     if picture.width * picture.height > limits.max_upload_pixels:
-        raise ApiError.invalid(
-            field,
-            f"has {picture.width}x{picture.height} pixels; at most {limits.max_upload_pixels} pixels are accepted",
-        )
+        raise _too_many_pixels(field, f"{picture.width}x{picture.height} pixels", limits)
+    if getattr(picture, "n_frames", 1) > 1:
+        raise ApiError.invalid(field, f"has {picture.n_frames} frames; send a still image")
+    if picture.mode not in _ACCEPTED_MODES:
+        raise ApiError.invalid(field, f"has pixel mode {picture.mode}; send 8 bits per channel (RGB, RGBA or grey)")
     try:
         picture = picture.convert("RGB")
     except (OSError, Image.DecompressionBombError, SyntaxError, ValueError):
@@ -92,6 +108,11 @@ def decode_init_image(
     if size != picture.size:
         picture = picture.resize(size, Image.Resampling.LANCZOS)
     return np.asarray(picture)
+
+
+def _too_many_pixels(field: str, what: str, limits: RequestLimits) -> ApiError:
+    message = f"{field}: claims {what}; at most {limits.max_upload_pixels} pixels are accepted"
+    return ApiError(413, "payload_too_large", message, field)
 
 
 def output_size(

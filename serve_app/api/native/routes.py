@@ -105,8 +105,10 @@ async def _events(service: Service, jobs, options: OutputOptions, request_id: st
     },
 )
 async def img2img(request: Request, service: Service):
-    body, upload = await _read_img2img(request)
-    init_image = await run_in_threadpool(decode_init_image, upload, service.limits, body.width, body.height)
+    body, upload, media_type = await _read_img2img(request)
+    init_image = await run_in_threadpool(
+        decode_init_image, upload, service.limits, body.width, body.height, "init_image", media_type
+    )
     return await _generate(request, service, body, init_image)
 
 
@@ -232,13 +234,13 @@ def metadata(images: list[ImageResult], model: str, request_id: str) -> Generati
     )
 
 
-async def _read_img2img(request: Request) -> tuple[Img2ImgFields, bytes | str]:
-    """The request from JSON (init_image as base64) or multipart (init_image as a file)."""
+async def _read_img2img(request: Request) -> tuple[Img2ImgFields, bytes | str, str | None]:
+    """The request from JSON (init_image as base64) or multipart (init_image as a file, with its declared type)."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         form = await request.form(max_files=1, max_fields=64)
         body = validate_or_422(Img2ImgForm, dict(form))
-        return body, await body.init_image.read()
+        return body, await body.init_image.read(), body.init_image.content_type
     try:
         payload = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -246,4 +248,4 @@ async def _read_img2img(request: Request) -> tuple[Img2ImgFields, bytes | str]:
             400, "malformed_request", "request body must be a JSON object (or multipart/form-data)"
         ) from None
     body = validate_or_422(Img2ImgRequest, payload)
-    return body, body.init_image
+    return body, body.init_image, None

@@ -51,7 +51,13 @@ async def create_image(body: ImageGenerationRequest, request: Request, service: 
 async def edit_image(form: Annotated[ImageEditForm, Form()], request: Request, service: Service):
     params = form.image_params()
     init_image = await run_in_threadpool(
-        decode_init_image, await form.image.read(), service.limits, params.width, params.height, "image"
+        decode_init_image,
+        await form.image.read(),
+        service.limits,
+        params.width,
+        params.height,
+        "image",
+        form.image.content_type,
     )
     jobs = build_jobs(params, form.n, service.limits, request_id_of(request), init_image=init_image, names=FIELD_NAMES)
     return await _response(await service.generate(jobs), form, service.model)
