@@ -45,7 +45,10 @@ class RequestLimits(_Strict):
         60, gt=0, description="deadline per request (504 past it); keep it below http_options.request_timeout_s"
     )
     max_concurrent_requests: int = Field(
-        512, ge=1, description="generation requests one ingress replica holds at once; more get 503 at once"
+        192,
+        ge=1,
+        description="generation requests one ingress replica holds at once; more get 503 at once "
+        "(below the Ingress's max_ongoing_requests, which also counts reads and probes)",
     )
     retry_after_s: int = Field(2, ge=1, description="Retry-After sent with 503 answers")
 
@@ -179,13 +182,16 @@ def check_serve_config(config: dict) -> list[str]:
     load before any batch fills; a target above max_ongoing_requests only scales once callers queue.
     """
     problems = []
+    serve_timeout = (config.get("http_options") or {}).get("request_timeout_s")
     for app in config.get("applications", []):
         where = f"applications[{app.get('name', '?')}]"
         try:
-            AppArgs.model_validate(app.get("args") or {})
+            args = AppArgs.model_validate(app.get("args") or {})
         except ValidationError as exc:
             problems.append(format_validation_error(exc, f"{where}.args"))
+            continue
         deployments = {d.get("name"): d for d in app.get("deployments", [])}
+        problems += _overload_problems(where, args.limits, deployments, serve_timeout)
         generator = deployments.get("ImageGenerator", {})
         max_ongoing = generator.get("max_ongoing_requests", GENERATOR_MAX_ONGOING_REQUESTS)
         try:
@@ -217,7 +223,33 @@ def check_serve_config(config: dict) -> list[str]:
     return problems
 
 
-# What the ImageGenerator deployment declares when a config does not override it (generator.py).
+def _overload_problems(where: str, limits: RequestLimits, deployments: dict, serve_timeout: float | None) -> list[str]:
+    """Limits that could never fire, or that fire in the wrong order (Serve's plain 408 before our 504)."""
+    problems = []
+    if serve_timeout is not None and limits.request_timeout_s >= serve_timeout:
+        problems.append(
+            f"{where}.args.limits.request_timeout_s ({limits.request_timeout_s:g}) must be below "
+            f"http_options.request_timeout_s ({serve_timeout:g}), or Serve answers a plain 408 before the ingress "
+            f"can answer 504; e.g. set it to {max(1.0, serve_timeout * 0.8):g}"
+        )
+    ingress_ongoing = deployments.get("Ingress", {}).get("max_ongoing_requests", INGRESS_MAX_ONGOING_REQUESTS)
+    if limits.max_concurrent_requests >= ingress_ongoing:
+        problems.append(
+            f"{where}.args.limits.max_concurrent_requests ({limits.max_concurrent_requests}) must be below the "
+            f"Ingress's max_ongoing_requests ({ingress_ongoing}), or it can never fire (and probes and job reads "
+            f"find no room); e.g. set it to {ingress_ongoing * 3 // 4}"
+        )
+    for name in ("Ingress", "ImageGenerator"):
+        if deployments.get(name, {}).get("max_queued_requests") is None:
+            problems.append(
+                f"{where}.{name}: set max_queued_requests; without it requests queue in front of the "
+                "replicas without bound and time out instead of being refused at once (503)"
+            )
+    return problems
+
+
+# What the deployments declare when a config does not override them (ingress.py, generator.py).
+INGRESS_MAX_ONGOING_REQUESTS = 256
 GENERATOR_MAX_ONGOING_REQUESTS = 8 * BatchingConfig().max_batch_size
 
 

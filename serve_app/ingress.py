@@ -7,7 +7,7 @@ from ray.serve.handle import DeploymentHandle
 
 from .api.asgi import create_api
 from .api.serving import GenerationService
-from .config import AppArgs
+from .config import INGRESS_MAX_ONGOING_REQUESTS, AppArgs
 from .job_queue.store import JobStore
 
 
@@ -15,7 +15,7 @@ from .job_queue.store import JobStore
     name="Ingress",
     ray_actor_options={"num_cpus": 0},
     # Serve's default of 5 would cap the whole service (and every batch) at 5 requests.
-    max_ongoing_requests=256,
+    max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS,
 )
 @serve.ingress()
 class Ingress:
