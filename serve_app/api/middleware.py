@@ -11,8 +11,10 @@ import asyncio
 import hmac
 import json
 import logging
+import time
 import uuid
 from collections import Counter
+from contextvars import ContextVar
 
 from starlette.exceptions import HTTPException
 
@@ -205,6 +207,9 @@ class ConcurrencyLimitMiddleware:
 
 
 TIMEOUT_HEADER = "X-Request-Timeout"
+# The wall-clock time (time.time()) by which the request being served must be answered; the
+# Generator refuses at once work that could not be done by then (see GenerationService.generate).
+REQUEST_DEADLINE: ContextVar[float | None] = ContextVar("request_deadline", default=None)
 
 
 class DeadlineMiddleware:
@@ -237,11 +242,14 @@ class DeadlineMiddleware:
             started = started or message["type"] == "http.response.start"
             await send(message)
 
+        token = REQUEST_DEADLINE.set(time.time() + timeout)
         try:
             await asyncio.wait_for(self.app(scope, receive, tracking_send), timeout)
         except asyncio.TimeoutError:
             if not started:
                 await _send_error(scope, send, 504, "timeout", f"request did not finish within {timeout:g}s")
+        finally:
+            REQUEST_DEADLINE.reset(token)
 
 
 async def _send_error(

@@ -31,6 +31,7 @@ from ..pipeline.jobs import GenerationJob, ImageResult
 from ..pipeline.params import SEED_MAX, ImageParams
 from .encoding import encode_image, parameters_text
 from .errors import ApiError
+from .middleware import REQUEST_DEADLINE
 
 GENERATOR = "ImageGenerator"
 _STATUS_CACHE_S = 1.0
@@ -143,10 +144,7 @@ class GenerationService:
         responses = []
         finished = False
         try:
-            submitted_at = time.time()  # for the Generator's queue-wait metric
-            responses.extend(
-                self.generator.generate.remote(dataclasses.replace(job, submitted_at=submitted_at)) for job in jobs
-            )
+            responses.extend(self.generator.generate.remote(_stamped(job)) for job in jobs)
             images = list(await self._mapped(asyncio.gather(*responses)))
             finished = True
             return images
@@ -165,7 +163,7 @@ class GenerationService:
 
         async def one(index: int) -> ImageResult:
             result = None
-            stream = streaming.generate_stream.remote(dataclasses.replace(jobs[index], submitted_at=time.time()))
+            stream = streaming.generate_stream.remote(_stamped(jobs[index]))
             try:
                 async for item in stream:
                     if isinstance(item, dict):
@@ -187,7 +185,12 @@ class GenerationService:
                 waiting.cancel()
                 while not updates.empty():
                     updates.get_nowait()
-                yield {"step": sum(steps), "total_steps": sum(totals), "images_done": sum(done), "num_images": len(jobs)}
+                yield {
+                    "step": sum(steps),
+                    "total_steps": sum(totals),
+                    "images_done": sum(done),
+                    "num_images": len(jobs),
+                }
             yield finished.result()
         finally:
             for task in tasks:
@@ -198,7 +201,9 @@ class GenerationService:
         try:
             return await call
         except GenerationError as exc:
-            raise ApiError(exc.status, exc.code, exc.message, exc.field) from None
+            retry_after = getattr(exc, "retry_after_s", None)  # an overloaded Generator says when to come back
+            headers = {"Retry-After": str(retry_after)} if retry_after else None
+            raise ApiError(exc.status, exc.code, exc.message, exc.field, headers=headers) from None
         except BackPressureError as exc:
             raise self._unavailable("overloaded", f"server busy: {exc.message}", exc.retry_after_s) from None
         except (RayActorError, DeploymentUnavailableError):
@@ -249,6 +254,11 @@ class GenerationService:
     def _unavailable(self, code: str, message: str, retry_after_s: float | None = None) -> ApiError:
         retry_after = max(1, round(retry_after_s)) if retry_after_s else self.limits.retry_after_s
         return ApiError(503, code, message, headers={"Retry-After": str(retry_after)})
+
+
+def _stamped(job: GenerationJob) -> GenerationJob:
+    """The job as handed to the Generator: when (for its queue-wait metric) and by when (its deadline)."""
+    return dataclasses.replace(job, submitted_at=time.time(), deadline=REQUEST_DEADLINE.get())
 
 
 def _cancel_quietly(response) -> None:

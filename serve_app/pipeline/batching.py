@@ -23,6 +23,7 @@ No Ray and no asyncio here: the Generator adapts the callbacks to its event loop
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import Counter, deque
@@ -30,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .errors import GenerationError, InsufficientMemoryError
+from .errors import GenerationError, InsufficientMemoryError, OverloadedError
 from .jobs import GenerationJob, ImageResult
 
 logger = logging.getLogger(__name__)
@@ -111,6 +112,16 @@ class LoopCounters:
         self.succeeded = 0
         self.failed = 0
         self.busy_s = 0.0  # wall time in model calls (UNet steps, decodes, whole pipeline calls)
+        self.refused = 0  # jobs refused at admission: they could not finish before their deadline
+        # Image-steps per second the model delivers (an image advanced by one denoising step), smoothed:
+        # with the backlog in the same unit it says how long a new job would wait. None until measured.
+        self.step_rate: float | None = None
+
+    def record_rate(self, image_steps: float, seconds: float) -> None:
+        if seconds <= 0 or image_steps <= 0:
+            return
+        sample = image_steps / seconds
+        self.step_rate = sample if self.step_rate is None else 0.8 * self.step_rate + 0.2 * sample
 
     def snapshot(self) -> dict:
         return {
@@ -122,6 +133,8 @@ class LoopCounters:
             "succeeded": self.succeeded,
             "failed": self.failed,
             "busy_s": round(self.busy_s, 3),
+            "refused": self.refused,
+            "image_steps_per_s": None if self.step_rate is None else round(self.step_rate, 2),
         }
 
 
@@ -134,6 +147,12 @@ class Batcher:
         self.limits = limits
         self.counters = counters
         self.waiting: deque[Ticket] = deque()
+        # Denoising steps still to run, over every image it holds: refreshed by the worker after each tick,
+        # read by submitters on other threads (a float: no lock needed to read it whole).
+        self.backlog_steps = 0.0
+
+    def measure_backlog(self) -> float:
+        return sum(denoising_steps(t.job) for t in self.waiting)
 
     def has_work(self) -> bool:
         return bool(self.waiting)
@@ -179,6 +198,7 @@ class EngineLoop:
         self.counters = batcher.counters
         self._prepare = prepare
         self._incoming: deque[Ticket] = deque()
+        self._incoming_steps = 0.0
         self._wake = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
@@ -208,9 +228,39 @@ class EngineLoop:
             return ticket
         ticket = Ticket(prepared, warnings, on_done, on_progress)
         with self._wake:
+            refusal = self._admission(prepared)
+            if refusal is not None:
+                self.counters.refused += 1
+                ticket.finish(refusal)
+                return ticket
             self._incoming.append(ticket)
+            self._incoming_steps += denoising_steps(prepared)
             self._wake.notify()
         return ticket
+
+    def expected_wait_s(self, job: GenerationJob | None = None) -> float | None:
+        """Seconds until everything held now (and `job`) would be done, at the measured rate; None before
+        the first measurement."""
+        rate = self.counters.step_rate
+        if rate is None:
+            return None
+        steps = self.batcher.backlog_steps + self._incoming_steps + (denoising_steps(job) if job else 0)
+        return steps / rate
+
+    def _admission(self, job: GenerationJob) -> OverloadedError | None:
+        """Refuse at once a job that could not be done before its deadline: better than a late 504."""
+        if job.deadline is None:
+            return None
+        expected = self.expected_wait_s(job)
+        if expected is None or time.time() + expected <= job.deadline:
+            return None
+        drain_s = self.expected_wait_s() or 1.0
+        retry_after = max(1, min(60, math.ceil(drain_s)))
+        return OverloadedError(
+            f"server busy: this image would be ready in about {expected:.1f}s, after its deadline; "
+            f"retry in {retry_after}s",
+            retry_after,
+        )
 
     def submit_all(
         self,
@@ -241,12 +291,15 @@ class EngineLoop:
                     return
                 self.batcher.waiting.extend(self._incoming)
                 self._incoming.clear()
+                self.batcher.backlog_steps = self.batcher.measure_backlog()
+                self._incoming_steps = 0.0
             try:
                 self.batcher.tick()
             except Exception as exc:  # noqa: BLE001 - the loop must outlive any one tick
                 logger.exception("engine tick failed")
                 # Whatever that tick held ends with an error rather than never.
                 self.batcher.abandon(GenerationError(f"image generation failed: {type(exc).__name__}"))
+            self.batcher.backlog_steps = self.batcher.measure_backlog()
 
 
 # -- whole pipeline calls -----------------------------------------------------------------------
@@ -265,6 +318,9 @@ class RequestBatcher(Batcher):
     @property
     def active(self) -> int:
         return len(self._running)
+
+    def measure_backlog(self) -> float:
+        return super().measure_backlog() + sum(denoising_steps(t.job) for t in self._running)
 
     def tick(self) -> None:
         self._drop_cancelled_waiting()
@@ -297,7 +353,9 @@ class RequestBatcher(Batcher):
 
         started = time.perf_counter()
         results = self.engine.run_prepared([(t.job, t.warnings) for t in tickets], on_step=on_step)
-        self.counters.busy_s += time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        self.counters.busy_s += seconds
+        self.counters.record_rate(sum(denoising_steps(t.job) for t in tickets), seconds)
         # Every call of k images returns k images of batch_size k (halves after running out of memory).
         sizes = Counter(r.batch_size for r in results if isinstance(r, ImageResult))
         for size, images in sizes.items():
@@ -338,13 +396,21 @@ class StepBatcher(Batcher):
     def has_work(self) -> bool:
         return bool(self.waiting) or self.active > 0
 
+    def measure_backlog(self) -> float:
+        remaining = sum(s.total_steps - s.step_index for group in self._active.values() for _, s in group)
+        return super().measure_backlog() + remaining
+
     def tick(self) -> None:
+        started = time.perf_counter()
         self._drop_cancelled_waiting()
         self._drop_cancelled_active()
         self._admit()
         size = self._next_size()
         if size is not None:
+            images = len(self._active[size])
             self._step(size)
+            # The whole tick (admission and decoding included): what the next image will really wait.
+            self.counters.record_rate(images, time.perf_counter() - started)
 
     def abandon(self, error: Exception) -> None:
         for group in self._active.values():
@@ -387,7 +453,7 @@ class StepBatcher(Batcher):
     def _admission_order(self) -> list[Ticket]:
         if self.limits.admission == "fewest_steps":
             # Short jobs first (ties in arrival order): lower mean latency; sustained short traffic delays long jobs.
-            return sorted(self.waiting, key=lambda t: _denoising_steps(t.job))
+            return sorted(self.waiting, key=lambda t: denoising_steps(t.job))
         return list(self.waiting)
 
     def _drop_cancelled_active(self) -> None:
@@ -485,7 +551,8 @@ def _size(job: GenerationJob) -> tuple[int, int]:
     return job.params.width, job.params.height
 
 
-def _denoising_steps(job: GenerationJob) -> float:
+def denoising_steps(job: GenerationJob) -> float:
+    """The denoising steps a job (defaults filled) runs: img2img runs only its strength's share."""
     params = job.params
     return params.num_inference_steps * (params.strength if job.init_image is not None else 1.0)
 

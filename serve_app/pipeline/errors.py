@@ -36,3 +36,17 @@ class InsufficientMemoryError(GenerationError):
 
 class PipelineUnavailableError(RuntimeError):
     """The replica's device failed: raised to Serve's health check, which replaces the replica."""
+
+
+class OverloadedError(GenerationError):
+    """Refused at admission: the queue ahead would not be done before the job's deadline."""
+
+    status = 503
+    code = "overloaded"
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self):  # rebuilt from its own arguments when it crosses a process boundary
+        return type(self), (self.message, self.retry_after_s)

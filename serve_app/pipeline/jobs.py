@@ -25,6 +25,8 @@ class GenerationJob:
     request_id: str = ""
     # Wall-clock time (time.time()) the ingress handed the job on: queue wait is measured from here.
     submitted_at: float | None = field(default=None, compare=False)
+    # Wall-clock time by which its caller needs the image; a job that cannot make it is refused at admission.
+    deadline: float | None = field(default=None, compare=False)
 
     @property
     def kind(self) -> str:

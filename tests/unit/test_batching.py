@@ -3,6 +3,7 @@ then the loop's thread and both engines on the real tiny model."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import numpy as np
@@ -390,3 +391,37 @@ def test_both_engines_make_the_plain_pipelines_images_from_one_mixed_burst(engin
 def test_make_batcher_steps_models_it_knows(engine):
     assert make_batcher(engine, "step", BatchingLimits(), LoopCounters()).engine_name == "step"
     assert make_batcher(engine, "request", BatchingLimits(), LoopCounters()).engine_name == "request"
+
+
+def test_a_job_that_could_not_finish_before_its_deadline_is_refused_at_once():
+    import time
+
+    from serve_app.pipeline.errors import OverloadedError
+
+    class GatedStepper(FakeStepper):
+        def __init__(self):
+            super().__init__()
+            self.entered, self.release = threading.Event(), threading.Event()
+
+        def step(self, states):
+            self.entered.set()
+            self.release.wait(10)
+            return super().step(states)
+
+    stepper = GatedStepper()
+    batcher = StepBatcher(FakeEngine(), stepper, BatchingLimits(), LoopCounters())
+    loop = EngineLoop(batcher, prepare=lambda j: (j, []))
+    try:
+        loop.submit(job("long", steps=40), on_done=lambda r: None)  # no rate measured yet: admitted
+        assert stepper.entered.wait(10)  # the loop holds 40 steps of work and is inside a UNet call
+        loop.counters.step_rate = 10.0  # image-steps per second, as if measured: 4 s of work ahead
+        refused: list = []
+        loop.submit(dataclasses.replace(job("late", steps=10), deadline=time.time() + 2), on_done=refused.append)
+        assert isinstance(refused[0], OverloadedError) and refused[0].status == 503
+        assert refused[0].retry_after_s == 4 and "deadline" in refused[0].message
+        accepted: list = []
+        loop.submit(dataclasses.replace(job("in time", steps=10), deadline=time.time() + 60), on_done=accepted.append)
+        assert not accepted and loop.counters.refused == 1 and loop.waiting == 1  # queued, not refused
+    finally:
+        stepper.release.set()
+        loop.stop()
