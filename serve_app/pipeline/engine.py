@@ -58,6 +58,11 @@ class ImageEngine:
         self._fatal_error: str | None = None
         self.calls_by_batch_size: Counter[int] = Counter()
         self._scheduler_templates: dict[str, object] = {}
+        # Jobs are checked on the caller's thread while the engine thread encodes prompts: a fast tokenizer
+        # sets its padding and truncation per call, so the two must never share one (prompts came out
+        # 10 tokens long instead of 77 under load).
+        self._counting_tokenizer = copy.deepcopy(pipe.tokenizer)
+        self._counting_lock = threading.Lock()
         # SDXL encodes an empty negative prompt as zeros, a non-empty one through the
         # text encoders: the two cannot share a call without changing the image.
         self._empty_negative_is_special = bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False))
@@ -164,7 +169,8 @@ class ImageEngine:
             )
         warnings = []
         for name, text in (("prompt", params.prompt), ("negative_prompt", params.negative_prompt)):
-            tokens = len(self.pipe.tokenizer(text).input_ids)
+            with self._counting_lock:
+                tokens = len(self._counting_tokenizer(text).input_ids)
             if tokens > self.max_prompt_tokens:
                 warnings.append(
                     f"{name} has {tokens} tokens; the model reads the first {self.max_prompt_tokens}, the rest was ignored"

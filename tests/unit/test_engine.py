@@ -170,3 +170,11 @@ def test_a_cuda_error_marks_the_engine_broken(engine, monkeypatch):
     assert result.status == 500
     assert engine._fatal_error and "device-side assert" in engine._fatal_error
     engine._fatal_error = None
+
+
+def test_checking_jobs_never_shares_a_tokenizer_with_prompt_encoding(engine):
+    """A fast tokenizer sets padding per call: checking a job on the caller's thread while the engine
+    thread encodes prompts on the same tokenizer made 10-token prompt embeddings instead of 77."""
+    assert engine._counting_tokenizer is not engine.pipe.tokenizer
+    assert engine._counting_tokenizer._tokenizer is not engine.pipe.tokenizer._tokenizer
+    assert len(engine._counting_tokenizer("a cat").input_ids) == len(engine.pipe.tokenizer("a cat").input_ids)
