@@ -14,7 +14,7 @@ import dataclasses
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated
 
 import numpy as np
@@ -156,45 +156,27 @@ class GenerationService:
 
     async def generate_events(self, jobs: list[GenerationJob]) -> AsyncIterator[dict | list[ImageResult]]:
         """Progress of the request's images as they run, `{"step", "total_steps", "images_done", "num_images"}`
-        (all images together), then the list of images. Errors are raised as from `generate`."""
+        (all images together; the latest when several came at once), then the list of images. Errors are
+        raised as from `generate`."""
+        updates: asyncio.Queue[dict] = asyncio.Queue()
         streaming = self.generator.options(stream=True)
-        updates: asyncio.Queue = asyncio.Queue()
-        steps, totals, done = [0] * len(jobs), [0] * len(jobs), [0] * len(jobs)
-
-        async def one(index: int) -> ImageResult:
-            result = None
-            stream = streaming.generate_stream.remote(_stamped(jobs[index]))
-            try:
-                async for item in stream:
-                    if isinstance(item, dict):
-                        steps[index], totals[index] = item["step"], item["total_steps"]
-                    else:
-                        result, done[index] = item, 1
-                    updates.put_nowait(None)
-            finally:
-                if result is None:
-                    stream.cancel()
-            return result
-
-        tasks = [asyncio.ensure_future(self._mapped(one(i))) for i in range(len(jobs))]
-        finished = asyncio.ensure_future(asyncio.gather(*tasks))
+        running = asyncio.ensure_future(
+            self._mapped(stream_images(streaming, [_stamped(j) for j in jobs], updates.put_nowait))
+        )
         try:
-            while not finished.done():
+            while not running.done():
                 waiting = asyncio.ensure_future(updates.get())
-                await asyncio.wait([finished, waiting], return_when=asyncio.FIRST_COMPLETED)
-                waiting.cancel()
+                await asyncio.wait([running, waiting], return_when=asyncio.FIRST_COMPLETED)
+                if not waiting.done():
+                    waiting.cancel()
+                    continue
+                latest = waiting.result()
                 while not updates.empty():
-                    updates.get_nowait()
-                yield {
-                    "step": sum(steps),
-                    "total_steps": sum(totals),
-                    "images_done": sum(done),
-                    "num_images": len(jobs),
-                }
-            yield finished.result()
+                    latest = updates.get_nowait()
+                yield latest
+            yield running.result()
         finally:
-            for task in tasks:
-                task.cancel()
+            running.cancel()
 
     async def _mapped(self, call):
         """A Generator call's failures as API errors."""
@@ -254,6 +236,41 @@ class GenerationService:
     def _unavailable(self, code: str, message: str, retry_after_s: float | None = None) -> ApiError:
         retry_after = max(1, round(retry_after_s)) if retry_after_s else self.limits.retry_after_s
         return ApiError(503, code, message, headers={"Retry-After": str(retry_after)})
+
+
+async def stream_images(
+    streaming_generator: DeploymentHandle, jobs: list[GenerationJob], on_progress: Callable[[dict], None]
+) -> list[ImageResult]:
+    """Every job's image through the Generator's streaming call, all at once; `on_progress` gets the
+    progress of them all together (`step`, `total_steps`, `images_done`, `num_images`) after each
+    change. One failing, or this being cancelled, cancels the others: their images leave the engine
+    at the next step."""
+    steps, totals, done = [0] * len(jobs), [0] * len(jobs), [0] * len(jobs)
+
+    def report() -> None:
+        on_progress({"step": sum(steps), "total_steps": sum(totals), "images_done": sum(done), "num_images": len(jobs)})
+
+    async def one(index: int) -> ImageResult:
+        result = None
+        stream = streaming_generator.generate_stream.remote(jobs[index])
+        try:
+            async for item in stream:
+                if isinstance(item, dict):
+                    steps[index], totals[index] = item["step"], item["total_steps"]
+                else:
+                    result, done[index] = item, 1
+                report()
+        finally:
+            if result is None:
+                stream.cancel()
+        return result
+
+    tasks = [asyncio.ensure_future(one(i)) for i in range(len(jobs))]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _stamped(job: GenerationJob) -> GenerationJob:

@@ -29,6 +29,7 @@ from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.concurrency import run_in_threadpool
 
+from ..api.serving import stream_images
 from ..config import AppArgs
 from ..pipeline.errors import GenerationError
 from ..pipeline.jobs import GenerationJob, ImageResult
@@ -236,40 +237,9 @@ class JobManager:
             GenerationJob(record.params.model_copy(update={"seed": seed}), init_image, record.request_id)
             for seed in record.seeds
         ]
-        steps, totals = [0] * len(jobs), [0] * len(jobs)
-        done = [False] * len(jobs)
+        return await stream_images(self.generator, jobs, lambda progress: self._report(record.id, progress))
 
-        async def one(index: int) -> ImageResult:
-            result = None
-            stream = self.generator.generate_stream.remote(jobs[index])
-            try:
-                async for item in stream:
-                    if isinstance(item, dict):
-                        steps[index], totals[index] = item["step"], item["total_steps"]
-                        self._report(record.id, steps, totals, done)
-                    else:
-                        result = item
-            finally:
-                if result is None:
-                    stream.cancel()  # the job was cancelled or failed: its image leaves the engine at the next step
-            done[index] = True
-            self._report(record.id, steps, totals, done)
-            return result
-
-        tasks = [asyncio.ensure_future(one(i)) for i in range(len(jobs))]
-        try:
-            return list(await asyncio.gather(*tasks))
-        finally:
-            for task in tasks:  # one failed or the job was cancelled: stop the others' work too
-                task.cancel()
-
-    def _report(self, job_id: str, steps: list[int], totals: list[int], done: list[bool]) -> None:
-        progress = {
-            "step": sum(steps),
-            "total_steps": sum(totals),
-            "images_done": sum(done),
-            "num_images": len(done),
-        }
+    def _report(self, job_id: str, progress: dict) -> None:
         self._progress[job_id] = progress
         self._notify(job_id, "progress", {"id": job_id, **progress})
 
@@ -337,7 +307,9 @@ class JobManager:
                 problem = type(exc).__name__
             if attempt < self.config.webhook_retries:
                 await asyncio.sleep(self.config.webhook_backoff_s * 2**attempt)
-        logger.warning("job %s: webhook %s failed after %d attempts (%s)", record.id, record.webhook.url, attempt + 1, problem)
+        logger.warning(
+            "job %s: webhook %s failed after %d attempts (%s)", record.id, record.webhook.url, attempt + 1, problem
+        )
 
     # -- retention ------------------------------------------------------------------------------
 
