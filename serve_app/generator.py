@@ -10,6 +10,7 @@ loop through callbacks.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import logging
 import os
@@ -89,7 +90,8 @@ class ImageGenerator:
 
     async def generate_stream(self, job: GenerationJob) -> AsyncIterator[dict | ImageResult]:
         """The job's progress as it runs, `{"step", "total_steps"}` (the latest, when several steps
-        passed since the last one was read), then its `ImageResult`; errors are raised. Closing the
+        passed since the last one was read; with `"preview"`, a base64 PNG, every `job.preview_every`
+        steps), then its `ImageResult`; errors are raised. Closing the
         stream (the caller gave up) cancels the job: it leaves the engine at its next step."""
         job = _stamped(job)
         progress: asyncio.Queue[Progress] = asyncio.Queue()
@@ -103,9 +105,14 @@ class ImageGenerator:
                     waiting.cancel()
                     continue
                 latest = waiting.result()
+                preview = latest.preview
                 while not progress.empty():
                     latest = progress.get_nowait()
-                yield {"step": latest.step, "total_steps": latest.total_steps}
+                    preview = latest.preview or preview
+                update = {"step": latest.step, "total_steps": latest.total_steps}
+                if preview is not None:
+                    update["preview"] = base64.b64encode(preview).decode("ascii")
+                yield update
             yield outcome.result()
         finally:
             self._progress_queues.pop(id(job), None)

@@ -247,8 +247,9 @@ async def stream_images(
     at the next step."""
     steps, totals, done = [0] * len(jobs), [0] * len(jobs), [0] * len(jobs)
 
-    def report() -> None:
-        on_progress({"step": sum(steps), "total_steps": sum(totals), "images_done": sum(done), "num_images": len(jobs)})
+    def report(preview: str | None = None) -> None:
+        progress = {"step": sum(steps), "total_steps": sum(totals), "images_done": sum(done), "num_images": len(jobs)}
+        on_progress(progress if preview is None else {**progress, "preview": preview})
 
     async def one(index: int) -> ImageResult:
         result = None
@@ -259,7 +260,7 @@ async def stream_images(
                     steps[index], totals[index] = item["step"], item["total_steps"]
                 else:
                     result, done[index] = item, 1
-                report()
+                report(item.get("preview") if isinstance(item, dict) else None)
         finally:
             if result is None:
                 stream.cancel()

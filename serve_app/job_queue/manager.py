@@ -74,6 +74,7 @@ class JobManager:
         self._queue: deque[str] = deque()  # ids waiting to run, in order
         self._records: dict[str, JobRecord] = {}  # every unfinished job (queued or running)
         self._progress: dict[str, dict] = {}  # running jobs: step, total_steps, images_done
+        self._previews: dict[str, str] = {}  # running jobs that asked for previews: the latest (base64 PNG)
         self._tasks: dict[str, asyncio.Task] = {}
         self._watchers: dict[str, set[asyncio.Queue]] = {}
         self._wake = asyncio.Event()
@@ -118,7 +119,7 @@ class JobManager:
             return None
         if record.status == JobStatus.queued:
             return {"status": "queued", "position": self._position(job_id)}
-        return {"status": "running", "progress": self._progress.get(job_id)}
+        return {"status": "running", "progress": self._progress.get(job_id), "preview": self._previews.get(job_id)}
 
     async def running_job_of(self, owner: str | None) -> str | None:
         """The caller's most recently started running job (AUTOMATIC1111's progress and interrupt)."""
@@ -234,14 +235,23 @@ class JobManager:
         if record.kind == "img2img":
             init_image = await run_in_threadpool(self._load_input, record.id)
         jobs = [
-            GenerationJob(record.params.model_copy(update={"seed": seed}), init_image, record.request_id)
+            GenerationJob(
+                record.params.model_copy(update={"seed": seed}),
+                init_image,
+                record.request_id,
+                preview_every=record.preview_every or 0,
+            )
             for seed in record.seeds
         ]
         return await stream_images(self.generator, jobs, lambda progress: self._report(record.id, progress))
 
     def _report(self, job_id: str, progress: dict) -> None:
+        preview = progress.pop("preview", None)
         self._progress[job_id] = progress
         self._notify(job_id, "progress", {"id": job_id, **progress})
+        if preview is not None:
+            self._previews[job_id] = preview
+            self._notify(job_id, "preview", {"id": job_id, "step": progress["step"], "image": preview})
 
     def _load_input(self, job_id: str) -> np.ndarray:
         from PIL import Image
@@ -271,6 +281,7 @@ class JobManager:
         record.status, record.error, record.finished_at = status, error, time.time()
         self._records.pop(record.id, None)
         self._progress.pop(record.id, None)
+        self._previews.pop(record.id, None)
         await run_in_threadpool(self.store.put, record)
         self._notify(record.id, status.value, record.model_dump(mode="json"))
         if record.webhook is not None and status in record.webhook.events:

@@ -98,3 +98,4 @@ class JobRecord(BaseModel):
     attempts: int = 0
     webhook: Webhook | None = None
     refined_from: str | None = Field(None, description="'<job id>/<image index>' this job refines")
+    preview_every: int | None = Field(None, description="a latent preview event every this many steps")

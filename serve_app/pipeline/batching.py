@@ -41,10 +41,12 @@ AdmissionPolicy = Literal["fifo", "fewest_steps"]
 
 @dataclass(frozen=True)
 class Progress:
-    """How far one image is: `step` of `total_steps` model evaluations done."""
+    """How far one image is: `step` of `total_steps` model evaluations done; every `job.preview_every`
+    steps (step engine) a small PNG of its current latents."""
 
     step: int
     total_steps: int
+    preview: bytes | None = None
 
 
 @dataclass(eq=False)
@@ -64,10 +66,10 @@ class Ticket:
     def cancel(self) -> None:
         self.cancelled = True
 
-    def progress(self, step: int, total_steps: int) -> None:
+    def progress(self, step: int, total_steps: int, preview: bytes | None = None) -> None:
         if self.on_progress is not None:
             try:
-                self.on_progress(Progress(step, total_steps))
+                self.on_progress(Progress(step, total_steps, preview))
             except Exception:  # noqa: BLE001 - a listener's failure must not stop the loop
                 logger.exception("progress listener failed")
 
@@ -500,7 +502,11 @@ class StepBatcher(Batcher):
             else:
                 running.append((ticket, state))
             if not ticket.finished:
-                ticket.progress(state.step_index, state.total_steps)
+                every = ticket.job.preview_every
+                preview = None
+                if every and state.step_index % every == 0 and not state.done and ticket.on_progress is not None:
+                    preview = self.stepper.preview(state)
+                ticket.progress(state.step_index, state.total_steps, preview)
         self._set_group(size, running)
         if done:
             self._decode(done)

@@ -27,6 +27,8 @@ class GenerationJob:
     submitted_at: float | None = field(default=None, compare=False)
     # Wall-clock time by which its caller needs the image; a job that cannot make it is refused at admission.
     deadline: float | None = field(default=None, compare=False)
+    # A small preview of the latents with the progress every this many steps (0: none; step engine only).
+    preview_every: int = field(default=0, compare=False)
 
     @property
     def kind(self) -> str:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import io
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -741,6 +742,25 @@ class StepPipeline:
             checked += len(cohort.members)
         return errors
 
+    # -- preview ------------------------------------------------------------------------
+
+    def preview(self, state: DenoisingState) -> bytes | None:
+        """A PNG of the image's current latents at latent resolution (one eighth of the image's side),
+        through a fixed linear map from latent channels to RGB: cheap (no VAE), roughly what the
+        image is becoming. None for latent spaces the map does not know."""
+        factors = _PREVIEW_FACTORS.get((self.is_sdxl, int(self.pipe.unet.config.in_channels)))
+        if factors is None:
+            return None
+        from PIL import Image
+
+        with torch.inference_mode():
+            latents = state.latents[0].float().cpu()  # (C, h, w)
+            rgb = torch.einsum("chw,cr->hwr", latents, torch.tensor(factors))
+            pixels = ((rgb + 1) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+        return buffer.getvalue()
+
     # -- decode -------------------------------------------------------------------------
 
     def decode(self, states: list[DenoisingState]) -> list[np.ndarray]:
@@ -786,6 +806,19 @@ class StepPipeline:
         if getattr(pipe, "watermark", None) is not None:
             image = pipe.watermark.apply_watermark(image)
         return to_uint8(pipe.image_processor.postprocess(image, output_type="np"))
+
+
+# Latent channels to RGB: the approximate linear maps that latent previewers commonly use for these
+# latent spaces. A preview of the composition and colours, not of the image: only the VAE makes that.
+_PREVIEW_FACTORS = {
+    (False, 4): [[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]],
+    (True, 4): [
+        [0.3651, 0.4232, 0.4341],
+        [-0.2533, -0.0042, 0.1068],
+        [0.1076, 0.1111, -0.0362],
+        [-0.3165, -0.2492, -0.2188],
+    ],
+}
 
 
 def prepare_extra_step_kwargs(scheduler, generators: list[torch.Generator]) -> dict:

@@ -274,3 +274,11 @@ def test_the_python_client_submits_follows_downloads_cancels_and_streams(server)
     import asyncio
 
     assert asyncio.run(follow_async()).status == "succeeded"
+
+
+def test_a_job_can_ask_for_latent_previews_as_events(http):
+    job = http.post("/jobs", json={"prompt": "previewed", "num_inference_steps": 6, "preview_every": 2}).json()
+    previews = [data for kind, data in events_of(http, job["id"]) if kind == "preview"]
+    assert previews and all(decode(p["image"]).size == (8, 8) for p in previews)
+    invalid = http.post("/jobs", json={"prompt": "x", "preview_every": 0})
+    assert invalid.status_code == 422 and invalid.json()["error"]["field"] == "preview_every"

@@ -425,3 +425,25 @@ def test_a_job_that_could_not_finish_before_its_deadline_is_refused_at_once():
     finally:
         stepper.release.set()
         loop.stop()
+
+
+def test_a_job_asking_for_previews_gets_a_small_png_of_its_latents_every_k_steps(engine):
+    import io
+
+    from PIL import Image
+
+    previews: list = []
+    counters = LoopCounters()
+    loop = EngineLoop(make_batcher(engine, "step", BatchingLimits(), counters), engine.prepare)
+    try:
+        done = threading.Event()
+        job = GenerationJob(
+            ImageParams(prompt="preview", seed=1, num_inference_steps=6, scheduler="euler"), preview_every=2
+        )
+        loop.submit(job, on_done=lambda r: done.set(), on_progress=previews.append)
+        assert done.wait(60)
+    finally:
+        loop.stop()
+    with_image = [p for p in previews if p.preview is not None]
+    assert [p.step for p in with_image] == [2, 4]  # every 2 steps, none for the finished image
+    assert Image.open(io.BytesIO(with_image[0].preview)).size == (8, 8)  # latent resolution of 64x64

@@ -62,7 +62,7 @@ async def progress(request: Request, service: Service):
             "sampling_step": done,
             "sampling_steps": total,
         },
-        "current_image": None,
+        "current_image": (live or {}).get("preview"),  # with preview_every on the job
         "textinfo": None,
     }
 

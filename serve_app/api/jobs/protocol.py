@@ -17,6 +17,9 @@ class JobRequest(ImageRequest):
 
     init_image: str | None = Field(None, description="image-to-image: the starting image, base64 or a data: URL")
     webhook: Webhook | None = Field(None, description="POSTed the final job (hosts must be allowed by the server)")
+    preview_every: int | None = Field(
+        None, ge=1, le=1000, description="a `preview` event (small PNG of the latents) every this many steps"
+    )
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -82,6 +85,7 @@ class JobView(BaseModel):
     seeds: list[int]
     position: int | None = Field(None, description="place in the queue while queued (1 = next)")
     progress: JobProgress | None = Field(None, description="while running")
+    preview: str | None = Field(None, description="while running with preview_every: the latest latent preview, base64 PNG")
     error: JobError | None = None
     images: list[JobImageView] = Field(default_factory=list)
     refined_from: str | None = None
@@ -93,11 +97,14 @@ class JobView(BaseModel):
         base = f"/jobs/{record.id}"
         live = live or {}
         return cls(
-            **record.model_dump(include={"id", "created_at", "started_at", "finished_at", "kind", "model", "seeds", "attempts"}),
+            **record.model_dump(
+                include={"id", "created_at", "started_at", "finished_at", "kind", "model", "seeds", "attempts"}
+            ),
             status=live.get("status", record.status),
             params=record.params,
             position=live.get("position"),
             progress=live.get("progress"),
+            preview=live.get("preview"),
             error=record.error,
             images=[
                 JobImageView(index=i.index, seed=i.seed, url=f"{base}/images/{i.index}", metadata=i.metadata)

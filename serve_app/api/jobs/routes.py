@@ -37,7 +37,13 @@ async def submit(body: JobRequest, request: Request, service: Service):
             decode_init_image, body.init_image, service.limits, body.width, body.height
         )
     record = await submit_job(
-        service, request, body.image_params(), body.num_images, init_image=init_image, webhook=body.webhook
+        service,
+        request,
+        body.image_params(),
+        body.num_images,
+        init_image=init_image,
+        webhook=body.webhook,
+        preview_every=body.preview_every,
     )
     return accepted(record)
 
@@ -170,6 +176,7 @@ async def submit_job(
     init_image: np.ndarray | None = None,
     webhook: Webhook | None = None,
     refined_from: str | None = None,
+    preview_every: int | None = None,
 ) -> JobRecord:
     """Check, seed and hand a job to the JobManager, which stores it before answering."""
     if webhook is not None:
@@ -186,6 +193,7 @@ async def submit_job(
         seeds=[job.seed for job in jobs],
         webhook=webhook,
         refined_from=refined_from,
+        preview_every=preview_every,
     )
     init_png = None if init_image is None else await run_in_threadpool(encode_image, init_image, "png")
     return await service.call_manager(service.manager.submit.remote(record, init_png))
