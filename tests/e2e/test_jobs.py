@@ -84,6 +84,12 @@ def final(http: httpx.Client, job_id: str, timeout_s: float = 60) -> dict:
     )
 
 
+def behind_a_slow_job(http: httpx.Client) -> str:
+    """Submit a slow job first, so that the next one is still queued when its events are opened
+    (one job runs at a time here): its events then start with `queued`, deterministically."""
+    return http.post("/jobs", json={"prompt": "ahead", **SLOW}).json()["id"]
+
+
 def events_of(http: httpx.Client, job_id: str) -> list[tuple[str, dict]]:
     events = []
     with http.stream("GET", f"/jobs/{job_id}/events") as stream:
@@ -98,6 +104,7 @@ def events_of(http: httpx.Client, job_id: str) -> list[tuple[str, dict]]:
 
 
 def test_submit_watch_and_download_make_the_same_image_as_a_synchronous_request(http, store_dir):
+    behind_a_slow_job(http)
     submitted = http.post("/jobs", json={"prompt": "a harbour", "seed": 21, "num_images": 2, "num_inference_steps": 8})
     assert submitted.status_code == 202, submitted.text
     job = submitted.json()
@@ -106,7 +113,7 @@ def test_submit_watch_and_download_make_the_same_image_as_a_synchronous_request(
 
     events = events_of(http, job["id"])
     kinds = [kind for kind, _ in events]
-    assert kinds[-1] == "succeeded" and "progress" in kinds, kinds
+    assert kinds[0] == "queued" and kinds[-1] == "succeeded" and "progress" in kinds, kinds
     steps = [data["step"] for kind, data in events if kind == "progress"]
     assert steps == sorted(steps)
 
@@ -277,6 +284,7 @@ def test_the_python_client_submits_follows_downloads_cancels_and_streams(server)
 
 
 def test_a_job_can_ask_for_latent_previews_as_events(http):
+    behind_a_slow_job(http)
     job = http.post("/jobs", json={"prompt": "previewed", "num_inference_steps": 6, "preview_every": 2}).json()
     previews = [data for kind, data in events_of(http, job["id"]) if kind == "preview"]
     assert previews and all(decode(p["image"]).size == (8, 8) for p in previews)
