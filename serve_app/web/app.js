@@ -1,4 +1,4 @@
-// The web page: one form, POST /generate (response_format json), a gallery. No framework, no build step.
+// The web page: one form, jobs (POST /jobs, their events, their images), a gallery. No framework, no build step.
 "use strict";
 
 const API_KEY_STORAGE = "sd-serve.api-key";
@@ -98,24 +98,27 @@ function applyInfo(info) {
   }
 }
 
-// -- generating --------------------------------------------------------------------------
+// -- generating: every request is a job (POST /jobs), followed through its events -------------
+
+const jobCards = new Map(); // job id -> its card group, so a job is shown once
 
 function requestBody() {
   const data = new FormData(form);
-  const body = { response_format: "json" };
+  const body = {};
   for (const [name, value] of data.entries()) {
     const text = String(value).trim();
-    if (text === "") continue; // left empty: the server's default
+    if (text === "" || name === "output_format" || name === "preview") continue; // empty: the server's default
     body[name] = NUMERIC_FIELDS.includes(name) ? Number(text) : text;
   }
+  if ($("preview").checked) body.preview_every = 1;
   return body;
 }
 
 function setBusy(busy, message) {
   button.disabled = busy;
   button.setAttribute("aria-busy", String(busy));
-  button.querySelector(".button-text").textContent = busy ? "Generating…" : "Generate";
-  $("progress").textContent = message;
+  button.querySelector(".button-text").textContent = busy ? "Submitting…" : "Generate";
+  if (message !== undefined) $("progress").textContent = message;
 }
 
 function showError(error) {
@@ -146,26 +149,71 @@ function clearError() {
   for (const element of form.querySelectorAll("[aria-invalid]")) element.removeAttribute("aria-invalid");
 }
 
-function pendingCards(count) {
+// One group per job: a header with its progress bar, preview and cancel button, then a card per image.
+function jobGroup(job) {
+  if (jobCards.has(job.id)) return jobCards.get(job.id);
+  const group = $("job-template").content.firstElementChild.cloneNode(true);
+  group.dataset.job = job.id;
+  group.querySelector(".job-prompt").textContent = job.params.prompt;
+  group.querySelector(".cancel").addEventListener("click", () => cancelJob(job.id));
   const cards = [];
-  for (let i = 0; i < count; i++) {
+  for (let i = 0; i < job.seeds.length; i++) {
     const card = $("card-template").content.firstElementChild.cloneNode(true);
     card.classList.add("pending");
     card.querySelector(".card-actions").hidden = true;
-    gallery.prepend(card);
+    group.querySelector(".job-images").append(card);
     cards.push(card);
   }
+  const entry = { group, cards, job };
+  jobCards.set(job.id, entry);
+  gallery.prepend(group);
   $("empty").hidden = true;
-  return cards.reverse();
+  $("clear").hidden = false;
+  return entry;
 }
 
-function base64ToBlob(b64, mediaType) {
-  const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
-  return new Blob([bytes], { type: mediaType });
+function showState(entry, status, text) {
+  entry.group.dataset.status = status;
+  entry.group.querySelector(".job-state").textContent = text;
+  entry.group.querySelector(".cancel").hidden = !["queued", "running"].includes(status);
 }
 
-function fillCard(card, image, metadata) {
-  const url = URL.createObjectURL(base64ToBlob(image.b64, image.media_type));
+function showProgress(entry, progress) {
+  const fraction = progress.total_steps ? progress.step / progress.total_steps : 0;
+  const bar = entry.group.querySelector("progress");
+  bar.value = fraction;
+  bar.hidden = false;
+  showState(entry, "running",
+    `step ${progress.step} of ${progress.total_steps} · ${progress.images_done}/${progress.num_images} images`);
+}
+
+function showPreview(entry, b64) {
+  const img = entry.group.querySelector(".job-preview");
+  img.src = `data:image/png;base64,${b64}`;
+  img.hidden = false;
+}
+
+async function fetchImage(jobId, index, format) {
+  const response = await fetch(`/jobs/${jobId}/images/${index}?format=${format}`, { headers: authHeaders() });
+  if (!response.ok) throw new ServerError(response.status, await response.json().catch(() => null));
+  return response.blob();
+}
+
+async function showImages(entry, job) {
+  const format = $("output_format").value;
+  entry.group.querySelector("progress").hidden = true;
+  entry.group.querySelector(".job-preview").hidden = true;
+  const seconds = job.finished_at && job.started_at ? ` in ${(job.finished_at - job.started_at).toFixed(1)} s` : "";
+  showState(entry, "succeeded", `done${seconds}`);
+  await Promise.all(job.images.map(async (image, i) => {
+    const blob = await fetchImage(job.id, image.index, format);
+    fillCard(entry.cards[i], blob, image);
+  }));
+}
+
+function fillCard(card, blob, image) {
+  const metadata = image.metadata;
+  const url = URL.createObjectURL(blob);
   const img = card.querySelector("img");
   img.src = url;
   img.alt = `${metadata.prompt} (seed ${image.seed})`;
@@ -174,10 +222,10 @@ function fillCard(card, image, metadata) {
   card.querySelector(".card-prompt").title = metadata.prompt;
   card.querySelector(".seed").textContent = `seed ${image.seed}`;
   card.querySelector(".details").textContent =
-    `${metadata.width}×${metadata.height} · ${metadata.num_inference_steps} steps · batch of ${image.batch_size}`;
+    `${metadata.width}×${metadata.height} · ${metadata.num_inference_steps} steps · batch of ${metadata.batch_size}`;
   const download = card.querySelector(".download");
   download.href = url;
-  download.download = `sd-${image.seed}.${EXTENSIONS[image.media_type] || "png"}`;
+  download.download = `sd-${image.seed}.${EXTENSIONS[blob.type] || "png"}`;
   card.querySelector(".reuse").addEventListener("click", () => {
     $("seed").value = image.seed;
     $("seed").focus();
@@ -187,39 +235,88 @@ function fillCard(card, image, metadata) {
   card.querySelector(".card-actions").hidden = false;
 }
 
+// Server-sent events through fetch (EventSource cannot send the API key).
+async function* jobEvents(jobId) {
+  const response = await fetch(`/jobs/${jobId}/events`, { headers: authHeaders() });
+  if (!response.ok) throw new ServerError(response.status, await response.json().catch(() => null));
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value;
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      const kind = (block.match(/^event: (.*)$/m) || [])[1] || "message";
+      const data = (block.match(/^data: (.*)$/m) || [])[1];
+      if (data) yield [kind, JSON.parse(data)];
+    }
+  }
+}
+
+async function follow(job) {
+  const entry = jobGroup(job);
+  showState(entry, job.status, job.status === "queued" && job.position ? `queued (${job.position} ahead)` : job.status);
+  try {
+    for await (const [kind, data] of jobEvents(job.id)) {
+      if (kind === "queued") showState(entry, "queued", `queued (position ${data.position})`);
+      else if (kind === "running") showState(entry, "running", "running");
+      else if (kind === "progress") showProgress(entry, data);
+      else if (kind === "preview") showPreview(entry, data.image);
+      else if (kind === "succeeded") return await showImages(entry, data);
+      else if (kind === "failed") {
+        showState(entry, "failed", `failed: ${data.error ? data.error.message : "unknown error"}`);
+        entry.cards.forEach((card) => card.remove());
+        return;
+      } else if (kind === "canceled") {
+        showState(entry, "canceled", "canceled");
+        entry.cards.forEach((card) => card.remove());
+        return;
+      }
+    }
+  } catch (error) {
+    showState(entry, "unknown", `lost track of this job: ${error.message}`);
+  }
+}
+
+async function cancelJob(jobId) {
+  try {
+    await api(`/jobs/${jobId}`, { method: "DELETE" });
+  } catch (error) {
+    showError(error instanceof ServerError ? error : { message: error.message });
+  }
+}
+
 async function generate(event) {
   event.preventDefault();
   if (button.disabled) return;
   clearError();
-  const body = requestBody();
-  const asked = Number.isInteger(body.num_images) ? body.num_images : 1;
-  const count = Math.min(Math.max(asked, 1), 64); // placeholders only; the server enforces its own limit
-  const started = performance.now();
-  setBusy(true, "Waiting for the server…");
-  const timer = setInterval(() => {
-    $("progress").textContent = `Generating… ${((performance.now() - started) / 1000).toFixed(1)} s`;
-  }, 100);
-  const cards = pendingCards(count);
+  setBusy(true, "Submitting…");
   try {
-    const result = await api(
-      "/generate",
-      { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) },
+    const job = await api(
+      "/jobs",
+      { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(requestBody()) },
       (waitS) => { $("progress").textContent = `Server busy, trying again in ${waitS} s…`; },
     );
-    result.images.forEach((image, i) => fillCard(cards[i], image, result.metadata));
-    cards.slice(result.images.length).forEach((card) => card.remove());
-    $("clear").hidden = false;
-    const seconds = ((performance.now() - started) / 1000).toFixed(1);
-    const warnings = result.metadata.warnings.length ? ` · ${result.metadata.warnings.join("; ")}` : "";
-    clearInterval(timer);
-    setBusy(false, `${result.images.length} image${result.images.length > 1 ? "s" : ""} in ${seconds} s${warnings}`);
+    setBusy(false, "Submitted: you can submit more while it runs");
+    follow(job);
   } catch (error) {
-    clearInterval(timer);
-    cards.forEach((card) => card.remove());
-    $("empty").hidden = gallery.children.length > 0;
     setBusy(false, "Ctrl + Enter generates");
     showError(error instanceof ServerError ? error : { message: `Could not reach the server: ${error.message}` });
   }
+}
+
+// Jobs survive a reload: the newest ones are shown again, and the unfinished ones followed.
+async function loadRecentJobs() {
+  try {
+    const page = await api("/jobs?limit=12");
+    for (const job of page.jobs.reverse()) {
+      if (job.status === "succeeded") showImages(jobGroup(job), job).catch(() => {});
+      else if (job.status === "queued" || job.status === "running") follow(job);
+    }
+  } catch { /* no jobs API, or not allowed yet: nothing to show */ }
 }
 
 // -- wiring ------------------------------------------------------------------------------
@@ -237,7 +334,9 @@ form.addEventListener("input", (event) => event.target.removeAttribute("aria-inv
 $("clear").addEventListener("click", () => {
   for (const img of gallery.querySelectorAll("img[src^='blob:']")) URL.revokeObjectURL(img.src);
   gallery.replaceChildren();
+  jobCards.clear();
   $("clear").hidden = true;
   $("empty").hidden = false;
 });
 loadServerInfo();
+loadRecentJobs();
