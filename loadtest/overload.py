@@ -1,0 +1,172 @@
+"""Open-loop overload: arrivals at 1x, 2x, 5x and 10x the measured capacity against one server.
+
+    python -m loadtest.overload                         # configs/cpu-demo.yaml, ~3 min
+    python -m loadtest.overload --levels 1,10 --duration 15 --deadline 10
+
+First the capacity: a closed loop at --capacity-clients clients, images/s. Then, for each level,
+requests arrive at level x capacity per second (Poisson, open loop: arrivals do not wait for
+answers) for --duration seconds, each asking for a --deadline s deadline (X-Request-Timeout),
+while /healthz is probed every 0.2 s. Per level: goodput (images answered 200 within the
+deadline, per second of the window), the share refused (503), p95 time to a refusal, p95 latency
+of the accepted, answers by status (408 and 504 should be 0), mean batch size, and the slowest
+health probe. Writes overload.json and overload.md to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+
+from .servers import REPO, serve_server
+
+DEMO_CONFIG = REPO / "configs" / "cpu-demo.yaml"
+BODY = {"prompt": "overload", "num_inference_steps": 4}
+
+
+async def capacity(session: aiohttp.ClientSession, clients: int, seconds: float) -> float:
+    done = 0
+    deadline = time.perf_counter() + seconds
+
+    async def client(worker: int) -> None:
+        nonlocal done
+        n = 0
+        while time.perf_counter() < deadline:
+            async with session.post("/generate", json={**BODY, "seed": worker * 100000 + n}) as response:
+                await response.read()
+                if response.status == 200 and time.perf_counter() <= deadline:
+                    done += 1
+            n += 1
+
+    await asyncio.gather(*(client(w) for w in range(clients)))
+    return done / seconds
+
+
+async def open_loop(session: aiohttp.ClientSession, rate: float, seconds: float, deadline_s: float) -> dict:
+    outcomes: list[tuple[int, float, int]] = []  # status, seconds, batch size
+    probes: list[float] = []
+    rng = random.Random(int(rate * 1000))
+    stop = time.perf_counter() + seconds
+
+    async def one(index: int) -> None:
+        started = time.perf_counter()
+        try:
+            async with session.post(
+                "/generate", json={**BODY, "seed": index}, headers={"X-Request-Timeout": str(deadline_s)}
+            ) as response:
+                await response.read()
+                outcomes.append(
+                    (response.status, time.perf_counter() - started, int(response.headers.get("X-Batch-Size", 0)))
+                )
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            outcomes.append((0, time.perf_counter() - started, 0))
+
+    async def probe() -> None:
+        while time.perf_counter() < stop:
+            started = time.perf_counter()
+            try:
+                async with session.get("/healthz") as response:
+                    await response.read()
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                pass
+            probes.append(time.perf_counter() - started)
+            await asyncio.sleep(0.2)
+
+    tasks = [asyncio.ensure_future(probe())]
+    index = 0
+    while (now := time.perf_counter()) < stop:
+        tasks.append(asyncio.ensure_future(one(index)))
+        index += 1
+        await asyncio.sleep(min(rng.expovariate(rate), max(0.0, stop - now)))
+    await asyncio.gather(*tasks)
+    statuses = Counter(status for status, _, _ in outcomes)
+    good = [s for status, s, _ in outcomes if status == 200 and s <= deadline_s]
+    refusals = [s for status, s, _ in outcomes if status == 503]
+    accepted = [s for status, s, _ in outcomes if status == 200]
+    batches = [b for status, _, b in outcomes if status == 200 and b]
+
+    def p95(values: list[float]) -> float | None:
+        return round(float(np.percentile(values, 95)) * 1000, 1) if values else None
+
+    return {
+        "offered_per_s": round(index / seconds, 2),
+        "goodput_images_per_s": round(len(good) / seconds, 2),
+        "refused_share": round(len(refusals) / max(1, len(outcomes)), 3),
+        "refusal_p95_ms": p95(refusals),
+        "accepted_p95_ms": p95(accepted),
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "late_or_timed_out": sum(
+            1 for status, s, _ in outcomes if status in (408, 504) or (status == 200 and s > deadline_s)
+        ),
+        "mean_batch_size": round(sum(batches) / len(batches), 2) if batches else None,
+        "health_max_ms": round(max(probes) * 1000, 1) if probes else None,
+    }
+
+
+def markdown(capacity_per_s: float, levels: dict, args) -> str:
+    lines = [
+        f"Capacity {capacity_per_s:.1f} images/s ({args.capacity_clients} closed-loop clients); "
+        f"open-loop arrivals for {args.duration:g} s per level, deadline {args.deadline:g} s, {BODY['num_inference_steps']}-step requests.",
+        "",
+        "| load | offered/s | goodput images/s (x capacity) | refused | refusal p95 | accepted p95 | 408/504/late | mean batch | slowest /healthz |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for level, r in levels.items():
+        lines.append(
+            f"| {level}x | {r['offered_per_s']} | {r['goodput_images_per_s']} ({r['goodput_images_per_s'] / capacity_per_s:.2f}) "
+            f"| {r['refused_share']:.0%} | {r['refusal_p95_ms']} ms | {r['accepted_p95_ms']} ms | {r['late_or_timed_out']} "
+            f"| {r['mean_batch_size']} | {r['health_max_ms']} ms |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+async def run(url: str, args) -> tuple[float, dict]:
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as session:
+        measured = await capacity(session, args.capacity_clients, args.capacity_seconds)
+        levels = {}
+        for level in args.levels:
+            levels[level] = await open_loop(session, level * measured, args.duration, args.deadline)
+            print(f"{level}x: {json.dumps(levels[level])}", file=sys.stderr)
+            await asyncio.sleep(2)  # let the queue drain between levels
+    return measured, levels
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.overload", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=DEMO_CONFIG)
+    parser.add_argument("--levels", type=lambda t: [float(x) for x in t.split(",")], default=[1, 2, 5, 10])
+    parser.add_argument("--duration", type=float, default=20)
+    parser.add_argument("--deadline", type=float, default=10)
+    parser.add_argument("--capacity-clients", type=int, default=32)
+    parser.add_argument("--capacity-seconds", type=float, default=15)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    out = args.out or REPO / "results" / time.strftime("overload-%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    with serve_server(args.config, out / "logs") as server:
+        measured, levels = asyncio.run(run(server.url, args))
+    report = {"capacity_images_per_s": round(measured, 2), "levels": {f"{k:g}": v for k, v in levels.items()}}
+    (out / "overload.json").write_text(json.dumps(report, indent=2))
+    text = markdown(measured, {f"{k:g}": v for k, v in levels.items()}, args)
+    (out / "overload.md").write_text(text)
+    print(text)
+    top = levels[max(levels)]
+    print(
+        f"goodput at {max(levels):g}x: {top['goodput_images_per_s'] / measured:.2f} x capacity (goal >= 0.9); "
+        f"refusal p95 {top['refusal_p95_ms']} ms (goal <= 100); late or timed out: {top['late_or_timed_out']} (goal 0)"
+    )
+    return 0 if math.isfinite(measured) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
