@@ -52,6 +52,17 @@ class RequestLimits(_Strict):
     )
     retry_after_s: int = Field(2, ge=1, description="Retry-After sent with 503 answers")
 
+    def bounds(self) -> dict[str, tuple[float, float]]:
+        """The range each bounded request field has on this deployment: what validation enforces, what
+        its error messages state and what the OpenAPI document publishes (one source for all three)."""
+        return {
+            "width": (self.min_size, self.max_width),
+            "height": (self.min_size, self.max_height),
+            "num_inference_steps": (1, self.max_steps),
+            "guidance_scale": (0, self.max_guidance_scale),
+            "num_images": (1, self.max_num_images),
+        }
+
     @model_validator(mode="after")
     def _sizes_consistent(self) -> RequestLimits:
         if self.min_size > min(self.max_width, self.max_height):

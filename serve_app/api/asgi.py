@@ -10,6 +10,7 @@ from . import health
 from .a1111 import routes as a1111_routes
 from .errors import install_error_handlers
 from .jobs import routes as job_routes
+from .jobs.protocol import JobRequest
 from .middleware import (
     ApiKeyMiddleware,
     BodySizeLimitMiddleware,
@@ -18,10 +19,11 @@ from .middleware import (
     OutcomeCounterMiddleware,
     RequestIdMiddleware,
 )
+from .native import protocol as native_protocol
 from .native import routes as native_routes
 from .openai import routes as openai_routes
 from .serving import GenerationService
-from .web import mount_web_page
+from .web import mount_docs, mount_web_page
 
 DESCRIPTION = """Text-to-image and image-to-image with dynamic batching on Ray Serve.
 
@@ -34,11 +36,30 @@ every response carries `X-Request-Id`.
 """
 
 
+# Every field name the native API takes (the others ignore unknown fields), for "did you mean ...?".
+NATIVE_FIELDS = frozenset(
+    name
+    for model in (
+        native_protocol.GenerateRequest,
+        native_protocol.Img2ImgRequest,
+        native_protocol.MultiPromptRequest,
+        JobRequest,
+    )
+    for name in model.model_fields
+)
+
+
 def create_api(service: GenerationService, api_keys: list[str] | None = None) -> FastAPI:
     """The app for `service`; with `api_keys`, every route but probes, docs and the page needs one."""
-    app = FastAPI(title="Stable Diffusion on Ray Serve", version=__version__, description=DESCRIPTION)
+    app = FastAPI(
+        title="Stable Diffusion on Ray Serve",
+        version=__version__,
+        description=DESCRIPTION,
+        docs_url=None,  # served by mount_docs, from local assets
+        redoc_url=None,
+    )
     app.state.service = service
-    install_error_handlers(app)
+    install_error_handlers(app, known_fields=NATIVE_FIELDS)
     limits = service.limits
     # add_middleware puts each layer outside the previous one: read these bottom-up for the request path.
     app.add_middleware(DeadlineMiddleware, default_s=limits.request_timeout_s)
@@ -64,4 +85,69 @@ def create_api(service: GenerationService, api_keys: list[str] | None = None) ->
     app.include_router(openai_routes.router)
     app.include_router(a1111_routes.router)
     mount_web_page(app)
+    mount_docs(app)
+    publish_limits_in_openapi(app, limits)
     return app
+
+
+# The request fields of every family that carry a deployment limit, by the limit's name.
+_LIMITED_FIELDS = {
+    "width": ("width",),
+    "height": ("height",),
+    "num_inference_steps": ("num_inference_steps", "steps"),
+    "guidance_scale": ("guidance_scale", "cfg_scale"),
+    "num_images": ("num_images", "n", "batch_size"),
+}
+
+
+def publish_limits_in_openapi(app: FastAPI, limits) -> None:
+    """/openapi.json states this deployment's limits (`limits.bounds()`), not the schema's outer bounds:
+    what the document promises is what validation enforces and what its errors say."""
+    default_openapi = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = default_openapi()
+        bounds = limits.bounds()
+        for properties in _all_properties(schema):  # components, and the request bodies written inline
+            for limit, names in _LIMITED_FIELDS.items():
+                for name in names:
+                    if name in properties:
+                        _bound(properties[name], *bounds[limit])
+            for name in ("prompt", "negative_prompt"):
+                if name in properties:
+                    _bound_length(properties[name], limits.max_prompt_chars)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi
+
+
+def _all_properties(node) -> list[dict]:
+    found = []
+    if isinstance(node, dict):
+        if isinstance(node.get("properties"), dict):
+            found.append(node["properties"])
+        for value in node.values():
+            found += _all_properties(value)
+    elif isinstance(node, list):
+        for value in node:
+            found += _all_properties(value)
+    return found
+
+
+def _numeric_parts(prop: dict) -> list[dict]:
+    return [p for p in [prop, *prop.get("anyOf", [])] if p.get("type") in ("integer", "number")]
+
+
+def _bound(prop: dict, lowest: float, highest: float) -> None:
+    for part in _numeric_parts(prop):
+        part.pop("exclusiveMinimum", None)
+        part["minimum"], part["maximum"] = lowest, highest
+
+
+def _bound_length(prop: dict, longest: int) -> None:
+    for part in [prop, *prop.get("anyOf", [])]:
+        if part.get("type") == "string":
+            part["maxLength"] = longest

@@ -13,6 +13,8 @@ stack trace). Every response carries X-Request-Id.
 
 from __future__ import annotations
 
+import difflib
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -89,33 +91,112 @@ def _field_path(loc) -> str:
     return ".".join(parts) or "body"
 
 
-def validation_problems(exc: RequestValidationError) -> list[dict]:
+# Fields of the other API families (and common slips), by what they are called on the native API.
+_OTHER_NAMES = {
+    "steps": ("num_inference_steps", "the AUTOMATIC1111 API's name (/sdapi/v1)"),
+    "cfg_scale": ("guidance_scale", "the AUTOMATIC1111 API's name (/sdapi/v1)"),
+    "sampler_name": ("scheduler", "the AUTOMATIC1111 API's name (/sdapi/v1)"),
+    "sampler_index": ("scheduler", "the AUTOMATIC1111 API's name (/sdapi/v1)"),
+    "batch_size": ("num_images", "the AUTOMATIC1111 API's name (/sdapi/v1)"),
+    "n_iter": ("num_images", "the AUTOMATIC1111 API's name (/sdapi/v1)"),
+    "denoising_strength": ("strength", "the AUTOMATIC1111 API's name (/sdapi/v1)"),
+    "init_images": ("init_image", "the AUTOMATIC1111 API's name (/sdapi/v1)"),
+    "size": ("width and height", "the OpenAI API's name (/v1/images/generations)"),
+    "n": ("num_images", "the OpenAI API's name (/v1/images/generations)"),
+    "sampler": ("scheduler", None),
+    "cfg": ("guidance_scale", None),
+    "guidance": ("guidance_scale", None),
+    "negative": ("negative_prompt", None),
+}
+# The field names of each family's requests, for the names their callers use in messages.
+_FAMILY_NAMES = {
+    OPENAI_PREFIX: {"n": "num_images"},
+    "/sdapi/": {"steps": "num_inference_steps", "cfg_scale": "guidance_scale", "batch_size": "num_images"},
+}
+_BOUND_ERRORS = ("less_than_equal", "greater_than_equal", "less_than", "greater_than")
+
+
+def _unknown_field(field: str, known: set[str]) -> str:
+    """'unknown field', and what the caller probably meant."""
+    name = field.rsplit(".", 1)[-1]
+    if name in _OTHER_NAMES:
+        meant, where = _OTHER_NAMES[name]
+        return f"unknown field; did you mean {meant}?" + (f" ({name} is {where})" if where else "")
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return f"unknown field; did you mean {close[0]}?" if close else "unknown field"
+
+
+def validation_problems(
+    exc: RequestValidationError, path: str = "", limits=None, known: set[str] = frozenset()
+) -> list[dict]:
+    """One problem per error: the field as the caller named it, and a message that says what to send.
+    Range errors state this deployment's limits (`limits.bounds()`), not the schema's outer bounds."""
+    family = next((names for prefix, names in _FAMILY_NAMES.items() if path.startswith(prefix)), {})
+    bounds = limits.bounds() if limits is not None else {}
     problems = []
     for error in exc.errors():
         field = _field_path(error.get("loc", ()))
-        message = "unknown field" if error.get("type") == "extra_forbidden" else error.get("msg", "invalid")
-        problems.append({"field": field, "message": message.removeprefix("Value error, ")})
+        kind = error.get("type")
+        message = error.get("msg", "invalid").removeprefix("Value error, ")
+        name = field.rsplit(".", 1)[-1]
+        canonical = family.get(name, name)
+        if kind == "extra_forbidden":
+            message = _unknown_field(field, known)
+        elif kind in _BOUND_ERRORS and canonical in bounds:
+            lowest, highest = bounds[canonical]
+            message = f"must be between {lowest:g} and {highest:g} (got {error.get('input')})"
+        elif kind in _BOUND_ERRORS and name == "seed" and error.get("input") in (-1, "-1"):
+            message = "must be 0 or more; leave seed out (or send null) for a random seed"
+        problems.append({"field": field, "message": message})
     return problems
 
 
-def _is_malformed_body(exc: RequestValidationError) -> bool:
-    return any(
-        error.get("type") in ("json_invalid", "model_attributes_type")
-        or (error.get("type") == "missing" and tuple(error.get("loc", ())) == ("body",))
-        for error in exc.errors()
+def _malformed(exc: RequestValidationError, request: Request, body: bytes) -> tuple[int, str] | None:
+    """A body that is not what the route reads: a status and a message saying what went wrong and where."""
+    errors = exc.errors()
+    content_type = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+    for error in errors:
+        if error.get("type") == "json_invalid":
+            position = error.get("loc", (None, None))[-1]
+            where = ""
+            if isinstance(position, int):
+                before = body[:position].decode("utf-8", "replace")
+                where = f" at line {before.count(chr(10)) + 1}, column {len(before) - before.rfind(chr(10))}"
+            reason = (error.get("ctx") or {}).get("error", "not valid JSON")
+            return 400, f"request body is not valid JSON: {reason}{where}"
+    # A body FastAPI did not parse as JSON (another Content-Type, or none) reaches the model as bytes.
+    unparsed = any(
+        tuple(e.get("loc", ())) == ("body",)
+        and e.get("type") in ("missing", "model_attributes_type")
+        and isinstance(e.get("input"), (bytes, type(None)))
+        for e in errors
     )
+    if unparsed and body and content_type != "application/json" and not content_type.startswith("multipart/"):
+        got = f"Content-Type {content_type}" if content_type else "no Content-Type"
+        return 415, f"send the body as JSON with Content-Type: application/json (it came with {got})"
+    body_missing = any(e.get("type") == "missing" and tuple(e.get("loc", ())) == ("body",) for e in errors)
+    if body_missing or any(e.get("type") == "model_attributes_type" for e in errors):
+        return 400, "request body must be a JSON object"
+    return None
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, known_fields: set[str] = frozenset()) -> None:
+    """`known_fields`: every field name the API accepts, for "did you mean ...?" on unknown ones."""
+
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
         return error_response(request, exc.status, exc.code, exc.message, exc.field, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
-        if _is_malformed_body(exc):
-            return error_response(request, 400, "malformed_request", "request body must be a JSON object")
-        problems = validation_problems(exc)
+        malformed = _malformed(exc, request, await request.body())
+        if malformed is not None:
+            status, message = malformed
+            code = "unsupported_media_type" if status == 415 else "malformed_request"
+            return error_response(request, status, code, message)
+        service = getattr(request.app.state, "service", None)
+        limits = getattr(service, "limits", None)
+        problems = validation_problems(exc, request.url.path, limits, known_fields)
         message = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
         return error_response(request, 422, "invalid_request", message, problems[0]["field"], details=problems)
 

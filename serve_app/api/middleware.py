@@ -145,7 +145,7 @@ class OutcomeCounterMiddleware:
 OPEN_PATHS = frozenset(
     {"/", "/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/favicon.ico"}
 )
-OPEN_PREFIXES = ("/web/",)
+OPEN_PREFIXES = ("/web/", "/docs-assets/")
 
 
 class ApiKeyMiddleware:

@@ -53,25 +53,17 @@ def check_limits(
     def invalid(field: str, problem: str) -> ApiError:
         return ApiError.invalid(names.get(field, field), problem)
 
-    for field, value, upper in (
-        ("width", params.width, limits.max_width),
-        ("height", params.height, limits.max_height),
-    ):
-        if value is not None and not limits.min_size <= value <= upper:
-            raise invalid(field, f"must be between {limits.min_size} and {upper} (got {value})")
+    values = {
+        **params.model_dump(include={"width", "height", "num_inference_steps", "guidance_scale"}),
+        "num_images": num_images,
+    }
+    for field, (lowest, highest) in limits.bounds().items():
+        value = values[field]
+        if value is not None and not lowest <= value <= highest:
+            raise invalid(field, f"must be between {lowest:g} and {highest:g} (got {value:g})")
     if params.width and params.height and params.width * params.height > limits.max_pixels:
         pixels = params.width * params.height
         raise invalid("width", f"width x height must be at most {limits.max_pixels} pixels (got {pixels})")
-    if params.num_inference_steps is not None and params.num_inference_steps > limits.max_steps:
-        raise invalid(
-            "num_inference_steps", f"must be between 1 and {limits.max_steps} (got {params.num_inference_steps})"
-        )
-    if params.guidance_scale is not None and params.guidance_scale > limits.max_guidance_scale:
-        raise invalid(
-            "guidance_scale", f"must be between 0 and {limits.max_guidance_scale} (got {params.guidance_scale})"
-        )
-    if num_images > limits.max_num_images:
-        raise invalid("num_images", f"must be between 1 and {limits.max_num_images} (got {num_images})")
     for field in ("prompt", "negative_prompt"):
         length = len(getattr(params, field))
         if length > limits.max_prompt_chars:
