@@ -38,13 +38,9 @@ chromium:
 	  SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
 
+# Checks the config (coherence, GPUs present), runs `serve run`, prints the URL once /readyz answers.
 serve: install
-	@$(PY) -m serve_app.config $(CONFIG)
-	@$(PY) -c "import yaml; h = yaml.safe_load(open('$(CONFIG)'))['http_options']; \
-	host = '127.0.0.1' if h.get('host') in (None, '0.0.0.0') else h['host']; url = f\"http://{host}:{h.get('port', 8000)}\"; \
-	print(f'\nStarting $(CONFIG): the server answers at {url} once Serve logs \"Deployed app\".'); \
-	print(f'Try:  curl -X POST {url}/generate -H \"Content-Type: application/json\" -d \"{{\\\\\"prompt\\\\\": \\\\\"a lighthouse at dawn\\\\\"}}\" -o image.png\n')"
-	$(VENV)/bin/serve run $(CONFIG)
+	$(PY) -m serve_app.launch $(CONFIG)
 
 test: install-test
 	$(VENV)/bin/pytest
