@@ -2,9 +2,25 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 # Ray 2.60 turns on token auth once ~/.ray/auth_token exists; local test clusters run without it.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 sys.path.insert(0, str(Path(__file__).parent))
+
+E2E_DIR = Path(__file__).parent / "e2e"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    """Every test under tests/e2e is marked `e2e`, so `-m "not e2e"` leaves out everything that starts Ray.
+
+    (A `pytestmark` in a conftest.py has no effect: pytest reads it from test modules only.)
+    Runs before pytest's own -m filtering, which reads the marks added here.
+    """
+    for item in items:
+        if E2E_DIR in Path(item.path).parents:
+            item.add_marker(pytest.mark.e2e)
 
 
 def pytest_terminal_summary(terminalreporter):

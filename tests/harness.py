@@ -13,9 +13,12 @@ import copy
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
+import httpx
 import yaml
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -23,12 +26,38 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "cpu-demo.yaml"
 APP_NAME = "sd"
+T = TypeVar("T")
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], T], timeout_s: float, what: str, interval_s: float = 0.05) -> T:
+    """Call `predicate` until it returns something truthy, and return that; AssertionError after `timeout_s`.
+
+    The way tests synchronise with a server: on a state it reports, never on time passing.
+    `what` completes "timed out waiting until ..." in the error, with the last value seen.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting until {what} (last: {value!r})")
+        time.sleep(interval_s)
+
+
+def generator_jobs(http: httpx.Client) -> dict:
+    """The Generator's job counters from /info: received, succeeded, failed, cancelled_before_start, ...
+    (counts since that replica started; `waiting` and `running` are now). Serve routes /info to one
+    Generator replica: exact where the config runs one."""
+    response = http.get("/info")
+    assert response.status_code == 200, response.text
+    return response.json()["generator"]["jobs"]
 
 
 def load_config(path: Path = DEMO_CONFIG) -> dict:
@@ -104,7 +133,7 @@ class ServeCluster:
                 raise RuntimeError("deployment failed:\n" + "\n".join(failed))
             if all(s and s.status == "RUNNING" for s in states.values()):
                 return
-            time.sleep(0.5)
+            time.sleep(0.1)
         raise TimeoutError(f"applications {names} not RUNNING after {timeout_s}s: {serve.status().applications}")
 
     def stop(self) -> None:

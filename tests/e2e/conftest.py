@@ -1,12 +1,17 @@
-"""One Ray + Serve instance for the whole session; each module deploys the config it needs."""
+"""One Ray + Serve instance for the whole session; each module deploys the config it needs.
+
+Every test here is marked `e2e` by tests/conftest.py (by its path). A module either runs against
+the demo config (`demo_server` / `client`) or against variants of it (`deployed_variant`), never
+both, so that no test depends on which config an earlier test left running.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import httpx
 import pytest
 from harness import ServeCluster, load_config
-
-pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +32,27 @@ def demo_server(serve_cluster) -> str:
 def client(demo_server):
     with httpx.Client(base_url=demo_server, timeout=60) as http:
         yield http
+
+
+@pytest.fixture(scope="module")
+def deployed_variant(serve_cluster) -> Callable[[Callable[[dict], None]], str]:
+    """deployed_variant(edit): deploy the demo config as `edit(config)` changes it (in place) and return
+    the base URL once it runs. The demo config is deployed again after the module, if a variant ran.
+
+        def tight(config):
+            deployment(config, "ImageGenerator")["max_ongoing_requests"] = 4
+
+        url = deployed_variant(tight)
+    """
+    deployed = []
+
+    def deploy(edit: Callable[[dict], None]) -> str:
+        config = load_config()
+        edit(config)
+        deployed.append(edit)
+        serve_cluster.deploy(config)
+        return serve_cluster.url
+
+    yield deploy
+    if deployed:
+        serve_cluster.deploy(load_config())

@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 from harness import REPO
 
+# Starts a two-node Ray cluster of its own in a child process: minutes.
+pytestmark = pytest.mark.slow
+
 SCRIPT = REPO / "deploy" / "local_cluster.py"
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
-import pytest
 from fastapi import FastAPI
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -89,23 +88,38 @@ def test_deadline_default_and_client_asked():
 
 
 def test_concurrency_limit_sheds_with_retry_after():
-    limited = ConcurrencyLimitMiddleware(
-        Starlette(routes=[Route("/work", echo, methods=["POST"])]), limit=2, retry_after_s=3
-    )
+    """Two requests are held inside the app; the three that arrive meanwhile are shed at once."""
 
     async def scenario():
         import httpx
 
+        gate = asyncio.Event()
+
+        async def held(request: Request):
+            await gate.wait()
+            return JSONResponse({"held": True})
+
+        limited = ConcurrencyLimitMiddleware(
+            Starlette(routes=[Route("/work", held, methods=["POST"])]), limit=2, retry_after_s=3
+        )
         transport = httpx.ASGITransport(app=RequestIdMiddleware(limited))
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
-            return await asyncio.gather(*(http.post("/work?sleep=0.3") for _ in range(5)))
+            posts = [asyncio.ensure_future(http.post("/work")) for _ in range(5)]
+            done: set = set()
+            while len(done) < 3:  # the shed answers come back while the gate is shut
+                newly, _ = await asyncio.wait(set(posts) - done, return_when=asyncio.FIRST_COMPLETED)
+                done |= newly
+            held_while_shut = limited.active
+            gate.set()
+            responses = await asyncio.gather(*posts)
+        return responses, [posts.index(p) for p in done], held_while_shut, limited.active
 
-    responses = asyncio.run(scenario())
-    statuses = sorted(r.status_code for r in responses)
-    assert statuses == [200, 200, 503, 503, 503]
+    responses, first_answered, held_while_shut, active_after = asyncio.run(scenario())
+    assert held_while_shut == 2 and active_after == 0
+    assert sorted(r.status_code for r in responses) == [200, 200, 503, 503, 503]
+    assert all(responses[i].status_code == 503 for i in first_answered)
     shed = next(r for r in responses if r.status_code == 503)
     assert shed.headers["retry-after"] == "3" and shed.json()["error"]["code"] == "overloaded"
-    assert limited.active == 0
 
 
 def test_outcomes_are_counted_by_status():
@@ -119,9 +133,14 @@ def test_outcomes_are_counted_by_status():
     assert counter == Counter({"200": 1, "413": 1, "404": 1})
 
 
-@pytest.mark.parametrize("method", ["GET", "OPTIONS"])
-def test_layers_leave_non_generation_requests_alone(method):
+def test_deadline_and_admission_apply_to_generation_requests_only():
+    """Probes and preflights are never shed (limit 0 sheds every POST) nor cut short by the deadline."""
     client = app_with(
         (DeadlineMiddleware, {"default_s": 0.01}), (ConcurrencyLimitMiddleware, {"limit": 0, "retry_after_s": 1})
     )
-    assert client.request(method, "/healthz").status_code in (200, 405)
+    assert client.post("/work").status_code == 503  # the layers are active
+    slow_probe = client.get("/healthz?sleep=0.05")  # five times the deadline
+    assert slow_probe.status_code == 200 and slow_probe.json() == {"bytes": 0}
+    # OPTIONS reaches the app, which has no OPTIONS route: its 405, not the layers' 503 or 504.
+    options = client.options("/healthz")
+    assert options.status_code == 405 and options.json()["error"]["code"] == "method_not_allowed"

@@ -1,4 +1,4 @@
-"""Helpers for tests that read images out of responses."""
+"""Helpers for tests that read images out of responses (unit route tests and end-to-end tests)."""
 
 from __future__ import annotations
 
