@@ -180,6 +180,14 @@ def _malformed(exc: RequestValidationError, request: Request, body: bytes) -> tu
     return None
 
 
+async def _body_if_unread(request: Request) -> bytes:
+    """The raw body, to say where JSON broke; a multipart body was streamed into its form, never kept."""
+    try:
+        return await request.body()
+    except RuntimeError:  # "Stream consumed"
+        return b""
+
+
 def install_error_handlers(app: FastAPI, known_fields: set[str] = frozenset()) -> None:
     """`known_fields`: every field name the API accepts, for "did you mean ...?" on unknown ones."""
 
@@ -189,7 +197,7 @@ def install_error_handlers(app: FastAPI, known_fields: set[str] = frozenset()) -
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
-        malformed = _malformed(exc, request, await request.body())
+        malformed = _malformed(exc, request, await _body_if_unread(request))
         if malformed is not None:
             status, message = malformed
             code = "unsupported_media_type" if status == 415 else "malformed_request"

@@ -192,11 +192,9 @@ def test_openapi_documents_every_route_with_examples(client):
     assert docs.status_code == 200 and "/openapi.json" in docs.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: /v1/images/edits is documented as application/x-www-form-urlencoded, but it takes "
-    "multipart/form-data (the image is a file), which is what the openai package sends",
-)
 def test_openapi_documents_image_edits_as_multipart(client):
-    content = client.get("/openapi.json").json()["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]
+    spec = client.get("/openapi.json").json()
+    content = spec["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]
     assert set(content) == {"multipart/form-data"}
+    schema = spec["components"]["schemas"][content["multipart/form-data"]["schema"]["$ref"].rsplit("/", 1)[1]]
+    assert {"image", "prompt", "strength"} <= set(schema["properties"])

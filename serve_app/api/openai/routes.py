@@ -48,7 +48,12 @@ async def create_image(body: ImageGenerationRequest, request: Request, service: 
     summary="OpenAI: edit image (image-to-image)",
     description="multipart/form-data with `image` and `prompt`; `strength` (0-1, default 0.75) is an extension.",
 )
-async def edit_image(form: Annotated[ImageEditForm, Form()], request: Request, service: Service):
+async def edit_image(
+    # FastAPI describes a form model as urlencoded even when it holds a file: say multipart.
+    form: Annotated[ImageEditForm, Form(media_type="multipart/form-data")],
+    request: Request,
+    service: Service,
+):
     params = form.image_params()
     init_image = await run_in_threadpool(
         decode_init_image,
