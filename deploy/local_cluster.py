@@ -219,7 +219,7 @@ def send_traffic_until_both_replicas_served(url: str, replicas: set[str], timeou
             statuses += pool.map(post, range(len(statuses), len(statuses) + 16))
             for _ in range(8):
                 info = http_json("GET", f"{url}/info")["generator"]
-                calls[info["replica"]] = {"node_id": info["node_id"], "calls": info["pipeline_calls_by_batch_size"]}
+                calls[info["replica"]] = {"node_id": info["node_id"], "calls": info["model_calls_by_batch_size"]}
             if {r for r, c in calls.items() if c["calls"]} >= replicas:
                 break
     return {"requests": len(statuses), "ok": statuses.count(200), "by_replica": calls}

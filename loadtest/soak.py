@@ -38,7 +38,6 @@ FIELDS = (
 
 def sample(info: dict, elapsed_s: float, level) -> dict:
     generator = info["generator"]
-    calls = generator["pipeline_calls_by_batch_size"]
     gpu = generator.get("gpu") or {}
     return {
         "elapsed_s": round(elapsed_s),
@@ -49,7 +48,7 @@ def sample(info: dict, elapsed_s: float, level) -> dict:
         "replica": generator["replica"],
         "replica_rss_mib": round(generator["memory_rss_bytes"] / 2**20, 1),
         "gpu_used_mib": round(gpu["memory_used_bytes"] / 2**20, 1) if gpu else "",
-        "images_made": sum(int(size) * count for size, count in calls.items()),
+        "images_made": generator["jobs"]["succeeded"],
         "responses_by_status": " ".join(f"{k}:{v}" for k, v in info["responses_by_status"].items()),
     }
 

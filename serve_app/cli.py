@@ -247,13 +247,15 @@ def describe_health(url: str, live: bool, ready: bool | None, info: dict[str, An
             rows.append(
                 (
                     "batching",
-                    f"up to {batching.get('max_batch_size')} images per call, "
+                    f"up to {batching.get('max_batch_size')} images per model call, "
                     f"waits {batching.get('batch_wait_timeout_s')} s for company",
                 )
             )
-            calls = generator.get("pipeline_calls_by_batch_size") or {}
+            if generator.get("engine"):
+                rows.append(("engine", generator["engine"]))
+            calls = generator.get("model_calls_by_batch_size") or {}
             if calls:
-                rows.append(("calls", ", ".join(f"{n} of size {size}" for size, n in calls.items())))
+                rows.append(("model calls", ", ".join(f"{n} of {size} images" for size, n in calls.items())))
         if limits:
             rows.append(
                 (
