@@ -255,7 +255,7 @@ def describe_health(url: str, live: bool, ready: bool | None, info: dict[str, An
                 rows.append(("engine", generator["engine"]))
             calls = generator.get("model_calls_by_batch_size") or {}
             if calls:
-                rows.append(("model calls", ", ".join(f"{n} of {size} images" for size, n in calls.items())))
+                rows.append(("calls", ", ".join(f"{n} model calls of {size} images" for size, n in calls.items())))
         if limits:
             rows.append(
                 (

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import os
 import socket
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,8 +61,17 @@ def generator_jobs(http: httpx.Client) -> dict:
     return response.json()["generator"]["jobs"]
 
 
+# Where the tests' servers keep jobs: one directory per test session, never the repository's ./outputs.
+TEST_JOB_STORE = Path(tempfile.mkdtemp(prefix="sd-serve-test-jobs-"))
+
+
 def load_config(path: Path = DEMO_CONFIG) -> dict:
-    return yaml.safe_load(Path(path).read_text())
+    """A Serve config file as a dict, its job store moved to this session's temporary directory."""
+    config = yaml.safe_load(Path(path).read_text())
+    for app in config.get("applications", []):
+        args = app.setdefault("args", {})
+        args.setdefault("jobs", {}).setdefault("store", str(TEST_JOB_STORE))
+    return config
 
 
 def deployment(config: dict, name: str) -> dict:
