@@ -51,13 +51,13 @@ def page(browser, demo_server) -> Page:
     context.close()
 
 
-def test_generate_shows_images_with_seeds_and_errors_in_words(page: Page, tmp_path):
+def test_generate_runs_a_job_shows_its_images_with_seeds_and_errors_in_words(page: Page, tmp_path):
     expect(page.locator("#server-text")).to_contain_text("synthetic:tiny")  # /info was read
     expect(page.locator("#limits-hint")).to_contain_text("64–256")
 
-    # Hold the request at the network layer so the in-progress state can be seen, then let it through.
+    # Hold the submission at the network layer to see what the page sends, then let it through.
     held: list[Route] = []
-    page.route("**/generate", lambda route: held.append(route))
+    page.route("**/jobs", lambda route: held.append(route) if route.request.method == "POST" else route.continue_())
     page.fill("#prompt", "a lighthouse at dawn")
     page.fill("#seed", "42")
     page.fill("#num_images", "2")
@@ -66,9 +66,6 @@ def test_generate_shows_images_with_seeds_and_errors_in_words(page: Page, tmp_pa
     page.press("#api_key", "Tab")
     page.click("#generate")
     expect(page.locator("#generate")).to_have_attribute("aria-busy", "true")
-    expect(page.locator("#generate")).to_be_disabled()
-    expect(page.locator("#generate")).to_contain_text("Generating")
-    expect(page.locator(".card.pending")).to_have_count(2)
     wait_until(page, lambda: held)
     request = held[0].request
     assert request.headers["authorization"] == "Bearer secret-key"
@@ -77,14 +74,15 @@ def test_generate_shows_images_with_seeds_and_errors_in_words(page: Page, tmp_pa
         "seed": 42,
         "num_images": 2,
         "scheduler": "default",
-        "output_format": "png",
-        "response_format": "json",
     }
     held[0].continue_()
-    page.unroute("**/generate")
+    page.unroute("**/jobs")
 
-    cards = page.locator("#gallery .card:not(.pending)")
-    expect(cards).to_have_count(2)
+    job = page.locator("#gallery .job").first
+    expect(job.locator(".card:not(.pending)")).to_have_count(2)
+    cards = page.locator(f"#gallery .job[data-job='{job.get_attribute('data-job')}'] .card:not(.pending)")
+    expect(job.locator(".job-state")).to_contain_text("done")
+    expect(job.locator(".cancel")).to_be_hidden()
     expect(page.locator("#generate")).to_be_enabled()
     expect(cards.nth(0).locator(".seed")).to_have_text("seed 42")
     expect(cards.nth(1).locator(".seed")).to_have_text("seed 43")
@@ -102,7 +100,7 @@ def test_generate_shows_images_with_seeds_and_errors_in_words(page: Page, tmp_pa
     expect(error).to_contain_text("width: must be between 64 and 256 (got 512)")
     expect(error).to_contain_text("422 invalid_request")
     expect(page.locator("#width")).to_have_attribute("aria-invalid", "true")
-    expect(cards).to_have_count(2)  # the failed request left the gallery as it was
+    expect(page.locator("#gallery .job")).to_have_count(1)  # the refused request added nothing
     page.screenshot(path=tmp_path / "web-page.png", full_page=True)
     assert (tmp_path / "web-page.png").stat().st_size > 10_000
 
@@ -112,19 +110,38 @@ def test_generate_shows_images_with_seeds_and_errors_in_words(page: Page, tmp_pa
     expect(page.locator("#seed")).to_have_value("43")
     page.fill("#num_images", "1")
     page.click("#generate")
-    expect(cards).to_have_count(3)
+    expect(page.locator("#gallery .job")).to_have_count(2)
     expect(error).to_be_hidden()
-    expect(cards.nth(0).locator(".seed")).to_have_text("seed 43")
+    expect(page.locator("#gallery .job").first.locator(".card:not(.pending) .seed")).to_have_text("seed 43")
 
-    # The API key stays in this browser.
+    # Jobs outlive the page: after a reload they are listed again, with their images; the key stays.
     page.reload()
     expect(page.locator("#api_key")).to_have_value("secret-key")
+    expect(cards).to_have_count(2)
+
+
+def test_a_running_job_shows_its_progress_and_preview_and_can_be_cancelled(page: Page):
+    page.fill("#prompt", "a long job")
+    page.fill("#num_inference_steps", "50")
+    page.fill("#width", "128")
+    page.fill("#height", "128")
+    page.check("#preview")
+    page.click("#generate")
+    job = page.locator("#gallery .job").first
+    expect(job.locator(".job-state")).to_contain_text("step")
+    expect(job.locator("progress")).to_be_visible()
+    expect(job.locator(".job-preview")).to_be_visible()
+    job.locator(".cancel").click()
+    expect(job.locator(".job-state")).to_have_text("canceled")
+    expect(job.locator(".card")).to_have_count(0)
 
 
 def test_a_busy_server_is_retried_as_retry_after_says(page: Page):
     calls = []
 
     def overloaded_once(route: Route):
+        if route.request.method != "POST":
+            return route.continue_()
         calls.append(route.request.url)
         if len(calls) == 1:
             body = {"error": {"code": "overloaded", "message": "queue full"}, "request_id": "r"}
@@ -132,10 +149,30 @@ def test_a_busy_server_is_retried_as_retry_after_says(page: Page):
         else:
             route.continue_()
 
-    page.route("**/generate", overloaded_once)
+    page.route("**/jobs", overloaded_once)
     page.fill("#prompt", "a busy day")
     page.fill("#seed", "5")
     page.click("#generate")
-    expect(page.locator("#gallery .card:not(.pending) .seed")).to_have_text("seed 5")
+    expect(page.locator("#gallery .job").first.locator(".card:not(.pending) .seed")).to_have_text("seed 5")
     expect(page.locator("#error")).to_be_hidden()
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize(("path", "shows"), [("/docs", ".swagger-ui .info .title"), ("/redoc", "h1")])
+def test_the_api_documentation_renders_with_no_network(browser, demo_server, path, shows):
+    context = browser.new_context(base_url=demo_server)
+    page = context.new_page()
+    outside: list[str] = []
+    # Anything but this server is refused (and recorded): the documentation must not need it.
+    page.route(
+        "**/*",
+        lambda route: (
+            route.continue_()
+            if route.request.url.startswith(demo_server)
+            else (outside.append(route.request.url), route.abort())
+        ),
+    )
+    page.goto(path)
+    expect(page.locator(shows).first).to_contain_text("Stable Diffusion on Ray Serve", timeout=60_000)
+    assert outside == []
+    context.close()
