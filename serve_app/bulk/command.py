@@ -43,7 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps (default: the config's, else auto)")
     model.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"))
     model.add_argument("--torch-threads", type=int, metavar="N", help="CPU threads per worker (default: its CPUs)")
-    model.add_argument("--engine", choices=("step", "request"), help="engine loop (default: step)")
+    model.add_argument(
+        "--engine",
+        choices=("step", "request"),
+        help="request: whole pipeline calls (the default: sorted rows share them); step: continuous batching "
+        "(the default with --no-sort, where neighbouring rows differ). A config's engine is the server's choice",
+    )
 
     rows = parser.add_argument_group("rows (values for rows that leave the column out)")
     rows.add_argument("--base-seed", type=int, default=0, metavar="N", help="row r without a seed: N + r (default 0)")
@@ -67,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     work.add_argument("--gpus-per-worker", type=float, metavar="N", help="default: 1 where the cluster has GPUs")
     work.add_argument("--max-batch-size", type=int, metavar="N", help="images per model call (default: 8)")
     work.add_argument("--batch-size", type=int, metavar="N", help="rows per worker call (default: 2 x max-batch-size)")
-    work.add_argument("--rows-per-task", type=int, metavar="N", help="rows per Ray Data task (default: up to 256)")
+    work.add_argument("--rows-per-task", type=int, metavar="N", help="rows per Ray Data task (default: up to 128)")
     work.add_argument("--no-sort", action="store_true", help="keep input order (rows are sorted by size etc.)")
     work.add_argument("--manifest-format", choices=("parquet", "jsonl"), default="parquet")
     work.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -75,15 +80,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_settings(args: argparse.Namespace):
     """BulkSettings from the command line (and the Serve config it names)."""
-    from ..config import AppArgs, BatchingConfig
-    from .settings import BulkSettings, SettingsError, WorkerPool, serve_config_args
+    from pydantic import ValidationError
+
+    from ..config import AppArgs, BatchingConfig, format_validation_error
+    from .settings import BulkSettings, SettingsError, serve_config_args
 
     if args.config:
         app, batching = serve_config_args(args.config)
     elif args.model:
-        app, batching = AppArgs(model=args.model), BatchingConfig()
+        app, batching = AppArgs(), BatchingConfig()
     else:
         raise SettingsError("say which model to run: --model SOURCE, or --config FILE (a Serve config)")
+    if args.model:
+        try:
+            app = AppArgs.model_validate({**app.model_dump(), "model": args.model})
+        except ValidationError as exc:
+            raise SettingsError(
+                "; ".join(error["msg"].removeprefix("Value error, ") for error in exc.errors())
+            ) from None
     pipeline = app.pipeline.model_copy(
         update={
             name: value
@@ -91,7 +105,7 @@ def build_settings(args: argparse.Namespace):
                 ("device", args.device),
                 ("dtype", args.dtype),
                 ("torch_threads", args.torch_threads),
-                ("engine", args.engine),
+                ("engine", args.engine or bulk_engine(sort=not args.no_sort)),
             )
             if value is not None
         }
@@ -108,7 +122,7 @@ def build_settings(args: argparse.Namespace):
         "quality": args.quality,
     }
     settings = {
-        "model": args.model or app.model,
+        "model": app.model,
         "pipeline": pipeline,
         "defaults": app.defaults,
         "limits": app.limits,
@@ -118,16 +132,28 @@ def build_settings(args: argparse.Namespace):
         "max_active_requests": batching.max_active_requests,
         "batch_size": args.batch_size,
         "rows_per_task": args.rows_per_task,
-        "workers": WorkerPool(
-            **_workers(args.workers), cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker
-        ),
+        "workers": {
+            **_workers(args.workers),
+            "cpus_per_worker": args.cpus_per_worker,
+            "gpus_per_worker": args.gpus_per_worker,
+        },
         "sort": not args.no_sort,
         "manifest_format": args.manifest_format,
     }
     try:
         return BulkSettings.model_validate(settings)
-    except ValueError as exc:
-        raise SettingsError(str(exc)) from None
+    except ValidationError as exc:
+        raise SettingsError(format_validation_error(exc, "bulk settings")) from None
+
+
+def bulk_engine(sort: bool) -> str:
+    """The engine bulk runs when not told. Measured in-process on synthetic:tiny, two calls in flight as
+    Ray Data makes them, CPU ms per image (median of 3, engines alternated): uniform rows, request 33.4
+    and step 36.4; rows of mixed sizes and steps in input order, step 52.0 and request 56.6; the same
+    rows sorted by compatibility key, within noise of each other. Bulk sorts by default, so its batches
+    are mostly uniform: whole pipeline calls. Unsorted (--no-sort), neighbouring rows differ, and the
+    step engine lets them share UNet calls."""
+    return "request" if sort else "step"
 
 
 def _workers(text: str | None) -> dict:

@@ -33,6 +33,9 @@ class BulkRequest(TextToImageRequest, OutputOptions):
     """A row of a bulk input: the fields of POST /generate (response_format aside), with their rules."""
 
 
+COLUMNS = frozenset(BulkRequest.model_fields)  # what a row may hold; an unknown one gets "did you mean ...?"
+
+
 @dataclass(frozen=True)
 class CheckedRow:
     """A row ready for a worker (`request` set) or refused (`error` set)."""
@@ -77,7 +80,7 @@ def check_row(
         request = BulkRequest.model_validate({**(row_defaults or {}), **given})
         check_limits(request.image_params(), request.num_images, limits)
     except ValidationError as exc:
-        problems = validation_problems(RequestValidationError(exc.errors()))
+        problems = validation_problems(RequestValidationError(exc.errors()), limits=limits, known=COLUMNS)
         message = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
         return CheckedRow(row, text, error=message, error_code="invalid_request", error_field=problems[0]["field"])
     except ApiError as exc:

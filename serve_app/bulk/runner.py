@@ -55,7 +55,8 @@ CHECKED_SCHEMA = pa.schema(
         ("error_field", pa.string()),
     ]
 )
-MAX_ROWS_PER_TASK = 256
+MAX_ROWS_PER_TASK = 128
+LOCAL_RAY_ATTEMPTS = 3
 TASKS_PER_WORKER = 4  # at least, when rows are few: every worker gets work, and progress is recorded often
 
 
@@ -92,10 +93,11 @@ class BulkSummary:
         return self.manifest_failed == 0 and self.manifest_rows == self.rows_to_do + self.skipped
 
     def text(self) -> str:
+        rate = f"{self.images} images in {self.seconds:.1f} s"
+        if self.images:
+            rate += f" ({self.images_per_s:.2f} images/s; {self.steady_images_per_s:.2f} from the first row done to the last)"
         lines = [
-            f"bulk: {self.done} rows done, {self.failed} failed, {self.skipped} done before (skipped); "
-            f"{self.images} images in {self.seconds:.1f} s ({self.images_per_s:.2f} images/s; "
-            f"{self.steady_images_per_s:.2f} images/s from the first row finished to the last)",
+            f"bulk: {self.done} rows done, {self.failed} failed, {self.skipped} done before (skipped); {rate}",
             f"workers: {self.workers}; rows ran on {len(self.nodes)} node(s)",
             f"manifest: {self.manifest} ({self.manifest_rows} rows, {self.manifest_failed} failed)",
         ]
@@ -119,36 +121,53 @@ def run_bulk(
     output = Output(output_url)
     input_url = _absolute(input_url)
     check_run_record(output, {"input": input_url, "model": settings.model, "base_seed": settings.base_seed})
-    entries, _ = read_entries(output)
-    done = done_rows(entries)
+    done = done_rows(read_entries(output)[0])
     run_id = new_run_id()
     _connect(address)
     import ray.data
 
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = progress
+    ray.data.DataContext.get_current().enable_progress_bars = progress
     settings, pool = _fit_to_cluster(settings, ray.cluster_resources())
+    checked = read_and_check(input_url, input_format, settings, done)
+    survey = _survey(checked)
+    summary = BulkSummary(output.describe(), "", rows_to_do=survey.rows, skipped=len(done), workers=pool.describe())
+    entries = make_entries(checked, survey, settings, pool, output, run_id)
+    started = time.perf_counter()
+    try:
+        if entries is not None:
+            entries.write_parquet(f"{_arrow_root(output)}/{PARTS_DIR}/{run_id}", filesystem=output.arrow_fs)
+    finally:
+        summary.seconds = time.perf_counter() - started
+        _finish(output, settings, summary, run_id)
+    return summary
+
+
+def read_and_check(input_url: str, input_format: InputFormat | None, settings: BulkSettings, done: np.ndarray):
+    """The rows not done yet, checked, materialized (their count and keys decide what runs next)."""
+    import ray.data
 
     from .source import RequestFiles
 
-    checked = (
+    return (
         ray.data.read_datasource(RequestFiles(input_url, input_format))
         .map_batches(
-            check_rows,
-            fn_kwargs={"settings": settings, "done": done},
-            batch_format="pyarrow",
-            batch_size=None,
+            check_rows, fn_kwargs={"settings": settings, "done": done}, batch_format="pyarrow", batch_size=None
         )
         .materialize()
     )
-    survey = _survey(checked)
-    summary = BulkSummary(output.describe(), "", rows_to_do=survey.rows, skipped=len(done), workers=pool.describe())
+
+
+def make_entries(checked, survey: Survey, settings: BulkSettings, pool: Pool, output: Output, run_id: str):
+    """The dataset of manifest entries: refused rows recorded as they are, the others through the workers.
+    None when there is nothing to do."""
+    import ray.data
     from ray.data.expressions import col
 
     stages = []
-    if survey.refused:  # rows the API would refuse: recorded as failed without a model
+    if survey.refused:  # rows the API would refuse: recorded as failed, no model needed
+        refused = checked.filter(expr=col("error").is_not_null())
         stages.append(
-            checked.filter(expr=col("error").is_not_null()).map_batches(
+            refused.map_batches(
                 refused_entries,
                 fn_kwargs={"model": settings.model, "run_id": run_id},
                 batch_format="pyarrow",
@@ -170,6 +189,7 @@ def run_bulk(
                     min_size=pool.min_workers,
                     max_size=pool.max_workers,
                     initial_size=pool.max_workers,
+                    # One call's images are encoded and written while the next call's are made.
                     max_concurrent_calls_per_actor=2,
                     enable_true_multi_threading=True,
                 ),
@@ -177,15 +197,9 @@ def run_bulk(
                 num_gpus=pool.gpus or None,
             )
         )
-    started = time.perf_counter()
-    try:
-        if stages:
-            entries = stages[0].union(*stages[1:]) if len(stages) > 1 else stages[0]
-            entries.write_parquet(f"{_arrow_root(output)}/{PARTS_DIR}/{run_id}", filesystem=output.arrow_fs)
-    finally:
-        summary.seconds = time.perf_counter() - started
-        _finish(output, settings, summary, run_id)
-    return summary
+    if not stages:
+        return None
+    return stages[0].union(*stages[1:]) if len(stages) > 1 else stages[0]
 
 
 def _finish(output: Output, settings: BulkSettings, summary: BulkSummary, run_id: str) -> None:
@@ -329,6 +343,8 @@ def _fit_to_cluster(settings: BulkSettings, resources: dict) -> tuple[BulkSettin
 
 
 def _rows_per_task(settings: BulkSettings, rows: int, workers: int) -> int:
+    """Whole worker calls, at most MAX_ROWS_PER_TASK rows (a task's entries are written when it ends:
+    what a kill can lose), and few enough that every worker gets TASKS_PER_WORKER of them."""
     if settings.rows_per_task:
         return settings.rows_per_task
     per_call = settings.rows_per_call
@@ -345,8 +361,17 @@ def _connect(address: str | None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
-    else:
-        ray.init(address="local", include_dashboard=False)
+        return
+    for attempt in range(1, LOCAL_RAY_ATTEMPTS + 1):
+        try:
+            ray.init(address="local", include_dashboard=False)
+            return
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception when its node does not start
+            # On a loaded machine the raylet gives up waiting for its agent (and dies) now and then.
+            if "during startup" not in str(exc) or attempt == LOCAL_RAY_ATTEMPTS:
+                raise
+            logger.warning("Ray did not start (%s); starting it again (attempt %d)", exc, attempt + 1)
+            ray.shutdown()
 
 
 def _worker_class():

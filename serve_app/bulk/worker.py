@@ -3,11 +3,11 @@
 Each actor loads the model once (the project's pipeline layer: `ImageEngine`, the same
 model sources and options as the server) and drives it through the engine loop the
 server's Generator uses (`EngineLoop`). Ray Data calls it with up to two batches at a
-time (`max_concurrent_calls_per_actor=2`): both calls' images go into the one loop, so
-while one call encodes and writes its images the next call's are already being
-denoised, and the last images of a batch share model calls with the first of the next.
-Images are written here, by the actor that made them, straight to the output; what
-comes back to Ray Data is one small manifest entry per row.
+time (`max_concurrent_calls_per_actor=2`), and both go into the one loop: while one
+call encodes and writes its images, the other's are being denoised, and the last images
+of one batch share model calls with the first of the next. Images are written here, by
+the actor that made them, straight to the output; what goes back to Ray Data is one
+small manifest entry per row.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ class ImageMaker:
         limits = BatchingLimits(settings.max_batch_size, settings.max_active_requests)
         self.batcher = make_batcher(self.engine, settings.pipeline.engine, limits, self.counters)
         self.loop = EngineLoop(self.batcher, self.engine.prepare)
-        self.node_id = ray.get_runtime_context().get_node_id()
+        # Outside Ray (a test calling it in-process), asking for the runtime context would start Ray.
+        self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         self._folders: set[str] = set()
         logger.info("bulk worker ready on node %s: %s, engine %s", self.node_id, self.model, self.batcher.engine_name)
 

@@ -1,0 +1,229 @@
+"""`sd-serve bulk` as a user runs it: a file of rows in, images and a manifest out, on Ray Data.
+
+Every run is `python -m serve_app.bulk` in a child process with a Ray of its own (embedded, or the
+two-node cluster of deploy/local_cluster.py): this pytest process may already drive the session's
+Ray, and a bulk run must never join it. The model is synthetic:tiny with the demo config's options
+and limits (configs/cpu-demo.yaml), as the demo server runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from harness import DEMO_CONFIG, REPO, wait_until
+from helpers import decode, max_diff, png
+from PIL import Image
+
+from serve_app.bulk.manifest import PARTS_DIR, Output, done_rows, read_entries
+
+RUN_TIMEOUT_S = 300
+
+
+def bulk_command(*args) -> list[str]:
+    return [sys.executable, "-m", "serve_app.bulk", *map(str, args), "--config", str(DEMO_CONFIG), "-q"]
+
+
+def bulk_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never the session's Ray
+    return {**env, "RAY_AUTH_MODE": "disabled"}
+
+
+def run_bulk(*args, env: dict | None = None) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        bulk_command(*args),
+        cwd=REPO,
+        env={**bulk_env(), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
+    assert done.returncode in (0, 1), f"exit {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    return done
+
+
+def write_jsonl(path: Path, rows: list[dict | str]) -> Path:
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    return path
+
+
+def manifest(out: Path) -> list[dict]:
+    return pq.read_table(out / "manifest.parquet").to_pylist()
+
+
+def image_files(out: Path) -> set[str]:
+    return {str(p.relative_to(out)) for p in (out / "images").rglob("*") if p.is_file()}
+
+
+def test_jsonl_rows_become_images_with_their_own_parameters_and_bad_rows_are_recorded(tmp_path):
+    rows = [
+        {"prompt": "a lighthouse", "seed": 42},
+        {"prompt": "a fox"},  # no seed: base seed + row index
+        {"prompt": "wide", "width": 128, "height": 64},
+        {
+            "prompt": "slow",
+            "num_inference_steps": 3,
+            "scheduler": "euler_a",
+            "guidance_scale": 5,
+            "negative_prompt": "x",
+        },
+        {"prompt": "two", "num_images": 2, "seed": 7},
+        {"prompt": "as jpeg", "output_format": "jpeg", "quality": 80},
+        {"prompt": "as webp", "output_format": "webp"},
+        {"prompt": "bad size", "width": 30},
+        {"prompt": "not here", "strength": 0.5},
+        "not json at all",
+        *({"prompt": f"row {i}"} for i in range(10, 16)),
+    ]
+    out = tmp_path / "out"
+    done = run_bulk(write_jsonl(tmp_path / "rows.jsonl", rows), out, "--base-seed", 1000, "--batch-size", 4)
+    assert done.returncode == 1  # some rows failed: the manifest says which
+    assert "13 rows done, 3 failed, 0 done before" in done.stdout
+
+    entries = manifest(out)
+    assert [e["row"] for e in entries] == list(range(len(rows)))  # one entry per row, in row order
+    by_row = {e["row"]: e for e in entries}
+
+    failed = {row: e for row, e in by_row.items() if e["status"] == "failed"}
+    assert set(failed) == {7, 8, 9}
+    assert (failed[7]["error_field"], failed[7]["error"]) == ("width", "width: Input should be a multiple of 8")
+    assert failed[8]["error_field"] == "strength" and "image-to-image only" in failed[8]["error"]
+    assert failed[9]["error_code"] == "malformed_request" and failed[9]["request"] == "not json at all"
+    assert all(e["file"] is None and e["files"] is None for e in failed.values())
+
+    done_entries = [e for e in entries if e["status"] == "done"]
+    assert image_files(out) == {f for e in done_entries for f in e["files"]}  # nothing else was written
+    for e in done_entries:
+        assert json.loads(e["request"]) == rows[e["row"]]
+        for index, name in enumerate(e["files"]):
+            image = Image.open(out / name)
+            assert image.size == (e["width"], e["height"])
+            assert image.format == {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}[e["output_format"]]
+            assert name.endswith(
+                f"{e['row']:08d}-{e['seed'] + index}.{'jpg' if image.format == 'JPEG' else e['output_format']}"
+            )
+
+    assert by_row[0]["seed"] == 42 and by_row[1]["seed"] == 1001 and by_row[10]["seed"] == 1010
+    assert (by_row[2]["width"], by_row[2]["height"]) == (128, 64)
+    assert by_row[0]["num_inference_steps"] == 2 and by_row[0]["width"] == 64  # the model's defaults, filled in
+    slow = Image.open(out / by_row[3]["file"])
+    assert "Steps: 3, Sampler: Euler a, CFG scale: 5, Seed: 1003" in slow.info["parameters"]
+    assert slow.info["parameters"].splitlines()[1] == "Negative prompt: x"
+    assert by_row[4]["files"] == ["images/0000/00000004-7.png", "images/0000/00000004-8.png"]
+    assert by_row[5]["quality"] == 80 and by_row[6]["quality"] == 90
+    assert max(e["batch_size"] for e in done_entries) > 1  # rows shared model calls
+
+
+def test_parquet_rows_make_the_images_the_http_server_makes_for_the_same_seeds(client, tmp_path):
+    served = [  # also asked of the demo server below
+        {"prompt": "a lighthouse at dawn", "seed": 42},
+        {"prompt": "a red fox", "seed": 7, "num_inference_steps": 3, "scheduler": "euler_a", "width": 128},
+        {"prompt": "a tower", "negative_prompt": "fog", "seed": 2**32 - 1, "guidance_scale": 4.0},
+    ]
+    unseeded = [{"prompt": f"prompt {i}", "num_inference_steps": 3 if i % 2 else None} for i in range(5)]
+    columns = ("prompt", "negative_prompt", "seed", "num_inference_steps", "scheduler", "width", "guidance_scale")
+    table = pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in [*served, *unseeded]])
+    assert table.column("seed").null_count == len(unseeded)  # Parquet's nulls: not given
+    pq.write_table(table, tmp_path / "rows.parquet")
+    out = tmp_path / "out"
+    done = run_bulk(tmp_path / "rows.parquet", f"file://{out}", "--base-seed", 100, "--manifest-format", "jsonl")
+    assert done.returncode == 0, done.stdout
+
+    entries = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [e["row"] for e in entries] == list(range(len(served) + len(unseeded)))
+    assert {e["status"] for e in entries} == {"done"}
+    assert not (out / "manifest.parquet").exists() and not (out / PARTS_DIR).exists()
+    for request, entry in zip(served, entries):
+        answer = png(client.post("/generate", json=request))
+        made = decode((out / entry["file"]).read_bytes())
+        assert made.size == answer.size
+        assert max_diff(made, answer) <= 1  # batched differently: kernels round differently, within 1/255
+        assert made.info["parameters"] == answer.info["parameters"]  # the same metadata, the same model name
+    for row, entry in enumerate(entries[len(served) :], start=len(served)):
+        assert entry["seed"] == 100 + row
+        assert entry["num_inference_steps"] == (3 if (row - len(served)) % 2 else 2)
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_without_redoing_finished_rows(tmp_path):
+    rows = [{"prompt": f"row {i}", "num_inference_steps": 20} for i in range(32)]
+    source, out = write_jsonl(tmp_path / "rows.jsonl", rows), tmp_path / "out"
+    command = bulk_command(source, out, "--batch-size", 2, "--max-batch-size", 2, "--rows-per-task", 2)
+    log = (tmp_path / "first.log").open("w")
+    first = subprocess.Popen(
+        command, cwd=REPO, env=bulk_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        wait_until(lambda: len(done_rows(read_entries(Output(str(out)))[0])) >= 2 or first.poll() is not None, 240,
+                   "the first rows are recorded")  # fmt: skip
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the driver, its GCS and raylet; the workers follow their raylet
+        first.wait()
+    wait_until(lambda: not session_members(first.pid), 60, "the killed run's processes are gone")
+
+    recorded = set(done_rows(read_entries(Output(str(out)))[0]).tolist())
+    assert 0 < len(recorded) < len(rows), "the run should have been cut half-way; give rows more steps"
+    assert not (out / "manifest.parquet").exists()  # killed before its end: only parts
+    kept = {e: _identity(out / f"images/0000/{e:08d}-{e}.png") for e in recorded}
+
+    done = run_bulk(source, out)
+    assert done.returncode == 0, done.stdout
+    assert f"{len(rows) - len(recorded)} rows done, 0 failed, {len(recorded)} done before (skipped)" in done.stdout
+    entries = manifest(out)
+    assert [e["row"] for e in entries] == list(range(len(rows))) and {e["status"] for e in entries} == {"done"}
+    first_run = {e["run_id"] for e in entries if e["row"] in recorded}
+    assert len(first_run) == 1 and first_run.isdisjoint(e["run_id"] for e in entries if e["row"] not in recorded)
+    assert {e: _identity(out / f"images/0000/{e:08d}-{e}.png") for e in recorded} == kept  # not written again
+    assert len(image_files(out)) == len(rows)
+
+
+@pytest.mark.slow
+def test_a_run_on_a_two_node_cluster_puts_work_on_both_nodes(tmp_path):
+    sys.path.insert(0, str(REPO / "deploy"))
+    from local_cluster import LocalRayCluster
+
+    cluster = LocalRayCluster(Path(tempfile.mkdtemp(prefix="sd-bulk-")))  # short: Ray's socket paths
+    try:
+        cluster.start_head(num_cpus=2)
+        cluster.add_worker("worker-1", num_cpus=2)
+        nodes = {node["node_id"] for node in cluster.wait_for_nodes(2)}
+        rows = [{"prompt": f"row {i}"} for i in range(24)]
+        out = tmp_path / "out"
+        source = write_jsonl(tmp_path / "rows.jsonl", rows)
+        # Both workers up before the first row goes out (Ray Data's own knob): 24 tiny rows take less time
+        # than a worker takes to load the model, so otherwise the first one ready could take them all.
+        wait = {"RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "600"}
+        done = run_bulk(source, out, "--address", cluster.gcs_address, "--workers", 2, "--batch-size", 2, env=wait)
+        assert done.returncode == 0, done.stdout
+        assert "rows ran on 2 node(s)" in done.stdout
+        entries = manifest(out)
+        assert len(entries) == len(rows) and {e["node_id"] for e in entries} == nodes
+    finally:
+        assert cluster.stop() == []
+
+
+def session_members(session: int) -> list[int]:
+    """Live processes of a session (Ray's workers have process groups of their own, not sessions)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _ppid, _pgrp, sid = stat.read_text().rsplit(")", 1)[1].split()[:4]
+        except OSError:
+            continue
+        if int(sid) == session and state != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def _identity(path: Path) -> tuple[int, int, bytes]:
+    stat = path.stat()
+    return stat.st_ino, stat.st_mtime_ns, np.asarray(Image.open(path)).tobytes()[:64]
