@@ -1,4 +1,4 @@
-"""`sd-serve`: generate images, run prompt files, check a server, write synthetic models.
+"""`sd-serve`: generate images, run prompt files, follow jobs, check a server, write synthetic models.
 
 Speaks HTTP through `serve_app.client`; never imports torch, Ray or diffusers
 (`synth` alone loads them, when it runs).
@@ -13,34 +13,47 @@ import os
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 from tqdm import tqdm
 
+from .api.jobs.protocol import JobView
 from .client import (
     API_KEY_ENV,
     DEFAULT_URL,
+    FINAL_STATES,
     URL_ENV,
     AsyncSDClient,
     GeneratedImage,
+    Generation,
     RetryPolicy,
     SDClient,
     SDServeConnectionError,
     SDServeError,
     SDServeTimeout,
+    _transport_error,
 )
 
 SEED_MODULUS = 2**32
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 FORMATS_BY_SUFFIX = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+JOB_STATES = ("queued", "running", *FINAL_STATES)
+MAX_JOBS_PAGE = 200  # the most GET /jobs returns at once
 
 EXAMPLES = f"""examples:
   sd-serve generate "a lighthouse at dawn" -o lighthouse.png --seed 42
-  sd-serve generate "a red fox in snow" --num-images 4 --size 512x512 --steps 20 -o fox.png
+  sd-serve generate "a red fox in snow" --num-images 4 --size 256x256 --steps 20 -o fox.png
   sd-serve img2img lighthouse.png "the same, at night" --strength 0.6 -o night.png
+  sd-serve generate "a castle" --steps 30 --progress           (steps on stderr; the default in a terminal)
+  ID=$(sd-serve generate "a castle at night" --async --num-images 2)   (a job: prints its id at once)
+  sd-serve job $ID --wait -o castle.png                         (follow it, then write castle-SEED.png)
+  sd-serve jobs --status running                                (newest first; --json for all of it)
+  sd-serve cancel $ID
   sd-serve batch prompts.txt --out-dir out/ --concurrency 8     (run it again to resume)
   sd-serve bulk prompts.jsonl out/ --model synthetic:tiny       (no server: Ray Data; run it again to resume)
   sd-serve health
@@ -59,27 +72,90 @@ class UsageError(Exception):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.async_:
+        return _submit(args)
     output_format = args.format or _format_from_suffix(args.output)
     with _client(args) as sd:
-        result = sd.generate(args.prompt, num_images=args.num_images, output_format=output_format, **_params(args))
+        if _progress_wanted(args):
+            result = _streamed(sd, args, output_format)
+        else:
+            result = sd.generate(args.prompt, num_images=args.num_images, output_format=output_format, **_params(args))
     _save_and_report(result.images, args.output, output_format, result.metadata.warnings)
     return 0
 
 
 def cmd_img2img(args: argparse.Namespace) -> int:
-    output_format = args.format or _format_from_suffix(args.output)
     if not Path(args.init_image).is_file():
         raise UsageError(f"init image {args.init_image} is not a file")
+    if args.async_:
+        return _submit(args, init_image=Path(args.init_image), strength=args.strength)
+    output_format = args.format or _format_from_suffix(args.output)
     with _client(args) as sd:
-        result = sd.img2img(
-            args.prompt,
-            Path(args.init_image),
-            strength=args.strength,
-            num_images=args.num_images,
-            output_format=output_format,
-            **_params(args),
-        )
-    _save_and_report(result.images, args.output, output_format, result.metadata.warnings)
+        if _progress_wanted(args):  # /img2img streams no progress through the client: run it as a job
+            images, warnings = _img2img_as_job(sd, args, output_format)
+        else:
+            result = sd.img2img(
+                args.prompt,
+                Path(args.init_image),
+                strength=args.strength,
+                num_images=args.num_images,
+                output_format=output_format,
+                **_params(args),
+            )
+            images, warnings = result.images, result.metadata.warnings
+    _save_and_report(images, args.output, output_format, warnings)
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    if args.limit < 1:
+        raise UsageError("--limit must be at least 1")
+    jobs: list[JobView] = []
+    with _client(args) as sd:
+        cursor = None
+        while len(jobs) < args.limit:
+            page, cursor = sd.jobs(status=args.status, limit=min(args.limit - len(jobs), MAX_JOBS_PAGE), cursor=cursor)
+            jobs += page
+            if not page or cursor is None:
+                break
+    if args.json:
+        print(json.dumps([job.model_dump(mode="json") for job in jobs], indent=2))
+    elif jobs:
+        print("\n".join(describe_job_line(job) for job in jobs))
+    else:
+        print("no jobs" + (f" {args.status}" if args.status else ""), file=sys.stderr)
+    return 0
+
+
+def cmd_job(args: argparse.Namespace) -> int:
+    save = args.save or args.output is not None
+    if save and args.json:
+        raise UsageError("--json shows the job; -o/--save write its images: one or the other")
+    output_format = args.format or _format_from_suffix(args.output)
+    images: list[GeneratedImage] = []
+    warnings: list[str] = []
+    with _client(args) as sd:
+        job = sd.job(args.id)
+        if args.wait and not job.status.final:
+            with StepProgress("generating", enabled=args.progress is not False) as progress:
+                job = _follow(sd, job, progress)
+        if save and job.status == "succeeded":
+            images, warnings = _download(sd, job, output_format, args.quality)
+    if save and job.status == "succeeded":
+        _save_and_report(images, args.output, output_format, warnings)
+    elif save and not job.status.final:
+        raise SDServeError(f"job {job.id} is {job.status.value}: its images come when it succeeds (add --wait)")
+    elif not save:
+        print(json.dumps(job.model_dump(mode="json"), indent=2) if args.json else describe_job(job))
+    if job.status.final and job.status != "succeeded":
+        raise _ended(job)
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as sd:
+        job = sd.cancel(args.id)
+    print(describe_job_line(job))
     return 0
 
 
@@ -117,6 +193,243 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from . import synthetic
 
     return synthetic.run(args)
+
+
+# -- jobs and progress --------------------------------------------------------------------------
+
+
+class StepProgress:
+    """Denoising steps of a request or job (all its images together) as a bar on stderr.
+
+    The bar appears with the first update; disabled, every call does nothing.
+    """
+
+    def __init__(self, desc: str, enabled: bool = True):
+        self.desc = desc
+        self.enabled = enabled
+        self.bar: tqdm | None = None
+        self.num_images = 0
+
+    def __enter__(self) -> StepProgress:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def _shown(self, total: int | None = None) -> tqdm:
+        if self.bar is None:
+            self.bar = tqdm(total=total, unit="step", desc=self.desc, file=sys.stderr, dynamic_ncols=True)
+        return self.bar
+
+    def state(self, text: str) -> None:
+        """Where a job is before its steps run: queued (position N), running."""
+        if self.enabled:
+            self._shown().set_description_str(f"{self.desc} ({text})")
+
+    def update(self, progress: dict) -> None:
+        """A progress event: step, total_steps (model evaluations), images_done, num_images."""
+        if not self.enabled:
+            return
+        total = progress.get("total_steps") or 0
+        bar = self._shown(total or None)
+        bar.set_description_str(self.desc, refresh=False)
+        if total > (bar.total or 0):  # grows as each image of the request starts
+            bar.total = total
+        bar.n = progress.get("step", 0)
+        self.num_images = progress.get("num_images") or self.num_images
+        if self.num_images:
+            bar.set_postfix_str(f"{progress.get('images_done', 0)}/{self.num_images} images", refresh=False)
+        bar.refresh()
+
+    def finish(self) -> None:
+        """Succeeded: every step ran, even when the last progress events were folded into the result."""
+        if self.enabled and self.bar is not None and self.bar.total:
+            self.bar.n = self.bar.total
+            if self.num_images:
+                self.bar.set_postfix_str(f"{self.num_images}/{self.num_images} images", refresh=False)
+            self.bar.refresh()
+
+
+def describe_job_line(job: JobView) -> str:
+    """One line: id, status, created (local time), progress or images, the prompt's head."""
+    if job.status == "queued":
+        state = f"position {job.position}" if job.position else ""
+    elif job.status == "running":
+        progress = job.progress
+        state = f"{progress.step}/{progress.total_steps} steps" if progress else ""
+    elif job.status == "succeeded":
+        state = _count(len(job.images), "image")
+    elif job.status == "failed":
+        state = job.error.code if job.error else ""
+    else:
+        state = ""
+    prompt = " ".join(job.params.prompt.split())
+    head = prompt if len(prompt) <= 48 else prompt[:45] + "..."
+    return f"{job.id}  {job.status.value:<9}  {_local_time(job.created_at)}  {state or '-':<16}  {head}"
+
+
+def describe_job(job: JobView) -> str:
+    """The job in two columns, as `sd-serve health` shows a server."""
+    status = job.status.value
+    if job.status == "queued" and job.position:
+        status += f" (position {job.position} in the queue)"
+    elif job.status == "running" and job.progress:
+        p = job.progress
+        status += f": {p.step}/{p.total_steps} steps, {p.images_done}/{p.num_images} images done"
+    params = job.params
+    size = f"{params.width}x{params.height}, " if params.width and params.height else ""
+    steps = f"{params.num_inference_steps} steps, " if params.num_inference_steps else ""
+    guidance = f"guidance {params.guidance_scale}, " if params.guidance_scale is not None else ""
+    strength = f", strength {params.strength}" if params.strength is not None else ""
+    rows = [
+        ("id", job.id),
+        ("status", status),
+        ("kind", f"{job.kind} ({job.model})" + (f", refined from {job.refined_from}" if job.refined_from else "")),
+        ("prompt", params.prompt),
+    ]
+    if params.negative_prompt:
+        rows.append(("negative", params.negative_prompt))
+    rows.append(("params", f"{size}{steps}{guidance}sampler {params.scheduler}{strength}"))
+    rows.append(("seeds", ", ".join(str(seed) for seed in job.seeds)))
+    rows.append(("created", _local_time(job.created_at)))
+    if job.started_at:
+        rows.append(("started", f"{_local_time(job.started_at)} ({job.started_at - job.created_at:.1f} s queued)"))
+    if job.finished_at:
+        ran = f", {job.finished_at - job.started_at:.1f} s running" if job.started_at else ""
+        rows.append(("finished", f"{_local_time(job.finished_at)}{ran}"))
+    if job.attempts > 1:
+        rows.append(("attempts", str(job.attempts)))
+    if job.error:
+        field = f" ({job.error.field})" if job.error.field else ""
+        rows.append(("error", f"{job.error.code}: {job.error.message}{field}"))
+    for image in job.images:
+        batch = image.metadata.get("batch_size")
+        rows.append(
+            (f"image {image.index}", f"seed {image.seed}, {image.url}" + (f", batch of {batch}" if batch else ""))
+        )
+    return "\n".join(f"{name:<9} {value}" for name, value in rows)
+
+
+def _submit(args: argparse.Namespace, init_image: Path | None = None, strength: float | None = None) -> int:
+    """--async: queue a job, print its id alone on stdout (for ID=$(sd-serve ...)), how to follow it on stderr."""
+    ignored = [
+        name
+        for name, value in (("-o", args.output), ("--format", args.format), ("--quality", args.quality))
+        if value is not None
+    ]
+    if args.progress:
+        ignored.append("--progress")
+    if ignored:
+        raise UsageError(
+            f"{', '.join(ignored)}: --async writes no files; fetch the images with `sd-serve job ID --wait -o FILE`"
+        )
+    with _client(args) as sd:
+        job = sd.submit(args.prompt, init_image=init_image, strength=strength, **_job_params(args))
+    print(job.id)
+    print(
+        f"submitted job {job.id} ({job.status.value}); follow it: sd-serve job {job.id} --wait -o FILE", file=sys.stderr
+    )
+    return 0
+
+
+def _streamed(sd: SDClient, args: argparse.Namespace, output_format: str) -> Generation:
+    """/generate as server-sent events: progress on the bar, then the images. 503s are retried as sd.generate does."""
+    retry = 0
+    with StepProgress("generating") as progress:
+        while True:
+            try:
+                with _transport_errors(sd):
+                    events = sd.stream(
+                        args.prompt, num_images=args.num_images, output_format=output_format, **_params(args)
+                    )
+                    for kind, data in events:
+                        if kind == "progress":
+                            progress.update(data)
+                        elif kind == "succeeded":
+                            progress.finish()
+                            return data
+            except SDServeError as exc:
+                if exc.status != 503 or retry >= sd.retry.max_retries:
+                    raise
+                time.sleep(sd.retry.delay_s(retry, exc.retry_after_s))
+                retry += 1
+                continue
+            raise SDServeError("the server's event stream ended before the images came")
+
+
+def _img2img_as_job(
+    sd: SDClient, args: argparse.Namespace, output_format: str
+) -> tuple[list[GeneratedImage], list[str]]:
+    job = sd.submit(args.prompt, init_image=Path(args.init_image), strength=args.strength, **_job_params(args))
+    try:
+        with StepProgress("generating") as progress:
+            job = _follow(sd, job, progress)
+    except KeyboardInterrupt:  # the job would run on without us: stop it
+        _cancel_quietly(sd, job.id)
+        raise
+    if job.status != "succeeded":
+        raise _ended(job)
+    return _download(sd, job, output_format, args.quality)
+
+
+def _follow(sd: SDClient, job: JobView, progress: StepProgress) -> JobView:
+    """The job's events until it ends (following again if the stream drops early); then the job as it ended."""
+    while True:
+        with _transport_errors(sd):
+            for kind, data in sd.events(job.id):
+                if kind == "queued":
+                    progress.state(f"queued, position {data.get('position')}")
+                elif kind == "running":
+                    progress.state("running")
+                elif kind == "progress":
+                    progress.update(data)
+                elif kind in FINAL_STATES:
+                    break
+        job = sd.job(job.id)
+        if job.status.final:
+            if job.status == "succeeded":
+                progress.finish()
+            return job
+        time.sleep(1.0)
+
+
+def _download(
+    sd: SDClient, job: JobView, output_format: str, quality: int | None
+) -> tuple[list[GeneratedImage], list[str]]:
+    """The job's images in `output_format`, each with its seed and the size of the model call that made it."""
+    images, warnings = [], []
+    query = {"format": output_format} if quality is None else {"format": output_format, "quality": quality}
+    for image in job.images:
+        response = sd.request("GET", image.url, params=query)
+        if response.status_code >= 400:
+            raise SDServeError.from_response(response)
+        media_type = response.headers.get("content-type", f"image/{output_format}")
+        images.append(GeneratedImage(response.content, image.seed, media_type, image.metadata.get("batch_size", 0)))
+        warnings += [w for w in image.metadata.get("warnings") or [] if w not in warnings]
+    return images, warnings
+
+
+def _ended(job: JobView) -> SDServeError:
+    """A job that failed or was canceled, as the error main() reports."""
+    reason = f": {job.error.code}: {job.error.message}" if job.error else ""
+    return SDServeError(f"job {job.id} {job.status.value}{reason}")
+
+
+def _cancel_quietly(sd: SDClient, job_id: str) -> None:
+    try:
+        sd.cancel(job_id)
+    except SDServeError:
+        pass
+
+
+@contextmanager
+def _transport_errors(sd: SDClient) -> Iterator[None]:
+    """Streams (sd.stream, sd.events) raise httpx's own errors; main() reports the client's."""
+    try:
+        yield
+    except httpx.TransportError as exc:
+        raise _transport_error(exc, sd.base_url) from None
 
 
 # -- batch: a prompt file, resumable ------------------------------------------------------------
@@ -280,6 +593,15 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, int(match[2] or width)
 
 
+def _local_time(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def _progress_wanted(args: argparse.Namespace) -> bool:
+    """--progress / --no-progress, else on when stderr is a terminal."""
+    return args.progress if args.progress is not None else sys.stderr.isatty()
+
+
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
@@ -302,6 +624,11 @@ def _params(args: argparse.Namespace, with_seed: bool = True) -> dict[str, Any]:
     if with_seed:
         params["seed"] = args.seed
     return params
+
+
+def _job_params(args: argparse.Namespace) -> dict[str, Any]:
+    """What POST /jobs takes of the image options (jobs store PNGs: format and quality apply on download)."""
+    return {**{k: v for k, v in _params(args).items() if k != "quality"}, "num_images": args.num_images}
 
 
 def _save_and_report(images: list[GeneratedImage], output: str | None, output_format: str, warnings: list[str]):
@@ -361,6 +688,19 @@ def _connection_options(suppress: bool) -> argparse.ArgumentParser:
     return options
 
 
+def _progress_option(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help=help_text)
+
+
+def _async_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--async",
+        dest="async_",
+        action="store_true",
+        help="submit it as a job and print the job's id at once (then: sd-serve job ID --wait -o FILE)",
+    )
+
+
 def _image_options(parser: argparse.ArgumentParser, batch: bool = False) -> None:
     group = parser.add_argument_group("image")
     group.add_argument("--negative", metavar="TEXT", help="negative prompt")
@@ -412,6 +752,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "-o", "--output", help="file to write (several images: NAME-SEED.EXT; default: sd-SEED.png here)"
     )
+    _async_option(generate)
+    _progress_option(generate, "denoising steps on stderr (default: when stderr is a terminal)")
     _image_options(generate)
     generate.set_defaults(run=cmd_generate)
 
@@ -420,6 +762,8 @@ def build_parser() -> argparse.ArgumentParser:
     img2img.add_argument("prompt")
     img2img.add_argument("-o", "--output", help="file to write (default: sd-SEED.png here)")
     img2img.add_argument("--strength", type=float, help="0-1: how far to move from the init image (default: 0.75)")
+    _async_option(img2img)
+    _progress_option(img2img, "denoising steps on stderr, running it as a job (default: when stderr is a terminal)")
     _image_options(img2img)
     img2img.set_defaults(run=cmd_img2img)
 
@@ -434,6 +778,35 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _image_options(batch, batch=True)
     batch.set_defaults(run=cmd_batch)
+
+    jobs = command("jobs", "list jobs, newest first", "sd-serve jobs --status running --limit 50")
+    jobs.add_argument("--status", choices=JOB_STATES, help="only jobs in this state")
+    jobs.add_argument("--limit", type=int, default=20, metavar="N", help="at most this many (default: 20)")
+    jobs.add_argument("--json", action="store_true", help="print the jobs as the server shows them")
+    jobs.set_defaults(run=cmd_jobs)
+
+    job = command(
+        "job",
+        "one job: its state, progress, error and images; --wait follows it, -o writes its images",
+        "sd-serve job $ID --wait -o castle.png",
+    )
+    job.add_argument("id", help="the job's id (sd-serve generate --async prints it)")
+    job.add_argument("--wait", action="store_true", help="follow it until it ends, its steps on stderr")
+    job.add_argument(
+        "-o", "--output", help="write its images here (several: NAME-SEED.EXT; default with --save: sd-SEED.png here)"
+    )
+    job.add_argument("--save", action="store_true", help="write its images, as sd-SEED.png unless -o names them")
+    job.add_argument(
+        "--format", choices=sorted(EXTENSIONS), help="image format (default: png, or from the -o file's suffix)"
+    )
+    job.add_argument("--quality", type=int, help="JPEG/WebP quality 1-100 (default: 90)")
+    job.add_argument("--json", action="store_true", help="print the job as the server shows it")
+    _progress_option(job, "with --wait: the bar of denoising steps on stderr (default: on)")
+    job.set_defaults(run=cmd_job)
+
+    cancel = command("cancel", "cancel a queued or running job; prints it after", "sd-serve cancel $ID")
+    cancel.add_argument("id", help="the job's id")
+    cancel.set_defaults(run=cmd_cancel)
 
     health = command("health", "is the server up and ready; what does it serve", "sd-serve health --json")
     health.add_argument("--json", action="store_true", help="print /healthz, /readyz and /info as JSON")

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from harness import free_port
+from harness import free_port, wait_until
 from helpers import decode, max_diff
 
 from serve_app.cli import main
+from serve_app.job_queue.records import is_job_id, new_job_id
 
 
 @pytest.fixture
@@ -112,6 +114,103 @@ def test_batch_reports_failed_prompts_and_exits_non_zero(sd_serve, tmp_path):
     ]
 
 
+def finished_bar(stderr: str) -> bool:
+    """The progress bar ended with all its steps (model evaluations) done: 'generating: 100%|...| N/N [...'."""
+    last = stderr.rstrip("\n").split("\r")[-1]
+    return bool(re.match(r"generating: 100%\|.*\| (\d+)/\1 \[", last))
+
+
+def test_generate_and_img2img_show_step_progress_and_make_the_same_images(sd_serve, tmp_path):
+    common = ("--seed", "5", "--size", "128x64", "--steps", "4")
+    status, out, err = sd_serve("generate", "a tower", *common, "--progress", "-o", "p.png")
+    assert status == 0 and out.startswith("wrote p.png (seed 5, 128x64, batch of ") and out.count("\n") == 1
+    assert finished_bar(err) and "1/1 images" in err
+    status, out, err = sd_serve("generate", "a tower", *common, "-o", "q.png")  # no terminal, no --progress: no bar
+    assert status == 0 and err == ""
+    assert max_diff(decode((tmp_path / "p.png").read_bytes()), decode((tmp_path / "q.png").read_bytes())) <= 1
+
+    img2img = ("img2img", "p.png", "at night", "--strength", "0.5", *common)
+    status, out, err = sd_serve(*img2img, "--progress", "-o", "n.png")
+    assert status == 0 and out.startswith("wrote n.png (seed 5, 128x64, batch of ") and out.count("\n") == 1
+    assert finished_bar(err) and "1/1 images" in err
+    status, out, _ = sd_serve(*img2img, "-o", "m.png")
+    assert status == 0
+    assert max_diff(decode((tmp_path / "n.png").read_bytes()), decode((tmp_path / "m.png").read_bytes())) <= 1
+
+
+def test_generate_async_prints_the_job_id_then_job_wait_writes_its_images(sd_serve, tmp_path):
+    status, out, err = sd_serve(
+        "generate", "a lighthouse", "--async", "--seed", "42", "--size", "128x64", "--steps", "3"
+    )
+    job_id = out.strip()
+    assert status == 0 and is_job_id(job_id) and out == job_id + "\n"  # the id alone: ID=$(sd-serve ...)
+    assert f"sd-serve job {job_id} --wait" in err
+
+    status, out, err = sd_serve("job", job_id, "--wait", "-o", "x.png")
+    assert status == 0 and out.startswith("wrote x.png (seed 42, 128x64, batch of ") and out.count("\n") == 1
+    image = decode((tmp_path / "x.png").read_bytes())
+    assert image.size == (128, 64) and "Seed: 42" in image.info["parameters"] and "Steps: 3" in image.info["parameters"]
+    sd_serve("generate", "a lighthouse", "--seed", "42", "--size", "128x64", "--steps", "3", "-o", "sync.png")
+    assert max_diff(image, decode((tmp_path / "sync.png").read_bytes())) <= 1
+
+    status, out, _ = sd_serve("job", job_id)
+    rows = dict(line.split(None, 1) for line in out.splitlines() if not line.startswith("image "))
+    assert status == 0 and rows["id"] == job_id and rows["status"] == "succeeded" and rows["prompt"] == "a lighthouse"
+    assert rows["seeds"] == "42" and f"image 0   seed 42, /jobs/{job_id}/images/0" in out
+    status, out, _ = sd_serve("job", job_id, "--json")
+    assert status == 0 and json.loads(out)["images"][0]["seed"] == 42
+
+    status, out, _ = sd_serve("jobs", "--limit", "3")
+    first = out.splitlines()[0].split()
+    assert status == 0 and len(out.splitlines()) <= 3
+    assert first[:2] == [job_id, "succeeded"] and first[-4:] == ["1", "image", "a", "lighthouse"]
+    status, out, _ = sd_serve("jobs", "--status", "succeeded", "--json")
+    listed = json.loads(out)
+    assert status == 0 and listed[0]["id"] == job_id and {j["status"] for j in listed} == {"succeeded"}
+    status, out, _ = sd_serve("jobs", "--status", "failed", "--json")
+    assert status == 0 and job_id not in out
+
+
+def test_job_writes_several_images_by_seed_in_the_format_asked(sd_serve, tmp_path):
+    status, out, _ = sd_serve("generate", "foxes", "--async", "--seed", "7", "--num-images", "2", "--steps", "2")
+    job_id = out.strip()
+    status, out, _ = sd_serve("job", job_id, "--wait", "-o", "fox.webp")
+    assert status == 0 and out.count("wrote ") == 2
+    assert decode((tmp_path / "fox-7.webp").read_bytes()).format == "WEBP"
+    assert decode((tmp_path / "fox-8.webp").read_bytes()).format == "WEBP"
+    status, out, _ = sd_serve("job", job_id, "--save", "--format", "jpeg")
+    assert status == 0 and "wrote sd-7.jpg (seed 7, 64x64" in out and "wrote sd-8.jpg (seed 8, 64x64" in out
+    assert decode((tmp_path / "sd-8.jpg").read_bytes()).format == "JPEG"
+
+
+def test_cancel_stops_a_running_job_and_job_then_exits_non_zero(sd_serve, client):
+    slow = ("--steps", "50", "--size", "256x256", "--num-images", "4")
+    status, out, _ = sd_serve("generate", "a slow one", "--async", *slow)
+    job_id = out.strip()
+    wait_until(lambda: client.get(f"/jobs/{job_id}").json()["status"] == "running", 30, "the job runs")
+    status, out, _ = sd_serve("cancel", job_id)
+    assert status == 0 and out.split()[:2] == [job_id, "canceled"]
+    status, out, err = sd_serve("job", job_id, "--wait", "-o", "never.png")
+    assert status == 1 and out == "" and err == f"sd-serve: error: job {job_id} canceled\n"
+    assert not Path("never.png").exists()
+
+
+def test_cancel_of_a_finished_or_unknown_job_exits_non_zero_with_the_servers_message(sd_serve):
+    status, out, _ = sd_serve("generate", "done soon", "--async", "--steps", "2")
+    job_id = out.strip()
+    assert sd_serve("job", job_id, "--wait")[0] == 0
+    status, out, err = sd_serve("cancel", job_id)
+    assert status == 1 and out == ""
+    assert err.startswith(f"sd-serve: error: 409 job_finished: job {job_id} already ended: succeeded")
+    assert err.count("\n") == 1
+    unknown = new_job_id()
+    status, out, err = sd_serve("cancel", unknown)
+    assert status == 1 and out == ""
+    assert err.startswith(f"sd-serve: error: 404 job_not_found: no job {unknown}") and err.count("\n") == 1
+    status, _, err = sd_serve("job", unknown, "--wait")
+    assert status == 1 and "404 job_not_found" in err
+
+
 def test_console_script_is_installed(demo_server, tmp_path):
     sd_serve_script = Path(sys.executable).with_name("sd-serve")
     done = subprocess.run(
@@ -124,3 +223,10 @@ def test_console_script_is_installed(demo_server, tmp_path):
     assert decode((tmp_path / "x.png").read_bytes()).size == (64, 64)
     done = subprocess.run([str(sd_serve_script), "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "sd-serve batch prompts.txt" in done.stdout
+    done = subprocess.run(
+        [str(sd_serve_script), "generate", "x", "--url", demo_server, "--async"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0 and is_job_id(done.stdout.strip()), done.stderr
