@@ -13,13 +13,11 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 from tqdm import tqdm
 
 from .api.jobs.protocol import JobView
@@ -36,7 +34,6 @@ from .client import (
     SDServeConnectionError,
     SDServeError,
     SDServeTimeout,
-    _transport_error,
 )
 
 SEED_MODULUS = 2**32
@@ -339,16 +336,15 @@ def _streamed(sd: SDClient, args: argparse.Namespace, output_format: str) -> Gen
     with StepProgress("generating") as progress:
         while True:
             try:
-                with _transport_errors(sd):
-                    events = sd.stream(
-                        args.prompt, num_images=args.num_images, output_format=output_format, **_params(args)
-                    )
-                    for kind, data in events:
-                        if kind == "progress":
-                            progress.update(data)
-                        elif kind == "succeeded":
-                            progress.finish()
-                            return data
+                events = sd.stream(
+                    args.prompt, num_images=args.num_images, output_format=output_format, **_params(args)
+                )
+                for kind, data in events:
+                    if kind == "progress":
+                        progress.update(data)
+                    elif kind == "succeeded":
+                        progress.finish()
+                        return data
             except SDServeError as exc:
                 if exc.status != 503 or retry >= sd.retry.max_retries:
                     raise
@@ -376,16 +372,15 @@ def _img2img_as_job(
 def _follow(sd: SDClient, job: JobView, progress: StepProgress) -> JobView:
     """The job's events until it ends (following again if the stream drops early); then the job as it ended."""
     while True:
-        with _transport_errors(sd):
-            for kind, data in sd.events(job.id):
-                if kind == "queued":
-                    progress.state(f"queued, position {data.get('position')}")
-                elif kind == "running":
-                    progress.state("running")
-                elif kind == "progress":
-                    progress.update(data)
-                elif kind in FINAL_STATES:
-                    break
+        for kind, data in sd.events(job.id):
+            if kind == "queued":
+                progress.state(f"queued, position {data.get('position')}")
+            elif kind == "running":
+                progress.state("running")
+            elif kind == "progress":
+                progress.update(data)
+            elif kind in FINAL_STATES:
+                break
         job = sd.job(job.id)
         if job.status.final:
             if job.status == "succeeded":
@@ -421,15 +416,6 @@ def _cancel_quietly(sd: SDClient, job_id: str) -> None:
         sd.cancel(job_id)
     except SDServeError:
         pass
-
-
-@contextmanager
-def _transport_errors(sd: SDClient) -> Iterator[None]:
-    """Streams (sd.stream, sd.events) raise httpx's own errors; main() reports the client's."""
-    try:
-        yield
-    except httpx.TransportError as exc:
-        raise _transport_error(exc, sd.base_url) from None
 
 
 # -- batch: a prompt file, resumable ------------------------------------------------------------

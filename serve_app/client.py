@@ -491,17 +491,25 @@ class SDClient(_Endpoints):
 
     def events(self, job_id: str) -> Iterator[tuple[str, dict]]:
         """The job's server-sent events as (kind, data): queued, running, progress, then the final one."""
-        with self._http.stream("GET", f"/jobs/{job_id}/events", timeout=None) as response:
-            if response.status_code >= 400:
-                response.read()
-                raise SDServeError.from_response(response)
-            lines: list[str] = []
-            for line in response.iter_lines():
-                if line:
-                    lines.append(line)
-                elif (event := self._event(lines)) is not None:
-                    lines = []
-                    yield event
+        yield from self._event_stream("GET", f"/jobs/{job_id}/events", timeout=None)
+
+    def _event_stream(self, method: str, url: str, **kwargs: Any) -> Iterator[tuple[str, dict]]:
+        """(kind, data) for each server-sent event of one streamed answer; errors raised as the client's own."""
+        try:
+            with self._http.stream(method, url, **kwargs) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise SDServeError.from_response(response)
+                lines: list[str] = []
+                for line in response.iter_lines():
+                    if line:
+                        lines.append(line)
+                        continue
+                    event, lines = self._event(lines), []
+                    if event is not None:
+                        yield event
+        except httpx.TransportError as exc:
+            raise _transport_error(exc, self.base_url) from None
 
     def wait(self, job_id: str, on_progress: Callable[[dict], Any] | None = None) -> JobView:
         """Follow the job until it ends; `on_progress` gets each progress update (step, total_steps, images_done)."""
@@ -516,18 +524,8 @@ class SDClient(_Endpoints):
         """A synchronous request whose progress streams as it runs: ("progress", {...}) events, then
         ("succeeded", Generation); a failure raises SDServeError."""
         body = _image_fields(prompt, **{"num_images": 1, "output_format": "png", "quality": None, **_unset(params)})
-        with self._http.stream("POST", "/generate", json=body, headers={"Accept": "text/event-stream"}) as response:
-            if response.status_code >= 400:
-                response.read()
-                raise SDServeError.from_response(response)
-            lines: list[str] = []
-            for line in response.iter_lines():
-                if line:
-                    lines.append(line)
-                    continue
-                event, lines = self._event(lines), []
-                if event is not None:
-                    yield self._stream_event(*event)
+        for event in self._event_stream("POST", "/generate", json=body, headers={"Accept": "text/event-stream"}):
+            yield self._stream_event(*event)
 
     def info(self) -> dict[str, Any]:
         return self._json(self.request("GET", "/info"))
@@ -675,17 +673,21 @@ class AsyncSDClient(_Endpoints):
         return self._job(await self.request("DELETE", f"/jobs/{job_id}"))
 
     async def events(self, job_id: str) -> AsyncIterator[tuple[str, dict]]:
-        async with self._http.stream("GET", f"/jobs/{job_id}/events", timeout=None) as response:
-            if response.status_code >= 400:
-                await response.aread()
-                raise SDServeError.from_response(response)
-            lines: list[str] = []
-            async for line in response.aiter_lines():
-                if line:
-                    lines.append(line)
-                elif (event := self._event(lines)) is not None:
-                    lines = []
-                    yield event
+        try:
+            async with self._http.stream("GET", f"/jobs/{job_id}/events", timeout=None) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise SDServeError.from_response(response)
+                lines: list[str] = []
+                async for line in response.aiter_lines():
+                    if line:
+                        lines.append(line)
+                        continue
+                    event, lines = self._event(lines), []
+                    if event is not None:
+                        yield event
+        except httpx.TransportError as exc:
+            raise _transport_error(exc, self.base_url) from None
 
     async def wait(self, job_id: str, on_progress: Callable[[dict], Any] | None = None) -> JobView:
         async for kind, data in self.events(job_id):

@@ -20,6 +20,7 @@ from serve_app.client import (
     AsyncSDClient,
     RetryPolicy,
     SDClient,
+    SDServeConnectionError,
     SDServeError,
     SDServeTimeout,
     retry_after_seconds,
@@ -151,6 +152,17 @@ def test_a_time_out_is_its_own_error():
     sd, _ = server.sync_client()
     with pytest.raises(SDServeTimeout, match="no answer from http://sd.test in time"):
         sd.generate("p")
+
+
+def test_streams_raise_the_clients_own_errors_when_the_server_cannot_be_reached():
+    server = Scripted(httpx.ConnectError("connection refused"))
+    sd, _ = server.sync_client()
+    with pytest.raises(SDServeConnectionError, match="http://sd.test"):
+        list(sd.stream("p"))
+    with pytest.raises(SDServeConnectionError, match="http://sd.test"):
+        list(sd.events("job-1"))
+    with pytest.raises(SDServeTimeout):
+        list(Scripted(httpx.ReadTimeout("timed out")).sync_client()[0].events("job-1"))
 
 
 def test_generate_sends_only_what_was_set_and_decodes_the_answer():
