@@ -32,7 +32,7 @@ RUN pip install "torch==${TORCH_VERSION}"
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY serve_app ./serve_app
-RUN pip install "torch==${TORCH_VERSION}" "ray[serve]==${RAY_VERSION}" ".${EXTRAS:+[$EXTRAS]}"
+RUN pip install "torch==${TORCH_VERSION}" "ray[serve,data]==${RAY_VERSION}" ".${EXTRAS:+[$EXTRAS]}"
 COPY serve_config.yaml ./
 COPY configs ./configs
 

