@@ -1,9 +1,9 @@
 """`sd-serve bulk` as a user runs it: a file of rows in, images and a manifest out, on Ray Data.
 
-Every run is `python -m serve_app.bulk` in a child process with a Ray of its own (embedded, or the
-two-node cluster of deploy/local_cluster.py): this pytest process may already drive the session's
-Ray, and a bulk run must never join it. The model is synthetic:tiny with the demo config's options
-and limits (configs/cpu-demo.yaml), as the demo server runs it.
+Every run is `python -m serve_app.bulk` in a child process on the two-node cluster of
+deploy/local_cluster.py, started once for the module (`--address`): this pytest process may already
+drive the session's Ray, and a bulk run must never join it. The model is synthetic:tiny with the demo
+config's options and limits (configs/cpu-demo.yaml), as the demo server runs it.
 """
 
 from __future__ import annotations
@@ -35,14 +35,32 @@ def bulk_command(*args) -> list[str]:
 
 def bulk_env() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never the session's Ray
-    return {**env, "RAY_AUTH_MODE": "disabled"}
+    # Both workers up before the first row goes out (Ray Data's own knob): a few tiny rows take less time
+    # than a worker takes to load the model, so otherwise the first one ready could take them all.
+    return {**env, "RAY_AUTH_MODE": "disabled", "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "600"}
 
 
-def run_bulk(*args, env: dict | None = None) -> subprocess.CompletedProcess:
+@pytest.fixture(scope="module")
+def cluster():
+    """A head and a worker node, two CPUs each: every run's rows can go to either."""
+    sys.path.insert(0, str(REPO / "deploy"))
+    from local_cluster import LocalRayCluster
+
+    cluster = LocalRayCluster(Path(tempfile.mkdtemp(prefix="sd-bulk-")))  # short: Ray's socket paths
+    try:
+        cluster.start_head(num_cpus=2)
+        cluster.add_worker("worker-1", num_cpus=2)
+        cluster.nodes = {node["node_id"] for node in cluster.wait_for_nodes(2)}
+        yield cluster
+    finally:
+        assert cluster.stop() == []
+
+
+def run_bulk(cluster, *args) -> subprocess.CompletedProcess:
     done = subprocess.run(
-        bulk_command(*args),
+        [*bulk_command(*args), "--address", cluster.gcs_address],
         cwd=REPO,
-        env={**bulk_env(), **(env or {})},
+        env=bulk_env(),
         capture_output=True,
         text=True,
         timeout=RUN_TIMEOUT_S,
@@ -64,7 +82,7 @@ def image_files(out: Path) -> set[str]:
     return {str(p.relative_to(out)) for p in (out / "images").rglob("*") if p.is_file()}
 
 
-def test_jsonl_rows_become_images_with_their_own_parameters_and_bad_rows_are_recorded(tmp_path):
+def test_jsonl_rows_become_images_with_their_own_parameters_on_both_nodes_and_bad_rows_are_recorded(cluster, tmp_path):
     rows = [
         {"prompt": "a lighthouse", "seed": 42},
         {"prompt": "a fox"},  # no seed: base seed + row index
@@ -85,9 +103,12 @@ def test_jsonl_rows_become_images_with_their_own_parameters_and_bad_rows_are_rec
         *({"prompt": f"row {i}"} for i in range(10, 16)),
     ]
     out = tmp_path / "out"
-    done = run_bulk(write_jsonl(tmp_path / "rows.jsonl", rows), out, "--base-seed", 1000, "--batch-size", 4)
+    done = run_bulk(
+        cluster, write_jsonl(tmp_path / "rows.jsonl", rows), out, "--base-seed", 1000, "--batch-size", 2, "--workers", 2
+    )
     assert done.returncode == 1  # some rows failed: the manifest says which
     assert "13 rows done, 3 failed, 0 done before" in done.stdout
+    assert "rows ran on 2 node(s)" in done.stdout
 
     entries = manifest(out)
     assert [e["row"] for e in entries] == list(range(len(rows)))  # one entry per row, in row order
@@ -121,9 +142,10 @@ def test_jsonl_rows_become_images_with_their_own_parameters_and_bad_rows_are_rec
     assert by_row[4]["files"] == ["images/0000/00000004-7.png", "images/0000/00000004-8.png"]
     assert by_row[5]["quality"] == 80 and by_row[6]["quality"] == 90
     assert max(e["batch_size"] for e in done_entries) > 1  # rows shared model calls
+    assert {e["node_id"] for e in done_entries} == cluster.nodes  # work went to both nodes
 
 
-def test_parquet_rows_make_the_images_the_http_server_makes_for_the_same_seeds(client, tmp_path):
+def test_parquet_rows_make_the_images_the_http_server_makes_for_the_same_seeds(cluster, client, tmp_path):
     served = [  # also asked of the demo server below
         {"prompt": "a lighthouse at dawn", "seed": 42},
         {"prompt": "a red fox", "seed": 7, "num_inference_steps": 3, "scheduler": "euler_a", "width": 128},
@@ -135,7 +157,9 @@ def test_parquet_rows_make_the_images_the_http_server_makes_for_the_same_seeds(c
     assert table.column("seed").null_count == len(unseeded)  # Parquet's nulls: not given
     pq.write_table(table, tmp_path / "rows.parquet")
     out = tmp_path / "out"
-    done = run_bulk(tmp_path / "rows.parquet", f"file://{out}", "--base-seed", 100, "--manifest-format", "jsonl")
+    done = run_bulk(
+        cluster, tmp_path / "rows.parquet", f"file://{out}", "--base-seed", 100, "--manifest-format", "jsonl"
+    )
     assert done.returncode == 0, done.stdout
 
     entries = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
@@ -154,10 +178,13 @@ def test_parquet_rows_make_the_images_the_http_server_makes_for_the_same_seeds(c
 
 
 @pytest.mark.slow
-def test_a_killed_run_resumes_without_redoing_finished_rows(tmp_path):
+def test_a_killed_run_resumes_without_redoing_finished_rows(cluster, tmp_path):
     rows = [{"prompt": f"row {i}", "num_inference_steps": 20} for i in range(32)]
     source, out = write_jsonl(tmp_path / "rows.jsonl", rows), tmp_path / "out"
-    command = bulk_command(source, out, "--batch-size", 2, "--max-batch-size", 2, "--rows-per-task", 2)
+    command = [
+        *bulk_command(source, out, "--batch-size", 2, "--max-batch-size", 2, "--rows-per-task", 2),
+        *("--address", cluster.gcs_address),
+    ]
     log = (tmp_path / "first.log").open("w")
     first = subprocess.Popen(
         command, cwd=REPO, env=bulk_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -166,7 +193,7 @@ def test_a_killed_run_resumes_without_redoing_finished_rows(tmp_path):
         wait_until(lambda: len(done_rows(read_entries(Output(str(out)))[0])) >= 2 or first.poll() is not None, 240,
                    "the first rows are recorded")  # fmt: skip
     finally:
-        os.killpg(first.pid, signal.SIGKILL)  # the driver, its GCS and raylet; the workers follow their raylet
+        os.killpg(first.pid, signal.SIGKILL)  # the driver: the cluster ends its job and the job's actors
         first.wait()
     wait_until(lambda: not session_members(first.pid), 60, "the killed run's processes are gone")
 
@@ -175,7 +202,7 @@ def test_a_killed_run_resumes_without_redoing_finished_rows(tmp_path):
     assert not (out / "manifest.parquet").exists()  # killed before its end: only parts
     kept = {e: _identity(out / f"images/0000/{e:08d}-{e}.png") for e in recorded}
 
-    done = run_bulk(source, out)
+    done = run_bulk(cluster, source, out)
     assert done.returncode == 0, done.stdout
     assert f"{len(rows) - len(recorded)} rows done, 0 failed, {len(recorded)} done before (skipped)" in done.stdout
     entries = manifest(out)
@@ -184,31 +211,6 @@ def test_a_killed_run_resumes_without_redoing_finished_rows(tmp_path):
     assert len(first_run) == 1 and first_run.isdisjoint(e["run_id"] for e in entries if e["row"] not in recorded)
     assert {e: _identity(out / f"images/0000/{e:08d}-{e}.png") for e in recorded} == kept  # not written again
     assert len(image_files(out)) == len(rows)
-
-
-@pytest.mark.slow
-def test_a_run_on_a_two_node_cluster_puts_work_on_both_nodes(tmp_path):
-    sys.path.insert(0, str(REPO / "deploy"))
-    from local_cluster import LocalRayCluster
-
-    cluster = LocalRayCluster(Path(tempfile.mkdtemp(prefix="sd-bulk-")))  # short: Ray's socket paths
-    try:
-        cluster.start_head(num_cpus=2)
-        cluster.add_worker("worker-1", num_cpus=2)
-        nodes = {node["node_id"] for node in cluster.wait_for_nodes(2)}
-        rows = [{"prompt": f"row {i}"} for i in range(24)]
-        out = tmp_path / "out"
-        source = write_jsonl(tmp_path / "rows.jsonl", rows)
-        # Both workers up before the first row goes out (Ray Data's own knob): 24 tiny rows take less time
-        # than a worker takes to load the model, so otherwise the first one ready could take them all.
-        wait = {"RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "600"}
-        done = run_bulk(source, out, "--address", cluster.gcs_address, "--workers", 2, "--batch-size", 2, env=wait)
-        assert done.returncode == 0, done.stdout
-        assert "rows ran on 2 node(s)" in done.stdout
-        entries = manifest(out)
-        assert len(entries) == len(rows) and {e["node_id"] for e in entries} == nodes
-    finally:
-        assert cluster.stop() == []
 
 
 def session_members(session: int) -> list[int]:
