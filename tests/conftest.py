@@ -21,6 +21,11 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if E2E_DIR in Path(item.path).parents:
             item.add_marker(pytest.mark.e2e)
+    # Modules that deploy variants of the demo config run after those that use the demo as it is: the
+    # session's Serve then switches config once per variant module, not back and forth (a switch restarts
+    # replicas: tens of seconds each). Each module still deploys what it needs, so each passes alone.
+    variant_modules = {item.path for item in items if "deployed_variant" in getattr(item, "fixturenames", ())}
+    items.sort(key=lambda item: item.path in variant_modules)  # stable: file order otherwise
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -22,6 +22,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,6 +110,7 @@ class ExampleRunner:
     def __init__(self, workdir: Path, base_url: str, repo: Path | None = None):
         self.workdir = workdir
         self.base_url = base_url.rstrip("/")
+        self.seconds: dict[int, float] = {}  # example's line -> how long it ran
         self.shims = workdir / ".example-shims"
         self.shims.mkdir(parents=True, exist_ok=True)
         curl = shutil.which("curl")
@@ -163,10 +165,12 @@ class ExampleRunner:
         return result
 
     def run_all(self, examples: list[Example]) -> list[Example]:
-        """Run every example not marked skip, in order; the examples that ran."""
+        """Run every example not marked skip, in order; the examples that ran (their times in `self.seconds`)."""
         ran = []
         for example in examples:
             if example.skip_reason is None:
+                started = time.perf_counter()
                 self.run(example)
+                self.seconds[example.line] = time.perf_counter() - started
                 ran.append(example)
         return ran

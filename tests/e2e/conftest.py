@@ -37,22 +37,19 @@ def client(demo_server):
 @pytest.fixture(scope="module")
 def deployed_variant(serve_cluster) -> Callable[[Callable[[dict], None]], str]:
     """deployed_variant(edit): deploy the demo config as `edit(config)` changes it (in place) and return
-    the base URL once it runs. The demo config is deployed again after the module, if a variant ran.
+    the base URL once it runs. The variant stays after the module: the next module deploys what it needs
+    (`demo_server` deploys the demo config; deploying the config that already runs costs nothing).
 
         def tight(config):
             deployment(config, "ImageGenerator")["max_ongoing_requests"] = 4
 
         url = deployed_variant(tight)
     """
-    deployed = []
 
     def deploy(edit: Callable[[dict], None]) -> str:
         config = load_config()
         edit(config)
-        deployed.append(edit)
         serve_cluster.deploy(config)
         return serve_cluster.url
 
-    yield deploy
-    if deployed:
-        serve_cluster.deploy(load_config())
+    return deploy

@@ -24,7 +24,7 @@ from harness import DEMO_CONFIG, REPO, wait_until
 from helpers import decode, max_diff, png
 from PIL import Image
 
-from serve_app.bulk.manifest import PARTS_DIR, Output, done_rows, read_entries
+from serve_app.bulk.manifest import Output, done_rows, read_entries
 
 RUN_TIMEOUT_S = 300
 
@@ -82,7 +82,16 @@ def image_files(out: Path) -> set[str]:
     return {str(p.relative_to(out)) for p in (out / "images").rglob("*") if p.is_file()}
 
 
-def test_jsonl_rows_become_images_with_their_own_parameters_on_both_nodes_and_bad_rows_are_recorded(cluster, tmp_path):
+SERVED = [  # also asked of the demo server: the same rows make the same images
+    {"prompt": "a lighthouse at dawn", "seed": 42},
+    {"prompt": "a red fox", "seed": 7, "num_inference_steps": 3, "scheduler": "euler_a", "width": 128},
+    {"prompt": "a tower", "negative_prompt": "fog", "seed": 2**32 - 1, "guidance_scale": 4.0},
+]
+
+
+def test_jsonl_rows_become_images_with_their_own_parameters_on_both_nodes_and_bad_rows_are_recorded(
+    cluster, client, tmp_path
+):
     rows = [
         {"prompt": "a lighthouse", "seed": 42},
         {"prompt": "a fox"},  # no seed: base seed + row index
@@ -101,13 +110,14 @@ def test_jsonl_rows_become_images_with_their_own_parameters_on_both_nodes_and_ba
         {"prompt": "not here", "strength": 0.5},
         "not json at all",
         *({"prompt": f"row {i}"} for i in range(10, 16)),
+        *SERVED,
     ]
     out = tmp_path / "out"
     done = run_bulk(
         cluster, write_jsonl(tmp_path / "rows.jsonl", rows), out, "--base-seed", 1000, "--batch-size", 2, "--workers", 2
     )
     assert done.returncode == 1  # some rows failed: the manifest says which
-    assert "13 rows done, 3 failed, 0 done before" in done.stdout
+    assert "16 rows done, 3 failed, 0 done before" in done.stdout
     assert "rows ran on 2 node(s)" in done.stdout
 
     entries = manifest(out)
@@ -144,43 +154,20 @@ def test_jsonl_rows_become_images_with_their_own_parameters_on_both_nodes_and_ba
     assert max(e["batch_size"] for e in done_entries) > 1  # rows shared model calls
     assert {e["node_id"] for e in done_entries} == cluster.nodes  # work went to both nodes
 
-
-def test_parquet_rows_make_the_images_the_http_server_makes_for_the_same_seeds(cluster, client, tmp_path):
-    served = [  # also asked of the demo server below
-        {"prompt": "a lighthouse at dawn", "seed": 42},
-        {"prompt": "a red fox", "seed": 7, "num_inference_steps": 3, "scheduler": "euler_a", "width": 128},
-        {"prompt": "a tower", "negative_prompt": "fog", "seed": 2**32 - 1, "guidance_scale": 4.0},
-    ]
-    unseeded = [{"prompt": f"prompt {i}", "num_inference_steps": 3 if i % 2 else None} for i in range(5)]
-    columns = ("prompt", "negative_prompt", "seed", "num_inference_steps", "scheduler", "width", "guidance_scale")
-    table = pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in [*served, *unseeded]])
-    assert table.column("seed").null_count == len(unseeded)  # Parquet's nulls: not given
-    pq.write_table(table, tmp_path / "rows.parquet")
-    out = tmp_path / "out"
-    done = run_bulk(
-        cluster, tmp_path / "rows.parquet", f"file://{out}", "--base-seed", 100, "--manifest-format", "jsonl"
-    )
-    assert done.returncode == 0, done.stdout
-
-    entries = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
-    assert [e["row"] for e in entries] == list(range(len(served) + len(unseeded)))
-    assert {e["status"] for e in entries} == {"done"}
-    assert not (out / "manifest.parquet").exists() and not (out / PARTS_DIR).exists()
-    for request, entry in zip(served, entries):
+    for request, entry in zip(SERVED, entries[-len(SERVED) :]):
         answer = png(client.post("/generate", json=request))
         made = decode((out / entry["file"]).read_bytes())
         assert made.size == answer.size
         assert max_diff(made, answer) <= 1  # batched differently: kernels round differently, within 1/255
         assert made.info["parameters"] == answer.info["parameters"]  # the same metadata, the same model name
-    for row, entry in enumerate(entries[len(served) :], start=len(served)):
-        assert entry["seed"] == 100 + row
-        assert entry["num_inference_steps"] == (3 if (row - len(served)) % 2 else 2)
 
 
 @pytest.mark.slow
 def test_a_killed_run_resumes_without_redoing_finished_rows(cluster, tmp_path):
-    rows = [{"prompt": f"row {i}", "num_inference_steps": 20} for i in range(32)]
-    source, out = write_jsonl(tmp_path / "rows.jsonl", rows), tmp_path / "out"
+    """Parquet in: its nulls mean "not given", so a row without a seed gets base seed + row."""
+    rows = [{"prompt": f"row {i}", "num_inference_steps": 20, "seed": None} for i in range(32)]
+    source, out = tmp_path / "rows.parquet", tmp_path / "out"
+    pq.write_table(pa.Table.from_pylist(rows), source)
     command = [
         *bulk_command(source, out, "--batch-size", 2, "--max-batch-size", 2, "--rows-per-task", 2),
         *("--address", cluster.gcs_address),
@@ -202,7 +189,7 @@ def test_a_killed_run_resumes_without_redoing_finished_rows(cluster, tmp_path):
     assert not (out / "manifest.parquet").exists()  # killed before its end: only parts
     kept = {e: _identity(out / f"images/0000/{e:08d}-{e}.png") for e in recorded}
 
-    done = run_bulk(cluster, source, out)
+    done = run_bulk(cluster, source, f"file://{out}")  # the same output, named as an fsspec URL
     assert done.returncode == 0, done.stdout
     assert f"{len(rows) - len(recorded)} rows done, 0 failed, {len(recorded)} done before (skipped)" in done.stdout
     entries = manifest(out)
