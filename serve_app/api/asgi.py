@@ -65,7 +65,10 @@ def create_api(service: GenerationService, api_keys: list[str] | None = None) ->
     app.add_middleware(DeadlineMiddleware, default_s=limits.request_timeout_s)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=limits.max_body_bytes)
     app.add_middleware(
-        ConcurrencyLimitMiddleware, limit=limits.max_concurrent_requests, retry_after_s=limits.retry_after_s
+        ConcurrencyLimitMiddleware,
+        limit=limits.max_concurrent_requests,
+        retry_after_s=limits.retry_after_s,
+        default_deadline_s=limits.request_timeout_s,
     )
     if api_keys:
         app.add_middleware(ApiKeyMiddleware, keys=api_keys)

@@ -11,9 +11,10 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from contextvars import ContextVar
 
 from starlette.exceptions import HTTPException
@@ -182,14 +183,35 @@ class ApiKeyMiddleware:
 
 
 class ConcurrencyLimitMiddleware:
-    """The ingress's own bound: past `limit` generation requests in flight, answer 503 at once
-    (before reading a possibly large body) instead of queueing without end."""
+    """The ingress's own bounds on synchronous generation, answered at once with 503 and Retry-After
+    (before reading a possibly large body), instead of queueing what cannot be served in time:
+    - at most `limit` generation requests in flight;
+    - admission by expected wait (Little's law): with `active` requests in flight and answers coming
+      back at `rate` per second (measured over the last RATE_WINDOW_S), a new request would be answered
+      in about (active + 1) / rate seconds. Past DEADLINE_SHARE of its deadline (`default_deadline_s`,
+      or a shorter X-Request-Timeout) it is refused now, cheaply, rather than answered 504 later after holding a
+      place in every queue. The Generator refuses by its own, finer estimate what gets past this.
+    Jobs (`/jobs`, `Prefer: respond-async`) are answered 202 at once and queue in the JobManager."""
 
-    def __init__(self, app, limit: int, retry_after_s: int):
+    RATE_WINDOW_S = 10.0
+    MIN_ANSWERS = 8  # fewer answers in the window than this: no estimate (idle, or just started)
+    # (active + 1) / rate is the mean time to an answer; the slow end of the spread must fit too.
+    DEADLINE_SHARE = 0.75
+
+    def __init__(self, app, limit: int, retry_after_s: int, default_deadline_s: float | None = None):
         self.app = app
         self.limit = limit
         self.retry_after_s = retry_after_s
+        self.default_deadline_s = default_deadline_s
         self.active = 0
+        self.answered: deque[float] = deque()  # monotonic times of recent 200 answers
+        self.refused_by_wait = 0
+
+    def answer_rate(self, now: float) -> float | None:
+        """Answers per second over the last RATE_WINDOW_S, or None without enough of them."""
+        while self.answered and self.answered[0] < now - self.RATE_WINDOW_S:
+            self.answered.popleft()
+        return len(self.answered) / self.RATE_WINDOW_S if len(self.answered) >= self.MIN_ANSWERS else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope.get("method") != "POST":
@@ -199,11 +221,51 @@ class ConcurrencyLimitMiddleware:
             return await _send_error(
                 scope, send, 503, "overloaded", message, [(b"retry-after", str(self.retry_after_s).encode())]
             )
+        synchronous = not _is_job(scope)
+        if synchronous and self.default_deadline_s is not None:
+            now = time.monotonic()
+            rate = self.answer_rate(now)
+            deadline_s = _deadline_s(scope, self.default_deadline_s)
+            if rate is not None and (expected_s := (self.active + 1) / rate) > self.DEADLINE_SHARE * deadline_s:
+                self.refused_by_wait += 1
+                retry_after = max(1, math.ceil(expected_s - self.DEADLINE_SHARE * deadline_s))
+                message = (
+                    f"server busy: {self.active} requests ahead, about {expected_s:.0f}s to answer, too close to "
+                    f"this request's {deadline_s:g}s deadline; retry after {retry_after}s"
+                )
+                return await _send_error(
+                    scope, send, 503, "overloaded", message, [(b"retry-after", str(retry_after).encode())]
+                )
+        status = 0
+
+        async def status_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
         self.active += 1
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, status_send)
         finally:
             self.active -= 1
+            if synchronous and status == 200:
+                self.answered.append(time.monotonic())
+
+
+def _is_job(scope) -> bool:
+    path = scope.get("path", "")
+    prefer = _header(scope, b"prefer") or ""
+    return path.startswith(("/jobs", "/refine")) or "respond-async" in prefer
+
+
+def _deadline_s(scope, default_s: float) -> float:
+    """This request's deadline in seconds: X-Request-Timeout when it is shorter (and valid), else the default."""
+    try:
+        asked = float(_header(scope, TIMEOUT_HEADER.lower().encode()) or "inf")
+    except ValueError:
+        return default_s
+    return min(asked, default_s) if asked > 0 else default_s
 
 
 TIMEOUT_HEADER = "X-Request-Timeout"

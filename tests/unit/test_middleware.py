@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 
+import httpx
 from fastapi import FastAPI
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -144,3 +146,52 @@ def test_deadline_and_admission_apply_to_generation_requests_only():
     # OPTIONS reaches the app, which has no OPTIONS route: its 405, not the layers' 503 or 504.
     options = client.options("/healthz")
     assert options.status_code == 405 and options.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_a_request_that_would_wait_past_its_deadline_is_refused_at_once():
+    """Little's law at the ingress: answers come back at 1 per second, so a new request waits about
+    (in flight + 1) seconds; one whose deadline is shorter gets 503 now, with the excess as Retry-After."""
+
+    async def scenario():
+        gate = asyncio.Event()
+
+        async def held(request):
+            await gate.wait()
+            return JSONResponse({"held": True})
+
+        routes = [Route(path, held, methods=["POST"]) for path in ("/generate", "/jobs")]
+        limited = ConcurrencyLimitMiddleware(
+            Starlette(routes=routes), limit=100, retry_after_s=3, default_deadline_s=60
+        )
+        now = time.monotonic()
+        limited.answered.extend(now - 9 + i for i in range(10))  # 10 answers in the last 10 s: 1 per second
+        transport = httpx.ASGITransport(app=RequestIdMiddleware(limited))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            in_flight = [asyncio.ensure_future(http.post("/generate")) for _ in range(3)]
+            while limited.active < 3:
+                await asyncio.sleep(0.01)
+            refused = await http.post("/generate", headers={"X-Request-Timeout": "2"})  # would wait ~4 s
+            job = asyncio.ensure_future(http.post("/jobs", headers={"X-Request-Timeout": "2"}))  # jobs queue
+            patient = asyncio.ensure_future(http.post("/generate", headers={"X-Request-Timeout": "30"}))
+            while limited.active < 5:
+                await asyncio.sleep(0.01)
+            gate.set()
+            answered = await asyncio.gather(*in_flight, job, patient)
+        return refused, answered, limited.refused_by_wait
+
+    refused, answered, refused_by_wait = asyncio.run(scenario())
+    assert refused.status_code == 503 and refused_by_wait == 1
+    assert refused.json()["error"]["code"] == "overloaded"
+    message = refused.json()["error"]["message"]
+    assert "3 requests ahead, about 4s to answer, too close to this request's 2s deadline" in message
+    assert refused.headers["retry-after"] == "3"  # 4 s expected - 1.5 s (three quarters of the deadline)
+    assert [r.status_code for r in answered] == [200] * 5
+
+
+def test_without_enough_answers_to_measure_nothing_is_refused_by_wait():
+    limited = ConcurrencyLimitMiddleware(None, limit=10, retry_after_s=1, default_deadline_s=1)
+    now = time.monotonic()
+    limited.answered.extend([now - 30, now - 1, now])  # one outside the window, two inside: too few
+    assert limited.answer_rate(now) is None and len(limited.answered) == 2
+    limited.answered.extend([now] * 6)
+    assert limited.answer_rate(now) == 0.8
