@@ -109,7 +109,9 @@ def _wait_until_dropped(http: httpx.Client, before: dict, count: int) -> dict:
 
 
 def test_work_that_cannot_meet_its_deadline_is_refused_at_once_and_never_runs(tight_server, http):
-    """Behind 8 slow images, a request with half a second left is answered 503 at admission, not 504 later."""
+    """Behind 8 slow images, a request with half a second left is answered 503 at admission, not 504 later:
+    by the ingress (its expected wait, from answers per second, once it has seen enough answers) or by
+    the Generator (its backlog of denoising steps and its measured rate), whichever knows first."""
     before = generator_jobs(http)
     pool, busy = _occupy(http, ACTIVE)
     wait_until(
@@ -118,12 +120,14 @@ def test_work_that_cannot_meet_its_deadline_is_refused_at_once_and_never_runs(ti
     with httpx.Client(base_url=tight_server, timeout=60) as quick:
         late = quick.post("/generate", json={"prompt": "late"}, headers={"X-Request-Timeout": "0.5"})
     assert late.status_code == 503, late.text
-    assert late.json()["error"]["code"] == "overloaded" and "after its deadline" in late.json()["error"]["message"]
+    message = late.json()["error"]["message"]
+    assert late.json()["error"]["code"] == "overloaded"
+    assert "after its deadline" in message or "too close to this request's 0.5s deadline" in message, message
     assert late.headers["retry-after"].isdigit() and int(late.headers["retry-after"]) >= 1
     assert [f.result().status_code for f in busy] == [200] * ACTIVE
     pool.shutdown()
     after = generator_jobs(http)
-    assert after["refused"] - before["refused"] == 1
+    assert after["refused"] - before["refused"] == (1 if "after its deadline" in message else 0)
     assert after["succeeded"] - before["succeeded"] == ACTIVE  # only the occupying requests made images
     assert after["cancelled_before_start"] == before["cancelled_before_start"]  # it never waited to be dropped
 
