@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"\nReady: {url}  (web page {url}/ , API docs {url}/docs)\n"
                 f"Try:   curl -X POST {url}/generate -H 'Content-Type: application/json' "
-                f"-d '{{\"prompt\": \"a lighthouse at dawn\", \"seed\": 42}}' -o image.png\n",
+                f'-d \'{{"prompt": "a lighthouse at dawn", "seed": 42}}\' -o image.png\n',
                 flush=True,
             )
         elif server.poll() is None:

@@ -48,7 +48,9 @@ def test_rows_become_the_engines_images_written_where_their_entries_say(maker):
     written = np.asarray(Image.open(maker.output.path(entries[0]["file"])).convert("RGB")).astype(int)
     assert np.abs(written - reference.pixels.astype(int)).max() <= 1  # alone vs batched: within 1/255
     assert entries[2]["width"] == 128 and entries[2]["num_inference_steps"] == 2  # the model's default, filled in
-    assert entries[0]["run_id"] == "run-1" and entries[0]["node_id"] == maker.node_id  # the node it ran on (None without Ray)
+    assert (
+        entries[0]["run_id"] == "run-1" and entries[0]["node_id"] == maker.node_id
+    )  # the node it ran on (None without Ray)
 
 
 def test_batches_handed_over_concurrently_all_come_out_whole(maker):

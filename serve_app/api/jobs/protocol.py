@@ -85,7 +85,9 @@ class JobView(BaseModel):
     seeds: list[int]
     position: int | None = Field(None, description="place in the queue while queued (1 = next)")
     progress: JobProgress | None = Field(None, description="while running")
-    preview: str | None = Field(None, description="while running with preview_every: the latest latent preview, base64 PNG")
+    preview: str | None = Field(
+        None, description="while running with preview_every: the latest latent preview, base64 PNG"
+    )
     error: JobError | None = None
     images: list[JobImageView] = Field(default_factory=list)
     refined_from: str | None = None
