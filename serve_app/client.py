@@ -286,6 +286,26 @@ def _resolve(url: str | None, api_key: str | None) -> tuple[str, str | None]:
     return (url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/"), api_key or os.environ.get(API_KEY_ENV)
 
 
+class _EventLines:
+    """Server-sent events, a line at a time: each blank line ends an event, returned as (kind, data)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def feed(self, line: str) -> tuple[str, dict] | None:
+        if line:
+            self.lines.append(line)
+            return None
+        lines, self.lines = self.lines, []
+        kind, data = "message", []
+        for entry in lines:
+            if entry.startswith("event:"):
+                kind = entry.partition(":")[2].strip()
+            elif entry.startswith("data:"):
+                data.append(entry.partition(":")[2].strip())
+        return (kind, json.loads("\n".join(data))) if data else None
+
+
 def _transport_error(exc: httpx.TransportError, base_url: str) -> SDServeConnectionError:
     if isinstance(exc, httpx.TimeoutException):
         return SDServeTimeout(f"no answer from {base_url} in time ({type(exc).__name__})")
@@ -320,17 +340,6 @@ class _Endpoints:
         if webhook is not None:
             body["webhook"] = {"url": webhook}
         return body
-
-    @staticmethod
-    def _event(lines: list[str]) -> tuple[str, dict] | None:
-        """One server-sent event from its lines ("event: ...", "data: ...")."""
-        kind, data = "message", []
-        for line in lines:
-            if line.startswith("event:"):
-                kind = line.partition(":")[2].strip()
-            elif line.startswith("data:"):
-                data.append(line.partition(":")[2].strip())
-        return (kind, json.loads("\n".join(data))) if data else None
 
     @staticmethod
     def _stream_event(kind: str, data: dict) -> tuple[str, dict | Generation]:
@@ -500,13 +509,9 @@ class SDClient(_Endpoints):
                 if response.status_code >= 400:
                     response.read()
                     raise SDServeError.from_response(response)
-                lines: list[str] = []
+                events = _EventLines()
                 for line in response.iter_lines():
-                    if line:
-                        lines.append(line)
-                        continue
-                    event, lines = self._event(lines), []
-                    if event is not None:
+                    if (event := events.feed(line)) is not None:
                         yield event
         except httpx.TransportError as exc:
             raise _transport_error(exc, self.base_url) from None
@@ -678,13 +683,9 @@ class AsyncSDClient(_Endpoints):
                 if response.status_code >= 400:
                     await response.aread()
                     raise SDServeError.from_response(response)
-                lines: list[str] = []
+                events = _EventLines()
                 async for line in response.aiter_lines():
-                    if line:
-                        lines.append(line)
-                        continue
-                    event, lines = self._event(lines), []
-                    if event is not None:
+                    if (event := events.feed(line)) is not None:
                         yield event
         except httpx.TransportError as exc:
             raise _transport_error(exc, self.base_url) from None
