@@ -225,7 +225,10 @@ class ConcurrencyLimitMiddleware:
         if synchronous and self.default_deadline_s is not None:
             now = time.monotonic()
             rate = self.answer_rate(now)
-            deadline_s = _deadline_s(scope, self.default_deadline_s)
+            try:
+                deadline_s = request_timeout_s(scope, self.default_deadline_s)
+            except ValueError:  # DeadlineMiddleware answers it with 422
+                deadline_s = self.default_deadline_s
             if rate is not None and (expected_s := (self.active + 1) / rate) > self.DEADLINE_SHARE * deadline_s:
                 self.refused_by_wait += 1
                 retry_after = max(1, math.ceil(expected_s - self.DEADLINE_SHARE * deadline_s))
@@ -259,16 +262,24 @@ def _is_job(scope) -> bool:
     return path.startswith(("/jobs", "/refine")) or "respond-async" in prefer
 
 
-def _deadline_s(scope, default_s: float) -> float:
-    """This request's deadline in seconds: X-Request-Timeout when it is shorter (and valid), else the default."""
-    try:
-        asked = float(_header(scope, TIMEOUT_HEADER.lower().encode()) or "inf")
-    except ValueError:
-        return default_s
-    return min(asked, default_s) if asked > 0 else default_s
-
-
 TIMEOUT_HEADER = "X-Request-Timeout"
+
+
+def request_timeout_s(scope, default_s: float) -> float:
+    """This request's deadline in seconds: X-Request-Timeout where it is shorter than the server's.
+    ValueError when the header is not a positive number of seconds."""
+    asked = _header(scope, TIMEOUT_HEADER.lower().encode())
+    if asked is None:
+        return default_s
+    try:
+        seconds = float(asked)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise ValueError(f"{TIMEOUT_HEADER}: must be a positive number of seconds (got {asked!r})")
+    return min(seconds, default_s)
+
+
 # The wall-clock time (time.time()) by which the request being served must be answered; the
 # Generator refuses at once work that could not be done by then (see GenerationService.generate).
 REQUEST_DEADLINE: ContextVar[float | None] = ContextVar("request_deadline", default=None)
@@ -286,17 +297,10 @@ class DeadlineMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope.get("method") != "POST":
             return await self.app(scope, receive, send)
-        timeout = self.default_s
-        asked = _header(scope, TIMEOUT_HEADER.lower().encode())
-        if asked is not None:
-            try:
-                seconds = float(asked)
-            except ValueError:
-                seconds = float("nan")
-            if not 0 < seconds < float("inf"):
-                message = f"{TIMEOUT_HEADER}: must be a positive number of seconds (got {asked!r})"
-                return await _send_error(scope, send, 422, "invalid_request", message, field=TIMEOUT_HEADER)
-            timeout = min(seconds, self.default_s)
+        try:
+            timeout = request_timeout_s(scope, self.default_s)
+        except ValueError as exc:
+            return await _send_error(scope, send, 422, "invalid_request", str(exc), field=TIMEOUT_HEADER)
         started = False
 
         async def tracking_send(message):
