@@ -16,6 +16,6 @@ def build_app(args: dict | None = None) -> Application:
         settings = AppArgs.model_validate(args or {})
     except ValidationError as exc:
         raise ValueError(format_validation_error(exc, "args")) from None
-    generator = ImageGenerator.bind(settings.model, settings.pipeline, settings.defaults)
+    generator = ImageGenerator.bind(settings.served_models(), settings.max_models_per_replica, settings.loras)
     manager = JobManager.bind(generator, settings)
     return Ingress.bind(generator, manager, settings)

@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .pipeline.adapters import AdapterSettings
 from .pipeline.batching import BatchingLimits
 from .pipeline.loading import ModelSource, ModelSourceError, PipelineOptions
 from .pipeline.params import GenerationDefaults
@@ -135,10 +136,49 @@ class JobsConfig(_Strict):
         return value if "://" in value else str(Path(value).expanduser().resolve())
 
 
+class ModelConfig(_Strict):
+    """One entry of `args.models`: a model the deployment serves, under the id requests name it by."""
+
+    id: str = Field(
+        ..., min_length=1, max_length=200, pattern=r"^[\w.:/+-]+$", description="what requests name (`model`)"
+    )
+    model: str = Field(..., description="model source: synthetic:<preset>, a Hub repo id, or a directory")
+    pipeline: dict = Field(default_factory=dict, description="keys of args.pipeline to change for this model")
+    defaults: GenerationDefaults = Field(
+        default_factory=GenerationDefaults, description="keys of args.defaults to change for this model"
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _model_source_readable(cls, value: str) -> str:
+        return _readable_source(value)
+
+
+class ServedModel(_Strict):
+    """A model as the Generator loads it: every option resolved."""
+
+    id: str
+    source: str
+    pipeline: PipelineOptions
+    defaults: GenerationDefaults
+
+
 class AppArgs(_Strict):
     """`args:` of the application in a Serve config (import_path: serve_app.app:build_app)."""
 
-    model: str = Field("synthetic:tiny", description="model source: synthetic:<preset>, a Hub repo id, or a directory")
+    model: str = Field(
+        "synthetic:tiny",
+        description="model source (synthetic:<preset>, a Hub repo id, or a directory) when the deployment serves "
+        "one model, which requests then name by this same string; several: use `models`",
+    )
+    models: list[ModelConfig] = Field(
+        default_factory=list, description="several models, loaded on demand per Generator replica"
+    )
+    default_model: str | None = Field(None, description="the id of `models` a request gets when it names none (first)")
+    max_models_per_replica: int = Field(
+        2, ge=1, description="models one Generator replica holds at once; past it the least recently used is unloaded"
+    )
+    loras: AdapterSettings = Field(default_factory=AdapterSettings, description="LoRA adapters requests may apply")
     pipeline: PipelineOptions = Field(default_factory=PipelineOptions)
     defaults: GenerationDefaults = Field(
         default_factory=GenerationDefaults, description="what requests get for parameters they leave out"
@@ -151,11 +191,58 @@ class AppArgs(_Strict):
     @field_validator("model")
     @classmethod
     def _model_source_readable(cls, value: str) -> str:
-        try:
-            ModelSource.parse(value)
-        except ModelSourceError as exc:
-            raise ValueError(str(exc)) from None
-        return value
+        return _readable_source(value)
+
+    @model_validator(mode="after")
+    def _models_coherent(self) -> AppArgs:
+        if not self.models:
+            if self.default_model not in (None, self.model):
+                raise ValueError(f"default_model {self.default_model!r} is not the served model {self.model!r}")
+            return self
+        if "model" in self.model_fields_set:
+            raise ValueError("give either `model` (one model) or `models` (several), not both")
+        ids = [entry.id for entry in self.models]
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        if repeated:
+            raise ValueError(f"models: id {', '.join(repeated)} appears more than once")
+        if self.default_model is not None and self.default_model not in ids:
+            raise ValueError(f"default_model {self.default_model!r} is not among the models' ids: {', '.join(ids)}")
+        for entry in self.models:
+            try:
+                PipelineOptions.model_validate({**self.pipeline.model_dump(exclude_unset=True), **entry.pipeline})
+            except ValidationError as exc:
+                raise ValueError(format_validation_error(exc, f"models[{entry.id}].pipeline")) from None
+        return self
+
+    @property
+    def default_model_id(self) -> str:
+        if not self.models:
+            return self.model
+        return self.default_model or self.models[0].id
+
+    def served_models(self) -> list[ServedModel]:
+        """Every model with its options resolved (per-model keys over the shared ones); the default first."""
+        entries = self.models or [ModelConfig(id=self.model, model=self.model)]
+        served = [
+            ServedModel(
+                id=entry.id,
+                source=entry.model,
+                pipeline=PipelineOptions.model_validate(
+                    {**self.pipeline.model_dump(exclude_unset=True), **entry.pipeline}
+                ),
+                defaults=entry.defaults.over(self.defaults),
+            )
+            for entry in entries
+        ]
+        return sorted(served, key=lambda m: m.id != self.default_model_id)
+
+
+def _readable_source(value: str) -> str:
+    try:
+        ModelSource.parse(value)
+    except ModelSourceError as exc:
+        raise ValueError(str(exc)) from None
+    return value
 
 
 class BatchingConfig(_Strict):

@@ -16,17 +16,18 @@ import logging
 import os
 import resource
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 
 import ray
 from ray import serve
 
-from .config import GENERATOR_MAX_ONGOING_REQUESTS, BatchingConfig
+from .config import GENERATOR_MAX_ONGOING_REQUESTS, BatchingConfig, ServedModel
 from .metrics import GeneratorMetrics
+from .pipeline.adapters import AdapterSettings
 from .pipeline.batching import Progress
+from .pipeline.errors import InsufficientMemoryError, InvalidJobError
 from .pipeline.jobs import GenerationJob, ImageResult
-from .pipeline.loading import PipelineOptions
-from .pipeline.params import GenerationDefaults
 
 logger = logging.getLogger("ray.serve")
 
@@ -44,30 +45,97 @@ _DEFAULT_BATCHING = BatchingConfig()
     health_check_timeout_s=30,
 )
 class ImageGenerator:
-    def __init__(self, model: str, pipeline: PipelineOptions, defaults: GenerationDefaults):
-        # torch loads here, on the replica, not in the app builder
-        from .pipeline.batching import EngineLoop, LoopCounters, make_batcher
-        from .pipeline.engine import ImageEngine
-
-        self.engine = ImageEngine.load(model, pipeline, defaults)
-        self.warmup_s = self.engine.warmup()
+    def __init__(self, models: list[ServedModel], max_models_per_replica: int, loras: AdapterSettings):
+        self._models = {model.id: model for model in models}
+        self.default_model = models[0].id
+        self._adapters = loras
         self._batching = _DEFAULT_BATCHING
-        self.limits = self._batching.loop_limits()
-        self.counters = LoopCounters()
-        self.batcher = make_batcher(self.engine, pipeline.engine, self.limits, self.counters)
-        self.loop = EngineLoop(self.batcher, self.engine.prepare)
+        self.limits = self._batching.loop_limits()  # shared by every model's loop; reconfigure changes it
+        self._max_models = max_models_per_replica
         self._started = time.time()
         self._replica = serve.get_replica_context().replica_id.unique_id
         self._node_id = ray.get_runtime_context().get_node_id()
         self.metrics = GeneratorMetrics()
         self.received = 0
         self._progress_queues: dict[int, asyncio.Queue] = {}  # by id() of a job being streamed
+        self._loaded: dict[str, ModelRuntime] = {}
+        self._retired_counts: Counter = Counter()  # jobs counted by runtimes since unloaded
+        self._retired_calls: Counter = Counter()
+        self.model_loads = 0
+        self.model_evictions = 0
+        self.model_load_s = 0.0
+        self._event_loop: asyncio.AbstractEventLoop | None = None
+        # The default model loads with the replica: ready means it serves. Others load on first use,
+        # through Serve's model multiplexing, which routes each request to a replica holding its model
+        # and unloads the least recently used past the cap.
+        self._preloaded: ModelRuntime | None = self._load_runtime(self.default_model)
+        self._runtime_for = serve.multiplexed(max_num_models_per_replica=max_models_per_replica)(
+            _plain_function(self._runtime)  # Serve keeps its model cache as an attribute of the function
+        )
         logger.info(
             "ImageGenerator ready: %s, engine %s, warm-up %.2fs",
-            self.engine.describe(),
-            self.batcher.engine_name,
-            self.warmup_s,
+            self._preloaded.engine.describe(),
+            self._preloaded.batcher.engine_name,
+            self._preloaded.warmup_s,
         )
+
+    def _load_runtime(self, model_id: str) -> ModelRuntime:
+        """Load a model (on a worker thread, except at start); too big for memory is a clear error, once."""
+        served = self._models.get(model_id)
+        if served is None:
+            raise InvalidJobError(f"unknown model {model_id!r}; available: {', '.join(self._models)}", "model")
+        try:
+            runtime = ModelRuntime(served, self._adapters, self.limits)
+        except MemoryError as exc:
+            raise _does_not_fit(model_id, list(self._loaded)) from exc
+        except Exception as exc:
+            if type(exc).__name__ == "OutOfMemoryError":  # torch's, without importing torch here
+                raise _does_not_fit(model_id, list(self._loaded)) from exc
+            raise
+        self.model_loads += 1
+        self.model_load_s += runtime.load_s
+        self.metrics.model_loads.inc()
+        self.metrics.model_load_seconds.observe(runtime.load_s)
+        logger.info(
+            "model %s loaded in %.2fs (%d loaded on this replica)", model_id, runtime.load_s, len(self._loaded) + 1
+        )
+        return runtime
+
+    async def _runtime(self, model_id: str) -> ModelRuntime:
+        """Serve's multiplexed loader (`self._runtime_for`): the runtime of `model_id`, loaded if needed."""
+        self._event_loop = asyncio.get_running_loop()
+        preloaded, self._preloaded = self._preloaded, None
+        if preloaded is not None and preloaded.id == model_id:
+            runtime = preloaded
+        else:
+            if preloaded is not None:  # kept outside Serve's count so far: the cap applies to it too
+                if len(self._loaded) + 1 >= self._max_models:
+                    await asyncio.to_thread(preloaded.unload)
+                    self._retire(preloaded)
+                else:
+                    self._preloaded = preloaded
+            runtime = await asyncio.to_thread(self._load_runtime, model_id)
+        runtime.on_unload = self._retire_soon
+        self._loaded[model_id] = runtime
+        return runtime
+
+    def _retire_soon(self, runtime: ModelRuntime) -> None:
+        # Serve unloads on a worker thread: count it on the replica's event loop, with everything else.
+        if self._event_loop is not None:
+            self._event_loop.call_soon_threadsafe(self._retire, runtime)
+
+    def _retire(self, runtime: ModelRuntime) -> None:
+        if self._loaded.get(runtime.id) is runtime:
+            del self._loaded[runtime.id]
+        counts = runtime.counters.snapshot()
+        self._retired_calls.update({int(k): v for k, v in counts.pop("model_calls_by_batch_size").items()})
+        self._retired_counts.update({k: v for k, v in counts.items() if k in _SUMMED_COUNTS})
+        self.model_evictions += 1
+        self.metrics.model_evictions.inc()
+        logger.info("model %s unloaded (least recently used)", runtime.id)
+
+    def _runtimes(self) -> list[ModelRuntime]:
+        return list(self._loaded.values()) + ([self._preloaded] if self._preloaded is not None else [])
 
     def reconfigure(self, user_config: dict) -> None:
         batching = BatchingConfig.model_validate(user_config or {})
@@ -83,7 +151,8 @@ class ImageGenerator:
 
     async def generate(self, job: GenerationJob) -> ImageResult:
         self.received += 1
-        result = await (await self._collect_batch(_stamped(job)))
+        runtime = await self._runtime_for(job.params.model or self.default_model)
+        result = await (await self._collect_batch((_stamped(job), runtime)))
         if isinstance(result, Exception):
             raise result
         return result
@@ -121,24 +190,32 @@ class ImageGenerator:
     @serve.batch(
         max_batch_size=_DEFAULT_BATCHING.max_batch_size, batch_wait_timeout_s=_DEFAULT_BATCHING.batch_wait_timeout_s
     )
-    async def _collect_batch(self, jobs: list[GenerationJob]) -> list[asyncio.Future]:
-        """Hand a collected batch to the engine loop without waiting for it, so collecting goes on."""
+    async def _collect_batch(self, arrivals: list[tuple[GenerationJob, ModelRuntime]]) -> list[asyncio.Future]:
+        """Hand a collected batch to the engine loops (one per model: batches never mix models) without
+        waiting for it, so collecting goes on."""
         event_loop = asyncio.get_running_loop()
-        futures = [event_loop.create_future() for _ in jobs]
+        futures = [event_loop.create_future() for _ in arrivals]
+        by_runtime: dict[int, list[int]] = {}
+        for index, (_, runtime) in enumerate(arrivals):
+            by_runtime.setdefault(id(runtime), []).append(index)
+        for indices in by_runtime.values():
+            runtime = arrivals[indices[0]][1]
+            jobs = [arrivals[i][0] for i in indices]
+            group_futures = [futures[i] for i in indices]
 
-        def on_done(index: int, result: ImageResult | Exception) -> None:
-            # Called on the engine's thread: results cross to this replica's event loop.
-            event_loop.call_soon_threadsafe(self._deliver, jobs[index], futures[index], result)
+            def on_done(index: int, result, jobs=jobs, group_futures=group_futures) -> None:
+                # Called on the engine's thread: results cross to this replica's event loop.
+                event_loop.call_soon_threadsafe(self._deliver, jobs[index], group_futures[index], result)
 
-        def on_progress(index: int, progress: Progress) -> None:
-            queue = self._progress_queues.get(id(jobs[index]))
-            if queue is not None:  # someone streams this job's progress
-                event_loop.call_soon_threadsafe(queue.put_nowait, progress)
+            def on_progress(index: int, progress: Progress, jobs=jobs) -> None:
+                queue = self._progress_queues.get(id(jobs[index]))
+                if queue is not None:  # someone streams this job's progress
+                    event_loop.call_soon_threadsafe(queue.put_nowait, progress)
 
-        tickets = self.loop.submit_all(jobs, on_done, on_progress)
-        for future, ticket in zip(futures, tickets):
-            # The caller gave up (disconnect, deadline, cancel): the job leaves at the next tick.
-            future.add_done_callback(lambda f, ticket=ticket: ticket.cancel() if f.cancelled() else None)
+            tickets = runtime.loop.submit_all(jobs, on_done, on_progress)
+            for future, ticket in zip(group_futures, tickets):
+                # The caller gave up (disconnect, deadline, cancel): the job leaves at the next tick.
+                future.add_done_callback(lambda f, ticket=ticket: ticket.cancel() if f.cancelled() else None)
         return futures
 
     def _deliver(self, job: GenerationJob, future: asyncio.Future, result: ImageResult | Exception) -> None:
@@ -148,33 +225,134 @@ class ImageGenerator:
             future.set_result(result)
         try:
             self.metrics.record_result(job, result, time.time())
-            self.metrics.record_counters(self.counters.snapshot())
+            self.metrics.record_counters(self._counters())
         except Exception:  # noqa: BLE001 - metrics must never cost a caller its image
             logger.exception("ImageGenerator: recording metrics failed")
 
+    def _counters(self) -> dict:
+        """The engine loops' counters, every model's (unloaded ones' included) summed."""
+        snapshots = [runtime.counters.snapshot() for runtime in self._runtimes()]
+        calls = Counter(self._retired_calls)
+        totals = Counter(self._retired_counts)
+        for snapshot in snapshots:
+            calls.update({int(k): v for k, v in snapshot["model_calls_by_batch_size"].items()})
+            totals.update({k: v for k, v in snapshot.items() if k in _SUMMED_COUNTS})
+        rates = [s["image_steps_per_s"] for s in snapshots if s["image_steps_per_s"] is not None]
+        return {
+            "model_calls_by_batch_size": {str(k): v for k, v in sorted(calls.items())},
+            **{key: round(totals[key], 3) if key == "busy_s" else totals[key] for key in _SUMMED_COUNTS},
+            "image_steps_per_s": round(sum(rates), 2) if rates else None,
+        }
+
     async def info(self) -> dict:
         # async: runs on the replica's event loop, like every other user of the metrics
-        counters = self.counters.snapshot()
+        counters = self._counters()
         self.metrics.record_counters(counters)
         counters = dict(counters)
+        runtimes = self._runtimes()
+        shown = next((r for r in runtimes if r.id == self.default_model), runtimes[0] if runtimes else None)
         return {
-            **self.engine.describe(),
-            "engine": self.batcher.engine_name,
+            **(shown.engine.describe() if shown else {"model": self.default_model}),
+            "engine": shown.batcher.engine_name if shown else None,
+            "models": {
+                "loaded": {r.id: r.describe() for r in runtimes},
+                "max_per_replica": self._max_models,
+                "loads": self.model_loads,
+                "evictions": self.model_evictions,
+                "load_s": round(self.model_load_s, 3),
+            },
             "replica": self._replica,
             "node_id": self._node_id,
             "pid": os.getpid(),
             "memory_rss_bytes": _rss_bytes(),
             "uptime_s": round(time.time() - self._started, 1),
-            "warmup_s": round(self.warmup_s, 3),
+            "warmup_s": round(shown.warmup_s, 3) if shown else None,
             "batching": self._batching.model_dump(),
             # Images per model call: a UNet step (step engine) or a whole pipeline call (request engine).
             "model_calls_by_batch_size": counters.pop("model_calls_by_batch_size"),
             # Jobs since start: tests and operators synchronise on these rather than on time.
-            "jobs": {"received": self.received, **counters, "waiting": self.loop.waiting, "running": self.loop.active},
+            "jobs": {
+                "received": self.received,
+                **counters,
+                "waiting": sum(r.loop.waiting for r in runtimes),
+                "running": sum(r.loop.active for r in runtimes),
+            },
         }
 
     def check_health(self) -> None:
-        self.engine.check_health()
+        for runtime in self._runtimes():
+            runtime.engine.check_health()
+
+
+_SUMMED_COUNTS = (
+    "admitted",
+    "admitted_mid_flight",
+    "cancelled_before_start",
+    "cancelled_in_flight",
+    "succeeded",
+    "failed",
+    "busy_s",
+    "refused",
+)
+
+
+class ModelRuntime:
+    """One model loaded on this replica: its engine and the loop that batches its jobs."""
+
+    def __init__(self, served: ServedModel, adapters: AdapterSettings, limits):
+        # torch loads here, on the replica, not in the app builder
+        from .pipeline.batching import EngineLoop, LoopCounters, make_batcher
+        from .pipeline.engine import ImageEngine
+
+        started = time.perf_counter()
+        self.id = served.id
+        self.engine = ImageEngine.load(served.source, served.pipeline, served.defaults, adapters)
+        self.warmup_s = self.engine.warmup()
+        self.counters = LoopCounters()
+        self.batcher = make_batcher(self.engine, served.pipeline.engine, limits, self.counters)
+        self.loop = EngineLoop(self.batcher, self.engine.prepare)
+        self.load_s = time.perf_counter() - started
+        self.loaded_at = time.time()
+        self.on_unload = None  # set by the Generator: called once unloaded
+        self._unloaded = False
+
+    def describe(self) -> dict:
+        return {
+            "source": str(self.engine.source),
+            "engine": self.batcher.engine_name,
+            "load_s": round(self.load_s, 3),
+            "loaded_at": round(self.loaded_at, 3),
+            "jobs_succeeded": self.counters.succeeded,
+            "loras": self.engine.adapters.describe(),
+        }
+
+    def unload(self) -> None:
+        """Finish the jobs it holds, then stop its loop; its weights go with the last reference."""
+        if self._unloaded:
+            return
+        self._unloaded = True
+        self.loop.stop(drain=True, timeout_s=600)
+        if self.on_unload is not None:
+            self.on_unload(self)
+
+    # Serve's multiplexing calls __del__ when it unloads a model (least recently used past the cap).
+    __del__ = unload
+
+
+def _plain_function(method):
+    async def call(model_id: str):
+        return await method(model_id)
+
+    return call
+
+
+def _does_not_fit(model_id: str, loaded: list[str]) -> InsufficientMemoryError:
+    others = f" beside {', '.join(loaded)}" if loaded else ""
+    return InsufficientMemoryError(
+        f"model {model_id!r} does not fit in this replica's memory{others}; lower max_models_per_replica "
+        "or give the Generator more memory",
+        "model",
+    )
 
 
 def _stamped(job: GenerationJob) -> GenerationJob:

@@ -72,6 +72,17 @@ class GeneratorMetrics:
             "sd_generation_errors", description="Jobs that failed, by error kind.", tag_keys=("kind",)
         )
         self.max_batch_size = Gauge("sd_max_batch_size", description="The configured max_batch_size.")
+        self.model_loads = Counter(
+            "sd_model_loads", description="Models loaded on this replica (the default at start)."
+        )
+        self.model_evictions = Counter(
+            "sd_model_evictions", description="Models unloaded to make room (least recently used past the cap)."
+        )
+        self.model_load_seconds = Histogram(
+            "sd_model_load_seconds",
+            description="Time to load a model and warm it up, in seconds.",
+            boundaries=[0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300],
+        )
         self._seen: dict = {"model_calls_by_batch_size": {}}
 
     def record_result(self, job: GenerationJob, result: ImageResult | BaseException, now: float) -> None:

@@ -31,10 +31,12 @@ def parameters_text(params: ImageParams, model: str) -> str:
         f"CFG scale: {params.guidance_scale:g}",
         f"Seed: {params.seed}",
         f"Size: {params.width}x{params.height}",
-        f"Model: {model}",
+        f"Model: {params.model or model}",
     ]
     if params.strength is not None:
         fields.append(f"Denoising strength: {params.strength:g}")
+    if params.loras:
+        fields.append("LoRA: " + " ".join(f"{lora.name}:{lora.scale:g}" for lora in params.loras))
     lines.append(", ".join(fields))
     return "\n".join(lines)
 

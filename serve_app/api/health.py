@@ -44,3 +44,21 @@ async def info(service: Service):
         "generator": await service.generator_info(),
         "job_manager": await service.call_manager(service.manager.info.remote()) if service.manager else None,
     }
+
+
+@router.get("/models", summary="The models requests may name (`model`), the default first")
+async def models(service: Service):
+    settings = service.settings
+    return {
+        "default": service.models.default,
+        "max_models_per_replica": settings.max_models_per_replica,
+        "models": [
+            {"id": model.id, "source": model.source, "defaults": model.defaults.model_dump(exclude_none=True)}
+            for model in settings.served_models()
+        ],
+    }
+
+
+@router.get("/loras", summary="The LoRA adapters requests may apply (`loras`, or <lora:name:scale> in the prompt)")
+async def loras(service: Service):
+    return {"batching": service.settings.loras.batching, "loras": service.models.adapters.describe()}

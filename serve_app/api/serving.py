@@ -19,6 +19,7 @@ from typing import Annotated
 
 import numpy as np
 from fastapi import Depends, Request
+from pydantic import ValidationError
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
@@ -28,7 +29,7 @@ from ..config import AppArgs, RequestLimits
 from ..job_queue.store import JobStore
 from ..pipeline.errors import GenerationError
 from ..pipeline.jobs import GenerationJob, ImageResult
-from ..pipeline.params import SEED_MAX, ImageParams
+from ..pipeline.params import SEED_MAX, ImageParams, split_lora_tags
 from .encoding import encode_image, parameters_text
 from .errors import ApiError
 from .middleware import REQUEST_DEADLINE
@@ -70,6 +71,57 @@ def check_limits(
             raise invalid(field, f"must be at most {limits.max_prompt_chars} characters (got {length})")
 
 
+class ModelTable:
+    """The models and LoRA adapters a deployment offers; turns what a request names into what it gets."""
+
+    def __init__(self, settings: AppArgs):
+        self.ids = [model.id for model in settings.served_models()]
+        self.default = settings.default_model_id
+        self.adapters = settings.loras.catalog()
+
+    @property
+    def several(self) -> bool:
+        """Requests are routed by model (Serve's multiplexing) only when there is more than one."""
+        return len(self.ids) > 1
+
+    def resolve(self, params: ImageParams, names: dict[str, str] | None = None) -> ImageParams:
+        """`params` with the model set (the default when unnamed) and `<lora:name:scale>` prompt tags moved
+        to `loras`; 422 naming the field for an unknown model or adapter."""
+        names = names or {}
+        model = params.model or self.default
+        if model not in self.ids:
+            raise ApiError.invalid(
+                names.get("model", "model"), f"unknown model {model!r}; available: {', '.join(self.ids)}"
+            )
+        prompt, tags = split_lora_tags(params.prompt)
+        loras = [lora.model_dump() for lora in params.loras]
+        for name, scale in tags:
+            try:
+                loras.append({"name": name, "scale": 1.0 if scale in (None, "") else float(scale)})
+            except ValueError:
+                raise ApiError.invalid(
+                    names.get("prompt", "prompt"), f"<lora:{name}:{scale}>: the scale is not a number"
+                ) from None
+        if not prompt:
+            raise ApiError.invalid(names.get("prompt", "prompt"), "is empty once its <lora:...> tags are taken out")
+        try:
+            resolved = ImageParams.model_validate(
+                {**params.model_dump(), "model": model, "prompt": prompt, "loras": loras}
+            )
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            field = "prompt" if tags else names.get("loras", "loras")
+            raise ApiError.invalid(field, f"LoRA adapters: {error['msg']}") from None
+        available = self.adapters.names()
+        unknown = sorted({lora.name for lora in resolved.loras} - set(available))
+        if unknown:
+            raise ApiError.invalid(
+                names.get("loras", "loras"),
+                f"unknown LoRA adapter {', '.join(unknown)}; available: {', '.join(available) or 'none'}",
+            )
+        return resolved
+
+
 def build_jobs(
     params: ImageParams,
     num_images: int,
@@ -78,8 +130,12 @@ def build_jobs(
     *,
     init_image: np.ndarray | None = None,
     names: dict[str, str] | None = None,
+    models: ModelTable | None = None,
 ) -> list[GenerationJob]:
-    """One job per image; image i gets seed + i (the base seed is drawn when left out)."""
+    """One job per image; image i gets seed + i (the base seed is drawn when left out). With `models`, the
+    model and adapters are resolved and checked first."""
+    if models is not None:
+        params = models.resolve(params, names)
     check_limits(params, num_images, limits, names)
     base_seed = params.seed if params.seed is not None else new_seed()
     return [
@@ -124,7 +180,8 @@ class GenerationService:
         self.manager = manager  # the JobManager: every change to a job goes through it
         self.store = store  # job records and images, read directly by every ingress replica
         self.settings = settings
-        self.model = settings.model
+        self.models = ModelTable(settings)
+        self.model = self.models.default
         self.limits = settings.limits
         self.app_name = app_name
         self.started_at = int(time.time())
@@ -136,7 +193,9 @@ class GenerationService:
         responses = []
         finished = False
         try:
-            responses.extend(self.generator.generate.remote(_stamped(job)) for job in jobs)
+            responses.extend(
+                routed(self.generator, job, self.models.several).generate.remote(_stamped(job)) for job in jobs
+            )
             images = list(await self._mapped(asyncio.gather(*responses)))
             finished = True
             return images
@@ -153,7 +212,7 @@ class GenerationService:
         updates: asyncio.Queue[dict] = asyncio.Queue()
         streaming = self.generator.options(stream=True)
         running = asyncio.ensure_future(
-            self._mapped(stream_images(streaming, [_stamped(j) for j in jobs], updates.put_nowait))
+            self._mapped(stream_images(streaming, [_stamped(j) for j in jobs], updates.put_nowait, self.models.several))
         )
         try:
             while not running.done():
@@ -230,8 +289,18 @@ class GenerationService:
         return ApiError(503, code, message, headers={"Retry-After": str(retry_after)})
 
 
+def routed(generator: DeploymentHandle, job: GenerationJob, by_model: bool) -> DeploymentHandle:
+    """The handle that sends `job` to a Generator replica holding its model (when routing by model)."""
+    if not by_model or job.params.model is None:
+        return generator
+    return generator.options(multiplexed_model_id=job.params.model)
+
+
 async def stream_images(
-    streaming_generator: DeploymentHandle, jobs: list[GenerationJob], on_progress: Callable[[dict], None]
+    streaming_generator: DeploymentHandle,
+    jobs: list[GenerationJob],
+    on_progress: Callable[[dict], None],
+    by_model: bool = False,
 ) -> list[ImageResult]:
     """Every job's image through the Generator's streaming call, all at once; `on_progress` gets the
     progress of them all together (`step`, `total_steps`, `images_done`, `num_images`) after each
@@ -245,7 +314,7 @@ async def stream_images(
 
     async def one(index: int) -> ImageResult:
         result = None
-        stream = streaming_generator.generate_stream.remote(jobs[index])
+        stream = routed(streaming_generator, jobs[index], by_model).generate_stream.remote(jobs[index])
         try:
             async for item in stream:
                 if isinstance(item, dict):

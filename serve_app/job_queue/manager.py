@@ -68,6 +68,7 @@ class JobFinished(GenerationError):
 class JobManager:
     def __init__(self, generator: DeploymentHandle, settings: AppArgs):
         self.generator = generator.options(stream=True)
+        self._by_model = len(settings.served_models()) > 1  # route each image to a replica holding its model
         self.config = settings.jobs
         self.model = settings.model
         self.store = JobStore(self.config.store)
@@ -243,7 +244,9 @@ class JobManager:
             )
             for seed in record.seeds
         ]
-        return await stream_images(self.generator, jobs, lambda progress: self._report(record.id, progress))
+        return await stream_images(
+            self.generator, jobs, lambda progress: self._report(record.id, progress), self._by_model
+        )
 
     def _report(self, job_id: str, progress: dict) -> None:
         preview = progress.pop("preview", None)

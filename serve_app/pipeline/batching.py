@@ -203,6 +203,7 @@ class EngineLoop:
         self._incoming_steps = 0.0
         self._wake = threading.Condition()
         self._stopped = False
+        self._draining = False
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
@@ -278,16 +279,20 @@ class EngineLoop:
                 tickets.append(self.submit(job, lambda result, index=index: on_done(index, result), progress))
         return tickets
 
-    def stop(self) -> None:
+    def stop(self, drain: bool = False, timeout_s: float = 10) -> None:
+        """Stop the worker: at once, or (`drain`) once every job it holds has finished."""
         with self._wake:
-            self._stopped = True
+            self._draining = drain
+            self._stopped = not drain
             self._wake.notify()
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=timeout_s)
 
     def _run(self) -> None:
         while True:
             with self._wake:
                 while not self._stopped and not self._incoming and not self.batcher.has_work():
+                    if self._draining:
+                        return
                     self._wake.wait()
                 if self._stopped:
                     return
@@ -574,6 +579,12 @@ def make_batcher(engine, kind: Literal["step", "request"], limits: BatchingLimit
 
         reason = StepPipeline.unsupported_reason(engine.pipe)
         if reason is None:
-            return StepBatcher(engine, StepPipeline(engine.pipe, engine.model_scheduler), limits, counters)
+            stepper = StepPipeline(
+                engine.pipe,
+                engine.model_scheduler,
+                adapters=engine.adapters,
+                group_by_adapters=engine.adapter_settings.batching == "grouped",
+            )
+            return StepBatcher(engine, stepper, limits, counters)
         logger.warning("%s runs whole pipeline calls (engine: request): %s", engine.source, reason)
     return RequestBatcher(engine, limits, counters)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .adapters import AdapterSettings, LoraMixer
 from .errors import GenerationError, InsufficientMemoryError, InvalidJobError, PipelineUnavailableError
 from .jobs import GenerationJob, ImageResult, group_by_call_key
 from .loading import ModelSource, PipelineOptions, load_pipeline
@@ -46,7 +47,14 @@ class GroupRun:
 
 
 class ImageEngine:
-    def __init__(self, pipe, source: ModelSource, options: PipelineOptions, defaults: GenerationDefaults):
+    def __init__(
+        self,
+        pipe,
+        source: ModelSource,
+        options: PipelineOptions,
+        defaults: GenerationDefaults,
+        adapters: AdapterSettings | None = None,
+    ):
         self.pipe = pipe
         self.source = source
         self.options = options
@@ -56,6 +64,8 @@ class ImageEngine:
         self._img2img = None
         self._lock = threading.Lock()
         self._fatal_error: str | None = None
+        self.adapter_settings = adapters or AdapterSettings()
+        self.adapters = LoraMixer(pipe, self.adapter_settings.catalog(), self.adapter_settings.max_loaded)
         self.calls_by_batch_size: Counter[int] = Counter()
         self._scheduler_templates: dict[str, object] = {}
         # Jobs are checked on the caller's thread while the engine thread encodes prompts: a fast tokenizer
@@ -71,15 +81,21 @@ class ImageEngine:
 
     @classmethod
     def load(
-        cls, model: str, options: PipelineOptions | None = None, defaults: GenerationDefaults | None = None
+        cls,
+        model: str,
+        options: PipelineOptions | None = None,
+        defaults: GenerationDefaults | None = None,
+        adapters: AdapterSettings | None = None,
     ) -> ImageEngine:
-        """Load `model` (a model source string); `defaults` overrides what jobs get when they leave a parameter out."""
+        """Load `model` (a model source string); `defaults` overrides what jobs get when they leave a parameter
+        out; `adapters`: the LoRA adapters jobs may name."""
         options = options or PipelineOptions()
         source = ModelSource.parse(model)
         started = time.perf_counter()
         pipe = load_pipeline(source, options)
         logger.info("loaded %s on %s in %.1fs", source, pipe.device, time.perf_counter() - started)
-        return cls(pipe, source, options, (defaults or GenerationDefaults()).over(model_defaults(pipe, source)))
+        defaults = (defaults or GenerationDefaults()).over(model_defaults(pipe, source))
+        return cls(pipe, source, options, defaults, adapters)
 
     @property
     def img2img(self):
@@ -115,7 +131,11 @@ class ImageEngine:
 
     def groups(self, jobs: list[GenerationJob]) -> list[list[int]]:
         """Indices of prepared `jobs` grouped so that each group can share one pipeline call."""
-        return group_by_call_key(jobs, split_empty_negative=self._empty_negative_is_special)
+        return group_by_call_key(
+            jobs,
+            split_empty_negative=self._empty_negative_is_special,
+            split_adapters=self.adapter_settings.batching == "grouped",
+        )
 
     def run_prepared(
         self, members: list[tuple[GenerationJob, list[str]]], on_step: StepCallback | None = None
@@ -167,6 +187,10 @@ class ImageEngine:
                 "denoising step; raise one of them",
                 "strength",
             )
+        unknown = sorted({lora.name for lora in params.loras} - set(self.adapters.catalog.names()))
+        if unknown:
+            available = ", ".join(self.adapters.catalog.names()) or "none"
+            raise InvalidJobError(f"unknown LoRA adapter {', '.join(unknown)}; available: {available}", "loras")
         warnings = []
         for name, text in (("prompt", params.prompt), ("negative_prompt", params.negative_prompt)):
             with self._counting_lock:
@@ -212,6 +236,7 @@ class ImageEngine:
             "max_prompt_tokens": self.max_prompt_tokens,
             "schedulers": list(SCHEDULER_NAMES),
             "default_scheduler": type(self.model_scheduler).__name__,
+            "loras": self.adapters.describe(),
         }
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
@@ -236,7 +261,7 @@ class ImageEngine:
         with self._lock:
             pipe.scheduler = self._fresh_scheduler(first.params.scheduler)
             started = time.perf_counter()
-            with torch.inference_mode():
+            with torch.inference_mode(), self.adapters.applied([job.params.adapter_key for job in jobs]):
                 output = pipe(**kwargs)
             seconds = time.perf_counter() - started
             self.calls_by_batch_size[len(jobs)] += 1

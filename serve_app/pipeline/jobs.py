@@ -60,13 +60,14 @@ class ImageResult:
         return self.params.seed
 
 
-def call_key(job: GenerationJob, split_empty_negative: bool = False) -> Hashable:
+def call_key(job: GenerationJob, split_empty_negative: bool = False, split_adapters: bool = False) -> Hashable:
     """Jobs with equal keys can share one whole-pipeline call (the request-level engine).
 
     Everything that is a scalar argument of the diffusers call is in the key;
     prompt, negative prompt and seed are per image and stay out of it.
     `split_empty_negative`: keep empty and non-empty negative prompts apart, for
     models (SDXL) that encode an empty one as zeros instead of through the text encoders.
+    LoRA adapters apply per image (`adapters.LoraMixer`); `split_adapters` keeps adapter sets apart anyway.
     `job` must already have its defaults filled in.
     """
     p = job.params
@@ -79,12 +80,15 @@ def call_key(job: GenerationJob, split_empty_negative: bool = False) -> Hashable
         p.scheduler,
         p.strength,
         split_empty_negative and not p.negative_prompt,
+        p.adapter_key if split_adapters else (),
     )
 
 
-def group_by_call_key(jobs: list[GenerationJob], split_empty_negative: bool = False) -> list[list[int]]:
+def group_by_call_key(
+    jobs: list[GenerationJob], split_empty_negative: bool = False, split_adapters: bool = False
+) -> list[list[int]]:
     """Indices of `jobs` grouped by `call_key`, groups in order of first arrival."""
     groups: dict[Hashable, list[int]] = {}
     for index, job in enumerate(jobs):
-        groups.setdefault(call_key(job, split_empty_negative), []).append(index)
+        groups.setdefault(call_key(job, split_empty_negative, split_adapters), []).append(index)
     return list(groups.values())

@@ -12,9 +12,10 @@ Torch-free: the ingress validates requests with these on CPU-only nodes.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .schedulers import SCHEDULER_NAMES
 
@@ -29,6 +30,25 @@ Seed = Annotated[int, Field(ge=0, le=SEED_MAX, description="the seed that reprod
 Strength = Annotated[float, Field(gt=0, le=1, description="how far to move from the init image (1 = ignore it)")]
 ImageCount = Annotated[int, Field(ge=1, le=64, description="images of this prompt, image i with seed + i")]
 SchedulerName = Literal[SCHEDULER_NAMES]  # type: ignore[valid-type]
+ModelId = Annotated[
+    str,
+    Field(
+        min_length=1, max_length=200, description="which of the deployment's models (GET /models); unset: its default"
+    ),
+]
+AdapterName = Annotated[
+    str, Field(min_length=1, max_length=200, pattern=r"^[\w.+-]+$", description="a LoRA adapter (GET /loras)")
+]
+LORA_SCALE_MAX = 10.0
+
+
+class LoraWeight(BaseModel):
+    """One LoRA adapter applied to an image, at `scale` (0: not at all, 1: as trained)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: AdapterName
+    scale: float = Field(1.0, ge=-LORA_SCALE_MAX, le=LORA_SCALE_MAX, description="strength of the adapter")
 
 
 class GenerationDefaults(BaseModel):
@@ -61,6 +81,24 @@ class ImageParams(BaseModel):
     scheduler: SchedulerName = "default"
     seed: Seed | None = None
     strength: Strength | None = Field(None, description="image-to-image only")
+    model: ModelId | None = None
+    loras: tuple[LoraWeight, ...] = Field(
+        (), max_length=16, description="LoRA adapters to apply, each with its scale; an adapter may appear once"
+    )
+
+    @field_validator("loras")
+    @classmethod
+    def _each_adapter_once(cls, loras: tuple[LoraWeight, ...]) -> tuple[LoraWeight, ...]:
+        names = [lora.name for lora in loras]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"adapter {', '.join(repeated)} named more than once; give each adapter one scale")
+        return loras
+
+    @property
+    def adapter_key(self) -> tuple[tuple[str, float], ...]:
+        """The adapters as a hashable, order-free key (scale-0 adapters change nothing and are left out)."""
+        return tuple(sorted((lora.name, float(lora.scale)) for lora in self.loras if lora.scale != 0))
 
     def with_defaults(self, defaults: GenerationDefaults, init_size: tuple[int, int] | None = None) -> ImageParams:
         """Every parameter set: from this record, else `defaults`. `init_size` (width, height) of an init
@@ -79,3 +117,16 @@ class ImageParams(BaseModel):
 
 def _first_set(value, default):
     return default if value is None else value
+
+
+_LORA_TAG = re.compile(r"<lora:([^:<>]+)(?::([^:<>]*))?>")
+
+
+def split_lora_tags(prompt: str) -> tuple[str, list[tuple[str, str | None]]]:
+    """AUTOMATIC1111's `<lora:name:scale>` tags out of a prompt: the text the model reads (tags removed,
+    spaces tidied) and each tag's (name, scale text or None)."""
+    tags = [(m.group(1).strip(), m.group(2)) for m in _LORA_TAG.finditer(prompt)]
+    if not tags:
+        return prompt, []
+    text = " ".join(_LORA_TAG.sub(" ", prompt).split())
+    return re.sub(r"\s+([,.;:])", r"\1", text).strip(" ,"), tags

@@ -40,6 +40,7 @@ caller's policy; this module is the mechanics. No Ray, no HTTP.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import io
@@ -101,6 +102,8 @@ class DenoisingState:
         self.uncond_time_ids = conditioning.uncond_time_ids
         self.timestep_cond = conditioning.timestep_cond  # guidance embedding for UNets distilled with one (LCM)
         self.error: GenerationError | None = None
+        # Its LoRA adapters when images group by adapter set (`StepPipeline(group_by_adapters=True)`); else ().
+        self.adapter_group: tuple = ()
         self._cohort: _Cohort | None = None
         self._row = 0
 
@@ -155,7 +158,7 @@ class DenoisingState:
     def shape_key(self) -> tuple:
         """Only states with equal keys may share a UNet call."""
         latents = self._cohort.latents
-        return (*latents.shape[1:], latents.dtype, latents.device)
+        return (*latents.shape[1:], latents.dtype, latents.device, self.adapter_group)
 
     @property
     def finished(self) -> bool:
@@ -247,7 +250,7 @@ class StepPipeline:
     Not thread-safe (neither is the pipeline): call from one thread at a time.
     """
 
-    def __init__(self, pipe, model_scheduler=None, img2img_pipe=None):
+    def __init__(self, pipe, model_scheduler=None, img2img_pipe=None, adapters=None, group_by_adapters=False):
         reason = self.unsupported_reason(pipe)
         if reason:
             raise ValueError(f"{type(pipe).__name__} cannot be stepped: {reason}")
@@ -255,6 +258,10 @@ class StepPipeline:
         # The scheduler the model shipped with: every sampler is built from its config.
         self.model_scheduler = model_scheduler if model_scheduler is not None else pipe.scheduler
         self._img2img = img2img_pipe
+        # LoRA adapters, applied per row (adapters.LoraMixer); group_by_adapters: only images with the
+        # same adapters and scales share a UNet call (to measure what mixing them saves).
+        self.adapters = adapters if adapters is not None else _NoAdapters()
+        self.group_by_adapters = group_by_adapters
         self.is_sdxl = type(pipe).__name__ == "StableDiffusionXLPipeline"
         self.device = pipe._execution_device
         # diffusers' do_classifier_free_guidance is False for UNets distilled with a guidance
@@ -316,6 +323,7 @@ class StepPipeline:
         for index, job in enumerate(jobs):
             try:
                 self.check_inputs(job)
+                self.adapters.load({name for name, _ in job.params.adapter_key})
                 valid.append(index)
             except GenerationError as exc:
                 results[index] = exc
@@ -390,19 +398,22 @@ class StepPipeline:
         negatives = [job.params.negative_prompt for job in jobs]
         # All-empty negatives go as None, as the request-level engine passes them (SDXL then uses zeros).
         negative_prompt = negatives if any(negatives) else None
+        adapters = self.adapters.applied([job.params.adapter_key for job in jobs])
         if self.is_sdxl:
-            cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
-                prompt=prompts,
-                device=self.device,
-                num_images_per_prompt=1,
-                do_classifier_free_guidance=do_cfg,
-                negative_prompt=negative_prompt,
-            )
+            with adapters:
+                cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
+                    prompt=prompts,
+                    device=self.device,
+                    num_images_per_prompt=1,
+                    do_classifier_free_guidance=do_cfg,
+                    negative_prompt=negative_prompt,
+                )
             # Mixed empty and non-empty negatives went through the text encoders together; an empty
             # one alone would have been zeros (force_zeros_for_empty_prompt): give it zeros.
             zero_empty = negative_prompt is not None and bool(pipe.config.force_zeros_for_empty_prompt)
         else:
-            cond, uncond = pipe.encode_prompt(prompts, self.device, 1, do_cfg, negative_prompt)
+            with adapters:
+                cond, uncond = pipe.encode_prompt(prompts, self.device, 1, do_cfg, negative_prompt)
             pooled = uncond_pooled = None
             zero_empty = False
         encoded = []
@@ -484,6 +495,8 @@ class StepPipeline:
                 results.append(GenerationError(f"image generation failed: {type(exc).__name__}: {exc}"))
                 continue
             state = DenoisingState(job, generator, conditioning)
+            if self.group_by_adapters:
+                state.adapter_group = job.params.adapter_key
             states.append(state)
             latents.append(image_latents)
             results.append(state)
@@ -636,15 +649,17 @@ class StepPipeline:
         else:
             model_input = scaled
         t = torch.tensor(values, dtype=torch.float32, device=self.device)
-        out = self.pipe.unet(
-            model_input,
-            t,
-            encoder_hidden_states=rows["encoder_hidden_states"],
-            timestep_cond=rows["timestep_cond"],
-            cross_attention_kwargs=None,
-            added_cond_kwargs=rows["added_cond_kwargs"],
-            return_dict=False,
-        )[0]
+        adapters = [state.job.params.adapter_key for state in ordered]
+        with self.adapters.applied(adapters, row_jobs=rows["guided_positions"] + list(range(len(ordered)))):
+            out = self.pipe.unet(
+                model_input,
+                t,
+                encoder_hidden_states=rows["encoder_hidden_states"],
+                timestep_cond=rows["timestep_cond"],
+                cross_attention_kwargs=None,
+                added_cond_kwargs=rows["added_cond_kwargs"],
+                return_dict=False,
+            )[0]
         k = rows["guided_count"]
         uncond_out, cond_out = out[:k], out[k:]
         groups = rows["guidance_groups"]
@@ -887,3 +902,14 @@ def _step_parameters(scheduler_class: type) -> frozenset[str]:
     if scheduler_class not in _STEP_PARAMETERS:
         _STEP_PARAMETERS[scheduler_class] = frozenset(inspect.signature(scheduler_class.step).parameters)
     return _STEP_PARAMETERS[scheduler_class]
+
+
+class _NoAdapters:
+    """A pipeline served without LoRA adapters: a request naming one fails at admission."""
+
+    def load(self, names) -> None:
+        if names:
+            raise InvalidJobError("this model serves no LoRA adapters", "loras")
+
+    def applied(self, per_job, row_jobs=None):
+        return contextlib.nullcontext()

@@ -34,6 +34,7 @@ def test_every_parameter_of_generate_is_a_column_and_nulls_mean_not_given():
         "num_images": 2,
         "output_format": "webp",
         "quality": 70,
+        "loras": ({"name": "ink", "scale": 0.5},),
     }
     checked = check_row(0, {**fields, "strength": None}, LIMITS, base_seed=0)
     assert checked.error is None

@@ -2,8 +2,10 @@
 
 Supported: prompt, negative_prompt, steps, cfg_scale, width, height, seed (-1 = random),
 batch_size, n_iter, sampler_name (+ scheduler "Karras"), denoising_strength, init_images.
-Anything else A1111 accepts (hires fix, face restoration, scripts, override_settings) is
-ignored, except `mask`, which is refused: silently ignoring a mask would return the wrong picture.
+`override_settings.sd_model_checkpoint` picks the model (GET /sdapi/v1/sd-models) and
+`<lora:name:scale>` in the prompt applies an adapter (GET /sdapi/v1/loras). Anything else A1111
+accepts (hires fix, face restoration, scripts, other override_settings) is ignored, except `mask`,
+which is refused: silently ignoring a mask would return the wrong picture.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ FIELD_NAMES = {
     "num_images": "batch_size",
     "scheduler": "sampler_name",
     "strength": "denoising_strength",
+    "model": "override_settings.sd_model_checkpoint",
 }
 
 
@@ -46,6 +49,9 @@ class A1111Txt2ImgRequest(BaseModel):
     sampler_name: str | None = Field(None, description="e.g. 'Euler a', 'DPM++ 2M'; our names work too")
     sampler_index: str | None = Field(None, description="older alias of sampler_name")
     scheduler: str | None = Field(None, description="'Karras' selects Karras sigmas where the sampler has them")
+    override_settings: dict[str, Any] = Field(
+        default_factory=dict, description="sd_model_checkpoint: the model (title or name from /sdapi/v1/sd-models)"
+    )
 
     @property
     def num_images(self) -> int:
@@ -62,7 +68,17 @@ class A1111Txt2ImgRequest(BaseModel):
             seed=None if self.seed == -1 else self.seed,
             scheduler=self._scheduler(),
             strength=strength,
+            model=self._model(),
         )
+
+    def _model(self) -> str | None:
+        checkpoint = self.override_settings.get("sd_model_checkpoint")
+        if checkpoint is None:
+            return None
+        if not isinstance(checkpoint, str) or not checkpoint:
+            raise ApiError.invalid("override_settings.sd_model_checkpoint", "must be a model's name")
+        # A1111 titles read "name [hash]"; ours have no hash, but clients echo the title back.
+        return checkpoint.split(" [", 1)[0].strip()
 
     def _scheduler(self) -> str:
         sampler = self.sampler_name or self.sampler_index

@@ -21,7 +21,14 @@ router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 compatible"])
 
 @router.post("/txt2img", response_model=A1111GenerationResult, summary="AUTOMATIC1111: text to image")
 async def txt2img(body: A1111Txt2ImgRequest, request: Request, service: Service):
-    jobs = build_jobs(body.image_params(), body.num_images, service.limits, request_id_of(request), names=FIELD_NAMES)
+    jobs = build_jobs(
+        body.image_params(),
+        body.num_images,
+        service.limits,
+        request_id_of(request),
+        models=service.models,
+        names=FIELD_NAMES,
+    )
     return await _result(await service.generate(jobs), body, service.model)
 
 
@@ -32,7 +39,13 @@ async def img2img(body: A1111Img2ImgRequest, request: Request, service: Service)
         decode_init_image, body.init_images[0], service.limits, params.width, params.height, "init_images.0"
     )
     jobs = build_jobs(
-        params, body.num_images, service.limits, request_id_of(request), init_image=init_image, names=FIELD_NAMES
+        params,
+        body.num_images,
+        service.limits,
+        request_id_of(request),
+        models=service.models,
+        init_image=init_image,
+        names=FIELD_NAMES,
     )
     return await _result(await service.generate(jobs), body, service.model)
 
@@ -80,10 +93,20 @@ async def samplers():
     return [{"name": spec.a1111_name, "aliases": [name], "options": {}} for name, spec in SCHEDULERS.items()]
 
 
-@router.get("/sd-models", summary="AUTOMATIC1111: the served model")
+@router.get("/sd-models", summary="AUTOMATIC1111: the served models (override_settings.sd_model_checkpoint)")
 async def sd_models(service: Service):
-    model = service.model
-    return [{"title": model, "model_name": model, "hash": None, "sha256": None, "filename": model, "config": None}]
+    return [
+        {"title": model, "model_name": model, "hash": None, "sha256": None, "filename": model, "config": None}
+        for model in service.models.ids
+    ]
+
+
+@router.get("/loras", summary="AUTOMATIC1111: LoRA adapters (<lora:name:scale> in the prompt)")
+async def loras(service: Service):
+    return [
+        {"name": entry["name"], "alias": entry["name"], "path": entry.get("path"), "metadata": {}}
+        for entry in service.models.adapters.describe()
+    ]
 
 
 @router.get("/options", summary="AUTOMATIC1111: the settings tools read")

@@ -181,13 +181,13 @@ async def submit_job(
     """Check, seed and hand a job to the JobManager, which stores it before answering."""
     if webhook is not None:
         _check_webhook(webhook, service.settings.jobs.webhook_hosts)
-    jobs = build_jobs(params, num_images, service.limits, request_id_of(request))
+    jobs = build_jobs(params, num_images, service.limits, request_id_of(request), models=service.models)
     record = JobRecord(
         id=new_job_id(),
         created_at=time.time(),
         owner=owner(request, service),
         request_id=request_id_of(request),
-        model=service.model,
+        model=jobs[0].params.model,
         kind="txt2img" if init_image is None else "img2img",
         params=jobs[0].params,
         seeds=[job.seed for job in jobs],

@@ -64,7 +64,12 @@ async def _generate(request: Request, service: Service, body: Img2ImgFields | Ge
         return accepted(record)
     accept = request.headers.get("accept", "")
     jobs = build_jobs(
-        body.image_params(), body.num_images, service.limits, request_id_of(request), init_image=init_image
+        body.image_params(),
+        body.num_images,
+        service.limits,
+        request_id_of(request),
+        models=service.models,
+        init_image=init_image,
     )
     if "text/event-stream" in accept:
         return event_stream(_events(service, jobs, body, request_id_of(request)))
@@ -133,6 +138,7 @@ async def generate_batch(body: MultiPromptRequest, request: Request, service: Se
             service.limits,
             request_id,
             names={f: f"{body.list_field}.{i}.{f}" for f in type(entry).model_fields},
+            models=service.models,
         )
         for i, entry in enumerate(entries)
     ]
@@ -219,14 +225,16 @@ def image_headers(image: ImageResult) -> dict[str, str]:
         "X-Seed": str(image.seed),
         "X-Batch-Size": str(image.batch_size),
         "X-Generation-Time-S": f"{image.generation_time_s:.4f}",
+        "X-Model": image.params.model or "",
+        "X-Generator-Replica": image.replica,  # which replica made it: routing by model, seen from outside
     }
 
 
 def metadata(images: list[ImageResult], model: str, request_id: str) -> GenerationMetadata:
     return GenerationMetadata(
-        **images[0].params.model_dump(),
+        **images[0].params.model_dump(exclude={"model"}),
         seeds=[i.seed for i in images],
-        model=model,
+        model=images[0].params.model or model,
         batch_size=max(i.batch_size for i in images),
         generation_time_s=round(max(i.generation_time_s for i in images), 4),
         request_id=request_id,

@@ -17,6 +17,9 @@ from ...pipeline.params import GuidanceScale, ImageParams, Prompt, SchedulerName
 from ..errors import ApiError
 
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
+# Model names OpenAI's own clients send by default: they get this server's default model.
+_OPENAI_MODELS = ("dall-e-", "gpt-image-")
+
 # Our field names as OpenAI callers know them, for error messages.
 FIELD_NAMES = {"width": "size", "height": "size", "num_images": "n"}
 
@@ -29,7 +32,10 @@ class ImageGenerationRequest(BaseModel):
     )
 
     prompt: Prompt
-    model: str | None = Field(None, description="accepted and ignored: this server serves one model")
+    model: str | None = Field(
+        None,
+        description="one of GET /v1/models; unset, or OpenAI's own names (dall-e-*, gpt-image-*): the default model",
+    )
     n: int = Field(1, ge=1, le=10)
     size: str | None = Field(None, description="'WIDTHxHEIGHT' (multiples of 8) or 'auto' (the model's default)")
     response_format: Literal["b64_json", "url"] | None = Field(None, description="only b64_json is supported")
@@ -61,6 +67,7 @@ class ImageGenerationRequest(BaseModel):
             scheduler=self.scheduler,
             seed=self.seed,
             strength=strength,
+            model=None if self.model is None or self.model.startswith(_OPENAI_MODELS) else self.model,
         )
 
     def _size(self) -> tuple[int | None, int | None]:

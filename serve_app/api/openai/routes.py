@@ -38,7 +38,9 @@ class ImageEditForm(ImageEditFields):
 
 @router.post("/images/generations", response_model=ImagesResponse, summary="OpenAI: create image")
 async def create_image(body: ImageGenerationRequest, request: Request, service: Service):
-    jobs = build_jobs(body.image_params(), body.n, service.limits, request_id_of(request), names=FIELD_NAMES)
+    jobs = build_jobs(
+        body.image_params(), body.n, service.limits, request_id_of(request), models=service.models, names=FIELD_NAMES
+    )
     return await _response(await service.generate(jobs), body, service.model)
 
 
@@ -64,25 +66,33 @@ async def edit_image(
         "image",
         form.image.content_type,
     )
-    jobs = build_jobs(params, form.n, service.limits, request_id_of(request), init_image=init_image, names=FIELD_NAMES)
+    jobs = build_jobs(
+        params,
+        form.n,
+        service.limits,
+        request_id_of(request),
+        models=service.models,
+        init_image=init_image,
+        names=FIELD_NAMES,
+    )
     return await _response(await service.generate(jobs), form, service.model)
 
 
 @router.get("/models", response_model=ModelList, summary="OpenAI: list models")
 async def list_models(service: Service):
-    return ModelList(data=[ModelObject(id=service.model, created=service.started_at)])
+    return ModelList(data=[ModelObject(id=model, created=service.started_at) for model in service.models.ids])
 
 
 @router.get("/models/{model_id:path}", response_model=ModelObject, summary="OpenAI: retrieve model")
 async def get_model(model_id: str, service: Service):
-    if model_id != service.model:
+    if model_id not in service.models.ids:
         raise ApiError(
             404,
             "model_not_found",
-            f"the model '{model_id}' does not exist; this server serves '{service.model}'",
+            f"the model '{model_id}' does not exist; available: {', '.join(service.models.ids)}",
             "model",
         )
-    return ModelObject(id=service.model, created=service.started_at)
+    return ModelObject(id=model_id, created=service.started_at)
 
 
 async def _response(images: list[ImageResult], body: ImageGenerationRequest, model: str) -> ImagesResponse:

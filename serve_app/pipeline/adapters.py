@@ -1,0 +1,269 @@
+"""LoRA adapters: where they come from (`AdapterCatalog`) and how they apply per image (`LoraMixer`).
+
+An adapter is a `.safetensors` file that diffusers' `load_lora_weights` reads (diffusers/PEFT or
+kohya format), named by its file stem, from a configured directory; or, for tests and the
+offline demo, a synthetic adapter: random low-rank weights for a synthetic model, written once as
+a real adapter file and loaded like any other.
+
+`LoraMixer` loads adapters into one pipeline once (least recently used out past a cap) and
+applies them **per row of a model call**: every adapter any row needs is active, and a forward
+hook on each adapter's down-projection (`lora_A`) multiplies its output by that row's scale for
+that adapter (0 where the row does not use it). LoRA's up-projection is linear without bias, so
+this is exactly the adapter at that scale for that row, and nothing for the others: images with
+different adapter sets and scales share one UNet call, and a row without adapters gets the base
+model's output unchanged.
+
+Torch-free at import: the ingress lists the catalog on CPU-only nodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import InvalidJobError
+from .params import AdapterName
+
+logger = logging.getLogger(__name__)
+
+AdapterKey = tuple[tuple[str, float], ...]  # ImageParams.adapter_key: (name, scale) pairs, sorted
+
+
+class SyntheticAdapter(BaseModel):
+    """Random low-rank weights for a synthetic model's UNet, written as a real adapter file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: AdapterName
+    preset: str = Field("tiny", description="the synthetic preset (architecture) the adapter fits")
+    rank: int = Field(4, ge=1, le=128)
+    seed: int = Field(0, ge=0, description="weights drawn from this seed: the same adapter in every process")
+
+
+class AdapterSettings(BaseModel):
+    """`args.loras` of a Serve config: where adapters come from and how they batch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    directory: str | None = Field(
+        None, description="*.safetensors LoRA files (diffusers/PEFT or kohya), named by file stem; every node reads it"
+    )
+    synthetic: list[SyntheticAdapter] = Field(default_factory=list, description="random adapters for synthetic models")
+    max_loaded: int = Field(
+        16, ge=1, description="adapters kept loaded per model on a replica (least recently used out)"
+    )
+    batching: Literal["mixed", "grouped"] = Field(
+        "mixed",
+        description="mixed: images with different adapters and scales share one UNet call; "
+        "grouped: only images with the same adapters and scales do",
+    )
+
+    def catalog(self) -> AdapterCatalog:
+        return AdapterCatalog(self.directory, self.synthetic)
+
+
+class AdapterCatalog:
+    """The adapters a deployment offers: `*.safetensors` in `directory` (name = file stem) and synthetic ones."""
+
+    def __init__(self, directory: str | None = None, synthetic: list[SyntheticAdapter] | tuple = ()):
+        self.directory = Path(directory).expanduser() if directory else None
+        self.synthetic = {adapter.name: adapter for adapter in synthetic}
+
+    def _files(self) -> dict[str, Path]:
+        if self.directory is None or not self.directory.is_dir():
+            return {}
+        return {path.stem: path for path in sorted(self.directory.glob("*.safetensors"))}
+
+    def names(self) -> list[str]:
+        return sorted({*self._files(), *self.synthetic})
+
+    def describe(self) -> list[dict]:
+        files = self._files()
+        listed = [{"name": name, "source": "file", "path": str(path)} for name, path in files.items()]
+        listed += [
+            {"name": a.name, "source": "synthetic", "preset": a.preset, "rank": a.rank, "seed": a.seed}
+            for a in self.synthetic.values()
+            if a.name not in files
+        ]
+        return sorted(listed, key=lambda entry: entry["name"])
+
+    def path(self, name: str) -> Path:
+        """The adapter's file, written first for a synthetic adapter. A file in the directory wins."""
+        found = self._files().get(name)
+        if found is not None:
+            return found
+        if name in self.synthetic:
+            return write_synthetic_adapter(self.synthetic[name])
+        raise InvalidJobError(f"unknown LoRA adapter {name!r}; available: {', '.join(self.names()) or 'none'}", "loras")
+
+
+def write_synthetic_adapter(adapter: SyntheticAdapter, directory: str | Path | None = None) -> Path:
+    """Write (once; later calls find the file) the adapter as diffusers' LoRA format and return its path."""
+    folder = Path(directory) if directory else Path(tempfile.gettempdir()) / "sd-serve-adapters"
+    path = folder / f"{adapter.name}-{adapter.preset}-r{adapter.rank}-s{adapter.seed}.safetensors"
+    if path.is_file():
+        return path
+    import diffusers
+    import torch
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from .synthetic import load_preset
+
+    spec = load_preset(adapter.preset)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(adapter.seed)
+        unet = diffusers.UNet2DConditionModel(**spec["unet"])
+        unet.add_adapter(
+            LoraConfig(
+                r=adapter.rank,
+                lora_alpha=adapter.rank,
+                target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                init_lora_weights=False,  # random down AND up projections: the adapter changes images
+            )
+        )
+    layers = get_peft_model_state_dict(unet)
+    folder.mkdir(parents=True, exist_ok=True)
+    # Written beside and renamed: replicas that write the same adapter at once never read half a file.
+    with tempfile.TemporaryDirectory(dir=folder) as scratch:
+        getattr(diffusers, spec["pipeline"]).save_lora_weights(
+            scratch, unet_lora_layers=layers, weight_name="a.safetensors"
+        )
+        os.replace(Path(scratch) / "a.safetensors", path)
+    return path
+
+
+class LoraMixer:
+    """The adapters loaded into one pipeline, applied per row. Call from the engine's thread only."""
+
+    def __init__(self, pipe, catalog: AdapterCatalog, max_loaded: int = 16):
+        self.pipe = pipe
+        self.catalog = catalog
+        self.max_loaded = max_loaded
+        self.loaded: OrderedDict[str, float] = OrderedDict()  # name -> seconds its load took; LRU first
+        self.loads = 0
+        self.evictions = 0
+        self._active: tuple[str, ...] = ()  # adapters active on the pipeline's LoRA layers
+        self._scales: dict[str, object] = {}  # adapter -> per-row scale tensor during a call
+        self._row_jobs = None  # which job each row of the next calls belongs to (None: rows are jobs, repeated)
+        self._hooked: weakref.WeakSet = weakref.WeakSet()
+
+    def describe(self) -> dict:
+        return {"loaded": list(self.loaded), "loads": self.loads, "evictions": self.evictions}
+
+    def load(self, names: list[str] | set[str]) -> None:
+        """Make sure these adapters are loaded (InvalidJobError, field `loras`, if one is unknown or does
+        not fit this model). Past the cap, the least recently used adapters not named here go."""
+        for name in sorted(names):
+            if name in self.loaded:
+                self.loaded.move_to_end(name)
+                continue
+            path = self.catalog.path(name)
+            while len(self.loaded) >= self.max_loaded:
+                victim = next((n for n in self.loaded if n not in names), None)
+                if victim is None:
+                    break  # every loaded adapter is wanted right now: go above the cap for this call
+                self._unload(victim)
+            started = time.perf_counter()
+            try:
+                # Inference mode throughout: adapter weights made in it can only be switched in it.
+                with _inference_mode():
+                    self.pipe.load_lora_weights(str(path), adapter_name=name)
+            except Exception as exc:  # noqa: BLE001 - any failure means this adapter cannot serve here
+                self._forget(name)
+                raise InvalidJobError(f"LoRA adapter {name!r} cannot be applied to this model: {exc}", "loras") from exc
+            self.loaded[name] = time.perf_counter() - started
+            self.loads += 1
+            self._active = None  # loading changes which adapters the layers hold active
+            self._hook_new_layers()
+            logger.info("loaded LoRA adapter %s in %.2fs", name, self.loaded[name])
+
+    def _unload(self, name: str) -> None:
+        self.loaded.pop(name, None)
+        self._forget(name)
+        self.evictions += 1
+        self._active = None
+
+    def _forget(self, name: str) -> None:
+        try:
+            with _inference_mode():
+                self.pipe.delete_adapters(name)
+        except Exception:  # noqa: BLE001 - a half-loaded adapter may not be registered at all
+            logger.debug("deleting adapter %s failed", name, exc_info=True)
+
+    def _hook_new_layers(self) -> None:
+        from peft.tuners.lora import LoraLayer
+
+        for component in self._components():
+            for module in component.modules():
+                if not isinstance(module, LoraLayer):
+                    continue
+                for name, down in module.lora_A.items():
+                    if down not in self._hooked:
+                        down.register_forward_hook(partial(self._scale_rows, name))
+                        self._hooked.add(down)
+
+    def _components(self) -> list:
+        return [c for c in (getattr(self.pipe, n, None) for n in ("unet", "text_encoder", "text_encoder_2")) if c]
+
+    def _scale_rows(self, name: str, module, inputs, output):
+        scales = self._scales.get(name)
+        if scales is None:
+            return output * 0  # an adapter no row of this call asked for adds nothing
+        rows = output.shape[0]
+        if self._row_jobs is not None and len(self._row_jobs) == rows:
+            scales = scales[self._row_jobs]
+        elif rows != len(scales):
+            if rows % len(scales):
+                raise RuntimeError(f"a LoRA layer saw {rows} rows for {len(scales)} images")
+            scales = scales.repeat(rows // len(scales))  # guidance: unconditional rows, then conditional
+        return output * scales.view(-1, *([1] * (output.dim() - 1))).to(output.dtype)
+
+    @contextmanager
+    def applied(self, per_job: list[AdapterKey], row_jobs: list[int] | None = None) -> Iterator[None]:
+        """Model calls inside run job i's adapters at its scales on job i's rows. `row_jobs`: the job of
+        each row when rows are not the jobs (or the jobs repeated, as classifier-free guidance lays them)."""
+        import torch
+
+        wanted = sorted({name for key in per_job for name, _ in key})
+        if not wanted:
+            if self._active != ():
+                if self.loaded:
+                    with _inference_mode():
+                        self.pipe.disable_lora()
+                self._active = ()
+            yield
+            return
+        self.load(wanted)
+        if self._active != tuple(wanted):
+            with _inference_mode():
+                self.pipe.enable_lora()
+                self.pipe.set_adapters(wanted, [1.0] * len(wanted))  # the scale comes per row, from the hooks
+            self._active = tuple(wanted)
+        device = self.pipe.unet.device
+        self._scales = {
+            name: torch.tensor([dict(key).get(name, 0.0) for key in per_job], dtype=torch.float32, device=device)
+            for name in wanted
+        }
+        self._row_jobs = None if row_jobs is None else torch.tensor(row_jobs, device=device)
+        try:
+            yield
+        finally:
+            self._scales, self._row_jobs = {}, None
+
+
+def _inference_mode():
+    import torch
+
+    return torch.inference_mode()
