@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
 
 import httpx
 import numpy as np
@@ -43,3 +44,35 @@ def burst(url: str, requests: list[tuple[str, dict]], timeout: float = 120) -> l
 
     with httpx.Client(base_url=url, timeout=timeout) as http, ThreadPoolExecutor(len(requests)) as pool:
         return list(pool.map(lambda item: http.post(item[0], json=item[1]), requests))
+
+
+# -- the engine loop, in-process ------------------------------------------------------------
+
+
+class Collector:
+    """on_done for `EngineLoop.submit_all`: every job's result by index; `all_done` once all came."""
+
+    def __init__(self, expected: int):
+        self.results: dict[int, object] = {}
+        self.expected = expected
+        self.all_done = threading.Event()
+
+    def __call__(self, index, result):
+        self.results[index] = result
+        if len(self.results) == self.expected:
+            self.all_done.set()
+
+
+def run_through_loop(engine, kind: str, jobs: list, limits=None):
+    """Every job's result through a real engine loop of `kind` ("step" or "request"), and its counters."""
+    from serve_app.pipeline.batching import BatchingLimits, EngineLoop, LoopCounters, make_batcher
+
+    counters = LoopCounters()
+    loop = EngineLoop(make_batcher(engine, kind, limits or BatchingLimits(), counters), engine.prepare)
+    try:
+        done = Collector(len(jobs))
+        loop.submit_all(jobs, done)
+        assert done.all_done.wait(120)
+        return [done.results[i] for i in range(len(jobs))], counters
+    finally:
+        loop.stop()

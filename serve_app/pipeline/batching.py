@@ -392,9 +392,15 @@ class StepBatcher(Batcher):
         self.engine = engine
         self.stepper = stepper
         self._out_of_memory = torch.OutOfMemoryError
-        # Active images by output size (one latent shape per size for a given model), in admission order.
-        self._active: dict[tuple[int, int], list[tuple[Ticket, object]]] = {}
-        self._last_size: tuple[int, int] | None = None
+        # Active images by output size (one latent shape per size for a given model), in admission order;
+        # by size and LoRA adapter set when the stepper keeps adapter sets apart.
+        self._active: dict[tuple, list[tuple[Ticket, object]]] = {}
+        self._last_size: tuple | None = None
+
+    def _group_of(self, job: GenerationJob) -> tuple:
+        if getattr(self.stepper, "group_by_adapters", False):
+            return (*_size(job), job.params.adapter_key)
+        return _size(job)
 
     @property
     def active(self) -> int:
@@ -435,7 +441,7 @@ class StepBatcher(Batcher):
         taken: list[Ticket] = []
         per_size = {size: len(group) for size, group in self._active.items()}
         for ticket in self._admission_order():
-            size = _size(ticket.job)
+            size = self._group_of(ticket.job)
             if len(taken) < room and per_size.get(size, 0) < self.limits.max_batch_size:
                 taken.append(ticket)
                 per_size[size] = per_size.get(size, 0) + 1
@@ -454,7 +460,7 @@ class StepBatcher(Batcher):
                 continue
             self.counters.admitted += 1
             self.counters.admitted_mid_flight += in_flight
-            self._active.setdefault(_size(ticket.job), []).append((ticket, state))
+            self._active.setdefault(self._group_of(ticket.job), []).append((ticket, state))
             ticket.progress(0, state.total_steps)
 
     def _admission_order(self) -> list[Ticket]:

@@ -9,6 +9,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from helpers import Collector, run_through_loop
 
 from serve_app.pipeline.batching import (
     BatchingLimits,
@@ -217,18 +218,6 @@ def test_out_of_memory_steps_the_group_in_halves_and_fails_only_what_cannot_fit(
 # -- the loop's thread ----------------------------------------------------------------------------
 
 
-class Collector:
-    def __init__(self, expected: int):
-        self.results: dict[int, ImageResult | Exception] = {}
-        self.expected = expected
-        self.all_done = threading.Event()
-
-    def __call__(self, index, result):
-        self.results[index] = result
-        if len(self.results) == self.expected:
-            self.all_done.set()
-
-
 def test_the_loop_thread_runs_jobs_submitted_from_elsewhere_and_a_failing_model_call_fails_only_its_images():
     class BuggyStepper(FakeStepper):
         def step(self, states):
@@ -358,18 +347,6 @@ def engine():
     from serve_app.pipeline.loading import PipelineOptions
 
     return ImageEngine.load("synthetic:tiny", PipelineOptions(device="cpu", torch_threads=1))
-
-
-def run_through_loop(engine, kind: str, jobs: list[GenerationJob], limits: BatchingLimits | None = None):
-    counters = LoopCounters()
-    loop = EngineLoop(make_batcher(engine, kind, limits or BatchingLimits(), counters), engine.prepare)
-    try:
-        done = Collector(len(jobs))
-        loop.submit_all(jobs, done)
-        assert done.all_done.wait(120)
-        return [done.results[i] for i in range(len(jobs))], counters
-    finally:
-        loop.stop()
 
 
 def test_both_engines_make_the_plain_pipelines_images_from_one_mixed_burst(engine):

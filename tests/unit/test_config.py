@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -120,3 +121,35 @@ def test_config_check_refuses_limits_that_cannot_fire_or_fire_in_the_wrong_order
     assert "max_concurrent_requests (300) must be below the Ingress's max_ongoing_requests (256)" in problems
     assert "ImageGenerator: set max_queued_requests" in problems
     assert "Ingress: set max_queued_requests" not in problems
+
+
+# -- several models ------------------------------------------------------------------------------
+
+TWO_MODELS = [{"id": "a", "model": "synthetic:tiny"}, {"id": "b", "model": "synthetic:tiny", "pipeline": {"seed": 1}}]
+
+
+def test_each_model_takes_the_shared_options_with_its_own_on_top_and_the_default_comes_first():
+    args = AppArgs.model_validate(
+        {"models": TWO_MODELS, "default_model": "b", "pipeline": {"device": "cpu"}, "defaults": {"guidance_scale": 2}}
+    )
+    served = args.served_models()
+    assert [m.id for m in served] == ["b", "a"] and args.default_model_id == "b"
+    assert [(m.pipeline.device, m.pipeline.seed) for m in served] == [("cpu", 1), ("cpu", 0)]
+    assert all(m.defaults.guidance_scale == 2 for m in served)
+    # One model: its id is its source, as before.
+    assert [m.id for m in AppArgs().served_models()] == ["synthetic:tiny"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"model": "synthetic:tiny", "models": TWO_MODELS}, "either `model`"),
+        ({"models": [*TWO_MODELS, TWO_MODELS[0]]}, "id a appears more than once"),
+        ({"models": TWO_MODELS, "default_model": "c"}, "default_model 'c' is not among"),
+        ({"models": [{"id": "a", "model": "synthetic:tiny", "pipeline": {"devcie": "cpu"}}]}, "models[a].pipeline"),
+        ({"models": [{"id": "a b", "model": "synthetic:tiny"}]}, "models.0.id"),
+    ],
+)
+def test_incoherent_models_are_refused_naming_what_to_fix(args, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_app(args)
