@@ -246,15 +246,18 @@ class LoraMixer:
             yield
             return
         self.load(wanted)
-        if self._active != tuple(wanted):
+        if not self._active or not set(wanted) <= set(self._active):
+            # Switching adapters walks every layer (milliseconds): widen the active set, never narrow it
+            # while the adapters stay loaded; rows that do not use an active adapter get scale 0.
+            active = sorted(set(wanted) | (set(self._active or ()) & set(self.loaded)))
             with _inference_mode():
                 self.pipe.enable_lora()
-                self.pipe.set_adapters(wanted, [1.0] * len(wanted))  # the scale comes per row, from the hooks
-            self._active = tuple(wanted)
+                self.pipe.set_adapters(active, [1.0] * len(active))  # the scale comes per row, from the hooks
+            self._active = tuple(active)
         device = self.pipe.unet.device
         self._scales = {
             name: torch.tensor([dict(key).get(name, 0.0) for key in per_job], dtype=torch.float32, device=device)
-            for name in wanted
+            for name in self._active
         }
         self._row_jobs = None if row_jobs is None else torch.tensor(row_jobs, device=device)
         try:
