@@ -81,7 +81,7 @@ def run_scenario(name: str, loops: list, adapters: bool, args) -> dict:
             done = threading.Event()
             outcome = []
             started = time.perf_counter()
-            loop.submit(job, lambda result: (outcome.append(result), done.set()))
+            loop.submit(job, lambda result, outcome=outcome, done=done: (outcome.append(result), done.set()))
             done.wait()
             if isinstance(outcome[0], Exception):
                 failures.append(repr(outcome[0]))
