@@ -147,11 +147,14 @@ class ModelConfig(_Strict):
     defaults: GenerationDefaults = Field(
         default_factory=GenerationDefaults, description="keys of args.defaults to change for this model"
     )
+    refiner: str | None = Field(
+        None, description="a refiner's model source (SDXL's), loaded on first use; requests ask with `refiner`"
+    )
 
-    @field_validator("model")
+    @field_validator("model", "refiner")
     @classmethod
-    def _model_source_readable(cls, value: str) -> str:
-        return _readable_source(value)
+    def _model_source_readable(cls, value: str | None) -> str | None:
+        return value if value is None else _readable_source(value)
 
 
 class ServedModel(_Strict):
@@ -161,6 +164,7 @@ class ServedModel(_Strict):
     source: str
     pipeline: PipelineOptions
     defaults: GenerationDefaults
+    refiner: str | None = None
 
 
 class AppArgs(_Strict):
@@ -171,6 +175,7 @@ class AppArgs(_Strict):
         description="model source (synthetic:<preset>, a Hub repo id, or a directory) when the deployment serves "
         "one model, which requests then name by this same string; several: use `models`",
     )
+    refiner: str | None = Field(None, description="the refiner of `model` (one model); with `models`, per model")
     models: list[ModelConfig] = Field(
         default_factory=list, description="several models, loaded on demand per Generator replica"
     )
@@ -188,10 +193,10 @@ class AppArgs(_Strict):
     cors: CorsConfig = Field(default_factory=CorsConfig)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
 
-    @field_validator("model")
+    @field_validator("model", "refiner")
     @classmethod
-    def _model_source_readable(cls, value: str) -> str:
-        return _readable_source(value)
+    def _model_source_readable(cls, value: str | None) -> str | None:
+        return value if value is None else _readable_source(value)
 
     @model_validator(mode="after")
     def _models_coherent(self) -> AppArgs:
@@ -199,8 +204,8 @@ class AppArgs(_Strict):
             if self.default_model not in (None, self.model):
                 raise ValueError(f"default_model {self.default_model!r} is not the served model {self.model!r}")
             return self
-        if "model" in self.model_fields_set:
-            raise ValueError("give either `model` (one model) or `models` (several), not both")
+        if {"model", "refiner"} & self.model_fields_set:
+            raise ValueError("give either `model` (and `refiner`) for one model or `models` for several, not both")
         ids = [entry.id for entry in self.models]
         repeated = sorted({i for i in ids if ids.count(i) > 1})
         if repeated:
@@ -222,7 +227,7 @@ class AppArgs(_Strict):
 
     def served_models(self) -> list[ServedModel]:
         """Every model with its options resolved (per-model keys over the shared ones); the default first."""
-        entries = self.models or [ModelConfig(id=self.model, model=self.model)]
+        entries = self.models or [ModelConfig(id=self.model, model=self.model, refiner=self.refiner)]
         served = [
             ServedModel(
                 id=entry.id,
@@ -231,6 +236,7 @@ class AppArgs(_Strict):
                     {**self.pipeline.model_dump(exclude_unset=True), **entry.pipeline}
                 ),
                 defaults=entry.defaults.over(self.defaults),
+                refiner=entry.refiner,
             )
             for entry in entries
         ]

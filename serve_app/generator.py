@@ -306,7 +306,7 @@ class ModelRuntime:
 
         started = time.perf_counter()
         self.id = served.id
-        self.engine = ImageEngine.load(served.source, served.pipeline, served.defaults, adapters)
+        self.engine = ImageEngine.load(served.source, served.pipeline, served.defaults, adapters, served.refiner)
         self.warmup_s = self.engine.warmup()
         self.counters = LoopCounters()
         self.batcher = make_batcher(self.engine, served.pipeline.engine, limits, self.counters)

@@ -53,7 +53,12 @@ async def models(service: Service):
         "default": service.models.default,
         "max_models_per_replica": settings.max_models_per_replica,
         "models": [
-            {"id": model.id, "source": model.source, "defaults": model.defaults.model_dump(exclude_none=True)}
+            {
+                "id": model.id,
+                "source": model.source,
+                "refiner": model.refiner,
+                "defaults": model.defaults.model_dump(exclude_none=True),
+            }
             for model in settings.served_models()
         ],
     }

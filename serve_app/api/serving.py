@@ -75,7 +75,9 @@ class ModelTable:
     """The models and LoRA adapters a deployment offers; turns what a request names into what it gets."""
 
     def __init__(self, settings: AppArgs):
-        self.ids = [model.id for model in settings.served_models()]
+        served = settings.served_models()
+        self.ids = [model.id for model in served]
+        self.with_refiner = [model.id for model in served if model.refiner]
         self.default = settings.default_model_id
         self.adapters = settings.loras.catalog()
 
@@ -112,6 +114,11 @@ class ModelTable:
             error = exc.errors()[0]
             field = "prompt" if tags else names.get("loras", "loras")
             raise ApiError.invalid(field, f"LoRA adapters: {error['msg']}") from None
+        if resolved.refiner is not None and model not in self.with_refiner:
+            having = ", ".join(self.with_refiner) or "none"
+            raise ApiError.invalid(
+                names.get("refiner", "refiner"), f"model {model!r} has no refiner; models with one: {having}"
+            )
         available = self.adapters.names()
         unknown = sorted({lora.name for lora in resolved.loras} - set(available))
         if unknown:

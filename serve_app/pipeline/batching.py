@@ -187,6 +187,31 @@ class Batcher:
             self.counters.succeeded += 1
         ticket.finish(result)
 
+    def _run_whole_call(self, tickets: list[Ticket]) -> None:
+        """One diffusers call for tickets that can share one (`engine.groups`); progress from its step callback."""
+
+        def on_step(step: int, total: int) -> bool:
+            for ticket in tickets:
+                ticket.progress(step, total)
+            return all(t.cancelled for t in tickets)  # True: stop the call, nobody waits for it
+
+        started = time.perf_counter()
+        results = self.engine.run_prepared([(t.job, t.warnings) for t in tickets], on_step=on_step)
+        seconds = time.perf_counter() - started
+        self.counters.busy_s += seconds
+        self.counters.record_rate(sum(denoising_steps(t.job) for t in tickets), seconds)
+        # Every call of k images returns k images of batch_size k (halves after running out of memory).
+        sizes = Counter(r.batch_size for r in results if isinstance(r, ImageResult))
+        for size, images in sizes.items():
+            self.counters.model_calls_by_batch_size[size] += images // size
+        for ticket, result in zip(tickets, results):
+            ticket.batch_size = getattr(result, "batch_size", 0)
+            if ticket.cancelled:
+                self.counters.cancelled_in_flight += 1
+                ticket.finish(JobCancelled())
+            else:
+                self._finish(ticket, result)
+
 
 class JobCancelled(Exception):
     """The outcome of a job whose caller gave up: delivered so that every ticket ends, read by nobody."""
@@ -343,7 +368,7 @@ class RequestBatcher(Batcher):
             ticket.started_at = now
         try:
             for group in self.engine.groups([t.job for t in taken]):
-                self._run_group([taken[i] for i in group])
+                self._run_whole_call([taken[i] for i in group])
         finally:
             self._running = []
 
@@ -351,29 +376,6 @@ class RequestBatcher(Batcher):
         for ticket in self._running:
             self._finish(ticket, error)
         self._running = []
-
-    def _run_group(self, tickets: list[Ticket]) -> None:
-        def on_step(step: int, total: int) -> bool:
-            for ticket in tickets:
-                ticket.progress(step, total)
-            return all(t.cancelled for t in tickets)  # True: stop the call, nobody waits for it
-
-        started = time.perf_counter()
-        results = self.engine.run_prepared([(t.job, t.warnings) for t in tickets], on_step=on_step)
-        seconds = time.perf_counter() - started
-        self.counters.busy_s += seconds
-        self.counters.record_rate(sum(denoising_steps(t.job) for t in tickets), seconds)
-        # Every call of k images returns k images of batch_size k (halves after running out of memory).
-        sizes = Counter(r.batch_size for r in results if isinstance(r, ImageResult))
-        for size, images in sizes.items():
-            self.counters.model_calls_by_batch_size[size] += images // size
-        for ticket, result in zip(tickets, results):
-            ticket.batch_size = getattr(result, "batch_size", 0)
-            if ticket.cancelled:
-                self.counters.cancelled_in_flight += 1
-                ticket.finish(JobCancelled())
-            else:
-                self._finish(ticket, result)
 
 
 # -- one UNet step at a time ------------------------------------------------------------------
@@ -417,6 +419,7 @@ class StepBatcher(Batcher):
         started = time.perf_counter()
         self._drop_cancelled_waiting()
         self._drop_cancelled_active()
+        self._run_refiner_jobs()
         self._admit()
         size = self._next_size()
         if size is not None:
@@ -462,6 +465,21 @@ class StepBatcher(Batcher):
             self.counters.admitted_mid_flight += in_flight
             self._active.setdefault(self._group_of(ticket.job), []).append((ticket, state))
             ticket.progress(0, state.total_steps)
+
+    def _run_refiner_jobs(self) -> None:
+        """Jobs for a refiner (two pipelines, one after the other) are not stepped: they run as whole calls,
+        while the stepped images wait one call's time."""
+        refined = [t for t in self.waiting if t.job.params.refiner is not None][: self.limits.max_batch_size]
+        if not refined:
+            return
+        chosen = set(map(id, refined))
+        self.waiting = deque(t for t in self.waiting if id(t) not in chosen)
+        self.counters.admitted += len(refined)
+        now = time.monotonic()
+        for ticket in refined:
+            ticket.started_at = now
+        for group in self.engine.groups([t.job for t in refined]):
+            self._run_whole_call([refined[i] for i in group])
 
     def _admission_order(self) -> list[Ticket]:
         if self.limits.admission == "fewest_steps":

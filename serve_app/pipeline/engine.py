@@ -15,6 +15,7 @@ worker thread).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import threading
 import time
@@ -28,8 +29,8 @@ import torch
 from .adapters import AdapterSettings, LoraMixer
 from .errors import GenerationError, InsufficientMemoryError, InvalidJobError, PipelineUnavailableError
 from .jobs import GenerationJob, ImageResult, group_by_call_key
-from .loading import ModelSource, PipelineOptions, load_pipeline
-from .params import GenerationDefaults, ImageParams
+from .loading import ModelSource, PipelineOptions, load_pipeline, load_refiner
+from .params import REFINER_DENOISING_START, GenerationDefaults, ImageParams, RefinerParams
 from .schedulers import SCHEDULER_NAMES, make_scheduler
 
 logger = logging.getLogger(__name__)
@@ -54,8 +55,12 @@ class ImageEngine:
         options: PipelineOptions,
         defaults: GenerationDefaults,
         adapters: AdapterSettings | None = None,
+        refiner: ModelSource | None = None,
     ):
         self.pipe = pipe
+        self.refiner_source = refiner  # loaded on first use (`refiner`)
+        self._refiner = None
+        self.refiner_load_s: float | None = None
         self.source = source
         self.options = options
         self.defaults = defaults
@@ -86,16 +91,17 @@ class ImageEngine:
         options: PipelineOptions | None = None,
         defaults: GenerationDefaults | None = None,
         adapters: AdapterSettings | None = None,
+        refiner: str | None = None,
     ) -> ImageEngine:
         """Load `model` (a model source string); `defaults` overrides what jobs get when they leave a parameter
-        out; `adapters`: the LoRA adapters jobs may name."""
+        out; `adapters`: the LoRA adapters jobs may name; `refiner`: a refiner's model source (loaded when first used)."""
         options = options or PipelineOptions()
         source = ModelSource.parse(model)
         started = time.perf_counter()
         pipe = load_pipeline(source, options)
         logger.info("loaded %s on %s in %.1fs", source, pipe.device, time.perf_counter() - started)
         defaults = (defaults or GenerationDefaults()).over(model_defaults(pipe, source))
-        return cls(pipe, source, options, defaults, adapters)
+        return cls(pipe, source, options, defaults, adapters, ModelSource.parse(refiner) if refiner else None)
 
     @property
     def img2img(self):
@@ -106,6 +112,16 @@ class ImageEngine:
             self._img2img = AutoPipelineForImage2Image.from_pipe(self.pipe)
             self._img2img.set_progress_bar_config(disable=True)
         return self._img2img
+
+    @property
+    def refiner(self):
+        """The refiner's image-to-image pipeline, loaded on first use, sharing what it can with the base."""
+        if self._refiner is None:
+            started = time.perf_counter()
+            self._refiner = load_refiner(self.refiner_source, self.options, self.pipe)
+            self.refiner_load_s = time.perf_counter() - started
+            logger.info("loaded refiner %s in %.1fs", self.refiner_source, self.refiner_load_s)
+        return self._refiner
 
     @property
     def max_prompt_tokens(self) -> int:
@@ -181,6 +197,9 @@ class ImageEngine:
         """The job with defaults filled in, checked against this model; plus warnings for the caller."""
         job = job.with_defaults(self.defaults)
         params = job.params
+        if params.refiner is not None:
+            job = self._check_refiner(job)
+            params = job.params
         if job.init_image is not None and int(params.num_inference_steps * params.strength) < 1:
             raise InvalidJobError(
                 f"strength {params.strength} x num_inference_steps {params.num_inference_steps} leaves no "
@@ -200,6 +219,32 @@ class ImageEngine:
                     f"{name} has {tokens} tokens; the model reads the first {self.max_prompt_tokens}, the rest was ignored"
                 )
         return job, warnings
+
+    def _check_refiner(self, job: GenerationJob) -> GenerationJob:
+        refiner = job.params.refiner
+        if self.refiner_source is None:
+            raise InvalidJobError(f"model {self.source} has no refiner", "refiner")
+        if job.init_image is not None:
+            if refiner.denoising_start is not None:
+                raise InvalidJobError(
+                    "image to image with the refiner runs at `strength`: leave denoising_start unset",
+                    "refiner.denoising_start",
+                )
+            return job
+        start = REFINER_DENOISING_START if refiner.denoising_start is None else refiner.denoising_start
+        # Where diffusers splits the schedule: the base runs the timesteps at or above the cutoff.
+        scheduler = self._fresh_scheduler(job.params.scheduler)
+        scheduler.set_timesteps(job.params.num_inference_steps)
+        cutoff = round(scheduler.config.num_train_timesteps * (1 - start))
+        base_steps = int((scheduler.timesteps >= cutoff).sum())
+        if not 0 < base_steps < len(scheduler.timesteps):
+            raise InvalidJobError(
+                f"denoising_start {start} of {job.params.num_inference_steps} steps leaves the base or the refiner "
+                "no step; raise num_inference_steps",
+                "refiner.denoising_start",
+            )
+        params = job.params.model_copy(update={"refiner": RefinerParams(denoising_start=start)})
+        return dataclasses.replace(job, params=params)
 
     def warmup(self) -> float:
         """Run one small call so the first real request does not pay for lazy initialisation."""
@@ -237,6 +282,13 @@ class ImageEngine:
             "schedulers": list(SCHEDULER_NAMES),
             "default_scheduler": type(self.model_scheduler).__name__,
             "loras": self.adapters.describe(),
+            "refiner": None
+            if self.refiner_source is None
+            else {
+                "model": str(self.refiner_source),
+                "loaded": self._refiner is not None,
+                "load_s": self.refiner_load_s,
+            },
         }
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
@@ -254,6 +306,8 @@ class ImageEngine:
     def run_group(self, jobs: list[GenerationJob], on_step: StepCallback | None = None) -> GroupRun:
         """One pipeline call for jobs that share a `call_key` (defaults already filled)."""
         first = jobs[0]
+        if first.params.refiner is not None:
+            return self._run_refined(jobs, on_step)
         pipe = self.img2img if first.init_image is not None else self.pipe
         kwargs = self._call_arguments(jobs)
         if on_step is not None:
@@ -263,6 +317,37 @@ class ImageEngine:
             started = time.perf_counter()
             with torch.inference_mode(), self.adapters.applied([job.params.adapter_key for job in jobs]):
                 output = pipe(**kwargs)
+            seconds = time.perf_counter() - started
+            self.calls_by_batch_size[len(jobs)] += 1
+        return GroupRun(images=list(_to_uint8(output.images)), seconds=seconds)
+
+    def _run_refined(self, jobs: list[GenerationJob], on_step: StepCallback | None) -> GroupRun:
+        """With the refiner: image to image by the refiner alone, or text to image as an ensemble of experts
+        (the base denoises the first `denoising_start` of the schedule, the refiner the rest, from latents)."""
+        first = jobs[0].params
+        refiner = self.refiner
+        kwargs = self._call_arguments(jobs)
+        done = [0]  # steps of both pipelines so far: progress runs once over the whole schedule
+
+        def progress(pipe, step_index: int, timestep, callback_kwargs: dict) -> dict:
+            done[0] += 1
+            if on_step is not None and on_step(done[0], first.num_inference_steps):
+                pipe._interrupt = True
+            return callback_kwargs
+
+        with self._lock:
+            started = time.perf_counter()
+            with torch.inference_mode(), self.adapters.applied([job.params.adapter_key for job in jobs]):
+                refiner.scheduler = self._fresh_scheduler(first.scheduler)
+                if jobs[0].init_image is not None:
+                    output = refiner(**kwargs, callback_on_step_end=progress)
+                else:
+                    start = first.refiner.denoising_start
+                    self.pipe.scheduler = self._fresh_scheduler(first.scheduler)
+                    base = {**kwargs, "output_type": "latent", "denoising_end": start}
+                    latents = self.pipe(**base, callback_on_step_end=progress).images
+                    finish = {k: v for k, v in kwargs.items() if k not in ("width", "height")}
+                    output = refiner(**finish, image=latents, denoising_start=start, callback_on_step_end=progress)
             seconds = time.perf_counter() - started
             self.calls_by_batch_size[len(jobs)] += 1
         return GroupRun(images=list(_to_uint8(output.images)), seconds=seconds)

@@ -81,6 +81,7 @@ def call_key(job: GenerationJob, split_empty_negative: bool = False, split_adapt
         p.strength,
         split_empty_negative and not p.negative_prompt,
         p.adapter_key if split_adapters else (),
+        p.refiner,
     )
 
 

@@ -171,3 +171,47 @@ def _apply_optimisations(pipe, options: PipelineOptions) -> None:
         pipe.vae.enable_tiling()
     if options.compile:
         pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs")
+
+
+def load_refiner(source: ModelSource, options: PipelineOptions, base):
+    """The image-to-image pipeline of a refiner (SDXL's), sharing the base pipeline's second text encoder
+    and VAE where the architectures match (the refiner's own are never loaded then)."""
+    device = resolve_device(options.device)
+    dtype = resolve_dtype(options.dtype, device)
+    shared = _shareable_with_refiner(base)
+    if source.kind == "synthetic":
+        from .synthetic import build_pipeline
+
+        refiner = build_pipeline(source.location, seed=options.seed, device=device, dtype=dtype)
+        if shared and _shares_fit(refiner, base):
+            flags = {k: refiner.config[k] for k in ("requires_aesthetics_score", "force_zeros_for_empty_prompt")}
+            refiner = type(refiner)(**{**refiner.components, **shared}, **flags)
+    else:
+        from diffusers import AutoPipelineForImage2Image
+
+        kwargs = {"dtype": dtype, "cache_dir": options.cache_dir, "local_files_only": options.local_files_only}
+        if options.variant:
+            kwargs["variant"] = options.variant
+        try:
+            refiner = AutoPipelineForImage2Image.from_pretrained(source.location, **kwargs, **shared)
+        except OSError as exc:
+            raise ModelSourceError(f"cannot load refiner {source}: {exc}") from exc
+    refiner = refiner.to(device)
+    refiner.set_progress_bar_config(disable=True)
+    _apply_optimisations(refiner, options)
+    return refiner
+
+
+def _shareable_with_refiner(base) -> dict:
+    """SDXL's refiner reads only the base's second text encoder (and its tokenizer) and the same VAE."""
+    if getattr(base, "text_encoder_2", None) is None:
+        return {}
+    return {"text_encoder_2": base.text_encoder_2, "tokenizer_2": base.tokenizer_2, "vae": base.vae}
+
+
+def _shares_fit(refiner, base) -> bool:
+    return (
+        getattr(refiner, "text_encoder_2", None) is not None
+        and refiner.unet.config.cross_attention_dim == base.text_encoder_2.config.hidden_size
+        and refiner.vae.config.latent_channels == base.vae.config.latent_channels
+    )

@@ -51,6 +51,23 @@ class LoraWeight(BaseModel):
     scale: float = Field(1.0, ge=-LORA_SCALE_MAX, le=LORA_SCALE_MAX, description="strength of the adapter")
 
 
+REFINER_DENOISING_START = 0.8  # SDXL's ensemble of experts: the base runs 80% of the schedule
+
+
+class RefinerParams(BaseModel):
+    """Finish (text to image) or redo (image to image) the image with the model's refiner."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    denoising_start: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="text to image: the share of the schedule the base model runs before the refiner takes over "
+        f"(default {REFINER_DENOISING_START}); image to image: leave unset (the refiner runs the img2img at strength)",
+    )
+
+
 class GenerationDefaults(BaseModel):
     """What an image gets for parameters its request leaves out (config `args.defaults`; unset: the model's)."""
 
@@ -85,6 +102,8 @@ class ImageParams(BaseModel):
     loras: tuple[LoraWeight, ...] = Field(
         (), max_length=16, description="LoRA adapters to apply, each with its scale; an adapter may appear once"
     )
+
+    refiner: RefinerParams | None = Field(None, description="use the model's refiner (GET /models says which have one)")
 
     @field_validator("loras")
     @classmethod

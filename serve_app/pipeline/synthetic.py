@@ -118,7 +118,11 @@ def build_pipeline(preset: str, *, seed: int = 0, device: str = "cpu", dtype=Non
         encoders = [_text_encoder(s, tokenizer) for s in spec["text_encoders"]]
 
     components = {"unet": unet, "vae": vae, "scheduler": scheduler, "tokenizer": tokenizer, "text_encoder": encoders[0]}
-    if len(encoders) > 1:
+    if spec["pipeline"] == "StableDiffusionXLImg2ImgPipeline" and len(encoders) == 1:
+        # An SDXL refiner: the second text encoder only, conditioned on an aesthetic score.
+        components.update(text_encoder=None, tokenizer=None, text_encoder_2=encoders[0], tokenizer_2=tokenizer)
+        components.update(requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+    elif len(encoders) > 1:
         components.update(text_encoder_2=encoders[1], tokenizer_2=build_tokenizer())
     pipeline_class = getattr(diffusers, spec["pipeline"])
     if pipeline_class is diffusers.StableDiffusionPipeline:

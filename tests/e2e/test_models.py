@@ -1,5 +1,5 @@
 """Several models and LoRA adapters on one deployment: two synthetic models (same architecture, other
-weights) and synthetic adapters, two Generator replicas holding one model each (cap 1), routed by
+weights), a toy SDXL with its refiner, and synthetic adapters, two Generator replicas holding one model each (cap 1), routed by
 Serve's model multiplexing. What a request names decides its image; what it names decides its replica."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def _two_models(config: dict) -> None:
     args["models"] = [
         {"id": "tiny", "model": "synthetic:tiny"},
         {"id": "tiny-b", "model": "synthetic:tiny", "pipeline": {"seed": 1}},
-        {"id": "tiny-c", "model": "synthetic:tiny", "pipeline": {"seed": 2}},
+        {"id": "tiny-xl", "model": "synthetic:tiny-xl", "refiner": "synthetic:tiny-xl-refiner"},
     ]
     args["max_models_per_replica"] = 1
     args["loras"] = {"synthetic": [{"name": "ink", "seed": 1}, {"name": "neon", "seed": 2}]}
@@ -72,20 +72,20 @@ def test_requests_for_a_model_land_on_the_replica_that_holds_it_with_no_reload(h
 def test_a_third_model_evicts_the_least_recently_used_at_the_cap(http):
     _image(http, model="tiny")
     _image(http, model="tiny-b")
-    _, headers = _image(http, model="tiny-c")
+    _, headers = _image(http, model="tiny-xl")
 
     def evicted():
         infos = [http.get("/info").json()["generator"] for _ in range(6)]  # either replica answers
         return next((i for i in infos if i["replica"] == headers["x-generator-replica"]), None)
 
     info = wait_until(lambda: (i := evicted()) and i["models"]["evictions"] >= 1 and i, 30, "an eviction on it")
-    assert list(info["models"]["loaded"]) == ["tiny-c"] and info["models"]["max_per_replica"] == 1
+    assert list(info["models"]["loaded"]) == ["tiny-xl"] and info["models"]["max_per_replica"] == 1
 
 
 def test_every_api_family_selects_the_model(http):
     listed = http.get("/v1/models").json()["data"]
-    assert [m["id"] for m in listed] == ["tiny", "tiny-b", "tiny-c"]
-    assert [m["title"] for m in http.get("/sdapi/v1/sd-models").json()] == ["tiny", "tiny-b", "tiny-c"]
+    assert [m["id"] for m in listed] == ["tiny", "tiny-b", "tiny-xl"]
+    assert [m["title"] for m in http.get("/sdapi/v1/sd-models").json()] == ["tiny", "tiny-b", "tiny-xl"]
     native, _ = _image(http, model="tiny-b", prompt="a fox", seed=3)
     openai = http.post(
         "/v1/images/generations",
@@ -117,12 +117,51 @@ def test_every_api_family_selects_the_model(http):
         ("/generate", {"loras": [{"name": "nope"}]}, "loras"),
         ("/generate", {"loras": [{"name": "ink", "scale": 50}]}, "loras.0.scale"),
         ("/generate", {"prompt": "x <lora:nope:1>"}, "loras"),
+        ("/generate", {"refiner": {}}, "refiner"),
+        ("/generate", {"model": "tiny-xl", "refiner": {"denoising_start": 1.5}}, "refiner.denoising_start"),
     ],
 )
-def test_an_unknown_model_or_adapter_or_a_scale_out_of_range_is_a_422_naming_the_field(http, path, body, field):
+def test_an_unknown_model_adapter_or_refiner_or_a_value_out_of_range_is_a_422_naming_the_field(http, path, body, field):
     response = http.post(path, json={"prompt": "a fox", **body})
     assert response.status_code == 422, response.text
     error = response.json()["error"]
     assert (error.get("field") or error.get("param")).startswith(field)  # OpenAI names it `param`
-    if "model" in body or "override_settings" in body:
-        assert "tiny, tiny-b, tiny-c" in error["message"]
+    if field in ("model", "override_settings"):  # an unknown model: the answer lists the ones there are
+        assert "tiny, tiny-b, tiny-xl" in error["message"]
+
+
+def _finished(http, job_id: str) -> dict:
+    return wait_until(
+        lambda: (job := http.get(f"/jobs/{job_id}").json())["status"] in ("succeeded", "failed") and job,
+        60,
+        f"job {job_id} finishes",
+    )
+
+
+def test_the_refiner_finishes_text_to_image_and_redoes_an_uploaded_or_stored_image(http):
+    xl = {"model": "tiny-xl", "num_inference_steps": 4}
+    base, _ = _image(http, **xl)
+    refined, _ = _image(http, **xl, refiner={"denoising_start": 0.5})
+    assert np.abs(refined - base).max() > 5
+    uploaded = http.post(
+        "/img2img",
+        json={
+            "prompt": "at night",
+            "seed": 7,
+            "strength": 0.5,
+            **xl,
+            "refiner": {},
+            "init_image": base64.b64encode(_png(base)).decode(),
+        },
+    )
+    assert np.abs(pixels(png(uploaded)) - base).max() > 5
+    job = _finished(http, http.post("/jobs", json={"prompt": "a lighthouse", "seed": 7, **SMALL, **xl}).json()["id"])
+    again = _finished(http, http.post(f"/jobs/{job['id']}/refine", json={"strength": 0.5}).json()["id"])
+    assert again["status"] == "succeeded" and again["params"]["refiner"] == {"denoising_start": None}
+    assert again["refined_from"] == f"{job['id']}/0" and again["params"]["model"] == "tiny-xl"
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array.astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()

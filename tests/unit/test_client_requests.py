@@ -259,3 +259,16 @@ def test_async_client_retries_and_raises_the_same_way():
     result, error = asyncio.run(scenario())
     assert result.seeds == [5] and 1 <= slept[0] <= 1.1 and error.status == 422
     assert all(r.headers["authorization"] == "Bearer k" for r in server.requests)
+
+
+def test_the_model_and_lora_adapters_go_in_the_body_and_unset_ones_stay_out():
+    server = Scripted(httpx.Response(200, json=GENERATED))
+    sd, _ = server.sync_client()
+    sd.generate("p", model="sd-turbo", loras={"ink": 0.8, "neon": 1.0})
+    sd.generate("p")
+    named, plain = (json.loads(request.content) for request in server.requests)
+    assert named["model"] == "sd-turbo" and named["loras"] == [
+        {"name": "ink", "scale": 0.8},
+        {"name": "neon", "scale": 1.0},
+    ]
+    assert "model" not in plain and "loras" not in plain

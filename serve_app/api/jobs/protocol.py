@@ -48,6 +48,7 @@ class RefineRequest(BaseModel):
     negative_prompt: str | None = None
     num_inference_steps: int | None = Field(None, ge=1, le=1000)
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    refiner: bool | None = Field(None, description="run the job's model's refiner (default: when it has one)")
     webhook: Webhook | None = None
 
 

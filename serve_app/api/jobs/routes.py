@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ...job_queue.records import JobRecord, JobStatus, Webhook, created_at, is_job_id, new_job_id, owner_of
-from ...pipeline.params import ImageParams
+from ...pipeline.params import ImageParams, RefinerParams
 from ..encoding import MEDIA_TYPES, decode_init_image, encode_image
 from ..errors import ApiError, request_id_of
 from ..serving import GenerationService, Service, build_jobs
@@ -151,6 +151,9 @@ async def _refine(service: GenerationService, request: Request, job_id: str, bod
         scheduler=source.params.scheduler,
         seed=stored.seed if body.seed is None else body.seed,
         strength=body.strength,
+        model=source.params.model,
+        loras=source.params.loras,
+        refiner=RefinerParams() if _uses_refiner(service, source.params.model, body.refiner) else None,
     )
     record = await submit_job(
         service,
@@ -162,6 +165,11 @@ async def _refine(service: GenerationService, request: Request, job_id: str, bod
         refined_from=f"{job_id}/{body.image}",
     )
     return accepted(record)
+
+
+def _uses_refiner(service: GenerationService, model: str | None, asked: bool | None) -> bool:
+    has_one = (model or service.models.default) in service.models.with_refiner
+    return has_one if asked is None else asked
 
 
 # -- shared with the native routes (Prefer: respond-async) and A1111's progress ---------------------
