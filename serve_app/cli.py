@@ -596,6 +596,14 @@ def _format_from_suffix(output: str | None) -> str:
     return FORMATS_BY_SUFFIX.get(Path(output).suffix.lower(), "png") if output else "png"
 
 
+def parse_lora(text: str) -> tuple[str, float]:
+    name, _, scale = text.partition(":")
+    try:
+        return name, float(scale) if scale else 1.0
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME or NAME:SCALE, e.g. ink:0.8 (got {text!r})") from None
+
+
 def _params(args: argparse.Namespace, with_seed: bool = True) -> dict[str, Any]:
     width, height = args.size or (None, None)
     params = {
@@ -605,6 +613,8 @@ def _params(args: argparse.Namespace, with_seed: bool = True) -> dict[str, Any]:
         "num_inference_steps": args.steps,
         "guidance_scale": args.guidance,
         "scheduler": args.scheduler,
+        "model": args.model,
+        "loras": dict(args.lora) if args.lora else None,
         "quality": args.quality,
     }
     if with_seed:
@@ -694,6 +704,14 @@ def _image_options(parser: argparse.ArgumentParser, batch: bool = False) -> None
     group.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     group.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
     group.add_argument("--scheduler", help="sampler: euler, euler_a, dpmpp_2m, ... (default: the model's)")
+    group.add_argument("--model", help="which of the server's models (GET /models; default: its default)")
+    group.add_argument(
+        "--lora",
+        type=parse_lora,
+        action="append",
+        metavar="NAME[:SCALE]",
+        help="apply a LoRA adapter at SCALE (default 1); repeat for several",
+    )
     group.add_argument(
         "--seed",
         type=int,

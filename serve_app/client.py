@@ -745,7 +745,17 @@ def _job_arguments(scope: dict[str, Any]) -> dict[str, Any]:
 
 
 def _unset(params: dict[str, Any]) -> dict[str, Any]:
-    fields = ("negative_prompt", "width", "height", "num_inference_steps", "guidance_scale", "seed", "scheduler")
+    fields = (
+        "negative_prompt",
+        "width",
+        "height",
+        "num_inference_steps",
+        "guidance_scale",
+        "seed",
+        "scheduler",
+        "model",
+        "loras",
+    )
     unknown = set(params) - set(fields) - {"num_images", "output_format", "quality"}
     if unknown:
         raise TypeError(f"unknown parameters: {', '.join(sorted(unknown))}")

@@ -39,6 +39,16 @@ def test_generate_writes_the_image(sd_serve, tmp_path):
     assert image.size == (128, 64) and "Seed: 42" in image.info["parameters"] and "Steps: 3" in image.info["parameters"]
 
 
+def test_generate_applies_lora_adapters_and_the_png_says_so(sd_serve, tmp_path):
+    status, _, _ = sd_serve(
+        "generate", "a lighthouse", "--seed", "1", "--lora", "ink:0.5", "--lora", "neon", "-o", "l.png"
+    )
+    assert status == 0
+    assert "LoRA: ink:0.5 neon:1" in decode((tmp_path / "l.png").read_bytes()).info["parameters"]
+    status, _, err = sd_serve("generate", "a lighthouse", "--lora", "nope", "-o", "n.png")
+    assert status != 0 and "unknown LoRA adapter nope; available: ink, neon" in err
+
+
 def test_generate_several_images_names_them_by_seed_and_takes_the_format_from_the_suffix(sd_serve, tmp_path):
     status, out, _ = sd_serve("generate", "foxes", "--seed", "7", "--num-images", "2", "-o", "fox.webp")
     assert status == 0
