@@ -195,6 +195,20 @@ class GenerationService:
         self.responses_by_status: Counter[str] = Counter()
         self._status: tuple[float, dict] | None = None
 
+    def jobs_for(
+        self,
+        params: ImageParams,
+        num_images: int,
+        request_id: str,
+        *,
+        init_image: np.ndarray | None = None,
+        names: dict[str, str] | None = None,
+    ) -> list[GenerationJob]:
+        """`build_jobs` against this deployment's limits, models and adapters."""
+        return build_jobs(
+            params, num_images, self.limits, request_id, init_image=init_image, names=names, models=self.models
+        )
+
     async def generate(self, jobs: list[GenerationJob]) -> list[ImageResult]:
         """One Generator call per image, so the images of one request batch with everyone else's."""
         responses = []

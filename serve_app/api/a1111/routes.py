@@ -13,7 +13,7 @@ from ...pipeline.schedulers import SCHEDULERS, a1111_name
 from ..encoding import b64, decode_init_image, parameters_text
 from ..errors import request_id_of
 from ..jobs.routes import find, owner
-from ..serving import Service, build_jobs, encode_images
+from ..serving import Service, encode_images
 from .protocol import FIELD_NAMES, A1111GenerationResult, A1111Img2ImgRequest, A1111Txt2ImgRequest
 
 router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 compatible"])
@@ -21,12 +21,10 @@ router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 compatible"])
 
 @router.post("/txt2img", response_model=A1111GenerationResult, summary="AUTOMATIC1111: text to image")
 async def txt2img(body: A1111Txt2ImgRequest, request: Request, service: Service):
-    jobs = build_jobs(
+    jobs = service.jobs_for(
         body.image_params(),
         body.num_images,
-        service.limits,
         request_id_of(request),
-        models=service.models,
         names=FIELD_NAMES,
     )
     return await _result(await service.generate(jobs), body, service.model)
@@ -38,12 +36,10 @@ async def img2img(body: A1111Img2ImgRequest, request: Request, service: Service)
     init_image = await run_in_threadpool(
         decode_init_image, body.init_images[0], service.limits, params.width, params.height, "init_images.0"
     )
-    jobs = build_jobs(
+    jobs = service.jobs_for(
         params,
         body.num_images,
-        service.limits,
         request_id_of(request),
-        models=service.models,
         init_image=init_image,
         names=FIELD_NAMES,
     )

@@ -21,7 +21,7 @@ from ...job_queue.records import JobRecord, JobStatus, Webhook, created_at, is_j
 from ...pipeline.params import ImageParams, RefinerParams
 from ..encoding import MEDIA_TYPES, decode_init_image, encode_image
 from ..errors import ApiError, request_id_of
-from ..serving import GenerationService, Service, build_jobs
+from ..serving import GenerationService, Service
 from .protocol import JobList, JobRequest, JobView, RefineByIdRequest, RefineRequest
 
 router = APIRouter(tags=["Jobs"])
@@ -189,7 +189,7 @@ async def submit_job(
     """Check, seed and hand a job to the JobManager, which stores it before answering."""
     if webhook is not None:
         _check_webhook(webhook, service.settings.jobs.webhook_hosts)
-    jobs = build_jobs(params, num_images, service.limits, request_id_of(request), models=service.models)
+    jobs = service.jobs_for(params, num_images, request_id_of(request))
     record = JobRecord(
         id=new_job_id(),
         created_at=time.time(),

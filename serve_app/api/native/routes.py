@@ -13,7 +13,7 @@ from ...pipeline.jobs import ImageResult
 from ..encoding import MEDIA_TYPES, b64, decode_init_image, zip_archive
 from ..errors import ApiError, request_id_of, validate_or_422
 from ..jobs.routes import accepted, event_stream, submit_job
-from ..serving import Service, build_jobs, encode_images
+from ..serving import Service, encode_images
 from .protocol import (
     GenerateRequest,
     GenerateResponse,
@@ -63,12 +63,10 @@ async def _generate(request: Request, service: Service, body: Img2ImgFields | Ge
         record = await submit_job(service, request, body.image_params(), body.num_images, init_image=init_image)
         return accepted(record)
     accept = request.headers.get("accept", "")
-    jobs = build_jobs(
+    jobs = service.jobs_for(
         body.image_params(),
         body.num_images,
-        service.limits,
         request_id_of(request),
-        models=service.models,
         init_image=init_image,
     )
     if "text/event-stream" in accept:
@@ -132,13 +130,11 @@ async def generate_batch(body: MultiPromptRequest, request: Request, service: Se
             body.list_field, f"must have at most {service.limits.max_prompts_per_request} entries (got {len(entries)})"
         )
     job_lists = [
-        build_jobs(
+        service.jobs_for(
             entry.image_params(),
             entry.num_images,
-            service.limits,
             request_id,
             names={f: f"{body.list_field}.{i}.{f}" for f in type(entry).model_fields},
-            models=service.models,
         )
         for i, entry in enumerate(entries)
     ]

@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from ...pipeline.jobs import ImageResult
 from ..encoding import b64, decode_init_image
 from ..errors import ApiError, request_id_of
-from ..serving import Service, build_jobs, encode_images
+from ..serving import Service, encode_images
 from .protocol import (
     FIELD_NAMES,
     ImageEditFields,
@@ -38,9 +38,7 @@ class ImageEditForm(ImageEditFields):
 
 @router.post("/images/generations", response_model=ImagesResponse, summary="OpenAI: create image")
 async def create_image(body: ImageGenerationRequest, request: Request, service: Service):
-    jobs = build_jobs(
-        body.image_params(), body.n, service.limits, request_id_of(request), models=service.models, names=FIELD_NAMES
-    )
+    jobs = service.jobs_for(body.image_params(), body.n, request_id_of(request), names=FIELD_NAMES)
     return await _response(await service.generate(jobs), body, service.model)
 
 
@@ -66,12 +64,10 @@ async def edit_image(
         "image",
         form.image.content_type,
     )
-    jobs = build_jobs(
+    jobs = service.jobs_for(
         params,
         form.n,
-        service.limits,
         request_id_of(request),
-        models=service.models,
         init_image=init_image,
         names=FIELD_NAMES,
     )
