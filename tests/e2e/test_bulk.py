@@ -109,7 +109,9 @@ def test_jsonl_rows_become_images_with_their_own_parameters_on_both_nodes_and_ba
         {"prompt": "bad size", "width": 30},
         {"prompt": "not here", "strength": 0.5},
         "not json at all",
-        *({"prompt": f"row {i}"} for i in range(10, 16)),
+        # Slow enough that one worker cannot keep up alone: Ray Data sends a row to the worker on the node
+        # that holds it while that worker has room, so quick rows could all stay on one node.
+        *({"prompt": f"row {i}", "num_inference_steps": 40} for i in range(10, 16)),
         *SERVED,
     ]
     out = tmp_path / "out"

@@ -24,10 +24,13 @@ pytestmark = pytest.mark.slow
 # About 3 s per batch of 8 on one CPU thread: long enough to queue behind, short enough for CI.
 SLOW = {"prompt": "slow", "num_inference_steps": 50, "width": 128, "height": 128}
 ACTIVE = 8  # images denoised at once
+# Three times longer: no image finishes (freeing a Generator slot) while a burst of 96 requests is still
+# arriving through the proxy and the ingress, which takes seconds on two busy cores.
+LONG = {**SLOW, "num_inference_steps": 150}
 
 
 def tight(config: dict) -> None:
-    config["applications"][0]["args"]["limits"].update(max_concurrent_requests=32, retry_after_s=3)
+    config["applications"][0]["args"]["limits"].update(max_concurrent_requests=32, retry_after_s=3, max_steps=150)
     generator = deployment(config, "ImageGenerator")
     generator.update(max_ongoing_requests=16, max_queued_requests=8)
     # The first batch waits to fill, so no slot frees while a burst arrives (the demo itself does not wait).
@@ -57,7 +60,7 @@ def test_overload_at_four_times_capacity_sheds_503_with_retry_after(tight_server
     # measured on this size (not on a fresh replica's first, slower, model calls) admits what fits.
     burst(tight_server, [("/generate", {**SLOW, "seed": 1000 + i}) for i in range(ACTIVE)], timeout=300)
     before = generator_jobs(http)
-    responses = burst(tight_server, [("/generate", {**SLOW, "seed": i}) for i in range(4 * capacity)], timeout=300)
+    responses = burst(tight_server, [("/generate", {**LONG, "seed": i}) for i in range(4 * capacity)], timeout=300)
     statuses = Counter(r.status_code for r in responses)
     shed_by = Counter(r.json()["error"]["message"].split(":")[-1][:60] for r in responses if r.status_code == 503)
     print(f"\noverload at 4x capacity ({4 * capacity} requests): {dict(statuses)}; shed: {dict(shed_by)}")
