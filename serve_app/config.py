@@ -71,6 +71,33 @@ class RequestLimits(_Strict):
         return self
 
 
+class ModelLimits(_Strict):
+    """Keys of `args.limits` that one model changes (an SDXL model allows 1024x1024 where an SD 1.5 one
+    stops at 512x512); the ingress-wide ones (body size, deadline, concurrency) stay shared."""
+
+    min_size: int | None = Field(None, ge=8, multiple_of=8)
+    max_width: int | None = Field(None, ge=8, multiple_of=8)
+    max_height: int | None = Field(None, ge=8, multiple_of=8)
+    max_pixels: int | None = Field(None, ge=64)
+    max_steps: int | None = Field(None, ge=1)
+    max_guidance_scale: float | None = Field(None, ge=0)
+    max_num_images: int | None = Field(None, ge=1)
+    max_prompt_chars: int | None = Field(None, ge=1)
+
+    def over(self, base: RequestLimits) -> RequestLimits:
+        """`base` with these keys changed (validated together: min_size still fits the maxima)."""
+        return RequestLimits.model_validate({**base.model_dump(), **self.model_dump(exclude_none=True)})
+
+
+def widest(limits: list[RequestLimits]) -> RequestLimits:
+    """Limits that let through what any of `limits` does: what the API publishes when models differ."""
+    per_model = {
+        name: (min if name == "min_size" else max)(getattr(each, name) for each in limits)
+        for name in ModelLimits.model_fields
+    }
+    return limits[0].model_copy(update=per_model)
+
+
 class AuthConfig(_Strict):
     """Optional API keys. The keys never sit in the Serve config: it names where to read them."""
 
@@ -150,6 +177,9 @@ class ModelConfig(_Strict):
     refiner: str | None = Field(
         None, description="a refiner's model source (SDXL's), loaded on first use; requests ask with `refiner`"
     )
+    limits: ModelLimits = Field(
+        default_factory=ModelLimits, description="keys of args.limits to change for this model (sizes, steps, ...)"
+    )
 
     @field_validator("model", "refiner")
     @classmethod
@@ -164,6 +194,7 @@ class ServedModel(_Strict):
     source: str
     pipeline: PipelineOptions
     defaults: GenerationDefaults
+    limits: RequestLimits
     refiner: str | None = None
 
 
@@ -217,6 +248,10 @@ class AppArgs(_Strict):
                 PipelineOptions.model_validate({**self.pipeline.model_dump(exclude_unset=True), **entry.pipeline})
             except ValidationError as exc:
                 raise ValueError(format_validation_error(exc, f"models[{entry.id}].pipeline")) from None
+            try:
+                entry.limits.over(self.limits)
+            except ValidationError as exc:
+                raise ValueError(format_validation_error(exc, f"models[{entry.id}].limits")) from None
         return self
 
     @property
@@ -236,11 +271,17 @@ class AppArgs(_Strict):
                     {**self.pipeline.model_dump(exclude_unset=True), **entry.pipeline}
                 ),
                 defaults=entry.defaults.over(self.defaults),
+                limits=entry.limits.over(self.limits),
                 refiner=entry.refiner,
             )
             for entry in entries
         ]
         return sorted(served, key=lambda m: m.id != self.default_model_id)
+
+    def published_limits(self) -> RequestLimits:
+        """`limits`, widened to what any served model allows: the bounds /openapi.json and schema errors state
+        (each model's own are checked per request, and listed by GET /models)."""
+        return widest([model.limits for model in self.served_models()])
 
 
 def _readable_source(value: str) -> str:

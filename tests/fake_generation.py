@@ -75,7 +75,8 @@ class FakeGenerator:
     `jobs`: every job received, as the ingress sent it. `cancelled`: jobs whose caller gave up
     before they finished. `fail_with`: an exception the jobs raise (as the handle re-raises the
     Generator's error); `hang`: keep jobs unfinished until cancelled. Either may also be a
-    function of the job, to pick the jobs it applies to.
+    function of the job, to pick the jobs it applies to. `routed_to`: the model id of each call routed
+    by model (Serve's `multiplexed_model_id`, when the deployment serves several).
     """
 
     def __init__(self, defaults: GenerationDefaults = TINY_DEFAULTS):
@@ -85,9 +86,14 @@ class FakeGenerator:
         self.batch_sizes: list[int] = []
         self.fail_with: BaseException | None = None
         self.hang = False
+        self.routed_to: list[str] = []
         self._batch: list[GenerationJob] | None = None
         self.generate = _Method(self._submit)
         self.info = _Method(self._info)
+
+    def options(self, multiplexed_model_id: str = "", **_) -> FakeGenerator:
+        self.routed_to.append(multiplexed_model_id)
+        return self
 
     def _submit(self, job: GenerationJob) -> FakeResponse:
         loop = asyncio.get_running_loop()

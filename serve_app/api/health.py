@@ -8,6 +8,7 @@ import time
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
+from ..config import ModelLimits
 from .serving import Service, is_ready
 
 router = APIRouter(tags=["Health"])
@@ -58,6 +59,7 @@ async def models(service: Service):
                 "source": model.source,
                 "refiner": model.refiner,
                 "defaults": model.defaults.model_dump(exclude_none=True),
+                "limits": model.limits.model_dump(include=set(ModelLimits.model_fields)),
             }
             for model in settings.served_models()
         ],

@@ -46,10 +46,16 @@ def new_seed() -> int:
 
 
 def check_limits(
-    params: ImageParams, num_images: int, limits: RequestLimits, names: dict[str, str] | None = None
+    params: ImageParams,
+    num_images: int,
+    limits: RequestLimits,
+    names: dict[str, str] | None = None,
+    model: str | None = None,
 ) -> None:
-    """Apply the deployment's limits; 422 names the field and the allowed range."""
+    """Apply the deployment's limits (`model`'s own, named in the message when given); 422 names the field
+    and the allowed range."""
     names = names or {}
+    scope = f" for model {model!r}" if model else ""
 
     def invalid(field: str, problem: str) -> ApiError:
         return ApiError.invalid(names.get(field, field), problem)
@@ -61,14 +67,14 @@ def check_limits(
     for field, (lowest, highest) in limits.bounds().items():
         value = values[field]
         if value is not None and not lowest <= value <= highest:
-            raise invalid(field, f"must be between {lowest:g} and {highest:g} (got {value:g})")
+            raise invalid(field, f"must be between {lowest:g} and {highest:g}{scope} (got {value:g})")
     if params.width and params.height and params.width * params.height > limits.max_pixels:
         pixels = params.width * params.height
-        raise invalid("width", f"width x height must be at most {limits.max_pixels} pixels (got {pixels})")
+        raise invalid("width", f"width x height must be at most {limits.max_pixels} pixels{scope} (got {pixels})")
     for field in ("prompt", "negative_prompt"):
         length = len(getattr(params, field))
         if length > limits.max_prompt_chars:
-            raise invalid(field, f"must be at most {limits.max_prompt_chars} characters (got {length})")
+            raise invalid(field, f"must be at most {limits.max_prompt_chars} characters{scope} (got {length})")
 
 
 class ModelTable:
@@ -77,6 +83,7 @@ class ModelTable:
     def __init__(self, settings: AppArgs):
         served = settings.served_models()
         self.ids = [model.id for model in served]
+        self.limits = {model.id: model.limits for model in served}
         self.with_refiner = [model.id for model in served if model.refiner]
         self.default = settings.default_model_id
         self.adapters = settings.loras.catalog()
@@ -85,6 +92,10 @@ class ModelTable:
     def several(self) -> bool:
         """Requests are routed by model (Serve's multiplexing) only when there is more than one."""
         return len(self.ids) > 1
+
+    def limits_for(self, model: str | None) -> RequestLimits:
+        """The limits of `model` (the default's when unnamed, or unknown: `resolve` refuses that one)."""
+        return self.limits.get(model or self.default) or self.limits[self.default]
 
     def resolve(self, params: ImageParams, names: dict[str, str] | None = None) -> ImageParams:
         """`params` with the model set (the default when unnamed) and `<lora:name:scale>` prompt tags moved
@@ -137,13 +148,11 @@ def build_jobs(
     *,
     init_image: np.ndarray | None = None,
     names: dict[str, str] | None = None,
-    models: ModelTable | None = None,
+    model: str | None = None,
 ) -> list[GenerationJob]:
-    """One job per image; image i gets seed + i (the base seed is drawn when left out). With `models`, the
-    model and adapters are resolved and checked first."""
-    if models is not None:
-        params = models.resolve(params, names)
-    check_limits(params, num_images, limits, names)
+    """One job per image, within `limits` (`model`'s, named in errors); image i gets seed + i (the base seed
+    is drawn when left out)."""
+    check_limits(params, num_images, limits, names, model)
     base_seed = params.seed if params.seed is not None else new_seed()
     return [
         GenerationJob(
@@ -189,7 +198,7 @@ class GenerationService:
         self.settings = settings
         self.models = ModelTable(settings)
         self.model = self.models.default
-        self.limits = settings.limits
+        self.limits = settings.published_limits()  # each model's own: self.models.limits_for
         self.app_name = app_name
         self.started_at = int(time.time())
         self.responses_by_status: Counter[str] = Counter()
@@ -204,10 +213,11 @@ class GenerationService:
         init_image: np.ndarray | None = None,
         names: dict[str, str] | None = None,
     ) -> list[GenerationJob]:
-        """`build_jobs` against this deployment's limits, models and adapters."""
-        return build_jobs(
-            params, num_images, self.limits, request_id, init_image=init_image, names=names, models=self.models
-        )
+        """The model and adapters resolved, then `build_jobs` within that model's limits."""
+        params = self.models.resolve(params, names)
+        limits = self.models.limits_for(params.model)
+        own = params.model if limits != self.limits else None  # narrower than what the API publishes: say whose
+        return build_jobs(params, num_images, limits, request_id, init_image=init_image, names=names, model=own)
 
     async def generate(self, jobs: list[GenerationJob]) -> list[ImageResult]:
         """One Generator call per image, so the images of one request batch with everyone else's."""

@@ -36,10 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--config",
         metavar="FILE",
-        help="a Serve config: model, pipeline, defaults and limits of its first application, batching of its "
-        "ImageGenerator; the options below override it",
+        help="a Serve config: model (its default one, when it lists several), pipeline, defaults and limits of "
+        "its first application, batching of its ImageGenerator; the options below override it",
     )
-    model.add_argument("--model", help="synthetic:<preset>, a Hugging Face repo id, or a diffusers folder")
+    model.add_argument(
+        "--model",
+        help="synthetic:<preset>, a Hugging Face repo id, a diffusers folder, or the id of one of --config's models",
+    )
     model.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps (default: the config's, else auto)")
     model.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"))
     model.add_argument("--torch-threads", type=int, metavar="N", help="CPU threads per worker (default: its CPUs)")
@@ -91,14 +94,18 @@ def build_settings(args: argparse.Namespace):
         app, batching = AppArgs(), BatchingConfig()
     else:
         raise SettingsError("say which model to run: --model SOURCE, or --config FILE (a Serve config)")
-    if args.model:
+    if args.model and args.model not in [model.id for model in app.served_models()]:
+        # A model source rather than one of the config's model ids: run it with the config's shared options.
         try:
-            app = AppArgs.model_validate({**app.model_dump(), "model": args.model})
+            app = AppArgs.model_validate(
+                {**app.model_dump(exclude={"models", "default_model", "refiner"}), "model": args.model}
+            )
         except ValidationError as exc:
             raise SettingsError(
                 "; ".join(error["msg"].removeprefix("Value error, ") for error in exc.errors())
             ) from None
-    pipeline = app.pipeline.model_copy(
+    served = next(model for model in app.served_models() if model.id == (args.model or app.default_model_id))
+    pipeline = served.pipeline.model_copy(
         update={
             name: value
             for name, value in (
@@ -122,10 +129,10 @@ def build_settings(args: argparse.Namespace):
         "quality": args.quality,
     }
     settings = {
-        "model": app.model,
+        "model": served.source,
         "pipeline": pipeline,
-        "defaults": app.defaults,
-        "limits": app.limits,
+        "defaults": served.defaults,
+        "limits": served.limits,
         "row_defaults": {k: v for k, v in row_defaults.items() if v is not None},
         "base_seed": args.base_seed,
         "max_batch_size": args.max_batch_size or batching.max_batch_size,

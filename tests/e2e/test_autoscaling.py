@@ -1,4 +1,5 @@
-"""Autoscaling under real load: 1 -> 2 generator replicas and back, and a cold start from zero.
+"""Autoscaling under real load: 1 -> 2 generator replicas and back (serving two models, routed by Serve's
+model multiplexing), and a cold start from zero.
 
 Replica counts come from Serve's status API (serve.status()), the same source as
 `serve status`. Times are measured and reported (see the "measurements" summary
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -48,6 +50,17 @@ def _autoscaling(config: dict, autoscaling: dict) -> None:
     }
 
 
+def two_models(config: dict) -> None:
+    """Two synthetic models (other weights) on every replica (cap 2), "tiny" the default."""
+    args = config["applications"][0]["args"]
+    args.pop("model")
+    args["models"] = [
+        {"id": "tiny", "model": "synthetic:tiny"},
+        {"id": "tiny-b", "model": "synthetic:tiny", "pipeline": {"seed": 1}},
+    ]
+    args["max_models_per_replica"] = 2
+
+
 def replica_states() -> dict[str, int]:
     from ray import serve
 
@@ -72,7 +85,7 @@ def wait_for_replicas(running: int, timeout_s: float) -> tuple[float, list[tuple
 
 
 def replicas_that_generated(url: str, want: int, timeout_s: float) -> dict[str, dict]:
-    """Replica id -> its model calls by batch size, from /info (each /info call reaches one replica),
+    """Replica id -> its model calls by batch size and models loaded, from /info (each /info call reaches one replica),
     for replicas that have made images, until `want` of them are seen (or `timeout_s` passes)."""
     seen: dict[str, dict] = {}
     deadline = time.monotonic() + timeout_s
@@ -80,17 +93,22 @@ def replicas_that_generated(url: str, want: int, timeout_s: float) -> dict[str, 
         while len(seen) < want and time.monotonic() < deadline:
             info = http.get("/info").json()["generator"]
             if info["jobs"]["succeeded"]:
-                seen[info["replica"]] = info["model_calls_by_batch_size"]
+                seen[info["replica"]] = {
+                    "calls": info["model_calls_by_batch_size"],
+                    "models": sorted(info["models"]["loaded"]),
+                }
             time.sleep(0.05)
     return seen
 
 
 class LoopbackLoad:
-    """`clients` threads posting /generate back to back until stopped (or a deadline passes)."""
+    """`clients` threads posting /generate back to back until stopped (or a deadline passes); client i
+    asks for models[i % len(models)] when models are given."""
 
-    def __init__(self, url: str, clients: int, max_seconds: float):
-        self.url, self.clients, self.max_seconds = url, clients, max_seconds
+    def __init__(self, url: str, clients: int, max_seconds: float, models: tuple[str, ...] = ()):
+        self.url, self.clients, self.max_seconds, self.models = url, clients, max_seconds, models
         self.statuses: list[int] = []
+        self.answered_by: Counter[tuple[str, str]] = Counter()  # (model asked, X-Model answered) -> count
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(clients)
 
@@ -103,8 +121,11 @@ class LoopbackLoad:
     def _client(self, client: int, deadline: float) -> None:
         with httpx.Client(base_url=self.url, timeout=60) as http:
             n = 0
+            model = {"model": self.models[client % len(self.models)]} if self.models else {}
             while not self._stop.is_set() and time.monotonic() < deadline:
-                self.statuses.append(http.post("/generate", json={"prompt": f"load {client}", "seed": n}).status_code)
+                response = http.post("/generate", json={"prompt": f"load {client}", "seed": n, **model})
+                self.statuses.append(response.status_code)
+                self.answered_by[(model.get("model", ""), response.headers.get("x-model", ""))] += 1
                 n += 1
 
     def __exit__(self, *exc) -> None:
@@ -112,17 +133,22 @@ class LoopbackLoad:
         self._pool.shutdown(wait=True)
 
 
-def test_load_scales_the_generator_to_two_replicas_and_back_to_one(serve_cluster, deployed_variant, record_property):
-    deployed_variant(autoscaling(min_replicas=1, max_replicas=2))
+def test_load_for_two_models_scales_the_generator_to_two_replicas_and_back_to_one(
+    serve_cluster, deployed_variant, record_property
+):
+    scaled = autoscaling(min_replicas=1, max_replicas=2)
+    deployed_variant(lambda config: (scaled(config), two_models(config)))
     wait_for_replicas(1, timeout_s=60)
 
-    with LoopbackLoad(serve_cluster.url, clients=8, max_seconds=180) as load:
+    with LoopbackLoad(serve_cluster.url, clients=8, max_seconds=180, models=("tiny", "tiny-b")) as load:
         scale_up_s, seen_up = wait_for_replicas(2, timeout_s=150)
         served_by = replicas_that_generated(serve_cluster.url, want=2, timeout_s=60)
     scale_down_s, seen_down = wait_for_replicas(1, timeout_s=120)
 
     print(f"\nscale-up {scale_up_s:.1f}s via {seen_up}; scale-down {scale_down_s:.1f}s via {seen_down}")
-    print(f"{len(load.statuses)} requests during the load; pipeline calls by batch size per replica: {served_by}")
+    print(
+        f"{len(load.statuses)} requests during the load; pipeline calls by batch size and models per replica: {served_by}"
+    )
     # The first state other than one running replica: the autoscaler's decision (the second replica
     # PENDING_ALLOCATION or STARTING; a quick start may show it only RUNNING). seen_up[0] is one RUNNING.
     decided_s = next(t for t, states in seen_up if states != {"RUNNING": 1})
@@ -131,6 +157,9 @@ def test_load_scales_the_generator_to_two_replicas_and_back_to_one(serve_cluster
     record_property("autoscaling: 2 -> 1 replica after the load (s)", round(scale_down_s, 1))
     assert len(served_by) == 2, f"only {list(served_by)} generated images while 2 replicas ran"
     assert load.statuses and set(load.statuses) == {200}, "requests failed while the generator scaled"
+    # Every answer came from the model it asked for, on whichever replica Serve routed it to.
+    assert {asked for asked, _ in load.answered_by} == {"tiny", "tiny-b"}
+    assert all(asked == answered for asked, answered in load.answered_by), load.answered_by
 
 
 def test_scale_to_zero_and_a_cold_start_request_waits_and_succeeds(serve_cluster, deployed_variant, record_property):

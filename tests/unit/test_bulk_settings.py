@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from serve_app.bulk.command import build_settings
 from serve_app.bulk.runner import _fit_to_cluster, _rows_per_task
@@ -21,6 +22,25 @@ def test_a_serve_config_gives_the_model_its_options_limits_and_batching():
     assert settings.pipeline.device == "cpu" and settings.pipeline.torch_threads == 1
     assert settings.limits.max_width == 256 and settings.limits.max_steps == 50
     assert settings.max_batch_size == 8 and settings.rows_per_call == 16
+
+
+def test_a_config_with_several_models_runs_its_default_or_the_one_named_with_that_models_options(tmp_path):
+    config = yaml.safe_load(DEMO_CONFIG.read_text())
+    args = config["applications"][0]["args"]
+    args.pop("model")
+    args["models"] = [
+        {"id": "tiny", "model": "synthetic:tiny"},
+        {"id": "xl", "model": "synthetic:tiny-xl", "pipeline": {"seed": 3}, "limits": {"max_width": 512}},
+    ]
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(config))
+    default = settings_of("--config", str(path))
+    assert default.model == "synthetic:tiny" and default.limits.max_width == 256
+    named = settings_of("--config", str(path), "--model", "xl")
+    assert named.model == "synthetic:tiny-xl" and named.pipeline.seed == 3 and named.limits.max_width == 512
+    # A source instead of an id: that model, with the config's shared options.
+    source = settings_of("--config", str(path), "--model", "synthetic:tiny-xl")
+    assert source.model == "synthetic:tiny-xl" and source.pipeline.seed == 0 and source.limits.max_width == 256
 
 
 def test_options_override_the_config_and_row_values_are_defaults_for_rows():

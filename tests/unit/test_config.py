@@ -140,6 +140,20 @@ def test_each_model_takes_the_shared_options_with_its_own_on_top_and_the_default
     assert [m.id for m in AppArgs().served_models()] == ["synthetic:tiny"]
 
 
+def test_a_model_changes_the_shared_limits_it_names_and_the_api_publishes_the_widest():
+    args = AppArgs.model_validate(
+        {
+            "models": [{**TWO_MODELS[0], "limits": {"max_width": 512, "max_pixels": 512 * 256}}, TWO_MODELS[1]],
+            "limits": {"max_width": 256, "max_height": 256, "max_pixels": 65536, "max_steps": 50},
+        }
+    )
+    a, b = args.served_models()
+    assert (a.limits.max_width, a.limits.max_height, a.limits.max_pixels, a.limits.max_steps) == (512, 256, 131072, 50)
+    assert b.limits == args.limits
+    published = args.published_limits()
+    assert (published.max_width, published.max_pixels, published.max_steps) == (512, 131072, 50)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -148,6 +162,8 @@ def test_each_model_takes_the_shared_options_with_its_own_on_top_and_the_default
         ({"models": TWO_MODELS, "default_model": "c"}, "default_model 'c' is not among"),
         ({"models": [{"id": "a", "model": "synthetic:tiny", "pipeline": {"devcie": "cpu"}}]}, "models[a].pipeline"),
         ({"models": [{"id": "a b", "model": "synthetic:tiny"}]}, "models.0.id"),
+        ({"models": [{"id": "a", "model": "synthetic:tiny", "limits": {"min_size": 2048}}]}, "models[a].limits"),
+        ({"models": [{"id": "a", "model": "synthetic:tiny", "limits": {"max_body_bytes": 9}}]}, "models.0.limits"),
     ],
 )
 def test_incoherent_models_are_refused_naming_what_to_fix(args, message):

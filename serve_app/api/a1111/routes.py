@@ -34,7 +34,12 @@ async def txt2img(body: A1111Txt2ImgRequest, request: Request, service: Service)
 async def img2img(body: A1111Img2ImgRequest, request: Request, service: Service):
     params = body.image_params()
     init_image = await run_in_threadpool(
-        decode_init_image, body.init_images[0], service.limits, params.width, params.height, "init_images.0"
+        decode_init_image,
+        body.init_images[0],
+        service.models.limits_for(params.model),
+        params.width,
+        params.height,
+        "init_images.0",
     )
     jobs = service.jobs_for(
         params,

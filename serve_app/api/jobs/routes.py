@@ -34,7 +34,7 @@ async def submit(body: JobRequest, request: Request, service: Service):
     init_image = None
     if body.init_image is not None:
         init_image = await run_in_threadpool(
-            decode_init_image, body.init_image, service.limits, body.width, body.height
+            decode_init_image, body.init_image, service.models.limits_for(body.model), body.width, body.height
         )
     record = await submit_job(
         service,
@@ -137,7 +137,8 @@ async def _refine(service: GenerationService, request: Request, job_id: str, bod
     png = await run_in_threadpool(service.store.get_image, job_id, body.image)
     if png is None:
         raise ApiError(410, "job_expired", f"the images of job {job_id} were deleted")
-    init_image = await run_in_threadpool(decode_init_image, png, service.limits, None, None)
+    limits = service.models.limits_for(source.params.model)
+    init_image = await run_in_threadpool(decode_init_image, png, limits, None, None)
     stored = source.images[body.image]
     # By default the steps the image was made with, and never so few that the strength leaves none.
     steps = body.num_inference_steps or max(

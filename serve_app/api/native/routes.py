@@ -110,7 +110,13 @@ async def _events(service: Service, jobs, options: OutputOptions, request_id: st
 async def img2img(request: Request, service: Service):
     body, upload, media_type = await _read_img2img(request)
     init_image = await run_in_threadpool(
-        decode_init_image, upload, service.limits, body.width, body.height, "init_image", media_type
+        decode_init_image,
+        upload,
+        service.models.limits_for(body.model),
+        body.width,
+        body.height,
+        "init_image",
+        media_type,
     )
     return await _generate(request, service, body, init_image)
 

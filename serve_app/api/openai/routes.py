@@ -58,7 +58,7 @@ async def edit_image(
     init_image = await run_in_threadpool(
         decode_init_image,
         await form.image.read(),
-        service.limits,
+        service.models.limits_for(params.model),
         params.width,
         params.height,
         "image",
