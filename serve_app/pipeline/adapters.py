@@ -76,14 +76,23 @@ class AdapterSettings(BaseModel):
 class AdapterCatalog:
     """The adapters a deployment offers: `*.safetensors` in `directory` (name = file stem) and synthetic ones."""
 
+    # Every request's adapter names are checked against the listing: a directory of thousands of files is
+    # listed at most this often, and a file added to it is offered within this long, without a restart.
+    LISTING_TTL_S = 5.0
+
     def __init__(self, directory: str | None = None, synthetic: list[SyntheticAdapter] | tuple = ()):
         self.directory = Path(directory).expanduser() if directory else None
         self.synthetic = {adapter.name: adapter for adapter in synthetic}
+        self._listing: tuple[float, dict[str, Path]] | None = None
 
     def _files(self) -> dict[str, Path]:
-        if self.directory is None or not self.directory.is_dir():
+        if self.directory is None:
             return {}
-        return {path.stem: path for path in sorted(self.directory.glob("*.safetensors"))}
+        now = time.monotonic()
+        if self._listing is None or now - self._listing[0] > self.LISTING_TTL_S:
+            found = sorted(self.directory.glob("*.safetensors")) if self.directory.is_dir() else []
+            self._listing = (now, {path.stem: path for path in found})
+        return self._listing[1]
 
     def names(self) -> list[str]:
         return sorted({*self._files(), *self.synthetic})

@@ -106,6 +106,47 @@ def test_past_the_cap_the_least_recently_used_adapter_is_unloaded_and_reloads_wh
     assert engine.adapters.describe() == {"loaded": ["ink"], "loads": 3, "evictions": 2}
 
 
+def _as_kohya(diffusers_file, kohya_file) -> None:
+    """The same adapter in kohya's naming (sd-scripts): lora_unet_<module path>.lora_down/lora_up, alpha = rank."""
+    from safetensors.torch import load_file, save_file
+
+    converted = {}
+    for key, weights in load_file(diffusers_file).items():
+        module, kind = key.removeprefix("unet.").rsplit(".lora_", 1)  # kind: "A.weight" (down) or "B.weight" (up)
+        name = "lora_unet_" + module.replace(".", "_")
+        converted[f"{name}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = weights
+        if kind.startswith("A"):
+            converted[f"{name}.alpha"] = torch.tensor(float(weights.shape[0]))
+    save_file(converted, kohya_file)
+
+
+def test_adapter_files_in_the_directory_in_diffusers_or_kohya_format_make_the_same_image(tmp_path):
+    import shutil
+
+    written = write_synthetic_adapter(ADAPTERS[0], tmp_path / "written")
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    shutil.copy(written, folder / "sketch.safetensors")
+    _as_kohya(written, folder / "kohya-sketch.safetensors")
+    catalog = AdapterCatalog(str(folder), ADAPTERS)
+    assert catalog.names() == ["ink", "kohya-sketch", "neon", "sketch"]
+    assert {entry["name"]: entry["source"] for entry in catalog.describe()}["sketch"] == "file"
+
+    engine = _engine(directory=str(folder))
+    inked, sketched, kohya = engine.generate([_job(1, (name, 1.0)) for name in ("ink", "sketch", "kohya-sketch")])
+    assert np.array_equal(_pixels(sketched), _pixels(inked)) and np.array_equal(_pixels(kohya), _pixels(inked))
+
+
+def test_the_directory_listing_is_read_again_once_it_is_older_than_its_time_to_live(tmp_path, monkeypatch):
+    monkeypatch.setattr(AdapterCatalog, "LISTING_TTL_S", 3600.0)
+    catalog = AdapterCatalog(str(tmp_path))
+    assert catalog.names() == []
+    write_synthetic_adapter(ADAPTERS[0], tmp_path).rename(tmp_path / "late.safetensors")
+    assert catalog.names() == []  # listed moments ago: not read again per request
+    monkeypatch.setattr(AdapterCatalog, "LISTING_TTL_S", 0.0)
+    assert catalog.names() == ["late"]
+
+
 def test_an_unknown_adapter_fails_its_job_naming_the_field(engine):
     [result] = engine.generate([_job(1, ("nope", 1.0))])
     assert isinstance(result, InvalidJobError) and result.field == "loras" and "ink, neon" in result.message
