@@ -30,7 +30,7 @@ from ..job_queue.store import JobStore
 from ..pipeline.errors import GenerationError
 from ..pipeline.jobs import GenerationJob, ImageResult
 from ..pipeline.params import SEED_MAX, ImageParams, split_lora_tags
-from .encoding import encode_image, parameters_text
+from .encoding import decode_init_image, encode_image, parameters_text
 from .errors import ApiError
 from .middleware import REQUEST_DEADLINE
 
@@ -218,6 +218,13 @@ class GenerationService:
         limits = self.models.limits_for(params.model)
         own = params.model if limits != self.limits else None  # narrower than what the API publishes: say whose
         return build_jobs(params, num_images, limits, request_id, init_image=init_image, names=names, model=own)
+
+    async def init_image(
+        self, data: bytes | str, params: ImageParams, field: str = "init_image", media_type: str | None = None
+    ) -> np.ndarray:
+        """An uploaded image, decoded off the event loop, at the size `params` ask for within their model's limits."""
+        limits = self.models.limits_for(params.model)
+        return await run_in_threadpool(decode_init_image, data, limits, params.width, params.height, field, media_type)
 
     async def generate(self, jobs: list[GenerationJob]) -> list[ImageResult]:
         """One Generator call per image, so the images of one request batch with everyone else's."""

@@ -9,6 +9,7 @@ counters (/info `generator.jobs`), never on time passing.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -60,11 +61,16 @@ def test_overload_at_four_times_capacity_sheds_503_with_retry_after(tight_server
     # measured on this size (not on a fresh replica's first, slower, model calls) admits what fits.
     burst(tight_server, [("/generate", {**SLOW, "seed": 1000 + i}) for i in range(ACTIVE)], timeout=300)
     before = generator_jobs(http)
-    responses = burst(tight_server, [("/generate", {**LONG, "seed": i}) for i in range(4 * capacity)], timeout=300)
+    with HealthProbes(tight_server) as probes:
+        responses = burst(tight_server, [("/generate", {**LONG, "seed": i}) for i in range(4 * capacity)], timeout=300)
     statuses = Counter(r.status_code for r in responses)
     shed_by = Counter(r.json()["error"]["message"].split(":")[-1][:60] for r in responses if r.status_code == 503)
     print(f"\noverload at 4x capacity ({4 * capacity} requests): {dict(statuses)}; shed: {dict(shed_by)}")
+    print(f"health during the burst: {len(probes.statuses)} probes, slowest {probes.slowest_s:.2f} s")
+    # Only answers and refusals: no 504 (an accepted request past its deadline), no Serve 408, no 500.
     assert set(statuses) <= {200, 503}, statuses
+    # The probes kept answering, and said the server is up and ready, while it shed the flood.
+    assert probes.statuses and set(probes.statuses) == {200}, Counter(probes.statuses)
     # Accepted requests complete (at least one round of the Generator's 8); the excess is shed at once
     # instead of queueing without bound.
     assert statuses[200] >= ACTIVE and statuses[503] >= 2 * capacity
@@ -79,6 +85,34 @@ def test_overload_at_four_times_capacity_sheds_503_with_retry_after(tight_server
     # Shed requests cost no images: the Generator made exactly the answered ones.
     after = wait_until(lambda: idle(jobs := generator_jobs(http)) and jobs, timeout_s=60, what="the burst is done")
     assert after["succeeded"] - before["succeeded"] == statuses[200]
+
+
+class HealthProbes:
+    """/healthz and /readyz in turn, ten times a second from a thread of their own, while the block runs."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.statuses: list[int] = []
+        self.slowest_s = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._probe, daemon=True)
+
+    def _probe(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=60) as client:
+            while not self._stop.is_set():
+                for path in ("/healthz", "/readyz"):
+                    started = time.perf_counter()
+                    self.statuses.append(client.get(path).status_code)
+                    self.slowest_s = max(self.slowest_s, time.perf_counter() - started)
+                self._stop.wait(0.1)
+
+    def __enter__(self) -> HealthProbes:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _occupy(http: httpx.Client, count: int) -> tuple[ThreadPoolExecutor, list[Future]]:

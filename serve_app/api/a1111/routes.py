@@ -6,11 +6,10 @@ import json
 import time
 
 from fastapi import APIRouter, Request
-from starlette.concurrency import run_in_threadpool
 
 from ...pipeline.jobs import ImageResult
 from ...pipeline.schedulers import SCHEDULERS, a1111_name
-from ..encoding import b64, decode_init_image, parameters_text
+from ..encoding import b64, parameters_text
 from ..errors import request_id_of
 from ..jobs.routes import find, owner
 from ..serving import Service, encode_images
@@ -33,14 +32,7 @@ async def txt2img(body: A1111Txt2ImgRequest, request: Request, service: Service)
 @router.post("/img2img", response_model=A1111GenerationResult, summary="AUTOMATIC1111: image to image")
 async def img2img(body: A1111Img2ImgRequest, request: Request, service: Service):
     params = body.image_params()
-    init_image = await run_in_threadpool(
-        decode_init_image,
-        body.init_images[0],
-        service.models.limits_for(params.model),
-        params.width,
-        params.height,
-        "init_images.0",
-    )
+    init_image = await service.init_image(body.init_images[0], params, "init_images.0")
     jobs = service.jobs_for(
         params,
         body.num_images,

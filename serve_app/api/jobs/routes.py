@@ -33,9 +33,7 @@ _ACCEPTED = {202: {"description": "accepted: the job's id, status and URLs; Loca
 async def submit(body: JobRequest, request: Request, service: Service):
     init_image = None
     if body.init_image is not None:
-        init_image = await run_in_threadpool(
-            decode_init_image, body.init_image, service.models.limits_for(body.model), body.width, body.height
-        )
+        init_image = await service.init_image(body.init_image, body.image_params())
     record = await submit_job(
         service,
         request,

@@ -7,10 +7,9 @@ import json
 from fastapi import APIRouter, Request, UploadFile
 from fastapi.responses import Response
 from pydantic import Field
-from starlette.concurrency import run_in_threadpool
 
 from ...pipeline.jobs import ImageResult
-from ..encoding import MEDIA_TYPES, b64, decode_init_image, zip_archive
+from ..encoding import MEDIA_TYPES, b64, zip_archive
 from ..errors import ApiError, request_id_of, validate_or_422
 from ..jobs.routes import accepted, event_stream, submit_job
 from ..serving import Service, encode_images
@@ -109,15 +108,7 @@ async def _events(service: Service, jobs, options: OutputOptions, request_id: st
 )
 async def img2img(request: Request, service: Service):
     body, upload, media_type = await _read_img2img(request)
-    init_image = await run_in_threadpool(
-        decode_init_image,
-        upload,
-        service.models.limits_for(body.model),
-        body.width,
-        body.height,
-        "init_image",
-        media_type,
-    )
+    init_image = await service.init_image(upload, body.image_params(), "init_image", media_type)
     return await _generate(request, service, body, init_image)
 
 

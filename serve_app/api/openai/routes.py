@@ -12,10 +12,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Form, Request, UploadFile
 from pydantic import Field
-from starlette.concurrency import run_in_threadpool
 
 from ...pipeline.jobs import ImageResult
-from ..encoding import b64, decode_init_image
+from ..encoding import b64
 from ..errors import ApiError, request_id_of
 from ..serving import Service, encode_images
 from .protocol import (
@@ -55,15 +54,7 @@ async def edit_image(
     service: Service,
 ):
     params = form.image_params()
-    init_image = await run_in_threadpool(
-        decode_init_image,
-        await form.image.read(),
-        service.models.limits_for(params.model),
-        params.width,
-        params.height,
-        "image",
-        form.image.content_type,
-    )
+    init_image = await service.init_image(await form.image.read(), params, "image", form.image.content_type)
     jobs = service.jobs_for(
         params,
         form.n,
