@@ -166,6 +166,8 @@ class LoraMixer:
         self._active: tuple[str, ...] = ()  # adapters active on the pipeline's LoRA layers
         self._scales: dict[str, object] = {}  # adapter -> per-row scale tensor during a call
         self._row_jobs = None  # which job each row of the next calls belongs to (None: rows are jobs, repeated)
+        self._shaped: dict[tuple, object] = {}  # (adapter, rows, dims) -> its scales as that layer multiplies them
+        self._device = None  # the UNet's (asking the pipeline walks every module)
         self._hooked: weakref.WeakSet = weakref.WeakSet()
 
     def describe(self) -> dict:
@@ -227,9 +229,17 @@ class LoraMixer:
         return [c for c in (getattr(self.pipe, n, None) for n in ("unet", "text_encoder", "text_encoder_2")) if c]
 
     def _scale_rows(self, name: str, module, inputs, output):
+        # Every LoRA layer of a call sees the same rows: shape each adapter's scales once per call.
+        key = (name, output.shape[0], output.dim(), output.dtype)
+        shaped = self._shaped.get(key)
+        if shaped is None:
+            shaped = self._shaped[key] = self._shape_scales(name, output)
+        return output * shaped
+
+    def _shape_scales(self, name: str, output):
         scales = self._scales.get(name)
         if scales is None:
-            return output * 0  # an adapter no row of this call asked for adds nothing
+            return output.new_zeros(())  # an adapter no row of this call asked for adds nothing
         rows = output.shape[0]
         if self._row_jobs is not None and len(self._row_jobs) == rows:
             scales = scales[self._row_jobs]
@@ -237,7 +247,7 @@ class LoraMixer:
             if rows % len(scales):
                 raise RuntimeError(f"a LoRA layer saw {rows} rows for {len(scales)} images")
             scales = scales.repeat(rows // len(scales))  # guidance: unconditional rows, then conditional
-        return output * scales.view(-1, *([1] * (output.dim() - 1))).to(output.dtype)
+        return scales.view(-1, *([1] * (output.dim() - 1))).to(output.dtype)
 
     @contextmanager
     def applied(self, per_job: list[AdapterKey], row_jobs: list[int] | None = None) -> Iterator[None]:
@@ -263,7 +273,9 @@ class LoraMixer:
                 self.pipe.enable_lora()
                 self.pipe.set_adapters(active, [1.0] * len(active))  # the scale comes per row, from the hooks
             self._active = tuple(active)
-        device = self.pipe.unet.device
+        if self._device is None:
+            self._device = self.pipe.unet.device
+        device = self._device
         self._scales = {
             name: torch.tensor([dict(key).get(name, 0.0) for key in per_job], dtype=torch.float32, device=device)
             for name in self._active
@@ -272,7 +284,7 @@ class LoraMixer:
         try:
             yield
         finally:
-            self._scales, self._row_jobs = {}, None
+            self._scales, self._row_jobs, self._shaped = {}, None, {}
 
 
 def _inference_mode():
