@@ -29,7 +29,7 @@ import torch
 from .adapters import AdapterSettings, LoraMixer
 from .errors import GenerationError, InsufficientMemoryError, InvalidJobError, PipelineUnavailableError
 from .jobs import GenerationJob, ImageResult, group_by_call_key
-from .loading import ModelSource, PipelineOptions, load_pipeline, load_refiner
+from .loading import ModelSource, PipelineOptions, image_to_image, load_pipeline, load_refiner
 from .params import REFINER_DENOISING_START, GenerationDefaults, ImageParams, RefinerParams
 from .schedulers import SCHEDULER_NAMES, make_scheduler
 
@@ -107,10 +107,7 @@ class ImageEngine:
     def img2img(self):
         """The image-to-image pipeline, sharing every module (and so all weights) with text-to-image."""
         if self._img2img is None:
-            from diffusers import AutoPipelineForImage2Image
-
-            self._img2img = AutoPipelineForImage2Image.from_pipe(self.pipe)
-            self._img2img.set_progress_bar_config(disable=True)
+            self._img2img = image_to_image(self.pipe)
         return self._img2img
 
     @property

@@ -173,6 +173,15 @@ def _apply_optimisations(pipe, options: PipelineOptions) -> None:
         pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs")
 
 
+def image_to_image(pipe):
+    """The image-to-image pipeline over `pipe`'s modules: no weights copied, no progress bars."""
+    from diffusers import AutoPipelineForImage2Image
+
+    img2img = AutoPipelineForImage2Image.from_pipe(pipe)
+    img2img.set_progress_bar_config(disable=True)
+    return img2img
+
+
 def load_refiner(source: ModelSource, options: PipelineOptions, base):
     """The image-to-image pipeline of a refiner (SDXL's), sharing the base pipeline's second text encoder
     and VAE where the architectures match (the refiner's own are never loaded then)."""

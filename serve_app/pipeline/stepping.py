@@ -54,6 +54,7 @@ import torch
 
 from .errors import GenerationError, InvalidJobError
 from .jobs import GenerationJob
+from .loading import image_to_image
 from .schedulers import SCHEDULER_NAMES, make_scheduler
 
 logger = logging.getLogger(__name__)
@@ -305,10 +306,7 @@ class StepPipeline:
     def img2img(self):
         """The image-to-image pipeline over the same modules (its helpers only; never called whole here)."""
         if self._img2img is None:
-            from diffusers import AutoPipelineForImage2Image
-
-            self._img2img = AutoPipelineForImage2Image.from_pipe(self.pipe)
-            self._img2img.set_progress_bar_config(disable=True)
+            self._img2img = image_to_image(self.pipe)
         return self._img2img
 
     # -- start --------------------------------------------------------------------------
