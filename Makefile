@@ -13,7 +13,7 @@ PIP := $(VENV)/bin/pip
 PY := $(VENV)/bin/python
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install install-test chromium serve test test-unit test-e2e lint bench soak clean local-cluster kuberay-manifest
+.PHONY: install install-test chromium serve test test-fast test-unit test-e2e lint bench soak clean local-cluster kuberay-manifest
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ test: install-test
 
 test-unit: install-test
 	$(VENV)/bin/pytest tests/unit
+
+# The loop while changing code: units and the demo server's e2e, without the tests marked slow.
+test-fast: install-test
+	$(VENV)/bin/pytest -m "not slow"
 
 test-e2e: install-test
 	$(VENV)/bin/pytest tests/e2e

@@ -26,6 +26,9 @@ from PIL import Image
 
 from serve_app.bulk.manifest import Output, done_rows, read_entries
 
+# A two-node Ray cluster for the module, and Ray Data runs of tens of seconds each.
+pytestmark = pytest.mark.slow
+
 RUN_TIMEOUT_S = 300
 
 
@@ -164,7 +167,6 @@ def test_jsonl_rows_become_images_with_their_own_parameters_on_both_nodes_and_ba
         assert made.info["parameters"] == answer.info["parameters"]  # the same metadata, the same model name
 
 
-@pytest.mark.slow
 def test_a_killed_run_resumes_without_redoing_finished_rows(cluster, tmp_path):
     """Parquet in: its nulls mean "not given", so a row without a seed gets base seed + row."""
     rows = [{"prompt": f"row {i}", "num_inference_steps": 20, "seed": None} for i in range(32)]

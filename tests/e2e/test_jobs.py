@@ -45,6 +45,10 @@ class Receiver:
         self.server.shutdown()
 
 
+# A variant of the demo config (its own store, one job at a time, webhooks allowed): replicas restart.
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def receiver():
     receiver = Receiver()
