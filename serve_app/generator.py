@@ -84,14 +84,7 @@ class ImageGenerator:
         served = self._models.get(model_id)
         if served is None:
             raise InvalidJobError(f"unknown model {model_id!r}; available: {', '.join(self._models)}", "model")
-        try:
-            runtime = ModelRuntime(served, self._adapters, self.limits)
-        except MemoryError as exc:
-            raise _does_not_fit(model_id, list(self._loaded)) from exc
-        except Exception as exc:
-            if type(exc).__name__ == "OutOfMemoryError":  # torch's, without importing torch here
-                raise _does_not_fit(model_id, list(self._loaded)) from exc
-            raise
+        runtime = ModelRuntime.load(served, self._adapters, self.limits, beside=list(self._loaded))
         self.model_loads += 1
         self.model_load_s += runtime.load_s
         self.metrics.model_loads.inc()
@@ -306,6 +299,8 @@ class ModelRuntime:
 
         started = time.perf_counter()
         self.id = served.id
+        self.on_unload = None  # set by the Generator: called once unloaded
+        self._unloaded = True  # nothing to stop (or count) until the loop runs: a failed load leaves nothing
         self.engine = ImageEngine.load(served.source, served.pipeline, served.defaults, adapters, served.refiner)
         self.warmup_s = self.engine.warmup()
         self.counters = LoopCounters()
@@ -313,8 +308,18 @@ class ModelRuntime:
         self.loop = EngineLoop(self.batcher, self.engine.prepare)
         self.load_s = time.perf_counter() - started
         self.loaded_at = time.time()
-        self.on_unload = None  # set by the Generator: called once unloaded
         self._unloaded = False
+
+    @classmethod
+    def load(cls, served: ServedModel, adapters: AdapterSettings, limits, beside: list[str]) -> ModelRuntime:
+        """Load `served`; one that does not fit in memory (`beside` the models loaded) is a clear error, raised
+        once: the request that asked for it gets 507, and the replica goes on serving what it holds."""
+        try:
+            return cls(served, adapters, limits)
+        except Exception as exc:
+            if _out_of_memory(exc):
+                raise _does_not_fit(served.id, beside) from exc
+            raise
 
     def describe(self) -> dict:
         return {
@@ -344,6 +349,15 @@ def _plain_function(method):
         return await method(model_id)
 
     return call
+
+
+def _out_of_memory(exc: Exception) -> bool:
+    """Python's MemoryError, torch's OutOfMemoryError (CUDA, MPS), or torch's CPU allocator giving up."""
+    return (
+        isinstance(exc, MemoryError)
+        or type(exc).__name__ == "OutOfMemoryError"  # without importing torch here
+        or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+    )
 
 
 def _does_not_fit(model_id: str, loaded: list[str]) -> InsufficientMemoryError:
