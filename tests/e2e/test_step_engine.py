@@ -3,6 +3,8 @@ UNet calls, and short requests join while long ones run (continuous batching, se
 
 from __future__ import annotations
 
+import json
+import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -40,3 +42,37 @@ def test_short_requests_join_long_ones_mid_flight_and_finish_first(demo_server, 
     }
     assert any(size >= 4 and count > 0 for size, count in shared.items()), shared
     assert max(int(r.headers["x-batch-size"]) for r in short_responses) >= 4
+
+
+def test_a_client_that_hangs_up_mid_flight_stops_costing_compute_at_the_next_step(demo_server, client):
+    before = client.get("/info").json()["generator"]["jobs"]
+    host, port = demo_server.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": "abandoned", "num_inference_steps": 50, "width": 256, "height": 256}).encode()
+    with socket.create_connection((host, int(port))) as caller:
+        caller.sendall(
+            b"POST /generate HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (host.encode(), len(body), body)
+        )
+        wait_until(
+            lambda: (
+                (jobs := client.get("/info").json()["generator"]["jobs"])["admitted"] > before["admitted"]
+                and jobs["running"] >= 1
+            ),
+            30,
+            "the image is being denoised",
+        )
+    # The connection is closed: Serve's proxy cancels the request, the ingress its Generator call, and the
+    # engine drops the image's rows at its next step.
+    after = wait_until(
+        lambda: (
+            (jobs := client.get("/info").json()["generator"]["jobs"])["cancelled_in_flight"]
+            > before["cancelled_in_flight"]
+            and jobs["running"] == 0
+            and jobs
+        ),
+        60,
+        "the abandoned image left the engine",
+    )
+    assert (
+        after["succeeded"] == before["succeeded"] and after["cancelled_in_flight"] - before["cancelled_in_flight"] == 1
+    )
