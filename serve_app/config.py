@@ -75,14 +75,15 @@ class ModelLimits(_Strict):
     """Keys of `args.limits` that one model changes (an SDXL model allows 1024x1024 where an SD 1.5 one
     stops at 512x512); the ingress-wide ones (body size, deadline, concurrency) stay shared."""
 
-    min_size: int | None = Field(None, ge=8, multiple_of=8)
-    max_width: int | None = Field(None, ge=8, multiple_of=8)
-    max_height: int | None = Field(None, ge=8, multiple_of=8)
-    max_pixels: int | None = Field(None, ge=64)
-    max_steps: int | None = Field(None, ge=1)
-    max_guidance_scale: float | None = Field(None, ge=0)
-    max_num_images: int | None = Field(None, ge=1)
-    max_prompt_chars: int | None = Field(None, ge=1)
+    # Bounds are RequestLimits' own: `over` checks the result against them.
+    min_size: int | None = None
+    max_width: int | None = None
+    max_height: int | None = None
+    max_pixels: int | None = None
+    max_steps: int | None = None
+    max_guidance_scale: float | None = None
+    max_num_images: int | None = None
+    max_prompt_chars: int | None = None
 
     def over(self, base: RequestLimits) -> RequestLimits:
         """`base` with these keys changed (validated together: min_size still fits the maxima)."""

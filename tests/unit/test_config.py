@@ -163,6 +163,7 @@ def test_a_model_changes_the_shared_limits_it_names_and_the_api_publishes_the_wi
         ({"models": [{"id": "a", "model": "synthetic:tiny", "pipeline": {"devcie": "cpu"}}]}, "models[a].pipeline"),
         ({"models": [{"id": "a b", "model": "synthetic:tiny"}]}, "models.0.id"),
         ({"models": [{"id": "a", "model": "synthetic:tiny", "limits": {"min_size": 2048}}]}, "models[a].limits"),
+        ({"models": [{"id": "a", "model": "synthetic:tiny", "limits": {"max_width": 500}}]}, "multiple of 8"),
         ({"models": [{"id": "a", "model": "synthetic:tiny", "limits": {"max_body_bytes": 9}}]}, "models.0.limits"),
     ],
 )
