@@ -81,23 +81,72 @@ async function loadServerInfo() {
 }
 
 function applyInfo(info) {
-  const limits = info.limits || {};
   const generator = info.generator || {};
-  const defaults = generator.defaults || {};
+  applyDefaultsAndLimits(generator.defaults || {}, info.limits || {});
+  const select = $("scheduler");
+  for (const name of generator.schedulers || []) {
+    if (![...select.options].some((o) => o.value === name)) select.add(new Option(name, name));
+  }
+}
+
+function applyDefaultsAndLimits(defaults, limits) {
   // Defaults are placeholders, not values: an empty field lets the server choose.
   for (const name of ["width", "height", "num_inference_steps", "guidance_scale"]) {
     if (defaults[name] != null) $(name).placeholder = String(defaults[name]);
   }
   if (limits.max_num_images) $("num_images").max = limits.max_num_images;
-  const select = $("scheduler");
-  for (const name of generator.schedulers || []) {
-    if (![...select.options].some((o) => o.value === name)) select.add(new Option(name, name));
-  }
   if (limits.max_width) {
     $("limits-hint").textContent =
       `Sizes ${limits.min_size}–${limits.max_width} × ${limits.min_size}–${limits.max_height}, multiples of 8; ` +
       `up to ${limits.max_steps} steps and ${limits.max_num_images} images.`;
   }
+}
+
+// -- models and LoRA adapters: offered only when the server has a choice --------------------
+
+const models = new Map(); // id -> {defaults, limits} from GET /models
+
+async function loadModels() {
+  let listing;
+  try { listing = await api("/models"); } catch { return; }
+  const select = $("model");
+  select.replaceChildren();
+  for (const model of listing.models || []) {
+    models.set(model.id, model);
+    select.add(new Option(model.id === listing.default ? `${model.id} (default)` : model.id, model.id));
+  }
+  const several = models.size > 1;
+  $("model-field").hidden = !several;
+  select.disabled = !several; // a disabled select is not sent: one model needs no naming
+}
+
+function applyModel() {
+  const model = models.get($("model").value);
+  if (model) applyDefaultsAndLimits(model.defaults || {}, model.limits || {});
+}
+
+async function loadLoras() {
+  let listing;
+  try { listing = await api("/loras"); } catch { return; }
+  const rows = (listing.loras || []).map((lora) => {
+    const row = $("lora-template").content.firstElementChild.cloneNode(true);
+    row.dataset.lora = lora.name;
+    row.querySelector(".lora-name").textContent = lora.name;
+    row.querySelector(".lora-use").setAttribute("aria-label", `apply ${lora.name}`);
+    row.querySelector(".lora-scale").setAttribute("aria-label", `scale of ${lora.name}`);
+    return row;
+  });
+  $("loras").replaceChildren(...rows);
+  $("loras-field").hidden = rows.length === 0;
+}
+
+function chosenLoras() {
+  return [...$("loras").querySelectorAll(".lora")]
+    .filter((row) => row.querySelector(".lora-use").checked)
+    .map((row) => {
+      const scale = Number.parseFloat(row.querySelector(".lora-scale").value);
+      return { name: row.dataset.lora, scale: Number.isFinite(scale) ? scale : 1 };
+    });
 }
 
 // -- generating: every request is a job (POST /jobs), followed through its events -------------
@@ -113,6 +162,8 @@ function requestBody() {
     body[name] = NUMERIC_FIELDS.includes(name) ? Number(text) : text;
   }
   if ($("preview").checked) body.preview_every = 1;
+  const loras = chosenLoras();
+  if (loras.length) body.loras = loras;
   return body;
 }
 
@@ -223,8 +274,10 @@ function fillCard(card, blob, image) {
   card.querySelector(".card-prompt").textContent = metadata.prompt;
   card.querySelector(".card-prompt").title = metadata.prompt;
   card.querySelector(".seed").textContent = `seed ${image.seed}`;
+  const adapters = (metadata.loras || []).map((lora) => `${lora.name} ${lora.scale}`).join(", ");
   card.querySelector(".details").textContent =
-    `${metadata.width}×${metadata.height} · ${metadata.num_inference_steps} steps · batch of ${metadata.batch_size}`;
+    `${metadata.width}×${metadata.height} · ${metadata.num_inference_steps} steps · batch of ${metadata.batch_size}` +
+    (models.size > 1 && metadata.model ? ` · ${metadata.model}` : "") + (adapters ? ` · LoRA ${adapters}` : "");
   const download = card.querySelector(".download");
   download.href = url;
   download.download = `sd-${image.seed}.${EXTENSIONS[blob.type] || "png"}`;
@@ -348,7 +401,10 @@ apiKeyInput.value = localStorage.getItem(API_KEY_STORAGE) || "";
 apiKeyInput.addEventListener("change", () => {
   localStorage.setItem(API_KEY_STORAGE, apiKeyInput.value.trim());
   loadServerInfo();
+  loadModels();
+  loadLoras();
 });
+$("model").addEventListener("change", applyModel);
 form.addEventListener("submit", generate);
 form.addEventListener("keydown", (event) => {
   if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) form.requestSubmit();
@@ -363,4 +419,6 @@ $("clear").addEventListener("click", () => {
   $("empty").hidden = false;
 });
 loadServerInfo();
+loadModels();
+loadLoras();
 loadRecentJobs();

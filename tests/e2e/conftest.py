@@ -7,6 +7,7 @@ both, so that no test depends on which config an earlier test left running.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 
 import httpx
@@ -53,3 +54,31 @@ def deployed_variant(serve_cluster) -> Callable[[Callable[[dict], None]], str]:
         return serve_cluster.url
 
     return deploy
+
+
+# -- a real browser (Debian's Chromium, driven by Playwright) for the web page's tests ----------------
+
+CHROMIUM = "/usr/bin/chromium"
+# Headless on a machine with no network but loopback: without the background-networking
+# switches Chromium keeps trying to reach Google's services.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    assert shutil.which(CHROMIUM), f"{CHROMIUM} is missing: `make install-test` installs Debian's chromium"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()

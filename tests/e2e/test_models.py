@@ -25,7 +25,12 @@ def _two_models(config: dict) -> None:
     args["models"] = [
         {"id": "tiny", "model": "synthetic:tiny"},
         {"id": "tiny-b", "model": "synthetic:tiny", "pipeline": {"seed": 1}},
-        {"id": "tiny-xl", "model": "synthetic:tiny-xl", "refiner": "synthetic:tiny-xl-refiner"},
+        {
+            "id": "tiny-xl",
+            "model": "synthetic:tiny-xl",
+            "refiner": "synthetic:tiny-xl-refiner",
+            "limits": {"max_steps": 20},
+        },
     ]
     args["max_models_per_replica"] = 1
     args["loras"] = {"synthetic": [{"name": "ink", "seed": 1}, {"name": "neon", "seed": 2}]}
@@ -168,3 +173,26 @@ def _png(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array.astype(np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def test_the_web_page_offers_every_model_with_its_own_limits_and_sends_the_one_chosen(http, browser):
+    from playwright.sync_api import expect
+
+    context = browser.new_context(base_url=str(http.base_url))
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    page.goto("/")
+    expect(page.locator("#model-field")).to_be_visible()
+    expect(page.locator("#model option")).to_have_text(["tiny (default)", "tiny-b", "tiny-xl"])
+    page.select_option("#model", "tiny-xl")
+    expect(page.locator("#limits-hint")).to_contain_text("up to 20 steps")  # its own limits
+    page.select_option("#model", "tiny-b")
+    expect(page.locator("#limits-hint")).to_contain_text("up to 50 steps")
+    page.fill("#prompt", "a fox")
+    page.fill("#seed", "3")
+    page.click("#generate")
+    card = page.locator("#gallery .job").first.locator(".card:not(.pending)")
+    expect(card).to_contain_text("tiny-b")
+    job = http.get(f"/jobs/{page.locator('#gallery .job').first.get_attribute('data-job')}").json()
+    assert job["params"]["model"] == "tiny-b"
+    context.close()
