@@ -74,6 +74,21 @@ def load_config(path: Path = DEMO_CONFIG) -> dict:
     return config
 
 
+# Two synthetic models of one architecture with other weights: every image tells which made it.
+TWO_TINY_MODELS = [
+    {"id": "tiny", "model": "synthetic:tiny"},
+    {"id": "tiny-b", "model": "synthetic:tiny", "pipeline": {"seed": 1}},
+]
+
+
+def serve_models(config: dict, models: list[dict], max_per_replica: int) -> None:
+    """Edit the config in place: its first application serves `models` (the first the default)."""
+    args = config["applications"][0]["args"]
+    args.pop("model", None)
+    args["models"] = models
+    args["max_models_per_replica"] = max_per_replica
+
+
 def deployment(config: dict, name: str) -> dict:
     """The `deployments` entry called `name` in the first application (created if missing)."""
     entries = config["applications"][0].setdefault("deployments", [])

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from harness import APP_NAME, deployment
+from harness import APP_NAME, TWO_TINY_MODELS, deployment, serve_models
 
 # Replicas start and stop under load: minutes.
 pytestmark = pytest.mark.slow
@@ -51,14 +51,8 @@ def _autoscaling(config: dict, autoscaling: dict) -> None:
 
 
 def two_models(config: dict) -> None:
-    """Two synthetic models (other weights) on every replica (cap 2), "tiny" the default."""
-    args = config["applications"][0]["args"]
-    args.pop("model")
-    args["models"] = [
-        {"id": "tiny", "model": "synthetic:tiny"},
-        {"id": "tiny-b", "model": "synthetic:tiny", "pipeline": {"seed": 1}},
-    ]
-    args["max_models_per_replica"] = 2
+    """Two synthetic models on every replica (cap 2), "tiny" the default."""
+    serve_models(config, TWO_TINY_MODELS, max_per_replica=2)
 
 
 def replica_states() -> dict[str, int]:

@@ -9,7 +9,7 @@ import io
 
 import numpy as np
 import pytest
-from harness import deployment, wait_until
+from harness import TWO_TINY_MODELS, deployment, serve_models, wait_until
 from helpers import pixels, png
 from PIL import Image
 
@@ -19,20 +19,15 @@ pytestmark = pytest.mark.slow
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}
 
 
-def _two_models(config: dict) -> None:
+def _models_and_adapters(config: dict) -> None:
+    xl = {
+        "id": "tiny-xl",
+        "model": "synthetic:tiny-xl",
+        "refiner": "synthetic:tiny-xl-refiner",
+        "limits": {"max_steps": 20},
+    }
+    serve_models(config, [*TWO_TINY_MODELS, xl], max_per_replica=1)
     args = config["applications"][0]["args"]
-    args.pop("model")
-    args["models"] = [
-        {"id": "tiny", "model": "synthetic:tiny"},
-        {"id": "tiny-b", "model": "synthetic:tiny", "pipeline": {"seed": 1}},
-        {
-            "id": "tiny-xl",
-            "model": "synthetic:tiny-xl",
-            "refiner": "synthetic:tiny-xl-refiner",
-            "limits": {"max_steps": 20},
-        },
-    ]
-    args["max_models_per_replica"] = 1
     args["loras"] = {"synthetic": [{"name": "ink", "seed": 1}, {"name": "neon", "seed": 2}]}
     generator = deployment(config, "ImageGenerator")
     generator["num_replicas"] = 2
@@ -42,7 +37,7 @@ def _two_models(config: dict) -> None:
 def http(deployed_variant):
     import httpx
 
-    with httpx.Client(base_url=deployed_variant(_two_models), timeout=120) as client:
+    with httpx.Client(base_url=deployed_variant(_models_and_adapters), timeout=120) as client:
         yield client
 
 
