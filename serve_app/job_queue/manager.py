@@ -116,7 +116,7 @@ class JobManager:
     async def live(self, job_id: str) -> dict | None:
         """Queue position (1 = next) while queued, progress while running; None for jobs not unfinished here."""
         record = self._records.get(job_id)
-        if record is None:
+        if record is None or record.status.final:  # final: being stored, about to leave
             return None
         if record.status == JobStatus.queued:
             return {"status": "queued", "position": self._position(job_id)}
@@ -134,6 +134,8 @@ class JobManager:
             if stored is None or stored.owner != owner:
                 raise JobNotFound(f"no job {job_id}")
             raise JobFinished(f"job {job_id} already ended: {stored.status.value}")
+        if record.status.final:  # ended a moment ago; its final state is being stored
+            raise JobFinished(f"job {job_id} already ended: {record.status.value}")
         if record.status == JobStatus.queued:
             self._queue.remove(job_id)
             self._queue_moved()
@@ -282,10 +284,12 @@ class JobManager:
 
     async def _finish(self, record: JobRecord, status: JobStatus, error: JobError | None = None) -> None:
         record.status, record.error, record.finished_at = status, error, time.time()
+        # Stored before it leaves the unfinished records: a watcher arriving while the store writes
+        # still finds it here and gets the final event below (from the store it would read the old state).
+        await run_in_threadpool(self.store.put, record)
         self._records.pop(record.id, None)
         self._progress.pop(record.id, None)
         self._previews.pop(record.id, None)
-        await run_in_threadpool(self.store.put, record)
         self._notify(record.id, status.value, record.model_dump(mode="json"))
         if record.webhook is not None and status in record.webhook.events:
             asyncio.get_running_loop().create_task(self._deliver_webhook(record))

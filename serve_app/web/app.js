@@ -5,6 +5,7 @@ const API_KEY_STORAGE = "sd-serve.api-key";
 const JOBS_STORAGE = "sd-serve.jobs"; // the ids of the jobs this browser submitted, oldest first
 const MAX_REMEMBERED_JOBS = 12;
 const MAX_BUSY_RETRIES = 3; // 503 answers (server overloaded) are retried, honouring Retry-After
+const MAX_FOLLOWS = 20; // event streams opened for one job before the page gives up on it
 const NUMERIC_FIELDS = ["width", "height", "num_inference_steps", "guidance_scale", "seed", "num_images"];
 const EXTENSIONS = { "image/png": "png", "image/jpeg": "jpg", "image/webp": "webp" };
 
@@ -311,26 +312,34 @@ async function* jobEvents(jobId) {
   }
 }
 
+// A final state: the images, or why there are none. Returns whether `status` was final.
+async function showFinal(entry, status, job) {
+  if (status === "succeeded") await showImages(entry, job);
+  else if (status === "failed") showState(entry, "failed", `failed: ${job.error ? job.error.message : "unknown error"}`);
+  else if (status === "canceled") showState(entry, "canceled", "canceled");
+  else return false;
+  if (status !== "succeeded") entry.cards.forEach((card) => card.remove());
+  return true;
+}
+
 async function follow(job) {
   const entry = jobGroup(job);
   showState(entry, job.status, job.status === "queued" && job.position ? `queued (${job.position} ahead)` : job.status);
   try {
-    for await (const [kind, data] of jobEvents(job.id)) {
-      if (kind === "queued") showState(entry, "queued", `queued (position ${data.position})`);
-      else if (kind === "running") showState(entry, "running", "running");
-      else if (kind === "progress") showProgress(entry, data);
-      else if (kind === "preview") showPreview(entry, data.image);
-      else if (kind === "succeeded") return await showImages(entry, data);
-      else if (kind === "failed") {
-        showState(entry, "failed", `failed: ${data.error ? data.error.message : "unknown error"}`);
-        entry.cards.forEach((card) => card.remove());
-        return;
-      } else if (kind === "canceled") {
-        showState(entry, "canceled", "canceled");
-        entry.cards.forEach((card) => card.remove());
-        return;
+    // A stream may end before its job does (a proxy's idle time-out, a restarted queue holder):
+    // the job is read again and, while unfinished, followed again.
+    for (let attempt = 0; attempt < MAX_FOLLOWS; attempt++) {
+      for await (const [kind, data] of jobEvents(job.id)) {
+        if (kind === "queued") showState(entry, "queued", `queued (position ${data.position})`);
+        else if (kind === "running") showState(entry, "running", "running");
+        else if (kind === "progress") showProgress(entry, data);
+        else if (kind === "preview") showPreview(entry, data.image);
+        else if (await showFinal(entry, kind, data)) return;
       }
+      const now = await api(`/jobs/${encodeURIComponent(job.id)}`);
+      if (await showFinal(entry, now.status, now)) return;
     }
+    showState(entry, "unknown", "lost track of this job: its event stream kept ending");
   } catch (error) {
     showState(entry, "unknown", `lost track of this job: ${error.message}`);
   }
@@ -387,8 +396,8 @@ async function loadRecentJobs() {
   for (const id of rememberedJobs()) { // oldest first: each job's group goes on top of the last
     try {
       const job = await api(`/jobs/${encodeURIComponent(id)}`);
-      if (job.status === "succeeded") showImages(jobGroup(job), job).catch(() => {});
-      else if (job.status === "queued" || job.status === "running") follow(job);
+      if (job.status === "queued" || job.status === "running") follow(job);
+      else showFinal(jobGroup(job), job.status, job).catch(() => {});
     } catch (error) {
       if (error.status === 404 || error.status === 410) forgetJob(id); // expired, or another key's
     }

@@ -75,8 +75,11 @@ CHROMIUM_ARGS = [
 
 @pytest.fixture(scope="module")
 def browser():
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
+    # Expectations wait on the page's state up to a deadline; Playwright's 5 s is short for a job on a
+    # machine that other suites load.
+    expect.set_options(timeout=60_000)
     assert shutil.which(CHROMIUM), f"{CHROMIUM} is missing: `make install-test` installs Debian's chromium"
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)

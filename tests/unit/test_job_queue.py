@@ -4,6 +4,7 @@ no Ray. Each scenario runs on its own event loop and synchronises on the manager
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import numpy as np
@@ -180,6 +181,36 @@ def test_events_start_with_the_current_state_and_end_with_the_final_one(tmp_path
     progress = [e["data"]["step"] for e in seen if e["event"] == "progress"]
     assert progress == sorted(progress) and progress[-1] == 3
     assert seen[-1]["data"]["status"] == "succeeded" and len(seen[-1]["data"]["images"]) == 1
+
+
+def test_a_watcher_arriving_while_the_final_state_is_stored_still_gets_the_final_event(tmp_path):
+    async def scenario():
+        manager = manager_for(tmp_path, ScriptedGenerator(steps=1))
+        storing_final, release = threading.Event(), threading.Event()
+        put = manager.store.put
+
+        def slow_final_put(record):
+            if record.status.final:
+                storing_final.set()
+                release.wait(5)
+            put(record)
+
+        manager.store.put = slow_final_put
+        job = record()
+        await manager.submit(job)
+        await until(storing_final.is_set)
+        assert (await manager.live(job.id)) is None  # no longer reported as running
+        with pytest.raises(JobFinished):
+            await manager.cancel(job.id, None)
+        events = manager.events(job.id)
+        seen = [await anext(events)]
+        release.set()
+        async for event in events:
+            seen.append(event)
+        return seen
+
+    seen = asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert seen[-1]["event"] == "succeeded" and seen[-1]["data"]["images"]
 
 
 def test_cancelling_a_queued_job_means_it_never_runs_and_a_running_one_stops_its_generator_calls(tmp_path):
