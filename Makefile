@@ -13,7 +13,7 @@ PIP := $(VENV)/bin/pip
 PY := $(VENV)/bin/python
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install install-test chromium serve test test-fast test-unit test-e2e lint bench soak clean local-cluster kuberay-manifest
+.PHONY: install install-test chromium serve test test-fast test-e2e lint bench soak clean local-cluster kuberay-manifest
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,10 +45,7 @@ serve: install
 test: install-test
 	$(VENV)/bin/pytest
 
-test-unit: install-test
-	$(VENV)/bin/pytest tests/unit
-
-# The loop while changing code: units and the demo server's e2e, without the tests marked slow.
+# The loop while changing code: everything that runs without Ray, less a few tests of seconds each.
 test-fast: install-test
 	$(VENV)/bin/pytest -m "not slow"
 

@@ -13,7 +13,7 @@ E2E_DIR = Path(__file__).parent / "e2e"
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
-    """Every test under tests/e2e is marked `e2e`, so `-m "not e2e"` leaves out everything that starts Ray.
+    """Every test under tests/e2e is marked `e2e` and `slow`: `-m "not slow"` leaves out everything that starts Ray.
 
     (A `pytestmark` in a conftest.py has no effect: pytest reads it from test modules only.)
     Runs before pytest's own -m filtering, which reads the marks added here.
@@ -21,6 +21,8 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if E2E_DIR in Path(item.path).parents:
             item.add_marker(pytest.mark.e2e)
+            # A Ray cluster takes tens of seconds to start on 2 cores: the fast loop runs without one.
+            item.add_marker(pytest.mark.slow)
     # Modules that deploy variants of the demo config run after those that use the demo as it is: the
     # session's Serve then switches config once per variant module, not back and forth (a switch restarts
     # replicas: tens of seconds each). Each module still deploys what it needs, so each passes alone.

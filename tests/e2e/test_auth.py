@@ -8,7 +8,6 @@ import httpx
 import pytest
 
 # Changing the app's args rebuilds the application: tens of seconds to deploy, and again to restore.
-pytestmark = pytest.mark.slow
 
 KEYS = ("key-one", "key-two")
 ALLOWED_ORIGIN = "http://allowed.test"

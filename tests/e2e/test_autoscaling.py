@@ -15,11 +15,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import pytest
 from harness import APP_NAME, TWO_TINY_MODELS, deployment, serve_models
 
 # Replicas start and stop under load: minutes.
-pytestmark = pytest.mark.slow
 
 GENERATOR = "ImageGenerator"
 

@@ -27,7 +27,6 @@ from PIL import Image
 from serve_app.bulk.manifest import Output, done_rows, read_entries
 
 # A two-node Ray cluster for the module, and Ray Data runs of tens of seconds each.
-pytestmark = pytest.mark.slow
 
 RUN_TIMEOUT_S = 300
 

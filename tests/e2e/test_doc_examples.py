@@ -6,12 +6,10 @@ a broken instruction there.
 
 from __future__ import annotations
 
-import pytest
 from doc_examples import ExampleRunner, extract_examples
 from harness import REPO
 
 # Every README example, in order: half a minute.
-pytestmark = pytest.mark.slow
 
 
 def test_every_readme_example_runs_against_the_demo_server(demo_server, tmp_path, record_property):

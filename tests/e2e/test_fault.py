@@ -10,11 +10,9 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import pytest
 from harness import generator_jobs, wait_until
 
 # A burst of slow requests, a replica restart and its recovery.
-pytestmark = pytest.mark.slow
 
 BODY = {"prompt": "through the storm", "num_inference_steps": 30, "width": 128, "height": 128}
 

@@ -6,13 +6,11 @@ fields, odd strings) for each operation; each answer must be a deliberate status
 
 from __future__ import annotations
 
-import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
 # Hundreds of generated requests against every route.
-pytestmark = pytest.mark.slow
 
 
 def test_no_input_causes_a_server_error(demo_server):

@@ -46,7 +46,6 @@ class Receiver:
 
 
 # A variant of the demo config (its own store, one job at a time, webhooks allowed): replicas restart.
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,6 @@ import httpx
 import pytest
 from harness import deployment, wait_until
 
-pytestmark = pytest.mark.slow
-
 KEYS = ("alice-key", "bob-key")
 SLOW = {"num_inference_steps": 30, "width": 128, "height": 128}
 

@@ -22,7 +22,6 @@ from loadtest.sweep import run_sweep
 from loadtest.traffic import RequestMix
 
 # Sweeps, Locust runs and a whole benchmark (which starts a Serve instance of its own).
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ from helpers import pixels, png
 from PIL import Image
 
 # A variant of the demo config with three models on two replicas: replicas restart to deploy it.
-pytestmark = pytest.mark.slow
 
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}
 

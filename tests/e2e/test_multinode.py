@@ -15,7 +15,6 @@ import pytest
 from harness import REPO
 
 # Starts a two-node Ray cluster of its own in a child process: minutes.
-pytestmark = pytest.mark.slow
 
 SCRIPT = REPO / "deploy" / "local_cluster.py"
 

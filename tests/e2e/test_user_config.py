@@ -4,12 +4,10 @@ on the running replica (no restart), and the next requests batch by the new sett
 from __future__ import annotations
 
 import httpx
-import pytest
 from harness import deployment, load_config
 from helpers import burst, png
 
 # Changes the Generator's user_config and waits for its replicas to take it.
-pytestmark = pytest.mark.slow
 
 
 def one_image_per_call(config: dict) -> None:

@@ -128,8 +128,14 @@ def unet_calls(pipe):
 # -- alone: bit for bit -----------------------------------------------------------------
 
 
+# The fast loop checks one scheduler of each family (the model's own, ancestral, second-order,
+# multistep); `make test` runs every named one.
+FAST_SCHEDULERS = {"default", "euler_a", "heun", "dpmpp_2m"}
+SCHEDULERS = [pytest.param(name, marks=() if name in FAST_SCHEDULERS else pytest.mark.slow) for name in SCHEDULER_NAMES]
+
+
 @pytest.mark.parametrize("kind", ["txt2img", "img2img"])
-@pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
 @pytest.mark.parametrize("model", ["sd", "xl"])
 def test_alone_equals_the_plain_pipeline(models, model, scheduler, kind, record_property):
     m = models[model]
@@ -216,7 +222,7 @@ def test_mixed_schedulers_steps_and_kinds_share_calls(xl, record_property):
     assert max(diffs) <= 1
 
 
-@pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_a_cohort_splits_exactly_when_its_members_part(sd, scheduler, record_property):
     """Started together, stepped together, then one is left out: each part keeps its rows of history."""
     jobs = [job(prompt=f"p{i}", seed=40 + i, scheduler=scheduler, negative_prompt=f"n{i}") for i in range(3)]

@@ -33,6 +33,7 @@ def test_same_seed_builds_the_same_weights():
     assert not torch.equal(next(a.unet.parameters()), next(build_pipeline("tiny", seed=1).unet.parameters()))
 
 
+@pytest.mark.slow  # a subprocess that imports torch and diffusers: seconds
 def test_saved_model_loads_with_plain_diffusers_and_makes_the_same_image(tmp_path):
     from diffusers import DiffusionPipeline
 

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a Python process per tool, each importing its dependencies
+
 TOOLS = ["benchmark", "bulk_benchmark", "jobs_burst", "mixed_traffic", "overload", "run_locust", "soak", "sweep"]
 
 
