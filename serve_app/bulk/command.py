@@ -101,9 +101,13 @@ def build_settings(args: argparse.Namespace):
                 {**app.model_dump(exclude={"models", "default_model", "refiner"}), "model": args.model}
             )
         except ValidationError as exc:
-            raise SettingsError(
-                "; ".join(error["msg"].removeprefix("Value error, ") for error in exc.errors())
-            ) from None
+            problem = "; ".join(error["msg"].removeprefix("Value error, ") for error in exc.errors())
+            if args.config:  # more likely a misspelt id than a source
+                ids = ", ".join(model.id for model in app.served_models())
+                problem = (
+                    f"--model {args.model!r} is not one of {args.config}'s models ({ids}), nor a source: {problem}"
+                )
+            raise SettingsError(problem) from None
     served = next(model for model in app.served_models() if model.id == (args.model or app.default_model_id))
     pipeline = served.pipeline.model_copy(
         update={

@@ -41,6 +41,9 @@ def test_a_config_with_several_models_runs_its_default_or_the_one_named_with_tha
     # A source instead of an id: that model, with the config's shared options.
     source = settings_of("--config", str(path), "--model", "synthetic:tiny-xl")
     assert source.model == "synthetic:tiny-xl" and source.pipeline.seed == 0 and source.limits.max_width == 256
+    # Neither an id nor a source: a misspelt id, most likely; the config's ids are listed.
+    with pytest.raises(SettingsError, match=r"'xll' is not one of .*models.yaml's models \(tiny, xl\)"):
+        settings_of("--config", str(path), "--model", "xll")
 
 
 def test_options_override_the_config_and_row_values_are_defaults_for_rows():
