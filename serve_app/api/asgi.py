@@ -89,7 +89,7 @@ def create_api(service: GenerationService, api_keys: list[str] | None = None) ->
     app.include_router(a1111_routes.router)
     mount_web_page(app)
     mount_docs(app)
-    publish_limits_in_openapi(app, limits)
+    publish_limits_in_openapi(app, limits, service.models)
     return app
 
 
@@ -103,9 +103,10 @@ _LIMITED_FIELDS = {
 }
 
 
-def publish_limits_in_openapi(app: FastAPI, limits) -> None:
+def publish_limits_in_openapi(app: FastAPI, limits, models) -> None:
     """/openapi.json states this deployment's limits (`limits.bounds()`), not the schema's outer bounds:
-    what the document promises is what validation enforces and what its errors say."""
+    what the document promises is what validation enforces and what its errors say. With several models
+    the bounds are the widest of them, and each request's `model` says which model allows what."""
     default_openapi = app.openapi
 
     def openapi() -> dict:
@@ -121,6 +122,10 @@ def publish_limits_in_openapi(app: FastAPI, limits) -> None:
             for name in ("prompt", "negative_prompt"):
                 if name in properties:
                     _bound_length(properties[name], limits.max_prompt_chars)
+        if models.several:
+            for properties in _request_properties(schema):
+                if "model" in properties:
+                    _describe_models(properties["model"], models, bounds)
         app.openapi_schema = schema
         return schema
 
@@ -138,6 +143,52 @@ def _all_properties(node) -> list[dict]:
         for value in node:
             found += _all_properties(value)
     return found
+
+
+def _request_properties(schema: dict) -> list[dict]:
+    """The properties of request bodies (inline, and every schema they name, however deep), not of responses."""
+    components = schema.get("components", {}).get("schemas", {})
+    found = [
+        media["schema"]
+        for path in schema.get("paths", {}).values()
+        for operation in path.values()
+        if isinstance(operation, dict)
+        for media in operation.get("requestBody", {}).get("content", {}).values()
+        if "schema" in media
+    ]
+    seen: set[str] = set()
+    for node in found:  # grows as named schemas are found
+        for ref in _refs(node):
+            name = ref.rsplit("/", 1)[-1]
+            if name in components and name not in seen:
+                seen.add(name)
+                found.append(components[name])
+    return _all_properties(found)
+
+
+def _refs(node) -> list[str]:
+    if isinstance(node, dict):
+        own = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
+        return own + [ref for value in node.values() for ref in _refs(value)]
+    if isinstance(node, list):
+        return [ref for value in node for ref in _refs(value)]
+    return []
+
+
+def _describe_models(prop: dict, models, published: dict) -> None:
+    """Each model a request may name, with its bounds where they are narrower than the published ones."""
+    notes = []
+    for model_id in models.ids:
+        own = [
+            f"{name} {low:g}–{high:g}"
+            for name, (low, high) in models.limits_for(model_id).bounds().items()
+            if (low, high) != published[name]
+        ]
+        label = f"{model_id} (default)" if model_id == models.default else model_id
+        notes.append(f"{label}: {', '.join(own)}" if own else label)
+    described = next((part for part in [prop, *prop.get("anyOf", [])] if "description" in part), prop)
+    text = described.get("description", "").rstrip(".")
+    described["description"] = ". ".join(filter(None, [text, f"Models here: {'; '.join(notes)}"]))
 
 
 def _numeric_parts(prop: dict) -> list[dict]:

@@ -64,9 +64,14 @@ def test_image_to_image_fits_the_init_image_inside_its_models_limits(client, gen
         assert (width, height) == size
 
 
-def test_models_lists_each_models_limits_and_openapi_publishes_the_widest(client):
+def test_models_lists_each_models_limits_and_openapi_publishes_the_widest_naming_narrower_ones(client):
     listed = {m["id"]: m["limits"] for m in client.get("/models").json()["models"]}
     assert (listed["tiny"]["max_width"], listed["wide"]["max_width"]) == (256, 512)
     assert listed["wide"]["max_steps"] == 100 and "max_body_bytes" not in listed["wide"]
-    schema = client.get("/openapi.json").json()["components"]["schemas"]["GenerateRequest"]["properties"]
-    assert [bound.get("maximum") for bound in schema["width"]["anyOf"]] == [512, None]
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    assert [bound.get("maximum") for bound in schemas["GenerateRequest"]["properties"]["width"]["anyOf"]] == [512, None]
+    # The widest bounds are published; each request's `model` says which model allows less.
+    says = "Models here: tiny (default): width 64–256, num_inference_steps 1–50; wide"
+    assert says in schemas["GenerateRequest"]["properties"]["model"]["anyOf"][0]["description"]
+    assert says in schemas["ImageGenerationRequest"]["properties"]["model"]["description"]  # OpenAI's
+    assert "Models here" not in str(schemas["JobView"]["properties"]["model"])  # a response: any model it ran
