@@ -527,13 +527,17 @@ class SDClient(_Endpoints):
             raise _transport_error(exc, self.base_url) from None
 
     def wait(self, job_id: str, on_progress: Callable[[dict], Any] | None = None) -> JobView:
-        """Follow the job until it ends; `on_progress` gets each progress update (step, total_steps, images_done)."""
-        for kind, data in self.events(job_id):
-            if kind == "progress" and on_progress is not None:
-                on_progress(data)
-            if kind in FINAL_STATES:
-                break
-        return self.job(job_id)
+        """Follow the job until it ends; `on_progress` gets each progress update (step, total_steps, images_done).
+        A stream that ends before the job (a proxy's idle time-out, a restarted queue holder) is opened again."""
+        while True:
+            for kind, data in self.events(job_id):
+                if kind == "progress" and on_progress is not None:
+                    on_progress(data)
+                if kind in FINAL_STATES:
+                    break
+            job = self.job(job_id)
+            if job.status.final:
+                return job
 
     def stream(self, prompt: str, **params: Any) -> Iterator[tuple[str, dict | Generation]]:
         """A synchronous request whose progress streams as it runs: ("progress", {...}) events, then
@@ -707,12 +711,15 @@ class AsyncSDClient(_Endpoints):
             raise _transport_error(exc, self.base_url) from None
 
     async def wait(self, job_id: str, on_progress: Callable[[dict], Any] | None = None) -> JobView:
-        async for kind, data in self.events(job_id):
-            if kind == "progress" and on_progress is not None:
-                on_progress(data)
-            if kind in FINAL_STATES:
-                break
-        return await self.job(job_id)
+        while True:  # as SDClient.wait
+            async for kind, data in self.events(job_id):
+                if kind == "progress" and on_progress is not None:
+                    on_progress(data)
+                if kind in FINAL_STATES:
+                    break
+            job = await self.job(job_id)
+            if job.status.final:
+                return job
 
     async def info(self) -> dict[str, Any]:
         return self._json(await self.request("GET", "/info"))

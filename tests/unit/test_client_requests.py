@@ -165,6 +165,50 @@ def test_streams_raise_the_clients_own_errors_when_the_server_cannot_be_reached(
         list(Scripted(httpx.ReadTimeout("timed out")).sync_client()[0].events("job-1"))
 
 
+def _job_view(status: str) -> dict:
+    return {
+        "id": "job-1", "status": status, "created_at": 1.0, "kind": "txt2img", "model": "m",
+        "params": {"prompt": "p"}, "seeds": [5], "urls": {},
+    }  # fmt: skip
+
+
+def _sse(*kinds: str) -> httpx.Response:
+    body = "".join(f'event: {kind}\ndata: {{"id": "job-1"}}\n\n' for kind in kinds)
+    return httpx.Response(200, text=body, headers={"Content-Type": "text/event-stream"})
+
+
+def test_waiting_on_a_job_follows_it_again_when_its_stream_ends_first():
+    # The first stream ends after "running" (as a proxy's idle time-out would end it); the job is read,
+    # still running, and followed again until its final event.
+    answers = {
+        "/jobs/job-1/events": [_sse("running"), _sse("progress", "succeeded")],
+        "/jobs/job-1": [
+            httpx.Response(200, json=_job_view("running")),
+            httpx.Response(200, json=_job_view("succeeded")),
+        ],
+    }
+
+    def server(request: httpx.Request) -> httpx.Response:
+        return answers[request.url.path].pop(0)
+
+    progress = []
+    job = SDClient("http://sd.test", transport=httpx.MockTransport(server)).wait("job-1", on_progress=progress.append)
+    assert job.status == "succeeded" and len(progress) == 1
+    assert answers == {"/jobs/job-1/events": [], "/jobs/job-1": []}
+
+    answers["/jobs/job-1/events"] = [_sse("queued"), _sse("canceled")]
+    answers["/jobs/job-1"] = [
+        httpx.Response(200, json=_job_view("queued")),
+        httpx.Response(200, json=_job_view("canceled")),
+    ]
+
+    async def wait_async():
+        async with AsyncSDClient("http://sd.test", transport=httpx.MockTransport(server)) as sd:
+            return await sd.wait("job-1")
+
+    assert asyncio.run(wait_async()).status == "canceled"
+
+
 def test_generate_sends_only_what_was_set_and_decodes_the_answer():
     server = Scripted(httpx.Response(200, json=GENERATED))
     sd, _ = server.sync_client()
