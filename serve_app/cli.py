@@ -25,6 +25,7 @@ from .client import (
     API_KEY_ENV,
     DEFAULT_URL,
     FINAL_STATES,
+    REFOLLOW_PAUSE_S,
     URL_ENV,
     AsyncSDClient,
     GeneratedImage,
@@ -386,7 +387,7 @@ def _follow(sd: SDClient, job: JobView, progress: StepProgress) -> JobView:
             if job.status == "succeeded":
                 progress.finish()
             return job
-        time.sleep(1.0)
+        time.sleep(REFOLLOW_PAUSE_S)
 
 
 def _download(

@@ -36,6 +36,7 @@ from .api.jobs.protocol import JobView
 from .api.native.protocol import GenerationMetadata
 
 FINAL_STATES = ("succeeded", "failed", "canceled")
+REFOLLOW_PAUSE_S = 1.0  # before opening the stream of a job again when the last one ended early
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 URL_ENV = "SD_SERVE_URL"
@@ -538,6 +539,7 @@ class SDClient(_Endpoints):
             job = self.job(job_id)
             if job.status.final:
                 return job
+            self._sleep(REFOLLOW_PAUSE_S)
 
     def stream(self, prompt: str, **params: Any) -> Iterator[tuple[str, dict | Generation]]:
         """A synchronous request whose progress streams as it runs: ("progress", {...}) events, then
@@ -720,6 +722,7 @@ class AsyncSDClient(_Endpoints):
             job = await self.job(job_id)
             if job.status.final:
                 return job
+            await self._sleep(REFOLLOW_PAUSE_S)
 
     async def info(self) -> dict[str, Any]:
         return self._json(await self.request("GET", "/info"))

@@ -191,9 +191,10 @@ def test_waiting_on_a_job_follows_it_again_when_its_stream_ends_first():
     def server(request: httpx.Request) -> httpx.Response:
         return answers[request.url.path].pop(0)
 
-    progress = []
-    job = SDClient("http://sd.test", transport=httpx.MockTransport(server)).wait("job-1", on_progress=progress.append)
-    assert job.status == "succeeded" and len(progress) == 1
+    progress, slept = [], []
+    sd = SDClient("http://sd.test", transport=httpx.MockTransport(server), sleep=slept.append)
+    job = sd.wait("job-1", on_progress=progress.append)
+    assert job.status == "succeeded" and len(progress) == 1 and len(slept) == 1  # paused before following again
     assert answers == {"/jobs/job-1/events": [], "/jobs/job-1": []}
 
     answers["/jobs/job-1/events"] = [_sse("queued"), _sse("canceled")]
@@ -203,7 +204,10 @@ def test_waiting_on_a_job_follows_it_again_when_its_stream_ends_first():
     ]
 
     async def wait_async():
-        async with AsyncSDClient("http://sd.test", transport=httpx.MockTransport(server)) as sd:
+        async def no_pause(seconds):
+            pass
+
+        async with AsyncSDClient("http://sd.test", transport=httpx.MockTransport(server), sleep=no_pause) as sd:
             return await sd.wait("job-1")
 
     assert asyncio.run(wait_async()).status == "canceled"
