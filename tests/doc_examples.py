@@ -31,6 +31,7 @@ RUNNABLE = {"bash": "bash", "sh": "bash", "shell": "bash", "python": "python", "
 SKIP_MARKER = re.compile(r"<!--\s*example:\s*skip\s*\((?P<reason>[^)]+)\)\s*-->")
 FENCE = re.compile(r"^```(?P<lang>[\w+-]*)\s*$")
 TIMEOUT_S = 240
+EARLY_EXIT_READER = re.compile(r"\|\s*head\b")
 # Links in the working directory, so examples' repository paths (configs/cpu-demo.yaml,
 # .venv/bin/sd-serve) work as they do from a checkout.
 REPO_PATHS = ("configs", "deploy", "loadtest")
@@ -143,6 +144,12 @@ class ExampleRunner:
             script.write_text(code)
             command = [sys.executable, script.name]
         else:
+            if EARLY_EXIT_READER.search(code):
+                raise ExampleFailed(
+                    f"{example.where}: pipes into head, which may exit before the writer is done; under pipefail "
+                    "the writer's SIGPIPE (curl: exit 23) then fails the example at random. Use `cut -c 1-N` "
+                    f"or `sed -n 1,Np`, which read all their input\n{example.code}"
+                )
             script.write_text("set -euo pipefail\n" + code)
             command = ["bash", script.name]
         try:

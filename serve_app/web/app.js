@@ -6,6 +6,7 @@ const JOBS_STORAGE = "sd-serve.jobs"; // the ids of the jobs this browser submit
 const MAX_REMEMBERED_JOBS = 12;
 const MAX_BUSY_RETRIES = 3; // 503 answers (server overloaded) are retried, honouring Retry-After
 const MAX_FOLLOWS = 20; // event streams opened for one job before the page gives up on it
+const REFOLLOW_PAUSE_MS = 1000; // before opening a job's stream again (as the Python client waits)
 const NUMERIC_FIELDS = ["width", "height", "num_inference_steps", "guidance_scale", "seed", "num_images"];
 const EXTENSIONS = { "image/png": "png", "image/jpeg": "jpg", "image/webp": "webp" };
 
@@ -338,6 +339,7 @@ async function follow(job) {
       }
       const now = await api(`/jobs/${encodeURIComponent(job.id)}`);
       if (await showFinal(entry, now.status, now)) return;
+      await sleep(REFOLLOW_PAUSE_MS);
     }
     showState(entry, "unknown", "lost track of this job: its event stream kept ending");
   } catch (error) {

@@ -86,6 +86,14 @@ def test_a_failing_command_fails_with_the_example_and_its_output(tmp_path, refus
     assert stdout.strip() == "about to fail"
 
 
+def test_a_pipe_into_head_is_refused_before_it_can_fail_at_random(tmp_path, refusing_url):
+    racy = extract_examples("```bash\nseq 100000 | head -c 20\n```\n", "README.md")
+    with pytest.raises(ExampleFailed, match=r"README.md line 1 \(bash\): pipes into head.*cut -c 1-N"):
+        ExampleRunner(tmp_path, refusing_url).run_all(racy)
+    steady = extract_examples("```bash\nseq 100000 | cut -c 1-20 | sed -n 1,3p\n```\n", "README.md")
+    assert ExampleRunner(tmp_path, refusing_url).run(steady[0]).stdout == "1\n2\n3\n"
+
+
 def test_an_error_answer_to_curl_fails_the_example(tmp_path, refusing_url):
     """A documented request that the server refuses (here: 422) is a broken example, even with -o."""
     broken = extract_examples(
