@@ -18,7 +18,8 @@ import pytest
 from harness import free_port, wait_until
 from helpers import decode, png, png_bytes
 
-SLOW = {"num_inference_steps": 50, "width": 128, "height": 128}
+# About 2.5 s here (1 s at 128x128 was close to what a cancel test spends between its calls under load).
+SLOW = {"num_inference_steps": 50, "width": 256, "height": 256}
 
 
 class Receiver:

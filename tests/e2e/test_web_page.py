@@ -145,10 +145,12 @@ def pixels_of(png: bytes) -> bytes:
 
 
 def test_a_running_job_shows_its_progress_and_preview_and_can_be_cancelled(page: Page):
+    # The demo's largest job (4 images of 256x256, 50 steps: about 10 s here) outlasts the clicks below.
     page.fill("#prompt", "a long job")
     page.fill("#num_inference_steps", "50")
-    page.fill("#width", "128")
-    page.fill("#height", "128")
+    page.fill("#width", "256")
+    page.fill("#height", "256")
+    page.fill("#num_images", "4")
     page.check("#preview")
     page.click("#generate")
     job = page.locator("#gallery .job").first
