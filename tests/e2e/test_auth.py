@@ -7,8 +7,6 @@ from __future__ import annotations
 import httpx
 import pytest
 
-# Changing the app's args rebuilds the application: tens of seconds to deploy, and again to restore.
-
 KEYS = ("key-one", "key-two")
 ALLOWED_ORIGIN = "http://allowed.test"
 

@@ -17,8 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 from harness import APP_NAME, TWO_TINY_MODELS, deployment, serve_models
 
-# Replicas start and stop under load: minutes.
-
 GENERATOR = "ImageGenerator"
 
 

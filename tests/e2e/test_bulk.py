@@ -26,8 +26,6 @@ from PIL import Image
 
 from serve_app.bulk.manifest import Output, done_rows, read_entries
 
-# A two-node Ray cluster for the module, and Ray Data runs of tens of seconds each.
-
 RUN_TIMEOUT_S = 300
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 from doc_examples import ExampleRunner, extract_examples
 from harness import REPO
 
-# Every README example, in order: half a minute.
-
 
 def test_every_readme_example_runs_against_the_demo_server(demo_server, tmp_path, record_property):
     examples = extract_examples((REPO / "README.md").read_text(), "README.md")

@@ -12,8 +12,6 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 from harness import generator_jobs, wait_until
 
-# A burst of slow requests, a replica restart and its recovery.
-
 BODY = {"prompt": "through the storm", "num_inference_steps": 30, "width": 128, "height": 128}
 
 

@@ -10,8 +10,6 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
-# Hundreds of generated requests against every route.
-
 
 def test_no_input_causes_a_server_error(demo_server):
     schema = schemathesis.openapi.from_url(f"{demo_server}/openapi.json")

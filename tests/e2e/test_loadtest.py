@@ -21,8 +21,6 @@ from loadtest.servers import baseline_server
 from loadtest.sweep import run_sweep
 from loadtest.traffic import RequestMix
 
-# Sweeps, Locust runs and a whole benchmark (which starts a Serve instance of its own).
-
 
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory):

@@ -21,8 +21,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from serve_app.metrics import BATCH_SIZE_BUCKETS, GENERATION_BUCKETS_S, QUEUE_WAIT_BUCKETS_S
 
-# A new application: a replica started from nothing, and the demo's again after the module.
-
 APP = "sd-metrics"
 DASHBOARD = REPO / "deploy" / "grafana" / "stable-diffusion.json"
 

@@ -13,12 +13,12 @@ from harness import TWO_TINY_MODELS, deployment, serve_models, wait_until
 from helpers import pixels, png
 from PIL import Image
 
-# A variant of the demo config with three models on two replicas: replicas restart to deploy it.
-
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}
 
 
 def _models_and_adapters(config: dict) -> None:
+    """Three models (tiny-xl with a refiner and its own step limit), one per replica, on two replicas; two
+    synthetic adapters. Deploying it restarts the replicas."""
     xl = {
         "id": "tiny-xl",
         "model": "synthetic:tiny-xl",

@@ -14,8 +14,6 @@ from pathlib import Path
 import pytest
 from harness import REPO
 
-# Starts a two-node Ray cluster of its own in a child process: minutes.
-
 SCRIPT = REPO / "deploy" / "local_cluster.py"
 
 

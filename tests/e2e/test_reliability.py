@@ -19,8 +19,6 @@ import pytest
 from harness import deployment, generator_jobs, wait_until
 from helpers import burst
 
-# A replica restart to deploy, a burst of 96 slow requests, and the demo config again after.
-
 # About 3 s per batch of 8 on one CPU thread: long enough to queue behind, short enough for CI.
 SLOW = {"prompt": "slow", "num_inference_steps": 50, "width": 128, "height": 128}
 ACTIVE = 8  # images denoised at once

@@ -7,8 +7,6 @@ import httpx
 from harness import deployment, load_config
 from helpers import burst, png
 
-# Changes the Generator's user_config and waits for its replicas to take it.
-
 
 def one_image_per_call(config: dict) -> None:
     deployment(config, "ImageGenerator")["user_config"] = {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}
