@@ -85,3 +85,23 @@ def browser():
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield browser
         browser.close()
+
+
+@pytest.fixture
+def open_page(browser):
+    """open_page(base_url, path="/"): a page in a browser context of its own (its own storage, as another
+    visitor's), at `path` (None: not yet loaded); actions wait up to 60 s. Contexts close after the test."""
+    contexts = []
+
+    def open_(base_url: str, path: str | None = "/"):
+        context = browser.new_context(base_url=base_url, viewport={"width": 1280, "height": 800})
+        contexts.append(context)
+        page = context.new_page()
+        page.set_default_timeout(60_000)
+        if path is not None:
+            page.goto(path)
+        return page
+
+    yield open_
+    for context in contexts:
+        context.close()

@@ -169,13 +169,10 @@ def _png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def test_the_web_page_offers_every_model_with_its_own_limits_and_sends_the_one_chosen(http, browser):
+def test_the_web_page_offers_every_model_with_its_own_limits_and_sends_the_one_chosen(http, open_page):
     from playwright.sync_api import expect
 
-    context = browser.new_context(base_url=str(http.base_url))
-    page = context.new_page()
-    page.set_default_timeout(60_000)
-    page.goto("/")
+    page = open_page(str(http.base_url))
     expect(page.locator("#model-field")).to_be_visible()
     expect(page.locator("#model option")).to_have_text(["tiny (default)", "tiny-b", "tiny-xl"])
     page.select_option("#model", "tiny-xl")
@@ -189,4 +186,3 @@ def test_the_web_page_offers_every_model_with_its_own_limits_and_sends_the_one_c
     expect(card).to_contain_text("tiny-b")
     job = http.get(f"/jobs/{page.locator('#gallery .job').first.get_attribute('data-job')}").json()
     assert job["params"]["model"] == "tiny-b"
-    context.close()

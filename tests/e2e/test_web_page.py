@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+from helpers import decode, pixels
 from playwright.sync_api import Page, Route, expect
 
 
@@ -17,17 +19,29 @@ def wait_until(page: Page, condition, attempts: int = 600) -> None:
     raise AssertionError("condition never held")
 
 
+def answer_the_first(page: Page, pattern: str, method: str, **answer) -> list[str]:
+    """The first `method` request to `pattern` gets `answer` (Route.fulfill's arguments), later ones go to
+    the server; returns the URLs of those requests, as they come."""
+    urls: list[str] = []
+
+    def route(route: Route):
+        if route.request.method != method:
+            return route.continue_()
+        urls.append(route.request.url)
+        return route.fulfill(**answer) if len(urls) == 1 else route.continue_()
+
+    page.route(pattern, route)
+    return urls
+
+
 @pytest.fixture
-def page(browser, demo_server) -> Page:
-    context = browser.new_context(base_url=demo_server, viewport={"width": 1280, "height": 800})
-    page = context.new_page()
-    page.set_default_timeout(60_000)
-    page.goto("/")
-    yield page
-    context.close()
+def page(open_page, demo_server) -> Page:
+    return open_page(demo_server)
 
 
-def test_generate_runs_a_job_shows_its_images_with_seeds_and_errors_in_words(page: Page, demo_server, tmp_path):
+def test_generate_runs_a_job_shows_its_images_with_seeds_and_errors_in_words(
+    page: Page, open_page, demo_server, tmp_path
+):
     expect(page.locator("#server-text")).to_contain_text("synthetic:tiny")  # /info was read
     expect(page.locator("#limits-hint")).to_contain_text("64–256")
 
@@ -97,13 +111,10 @@ def test_generate_runs_a_job_shows_its_images_with_seeds_and_errors_in_words(pag
     expect(page.locator("#gallery .job")).to_have_count(2)
 
     # The page lists the jobs this browser submitted, not everyone's: another visitor sees none of them.
-    stranger = page.context.browser.new_context(base_url=demo_server)
-    other = stranger.new_page()
-    other.goto("/")
+    other = open_page(demo_server)
     expect(other.locator("#server-text")).to_contain_text("synthetic:tiny")
     expect(other.locator("#empty")).to_be_visible()
     expect(other.locator("#gallery .job")).to_have_count(0)
-    stranger.close()
 
 
 def test_lora_adapters_are_offered_applied_at_their_scale_and_shown_on_the_image(page: Page, client):
@@ -133,15 +144,7 @@ def test_lora_adapters_are_offered_applied_at_their_scale_and_shown_on_the_image
     made = client.post(
         "/generate", json={"prompt": "a lighthouse", "seed": 7, "loras": [{"name": "ink", "scale": 0.8}]}
     )
-    assert pixels_of(stored) == pixels_of(made.content)
-
-
-def pixels_of(png: bytes) -> bytes:
-    from io import BytesIO
-
-    from PIL import Image
-
-    return Image.open(BytesIO(png)).convert("RGB").tobytes()
+    assert np.array_equal(pixels(decode(stored)), pixels(decode(made.content)))
 
 
 def test_a_running_job_shows_its_progress_and_preview_and_can_be_cancelled(page: Page):
@@ -163,19 +166,8 @@ def test_a_running_job_shows_its_progress_and_preview_and_can_be_cancelled(page:
 
 
 def test_a_busy_server_is_retried_as_retry_after_says(page: Page):
-    calls = []
-
-    def overloaded_once(route: Route):
-        if route.request.method != "POST":
-            return route.continue_()
-        calls.append(route.request.url)
-        if len(calls) == 1:
-            body = {"error": {"code": "overloaded", "message": "queue full"}, "request_id": "r"}
-            route.fulfill(status=503, headers={"Retry-After": "0"}, json=body)
-        else:
-            route.continue_()
-
-    page.route("**/jobs", overloaded_once)
+    overloaded = {"error": {"code": "overloaded", "message": "queue full"}, "request_id": "r"}
+    calls = answer_the_first(page, "**/jobs", "POST", status=503, headers={"Retry-After": "0"}, json=overloaded)
     page.fill("#prompt", "a busy day")
     page.fill("#seed", "5")
     page.click("#generate")
@@ -185,27 +177,20 @@ def test_a_busy_server_is_retried_as_retry_after_says(page: Page):
 
 
 def test_an_event_stream_that_ends_before_its_job_is_followed_again(page: Page):
-    streams = []
-
-    def cut_short_once(route: Route):
-        streams.append(route.request.url)
-        if len(streams) == 1:  # as a proxy's idle time-out would: one event, then the end
-            route.fulfill(status=200, content_type="text/event-stream", body='event: running\ndata: {"id": "x"}\n\n')
-        else:
-            route.continue_()
-
-    page.route("**/jobs/*/events", cut_short_once)
+    # As a proxy's idle time-out would end it: one event, then the end.
+    one_event = 'event: running\ndata: {"id": "x"}\n\n'
+    streams = answer_the_first(page, "**/jobs/*/events", "GET", content_type="text/event-stream", body=one_event)
     page.fill("#prompt", "a short stream")
     page.fill("#seed", "9")
     page.click("#generate")
     expect(page.locator("#gallery .job").first.locator(".card:not(.pending) .seed")).to_have_text("seed 9")
     expect(page.locator("#gallery .job").first.locator(".job-state")).to_contain_text("done")
+    assert len(streams) >= 1
 
 
 @pytest.mark.parametrize(("path", "shows"), [("/docs", ".swagger-ui .info .title"), ("/redoc", "h1")])
-def test_the_api_documentation_renders_with_no_network(browser, demo_server, path, shows):
-    context = browser.new_context(base_url=demo_server)
-    page = context.new_page()
+def test_the_api_documentation_renders_with_no_network(open_page, demo_server, path, shows):
+    page = open_page(demo_server, path=None)
     outside: list[tuple[str, str]] = []
     # Anything but this server is refused (and recorded): the documentation must not need it.
     page.route(
@@ -220,4 +205,3 @@ def test_the_api_documentation_renders_with_no_network(browser, demo_server, pat
     expect(page.locator(shows).first).to_contain_text("Stable Diffusion on Ray Serve")
     # No script, style sheet or font from elsewhere; at most ReDoc's "by Redocly" logo, which it links to.
     assert [url for kind, url in outside if kind != "image"] == []
-    context.close()
