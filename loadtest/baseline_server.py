@@ -30,8 +30,8 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
-from serve_app.pipeline.engine import model_defaults
 from serve_app.pipeline.loading import ModelSource, PipelineOptions, load_pipeline
+from serve_app.pipeline.model import model_defaults
 from serve_app.pipeline.params import GenerationDefaults, ImageParams
 
 # The server's PNG level (serve_app/api/encoding.py), so the comparison measures serving, not zlib.

@@ -5,7 +5,7 @@
 
 One after the other, from one Serve config (default configs/cpu-demo.yaml: its model,
 pipeline options and defaults everywhere):
-  1. the raw engine (`loadtest.raw_pipeline`: `ImageEngine.generate` in this process) at batch
+  1. the raw engine (`loadtest.raw_pipeline`: `LoadedModel.generate` in this process) at batch
      sizes 1..16 on the same request mix; its best images/s is the ceiling (measured again
      at the end; the faster pass counts at each batch size);
   2. `python -m serve_app.bulk` on a JSONL file of --rows rows drawn from the mix, once per

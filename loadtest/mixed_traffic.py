@@ -79,14 +79,14 @@ async def measure_cancellation(url: str, long_: RequestStream, count: int, give_
     """Long requests abandoned by their clients after `give_up_s`: how many the replica cancelled in flight,
     and model calls made after every cancel was seen (0: their rows stopped costing compute)."""
     info = httpx.get(url + "/info", timeout=30).json()["generator"]
-    before = info["jobs"]
+    before = info["images"]
     timeout = aiohttp.ClientTimeout(total=give_up_s)
     async with aiohttp.ClientSession(url, timeout=timeout) as session:
         await asyncio.gather(*(send(session, long_.next()) for _ in range(count)), return_exceptions=True)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         info = httpx.get(url + "/info", timeout=30).json()["generator"]
-        jobs = info["jobs"]
+        jobs = info["images"]
         gone = (jobs["cancelled_in_flight"] - before["cancelled_in_flight"]) + (
             jobs["cancelled_before_start"] - before["cancelled_before_start"]
         )

@@ -29,32 +29,32 @@ from pathlib import Path
 ADAPTER_NAMES = ["ink", "neon", "clay", "glass"]
 
 
-def _engine(seed: int, batching: str, threads: int):
+def _model(seed: int, batching: str, threads: int):
     from serve_app.pipeline.adapters import AdapterSettings, SyntheticAdapter
-    from serve_app.pipeline.engine import ImageEngine
     from serve_app.pipeline.loading import PipelineOptions
+    from serve_app.pipeline.model import LoadedModel
 
     adapters = AdapterSettings(
         synthetic=[SyntheticAdapter(name=name, seed=i + 1) for i, name in enumerate(ADAPTER_NAMES)], batching=batching
     )
     options = PipelineOptions(device="cpu", torch_threads=threads, seed=seed)
-    engine = ImageEngine.load("synthetic:tiny", options, adapters=adapters)
-    engine.warmup()
-    return engine
+    model = LoadedModel.load("synthetic:tiny", options, adapters=adapters)
+    model.warmup()
+    return model
 
 
-def _loop(engine, max_batch_size: int):
-    from serve_app.pipeline.batching import BatchingLimits, EngineLoop, LoopCounters, make_batcher
+def _loop(model, max_batch_size: int):
+    from serve_app.pipeline.engines import EngineLimits, EngineLoop, LoopCounters, make_engine
 
     counters = LoopCounters()
-    limits = BatchingLimits(max_batch_size=max_batch_size, max_active_requests=4 * max_batch_size)
-    return EngineLoop(make_batcher(engine, "step", limits, counters), engine.prepare), counters
+    limits = EngineLimits(max_batch_size=max_batch_size, max_active_requests=4 * max_batch_size)
+    return EngineLoop(make_engine(model, "step", limits, counters), model.prepare), counters
 
 
 def run_scenario(name: str, loops: list, adapters: bool, args) -> dict:
     """Closed-loop clients over `loops` (client i uses loop i % len(loops)) for args.seconds."""
-    from serve_app.pipeline.jobs import GenerationJob
     from serve_app.pipeline.params import ImageParams
+    from serve_app.pipeline.tasks import ImageTask
 
     latencies: list[float] = []
     lock = threading.Lock()
@@ -68,7 +68,7 @@ def run_scenario(name: str, loops: list, adapters: bool, args) -> dict:
         while time.monotonic() < deadline:
             choice = rng.randrange(len(ADAPTER_NAMES) + 1) if adapters else len(ADAPTER_NAMES)
             loras = [] if choice == len(ADAPTER_NAMES) else [{"name": ADAPTER_NAMES[choice], "scale": 0.8}]
-            job = GenerationJob(
+            job = ImageTask(
                 ImageParams(
                     prompt=f"client {index} image {n}",
                     seed=index * 100000 + n,
@@ -130,17 +130,17 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     results = []
-    mixed = _engine(0, "mixed", args.threads)
-    grouped = _engine(0, "grouped", args.threads)
-    other = _engine(1, "mixed", args.threads)
+    mixed = _model(0, "mixed", args.threads)
+    grouped = _model(0, "grouped", args.threads)
+    other = _model(1, "mixed", args.threads)
     plans = [
         ("one model", [mixed], False),
         ("two models", [mixed, other], False),
         ("4 adapters, mixed", [mixed], True),
         ("4 adapters, grouped", [grouped], True),
     ]
-    for name, engines, adapters in plans:
-        loops = [_loop(engine, args.max_batch_size) for engine in engines]
+    for name, models, adapters in plans:
+        loops = [_loop(model, args.max_batch_size) for model in models]
         try:
             results.append(run_scenario(name, loops, adapters, args))
         finally:

@@ -2,7 +2,7 @@
 
     python -m loadtest.raw_pipeline --model synthetic:tiny --device cpu --threads 1 --batch-sizes 1,2,4,8,16
 
-Calls `ImageEngine.generate` (the pipeline layer the server's generator
+Calls `LoadedModel.generate` (the pipeline layer the server's generator
 calls: defaults, grouping, one diffusers call per group, uint8 output) with
 `batch_size` jobs drawn from the same request mix as the load tests, again
 and again for a few seconds per batch size. No HTTP, no Ray, no encoding.
@@ -41,10 +41,10 @@ class RawResult:
 
 def job_from_body(body: dict):
     """The job a native /generate body makes (its image parameters; output options aside)."""
-    from serve_app.pipeline.jobs import GenerationJob
     from serve_app.pipeline.params import ImageParams
+    from serve_app.pipeline.tasks import ImageTask
 
-    return GenerationJob(ImageParams.model_validate({k: v for k, v in body.items() if k in ImageParams.model_fields}))
+    return ImageTask(ImageParams.model_validate({k: v for k, v in body.items() if k in ImageParams.model_fields}))
 
 
 def measure(
@@ -66,26 +66,26 @@ def measure(
 
     import torch
 
-    from serve_app.pipeline.engine import ImageEngine
     from serve_app.pipeline.loading import PipelineOptions
+    from serve_app.pipeline.model import LoadedModel
     from serve_app.pipeline.params import GenerationDefaults
 
     threads_before = torch.get_num_threads()
-    engine = ImageEngine.load(
+    loaded = LoadedModel.load(
         model, PipelineOptions.model_validate(pipeline), GenerationDefaults.model_validate(defaults or {})
     )
-    engine.warmup()
+    loaded.warmup()
     stream = RequestStream(mix, seed=seed)
     results = []
     try:
         for batch_size in batch_sizes:
             batches = [[job_from_body(stream.next().body) for _ in range(batch_size)] for _ in range(8)]
-            engine.generate(batches[-1])  # first call at a new shape pays for allocation
+            loaded.generate(batches[-1])  # first call at a new shape pays for allocation
             calls = images = 0
             started, cpu_started = time.perf_counter(), time.process_time()
             while calls < min_calls or time.perf_counter() - started < seconds_per_size:
-                results_of_call = engine.generate(batches[calls % len(batches)])
-                _synchronize(engine)
+                results_of_call = loaded.generate(batches[calls % len(batches)])
+                _synchronize(loaded)
                 failed = [r for r in results_of_call if isinstance(r, Exception)]
                 if failed:
                     raise failed[0]
@@ -94,7 +94,7 @@ def measure(
             seconds, cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
             results.append(RawResult(batch_size, calls, images, seconds, cpu_s))
     finally:
-        del engine
+        del loaded
         gc.collect()
         torch.set_num_threads(threads_before)  # the caller's process goes on as before
         if torch.cuda.is_available():
@@ -102,11 +102,11 @@ def measure(
     return results
 
 
-def _synchronize(engine) -> None:
-    if engine.device.type == "cuda":
+def _synchronize(model) -> None:
+    if model.device.type == "cuda":
         import torch
 
-        torch.cuda.synchronize(engine.device)
+        torch.cuda.synchronize(model.device)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,7 +48,7 @@ def sample(info: dict, elapsed_s: float, level) -> dict:
         "replica": generator["replica"],
         "replica_rss_mib": round(generator["memory_rss_bytes"] / 2**20, 1),
         "gpu_used_mib": round(gpu["memory_used_bytes"] / 2**20, 1) if gpu else "",
-        "images_made": generator["jobs"]["succeeded"],
+        "images_made": generator["images"]["succeeded"],
         "responses_by_status": " ".join(f"{k}:{v}" for k, v in info["responses_by_status"].items()),
     }
 

@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .pipeline.adapters import AdapterSettings
-from .pipeline.batching import BatchingLimits
+from .pipeline.engines import EngineLimits
 from .pipeline.loading import ModelSource, ModelSourceError, PipelineOptions
 from .pipeline.params import GenerationDefaults
 
@@ -309,8 +309,8 @@ class BatchingConfig(_Strict):
         "fifo", description="which waiting images join first (step engine): arrival order, or the shortest first"
     )
 
-    def loop_limits(self) -> BatchingLimits:
-        return BatchingLimits(self.max_batch_size, self.max_active_requests, self.admission)
+    def loop_limits(self) -> EngineLimits:
+        return EngineLimits(self.max_batch_size, self.max_active_requests, self.admission)
 
 
 def check_serve_config(config: dict) -> list[str]:

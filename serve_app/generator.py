@@ -3,7 +3,7 @@
 @serve.batch is the admission window: what arrives together is handed to the engine loop
 together, and joins the running batch at its next tick (the step engine) or the next
 pipeline call (the request engine) while the current one computes. The loop runs on its own
-thread (pipeline layer, `pipeline/batching.py`); results come back to this replica's event
+thread (pipeline layer, `pipeline/engines.py`); results come back to this replica's event
 loop through callbacks.
 """
 
@@ -25,9 +25,9 @@ from ray import serve
 from .config import GENERATOR_MAX_ONGOING_REQUESTS, BatchingConfig, ServedModel
 from .metrics import GeneratorMetrics
 from .pipeline.adapters import AdapterSettings
-from .pipeline.batching import Progress
-from .pipeline.errors import InsufficientMemoryError, InvalidJobError
-from .pipeline.jobs import GenerationJob, ImageResult
+from .pipeline.engines import Progress
+from .pipeline.errors import InsufficientMemoryError, InvalidTaskError
+from .pipeline.tasks import ImageResult, ImageTask
 
 logger = logging.getLogger("ray.serve")
 
@@ -57,9 +57,9 @@ class ImageGenerator:
         self._node_id = ray.get_runtime_context().get_node_id()
         self.metrics = GeneratorMetrics()
         self.received = 0
-        self._progress_queues: dict[int, asyncio.Queue] = {}  # by id() of a job being streamed
+        self._progress_queues: dict[int, asyncio.Queue] = {}  # by id() of a task being streamed
         self._loaded: dict[str, ModelRuntime] = {}
-        self._retired_counts: Counter = Counter()  # jobs counted by runtimes since unloaded
+        self._retired_counts: Counter = Counter()  # tasks counted by runtimes since unloaded
         self._retired_calls: Counter = Counter()
         self.model_loads = 0
         self.model_evictions = 0
@@ -74,8 +74,8 @@ class ImageGenerator:
         )
         logger.info(
             "ImageGenerator ready: %s, engine %s, warm-up %.2fs",
-            self._preloaded.engine.describe(),
-            self._preloaded.batcher.engine_name,
+            self._preloaded.model.describe(),
+            self._preloaded.engine.kind,
             self._preloaded.warmup_s,
         )
 
@@ -83,7 +83,7 @@ class ImageGenerator:
         """Load a model (on a worker thread, except at start); too big for memory is a clear error, once."""
         served = self._models.get(model_id)
         if served is None:
-            raise InvalidJobError(f"unknown model {model_id!r}; available: {', '.join(self._models)}", "model")
+            raise InvalidTaskError(f"unknown model {model_id!r}; available: {', '.join(self._models)}", "model")
         runtime = ModelRuntime.load(served, self._adapters, self.limits, beside=list(self._loaded))
         self.model_loads += 1
         self.model_load_s += runtime.load_s
@@ -132,8 +132,8 @@ class ImageGenerator:
 
     def reconfigure(self, user_config: dict) -> None:
         batching = BatchingConfig.model_validate(user_config or {})
-        self._collect_batch.set_max_batch_size(batching.max_batch_size)
-        self._collect_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        self._admission_window.set_max_batch_size(batching.max_batch_size)
+        self._admission_window.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
         # The loop reads these at every tick.
         new = batching.loop_limits()
         self.limits.max_batch_size = new.max_batch_size
@@ -142,23 +142,23 @@ class ImageGenerator:
         self._batching = batching
         self.metrics.max_batch_size.set(batching.max_batch_size)
 
-    async def generate(self, job: GenerationJob) -> ImageResult:
+    async def generate(self, task: ImageTask) -> ImageResult:
         self.received += 1
-        runtime = await self._runtime_for(job.params.model or self.default_model)
-        result = await (await self._collect_batch((_stamped(job), runtime)))
+        runtime = await self._runtime_for(task.params.model or self.default_model)
+        result = await (await self._admission_window((_stamped(task), runtime)))
         if isinstance(result, Exception):
             raise result
         return result
 
-    async def generate_stream(self, job: GenerationJob) -> AsyncIterator[dict | ImageResult]:
-        """The job's progress as it runs, `{"step", "total_steps"}` (the latest, when several steps
-        passed since the last one was read; with `"preview"`, a base64 PNG, every `job.preview_every`
+    async def generate_stream(self, task: ImageTask) -> AsyncIterator[dict | ImageResult]:
+        """The task's progress as it runs, `{"step", "total_steps"}` (the latest, when several steps
+        passed since the last one was read; with `"preview"`, a base64 PNG, every `task.preview_every`
         steps), then its `ImageResult`; errors are raised. Closing the
-        stream (the caller gave up) cancels the job: it leaves the engine at its next step."""
-        job = _stamped(job)
+        stream (the caller gave up) cancels the task: it leaves the engine at its next step."""
+        task = _stamped(task)
         progress: asyncio.Queue[Progress] = asyncio.Queue()
-        self._progress_queues[id(job)] = progress
-        outcome = asyncio.ensure_future(self.generate(job))
+        self._progress_queues[id(task)] = progress
+        outcome = asyncio.ensure_future(self.generate(task))
         try:
             while not outcome.done():
                 waiting = asyncio.ensure_future(progress.get())
@@ -177,13 +177,13 @@ class ImageGenerator:
                 yield update
             yield outcome.result()
         finally:
-            self._progress_queues.pop(id(job), None)
+            self._progress_queues.pop(id(task), None)
             outcome.cancel()
 
     @serve.batch(
         max_batch_size=_DEFAULT_BATCHING.max_batch_size, batch_wait_timeout_s=_DEFAULT_BATCHING.batch_wait_timeout_s
     )
-    async def _collect_batch(self, arrivals: list[tuple[GenerationJob, ModelRuntime]]) -> list[asyncio.Future]:
+    async def _admission_window(self, arrivals: list[tuple[ImageTask, ModelRuntime]]) -> list[asyncio.Future]:
         """Hand a collected batch to the engine loops (one per model: batches never mix models) without
         waiting for it, so collecting goes on."""
         event_loop = asyncio.get_running_loop()
@@ -193,31 +193,31 @@ class ImageGenerator:
             by_runtime.setdefault(id(runtime), []).append(index)
         for indices in by_runtime.values():
             runtime = arrivals[indices[0]][1]
-            jobs = [arrivals[i][0] for i in indices]
+            tasks = [arrivals[i][0] for i in indices]
             group_futures = [futures[i] for i in indices]
 
-            def on_done(index: int, result, jobs=jobs, group_futures=group_futures) -> None:
+            def on_done(index: int, result, tasks=tasks, group_futures=group_futures) -> None:
                 # Called on the engine's thread: results cross to this replica's event loop.
-                event_loop.call_soon_threadsafe(self._deliver, jobs[index], group_futures[index], result)
+                event_loop.call_soon_threadsafe(self._deliver, tasks[index], group_futures[index], result)
 
-            def on_progress(index: int, progress: Progress, jobs=jobs) -> None:
-                queue = self._progress_queues.get(id(jobs[index]))
-                if queue is not None:  # someone streams this job's progress
+            def on_progress(index: int, progress: Progress, tasks=tasks) -> None:
+                queue = self._progress_queues.get(id(tasks[index]))
+                if queue is not None:  # someone streams this task's progress
                     event_loop.call_soon_threadsafe(queue.put_nowait, progress)
 
-            tickets = runtime.loop.submit_all(jobs, on_done, on_progress)
+            tickets = runtime.loop.submit_all(tasks, on_done, on_progress)
             for future, ticket in zip(group_futures, tickets):
-                # The caller gave up (disconnect, deadline, cancel): the job leaves at the next tick.
+                # The caller gave up (disconnect, deadline, cancel): the task leaves at the next tick.
                 future.add_done_callback(lambda f, ticket=ticket: ticket.cancel() if f.cancelled() else None)
         return futures
 
-    def _deliver(self, job: GenerationJob, future: asyncio.Future, result: ImageResult | Exception) -> None:
+    def _deliver(self, task: ImageTask, future: asyncio.Future, result: ImageResult | Exception) -> None:
         if isinstance(result, ImageResult):
             result.replica = self._replica
         if not future.done():
             future.set_result(result)
         try:
-            self.metrics.record_result(job, result, time.time())
+            self.metrics.record_result(task, result, time.time())
             self.metrics.record_counters(self._counters())
         except Exception:  # noqa: BLE001 - metrics must never cost a caller its image
             logger.exception("ImageGenerator: recording metrics failed")
@@ -245,8 +245,8 @@ class ImageGenerator:
         runtimes = self._runtimes()
         shown = next((r for r in runtimes if r.id == self.default_model), runtimes[0] if runtimes else None)
         return {
-            **(shown.engine.describe() if shown else {"model": self.default_model}),
-            "engine": shown.batcher.engine_name if shown else None,
+            **(shown.model.describe() if shown else {"model": self.default_model}),
+            "engine": shown.engine.kind if shown else None,
             "models": {
                 "loaded": {r.id: r.describe() for r in runtimes},
                 "max_per_replica": self._max_models,
@@ -263,8 +263,8 @@ class ImageGenerator:
             "batching": self._batching.model_dump(),
             # Images per model call: a UNet step (step engine) or a whole pipeline call (request engine).
             "model_calls_by_batch_size": counters.pop("model_calls_by_batch_size"),
-            # Jobs since start: tests and operators synchronise on these rather than on time.
-            "jobs": {
+            # Images since start: tests and operators synchronise on these rather than on time.
+            "images": {
                 "received": self.received,
                 **counters,
                 "waiting": sum(r.loop.waiting for r in runtimes),
@@ -274,7 +274,7 @@ class ImageGenerator:
 
     def check_health(self) -> None:
         for runtime in self._runtimes():
-            runtime.engine.check_health()
+            runtime.model.check_health()
 
 
 _SUMMED_COUNTS = (
@@ -290,22 +290,22 @@ _SUMMED_COUNTS = (
 
 
 class ModelRuntime:
-    """One model loaded on this replica: its engine and the loop that batches its jobs."""
+    """One model loaded on this replica: its engine and the loop that batches its tasks."""
 
     def __init__(self, served: ServedModel, adapters: AdapterSettings, limits):
         # torch loads here, on the replica, not in the app builder
-        from .pipeline.batching import EngineLoop, LoopCounters, make_batcher
-        from .pipeline.engine import ImageEngine
+        from .pipeline.engines import EngineLoop, LoopCounters, make_engine
+        from .pipeline.model import LoadedModel
 
         started = time.perf_counter()
         self.id = served.id
         self.on_unload = None  # set by the Generator: called once unloaded
         self._unloaded = True  # nothing to stop (or count) until the loop runs: a failed load leaves nothing
-        self.engine = ImageEngine.load(served.source, served.pipeline, served.defaults, adapters, served.refiner)
-        self.warmup_s = self.engine.warmup()
+        self.model = LoadedModel.load(served.source, served.pipeline, served.defaults, adapters, served.refiner)
+        self.warmup_s = self.model.warmup()
         self.counters = LoopCounters()
-        self.batcher = make_batcher(self.engine, served.pipeline.engine, limits, self.counters)
-        self.loop = EngineLoop(self.batcher, self.engine.prepare)
+        self.engine = make_engine(self.model, served.pipeline.engine, limits, self.counters)
+        self.loop = EngineLoop(self.engine, self.model.prepare)
         self.load_s = time.perf_counter() - started
         self.loaded_at = time.time()
         self._unloaded = False
@@ -323,16 +323,16 @@ class ModelRuntime:
 
     def describe(self) -> dict:
         return {
-            "source": str(self.engine.source),
-            "engine": self.batcher.engine_name,
+            "source": str(self.model.source),
+            "engine": self.engine.kind,
             "load_s": round(self.load_s, 3),
             "loaded_at": round(self.loaded_at, 3),
-            "jobs_succeeded": self.counters.succeeded,
-            "loras": self.engine.adapters.describe(),
+            "images_succeeded": self.counters.succeeded,
+            "loras": self.model.adapters.describe(),
         }
 
     def unload(self) -> None:
-        """Finish the jobs it holds, then stop its loop; its weights go with the last reference."""
+        """Finish the tasks it holds, then stop its loop; its weights go with the last reference."""
         if self._unloaded:
             return
         self._unloaded = True
@@ -369,9 +369,9 @@ def _does_not_fit(model_id: str, loaded: list[str]) -> InsufficientMemoryError:
     )
 
 
-def _stamped(job: GenerationJob) -> GenerationJob:
-    """The job with the time its wait started: the ingress sets it; for other callers it starts here."""
-    return job if job.submitted_at is not None else dataclasses.replace(job, submitted_at=time.time())
+def _stamped(task: ImageTask) -> ImageTask:
+    """The task with the time its wait started: the ingress sets it; for other callers it starts here."""
+    return task if task.submitted_at is not None else dataclasses.replace(task, submitted_at=time.time())
 
 
 def _rss_bytes() -> int:

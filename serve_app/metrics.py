@@ -28,9 +28,9 @@ from collections import Counter as Tally
 
 from ray.serve.metrics import Counter, Gauge, Histogram
 
-from .pipeline.batching import JobCancelled
+from .pipeline.engines import TaskCancelled
 from .pipeline.errors import GenerationError
-from .pipeline.jobs import GenerationJob, ImageResult
+from .pipeline.tasks import ImageResult, ImageTask
 
 BATCH_SIZE_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 QUEUE_WAIT_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
@@ -85,14 +85,14 @@ class GeneratorMetrics:
         )
         self._seen: dict = {"model_calls_by_batch_size": {}}
 
-    def record_result(self, job: GenerationJob, result: ImageResult | BaseException, now: float) -> None:
+    def record_result(self, job: ImageTask, result: ImageResult | BaseException, now: float) -> None:
         """One job's outcome; `now` is the wall-clock time it was delivered."""
         if isinstance(result, ImageResult):
             self.images.inc()
             self.generation.observe(result.generation_time_s)
             if job.submitted_at is not None:  # clocks of two nodes may differ by a little
                 self.queue_wait.observe(max(now - result.generation_time_s - job.submitted_at, 0.0))
-        elif not isinstance(result, JobCancelled):
+        elif not isinstance(result, TaskCancelled):
             self.errors.inc(tags={"kind": error_kind(result)})
 
     def record_counters(self, counters: dict) -> None:

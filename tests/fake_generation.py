@@ -25,8 +25,8 @@ from harness import load_config
 
 from serve_app.api.serving import GenerationService
 from serve_app.config import AppArgs
-from serve_app.pipeline.jobs import GenerationJob, ImageResult
 from serve_app.pipeline.params import GenerationDefaults
+from serve_app.pipeline.tasks import ImageResult, ImageTask
 
 # synthetic:tiny's own defaults (pipeline/presets/tiny.json) and the engine's fallback strength.
 TINY_DEFAULTS = GenerationDefaults(width=64, height=64, num_inference_steps=2, guidance_scale=7.5, strength=0.75)
@@ -39,7 +39,7 @@ def demo_settings(**limits) -> AppArgs:
     return AppArgs.model_validate(args)
 
 
-def fake_pixels(job: GenerationJob) -> np.ndarray:
+def fake_pixels(job: ImageTask) -> np.ndarray:
     """Noise drawn from the seed; image-to-image moves `strength` of the way from the init image to it."""
     params = job.params
     noise = np.random.default_rng(params.seed).integers(0, 256, (params.height, params.width, 3), dtype=np.uint8)
@@ -52,7 +52,7 @@ def fake_pixels(job: GenerationJob) -> np.ndarray:
 class FakeResponse:
     """Like Serve's DeploymentResponse: awaitable, and `cancel()` drops the work (recorded at once)."""
 
-    def __init__(self, generator: FakeGenerator, job: GenerationJob, task: asyncio.Task):
+    def __init__(self, generator: FakeGenerator, job: ImageTask, task: asyncio.Task):
         self._generator, self._job, self._task = generator, job, task
 
     def __await__(self):
@@ -81,13 +81,13 @@ class FakeGenerator:
 
     def __init__(self, defaults: GenerationDefaults = TINY_DEFAULTS):
         self.defaults = defaults
-        self.jobs: list[GenerationJob] = []
-        self.cancelled: list[GenerationJob] = []
+        self.jobs: list[ImageTask] = []
+        self.cancelled: list[ImageTask] = []
         self.batch_sizes: list[int] = []
         self.fail_with: BaseException | None = None
         self.hang = False
         self.routed_to: list[str] = []
-        self._batch: list[GenerationJob] | None = None
+        self._batch: list[ImageTask] | None = None
         self.generate = _Method(self._submit)
         self.info = _Method(self._info)
 
@@ -95,7 +95,7 @@ class FakeGenerator:
         self.routed_to.append(multiplexed_model_id)
         return self
 
-    def _submit(self, job: GenerationJob) -> FakeResponse:
+    def _submit(self, job: ImageTask) -> FakeResponse:
         loop = asyncio.get_running_loop()
         if self._batch is None:
             # Everything submitted before the loop's next turn joins this batch.
@@ -110,11 +110,11 @@ class FakeGenerator:
             self.batch_sizes.append(len(self._batch))
         self._batch = None
 
-    def note_cancelled(self, job: GenerationJob) -> None:
+    def note_cancelled(self, job: ImageTask) -> None:
         if not any(job is seen for seen in self.cancelled):
             self.cancelled.append(job)
 
-    async def _run(self, job: GenerationJob, batch: list[GenerationJob]) -> ImageResult:
+    async def _run(self, job: ImageTask, batch: list[ImageTask]) -> ImageResult:
         try:
             await asyncio.sleep(0)  # the batch closes first
             if self.hang(job) if callable(self.hang) else self.hang:
@@ -132,7 +132,7 @@ class FakeGenerator:
         )
 
     async def _info(self) -> dict:
-        return {"replica": "fake-replica", "jobs": {"received": len(self.jobs), "cancelled": len(self.cancelled)}}
+        return {"replica": "fake-replica", "images": {"received": len(self.jobs), "cancelled": len(self.cancelled)}}
 
 
 class FakeGenerationService(GenerationService):

@@ -58,7 +58,7 @@ def generator_jobs(http: httpx.Client) -> dict:
     Generator replica: exact where the config runs one."""
     response = http.get("/info")
     assert response.status_code == 200, response.text
-    return response.json()["generator"]["jobs"]
+    return response.json()["generator"]["images"]
 
 
 # Where the tests' servers keep jobs: one directory per test session, never the repository's ./outputs.

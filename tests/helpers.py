@@ -63,12 +63,12 @@ class Collector:
             self.all_done.set()
 
 
-def run_through_loop(engine, kind: str, jobs: list, limits=None):
+def run_through_loop(model, kind: str, jobs: list, limits=None):
     """Every job's result through a real engine loop of `kind` ("step" or "request"), and its counters."""
-    from serve_app.pipeline.batching import BatchingLimits, EngineLoop, LoopCounters, make_batcher
+    from serve_app.pipeline.engines import EngineLimits, EngineLoop, LoopCounters, make_engine
 
     counters = LoopCounters()
-    loop = EngineLoop(make_batcher(engine, kind, limits or BatchingLimits(), counters), engine.prepare)
+    loop = EngineLoop(make_engine(model, kind, limits or EngineLimits(), counters), model.prepare)
     try:
         done = Collector(len(jobs))
         loop.submit_all(jobs, done)

@@ -28,8 +28,8 @@ from starlette.concurrency import run_in_threadpool
 from ..config import AppArgs, RequestLimits
 from ..job_queue.store import JobStore
 from ..pipeline.errors import GenerationError
-from ..pipeline.jobs import GenerationJob, ImageResult
 from ..pipeline.params import SEED_MAX, ImageParams, split_lora_tags
+from ..pipeline.tasks import ImageResult, ImageTask
 from .encoding import decode_init_image, encode_image, parameters_text
 from .errors import ApiError
 from .middleware import REQUEST_DEADLINE
@@ -149,13 +149,13 @@ def build_jobs(
     init_image: np.ndarray | None = None,
     names: dict[str, str] | None = None,
     model: str | None = None,
-) -> list[GenerationJob]:
+) -> list[ImageTask]:
     """One job per image, within `limits` (`model`'s, named in errors); image i gets seed + i (the base seed
     is drawn when left out)."""
     check_limits(params, num_images, limits, names, model)
     base_seed = params.seed if params.seed is not None else new_seed()
     return [
-        GenerationJob(
+        ImageTask(
             params=params.model_copy(update={"seed": (base_seed + i) % (SEED_MAX + 1)}),
             init_image=init_image,
             request_id=request_id,
@@ -212,7 +212,7 @@ class GenerationService:
         *,
         init_image: np.ndarray | None = None,
         names: dict[str, str] | None = None,
-    ) -> list[GenerationJob]:
+    ) -> list[ImageTask]:
         """The model and adapters resolved, then `build_jobs` within that model's limits."""
         params = self.models.resolve(params, names)
         limits = self.models.limits_for(params.model)
@@ -226,7 +226,7 @@ class GenerationService:
         limits = self.models.limits_for(params.model)
         return await run_in_threadpool(decode_init_image, data, limits, params.width, params.height, field, media_type)
 
-    async def generate(self, jobs: list[GenerationJob]) -> list[ImageResult]:
+    async def generate(self, jobs: list[ImageTask]) -> list[ImageResult]:
         """One Generator call per image, so the images of one request batch with everyone else's."""
         responses = []
         finished = False
@@ -243,7 +243,7 @@ class GenerationService:
                 for response in responses:
                     _cancel_quietly(response)
 
-    async def generate_events(self, jobs: list[GenerationJob]) -> AsyncIterator[dict | list[ImageResult]]:
+    async def generate_events(self, jobs: list[ImageTask]) -> AsyncIterator[dict | list[ImageResult]]:
         """Progress of the request's images as they run, `{"step", "total_steps", "images_done", "num_images"}`
         (all images together; the latest when several came at once), then the list of images. Errors are
         raised as from `generate`."""
@@ -292,7 +292,7 @@ class GenerationService:
         except (RayActorError, DeploymentUnavailableError):
             raise self._unavailable("job_queue_unavailable", "the job queue is restarting; retry") from None
 
-    async def generate_each(self, job_lists: list[list[GenerationJob]]) -> list[list[ImageResult]]:
+    async def generate_each(self, job_lists: list[list[ImageTask]]) -> list[list[ImageResult]]:
         """Several requests' jobs submitted together (so they share batches), answered per request."""
         images = iter(await self.generate([job for jobs in job_lists for job in jobs]))
         return [[next(images) for _ in jobs] for jobs in job_lists]
@@ -327,7 +327,7 @@ class GenerationService:
         return ApiError(503, code, message, headers={"Retry-After": str(retry_after)})
 
 
-def routed(generator: DeploymentHandle, job: GenerationJob, by_model: bool) -> DeploymentHandle:
+def routed(generator: DeploymentHandle, job: ImageTask, by_model: bool) -> DeploymentHandle:
     """The handle that sends `job` to a Generator replica holding its model (when routing by model)."""
     if not by_model or job.params.model is None:
         return generator
@@ -336,7 +336,7 @@ def routed(generator: DeploymentHandle, job: GenerationJob, by_model: bool) -> D
 
 async def stream_images(
     streaming_generator: DeploymentHandle,
-    jobs: list[GenerationJob],
+    jobs: list[ImageTask],
     on_progress: Callable[[dict], None],
     by_model: bool = False,
 ) -> list[ImageResult]:
@@ -373,7 +373,7 @@ async def stream_images(
             task.cancel()
 
 
-def _stamped(job: GenerationJob) -> GenerationJob:
+def _stamped(job: ImageTask) -> ImageTask:
     """The job as handed to the Generator: when (for its queue-wait metric) and by when (its deadline)."""
     return dataclasses.replace(job, submitted_at=time.time(), deadline=REQUEST_DEADLINE.get())
 

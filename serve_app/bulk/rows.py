@@ -49,7 +49,7 @@ class CheckedRow:
 
     @property
     def key(self) -> str:
-        """Rows with equal keys can share model calls: what `pipeline.jobs.call_key` compares, as given.
+        """Rows with equal keys can share model calls: what `pipeline.tasks.call_key` compares, as given.
 
         Unset values (the model's defaults) sort together; refused rows sort first."""
         r = self.request

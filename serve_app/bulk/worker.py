@@ -1,6 +1,6 @@
 """The callable class Ray Data runs in its actor pool: one engine per actor, rows in, manifest entries out.
 
-Each actor loads the model once (the project's pipeline layer: `ImageEngine`, the same
+Each actor loads the model once (the project's pipeline layer: `LoadedModel`, the same
 model sources and options as the server) and drives it through the engine loop the
 server's Generator uses (`EngineLoop`). Ray Data calls it with up to two batches at a
 time (`max_concurrent_calls_per_actor=2`), and both go into the one loop: while one
@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from ..api.encoding import encode_image, parameters_text
 from ..api.serving import build_jobs
-from ..pipeline.jobs import GenerationJob, ImageResult
+from ..pipeline.tasks import ImageResult, ImageTask
 from .manifest import DONE, FAILED, Output, entries_table
 from .rows import BulkRequest, image_path
 from .settings import BulkSettings
@@ -34,31 +34,31 @@ class ImageMaker:
     def __init__(self, settings: BulkSettings, output: Output, run_id: str):
         import ray
 
-        from ..pipeline.batching import BatchingLimits, EngineLoop, LoopCounters, make_batcher
-        from ..pipeline.engine import ImageEngine
+        from ..pipeline.engines import EngineLimits, EngineLoop, LoopCounters, make_engine
+        from ..pipeline.model import LoadedModel
 
         self.settings = settings
         self.output = output
         self.run_id = run_id
-        self.engine = ImageEngine.load(settings.model, settings.pipeline, settings.defaults)
-        self.engine.warmup()
+        self.model = LoadedModel.load(settings.model, settings.pipeline, settings.defaults)
+        self.model.warmup()
         self.counters = LoopCounters()
-        limits = BatchingLimits(settings.max_batch_size, settings.max_active_requests)
-        self.batcher = make_batcher(self.engine, settings.pipeline.engine, limits, self.counters)
-        self.loop = EngineLoop(self.batcher, self.engine.prepare)
+        limits = EngineLimits(settings.max_batch_size, settings.max_active_requests)
+        self.engine = make_engine(self.model, settings.pipeline.engine, limits, self.counters)
+        self.loop = EngineLoop(self.engine, self.model.prepare)
         # Outside Ray (a test calling it in-process), asking for the runtime context would start Ray.
         self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         self._folders: set[str] = set()
-        logger.info("bulk worker ready on node %s: %s, engine %s", self.node_id, self.model, self.batcher.engine_name)
+        logger.info("bulk worker ready on node %s: %s, engine %s", self.node_id, self.model_name, self.engine.kind)
 
     @property
-    def model(self) -> str:
+    def model_name(self) -> str:
         return self.settings.model  # as the server names it in the PNG parameters
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.select(["row", "fields", "request"]).to_pylist()
         requests = [BulkRequest.model_validate_json(row["request"]) for row in rows]
-        jobs: list[GenerationJob] = []
+        jobs: list[ImageTask] = []
         owners: list[int] = []
         for index, (row, request) in enumerate(zip(rows, requests)):
             made = build_jobs(request.image_params(), request.num_images, self.settings.limits, f"row-{row['row']}")
@@ -70,7 +70,7 @@ class ImageMaker:
             images_of[owner].append(result)
         return entries_table([self._entry(*made) for made in zip(rows, requests, images_of)])
 
-    def _generate(self, jobs: list[GenerationJob]) -> list[ImageResult | Exception]:
+    def _generate(self, jobs: list[ImageTask]) -> list[ImageResult | Exception]:
         """Every job through the engine loop; returns when the last one is back."""
         results: list[ImageResult | Exception | None] = [None] * len(jobs)
         if not jobs:
@@ -100,7 +100,7 @@ class ImageMaker:
             "num_images": request.num_images,
             "output_format": request.output_format,
             "quality": request.quality,
-            "model": self.model,
+            "model": self.model_name,
             "node_id": self.node_id,
             "run_id": self.run_id,
         }
@@ -126,7 +126,7 @@ class ImageMaker:
 
     def _write(self, row: int, image: ImageResult, request: BulkRequest) -> str:
         data = encode_image(
-            image.pixels, request.output_format, request.quality, parameters_text(image.params, self.model)
+            image.pixels, request.output_format, request.quality, parameters_text(image.params, self.model_name)
         )
         path = image_path(row, image.seed, request.output_format)
         folder = path.rsplit("/", 1)[0]

@@ -32,7 +32,7 @@ from starlette.concurrency import run_in_threadpool
 from ..api.serving import stream_images
 from ..config import AppArgs
 from ..pipeline.errors import GenerationError
-from ..pipeline.jobs import GenerationJob, ImageResult
+from ..pipeline.tasks import ImageResult, ImageTask
 from .records import JobError, JobImage, JobRecord, JobStatus, created_at
 from .store import JobStore
 
@@ -238,7 +238,7 @@ class JobManager:
         if record.kind == "img2img":
             init_image = await run_in_threadpool(self._load_input, record.id)
         jobs = [
-            GenerationJob(
+            ImageTask(
                 record.params.model_copy(update={"seed": seed}),
                 init_image,
                 record.request_id,

@@ -32,7 +32,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import InvalidJobError
+from .errors import InvalidTaskError
 from .params import AdapterName
 
 logger = logging.getLogger(__name__)
@@ -114,7 +114,9 @@ class AdapterCatalog:
             return found
         if name in self.synthetic:
             return write_synthetic_adapter(self.synthetic[name])
-        raise InvalidJobError(f"unknown LoRA adapter {name!r}; available: {', '.join(self.names()) or 'none'}", "loras")
+        raise InvalidTaskError(
+            f"unknown LoRA adapter {name!r}; available: {', '.join(self.names()) or 'none'}", "loras"
+        )
 
 
 def write_synthetic_adapter(adapter: SyntheticAdapter, directory: str | Path | None = None) -> Path:
@@ -165,7 +167,7 @@ class LoraMixer:
         self.evictions = 0
         self._active: tuple[str, ...] = ()  # adapters active on the pipeline's LoRA layers
         self._scales: dict[str, object] = {}  # adapter -> per-row scale tensor during a call
-        self._row_jobs = None  # which job each row of the next calls belongs to (None: rows are jobs, repeated)
+        self._row_tasks = None  # which task each row of the next calls belongs to (None: rows are tasks, repeated)
         self._shaped: dict[tuple, object] = {}  # (adapter, rows, dims) -> its scales as that layer multiplies them
         self._device = None  # the UNet's (asking the pipeline walks every module)
         self._hooked: weakref.WeakSet = weakref.WeakSet()
@@ -174,7 +176,7 @@ class LoraMixer:
         return {"loaded": list(self.loaded), "loads": self.loads, "evictions": self.evictions}
 
     def load(self, names: list[str] | set[str]) -> None:
-        """Make sure these adapters are loaded (InvalidJobError, field `loras`, if one is unknown or does
+        """Make sure these adapters are loaded (InvalidTaskError, field `loras`, if one is unknown or does
         not fit this model). Past the cap, the least recently used adapters not named here go."""
         for name in sorted(names):
             if name in self.loaded:
@@ -193,7 +195,9 @@ class LoraMixer:
                     self.pipe.load_lora_weights(str(path), adapter_name=name)
             except Exception as exc:  # noqa: BLE001 - any failure means this adapter cannot serve here
                 self._forget(name)
-                raise InvalidJobError(f"LoRA adapter {name!r} cannot be applied to this model: {exc}", "loras") from exc
+                raise InvalidTaskError(
+                    f"LoRA adapter {name!r} cannot be applied to this model: {exc}", "loras"
+                ) from exc
             self.loaded[name] = time.perf_counter() - started
             self.loads += 1
             self._active = None  # loading changes which adapters the layers hold active
@@ -241,8 +245,8 @@ class LoraMixer:
         if scales is None:
             return output.new_zeros(())  # an adapter no row of this call asked for adds nothing
         rows = output.shape[0]
-        if self._row_jobs is not None and len(self._row_jobs) == rows:
-            scales = scales[self._row_jobs]
+        if self._row_tasks is not None and len(self._row_tasks) == rows:
+            scales = scales[self._row_tasks]
         elif rows != len(scales):
             if rows % len(scales):
                 raise RuntimeError(f"a LoRA layer saw {rows} rows for {len(scales)} images")
@@ -250,12 +254,12 @@ class LoraMixer:
         return scales.view(-1, *([1] * (output.dim() - 1))).to(output.dtype)
 
     @contextmanager
-    def applied(self, per_job: list[AdapterKey], row_jobs: list[int] | None = None) -> Iterator[None]:
-        """Model calls inside run job i's adapters at its scales on job i's rows. `row_jobs`: the job of
-        each row when rows are not the jobs (or the jobs repeated, as classifier-free guidance lays them)."""
+    def applied(self, per_task: list[AdapterKey], row_tasks: list[int] | None = None) -> Iterator[None]:
+        """Model calls inside run task i's adapters at its scales on task i's rows. `row_tasks`: the task of
+        each row when rows are not the tasks (or the tasks repeated, as classifier-free guidance lays them)."""
         import torch
 
-        wanted = sorted({name for key in per_job for name, _ in key})
+        wanted = sorted({name for key in per_task for name, _ in key})
         if not wanted:
             if self._active != ():
                 if self.loaded:
@@ -277,14 +281,14 @@ class LoraMixer:
             self._device = self.pipe.unet.device
         device = self._device
         self._scales = {
-            name: torch.tensor([dict(key).get(name, 0.0) for key in per_job], dtype=torch.float32, device=device)
+            name: torch.tensor([dict(key).get(name, 0.0) for key in per_task], dtype=torch.float32, device=device)
             for name in self._active
         }
-        self._row_jobs = None if row_jobs is None else torch.tensor(row_jobs, device=device)
+        self._row_tasks = None if row_tasks is None else torch.tensor(row_tasks, device=device)
         try:
             yield
         finally:
-            self._scales, self._row_jobs, self._shaped = {}, None, {}
+            self._scales, self._row_tasks, self._shaped = {}, None, {}
 
 
 def _inference_mode():

@@ -1,4 +1,4 @@
-"""Errors the pipeline layer raises for one job, each with the HTTP status it maps to.
+"""Errors the pipeline layer raises for one task, each with the HTTP status it maps to.
 
 Torch-free, and plain enough to cross a process boundary: Ray re-raises them in
 the ingress as a subclass of the original, so `except GenerationError` works there.
@@ -20,8 +20,8 @@ class GenerationError(Exception):
         return self.message
 
 
-class InvalidJobError(GenerationError):
-    """The job asks for something this model cannot do (caught before the pipeline runs)."""
+class InvalidTaskError(GenerationError):
+    """The task asks for something this model cannot do (caught before the pipeline runs)."""
 
     status = 422
     code = "invalid_request"
@@ -39,7 +39,7 @@ class PipelineUnavailableError(RuntimeError):
 
 
 class OverloadedError(GenerationError):
-    """Refused at admission: the queue ahead would not be done before the job's deadline."""
+    """Refused at admission: the queue ahead would not be done before the task's deadline."""
 
     status = 503
     code = "overloaded"

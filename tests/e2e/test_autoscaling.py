@@ -82,7 +82,7 @@ def replicas_that_generated(url: str, want: int, timeout_s: float) -> dict[str, 
     with httpx.Client(base_url=url, timeout=60) as http:
         while len(seen) < want and time.monotonic() < deadline:
             info = http.get("/info").json()["generator"]
-            if info["jobs"]["succeeded"]:
+            if info["images"]["succeeded"]:
                 seen[info["replica"]] = {
                     "calls": info["model_calls_by_batch_size"],
                     "models": sorted(info["models"]["loaded"]),

@@ -37,13 +37,13 @@ def test_a_left_out_seed_is_drawn_and_reported_and_reproduces_the_image(client):
 
 def test_served_image_matches_the_raw_pipeline(client):
     """Same weights, same seed: the server adds nothing to the pixels (within batching's 1/255)."""
-    from serve_app.pipeline.engine import ImageEngine
-    from serve_app.pipeline.jobs import GenerationJob
     from serve_app.pipeline.loading import PipelineOptions
+    from serve_app.pipeline.model import LoadedModel
     from serve_app.pipeline.params import ImageParams
+    from serve_app.pipeline.tasks import ImageTask
 
-    engine = ImageEngine.load("synthetic:tiny", PipelineOptions(device="cpu"))
-    [raw] = engine.generate([GenerationJob(ImageParams(prompt="a boat", negative_prompt="fog", seed=77))])
+    engine = LoadedModel.load("synthetic:tiny", PipelineOptions(device="cpu"))
+    [raw] = engine.generate([ImageTask(ImageParams(prompt="a boat", negative_prompt="fog", seed=77))])
     served = png(client.post("/generate", json={"prompt": "a boat", "negative_prompt": "fog", "seed": 77}))
     assert np.abs(pixels(served) - raw.pixels.astype(int)).max() <= 1
 
@@ -57,7 +57,14 @@ def test_info_describes_the_running_generator_as_configured(client):
     # configs/cpu-demo.yaml's user_config reached the replica.
     assert generator["batching"]["max_batch_size"] == 8 and generator["batching"]["batch_wait_timeout_s"] == 0.0
     assert generator["engine"] == "step"
-    assert set(generator["jobs"]) >= {"received", "succeeded", "failed", "cancelled_before_start", "waiting", "running"}
+    assert set(generator["images"]) >= {
+        "received",
+        "succeeded",
+        "failed",
+        "cancelled_before_start",
+        "waiting",
+        "running",
+    }
 
 
 def test_readyz_and_info_report_replicas_process_and_outcomes(client):
@@ -91,7 +98,7 @@ def test_a_concurrent_burst_is_batched(demo_server, client):
     assert max(sizes) > 1, sizes
     assert [int(r.headers["x-seed"]) for r in responses] == list(range(16))
     after = client.get("/info").json()["generator"]
-    assert after["jobs"]["succeeded"] - before["jobs"]["succeeded"] == 16
+    assert after["images"]["succeeded"] - before["images"]["succeeded"] == 16
     calls = {
         int(k): v - before["model_calls_by_batch_size"].get(k, 0) for k, v in after["model_calls_by_batch_size"].items()
     }

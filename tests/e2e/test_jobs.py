@@ -176,7 +176,7 @@ def test_cancel_a_queued_job_and_a_running_one(http):
     assert stopped.json()["status"] == "canceled"
     # The running job's image left the engine at its next step; the queued one never reached it.
     jobs = wait_until(
-        lambda: (j := http.get("/info").json()["generator"]["jobs"])["running"] == 0 and j, 30, "the engine is idle"
+        lambda: (j := http.get("/info").json()["generator"]["images"])["running"] == 0 and j, 30, "the engine is idle"
     )
     assert jobs["cancelled_in_flight"] >= 1
     again = http.delete(f"/jobs/{running['id']}")

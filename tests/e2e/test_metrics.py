@@ -55,9 +55,9 @@ def traffic(metrics_app):
     then the replica's own account (/info), read after all of it."""
     from ray import serve
 
-    from serve_app.pipeline.errors import InvalidJobError
-    from serve_app.pipeline.jobs import GenerationJob
+    from serve_app.pipeline.errors import InvalidTaskError
     from serve_app.pipeline.params import ImageParams
+    from serve_app.pipeline.tasks import ImageTask
 
     def post(i: int) -> tuple[httpx.Response, float]:
         started = time.perf_counter()
@@ -73,10 +73,10 @@ def traffic(metrics_app):
         assert all(response.status_code == 200 for response, _ in sent)
 
         generator = serve.get_deployment_handle("ImageGenerator", app_name=APP)
-        with pytest.raises(InvalidJobError):
+        with pytest.raises(InvalidTaskError):
             # Valid alone, but 10% of 4 steps leaves no denoising step for this model: the engine refuses it.
             params = ImageParams(prompt="x", seed=1, num_inference_steps=4, strength=0.1)
-            generator.generate.remote(GenerationJob(params, init_image=np.zeros((64, 64, 3), np.uint8))).result()
+            generator.generate.remote(ImageTask(params, init_image=np.zeros((64, 64, 3), np.uint8))).result()
         info = http.get("/info").json()["generator"]  # also brings the replica's model-call metrics up to date
     return {"responses": [r for r, _ in sent], "latencies": [s for _, s in sent], "info": info}
 
@@ -84,7 +84,7 @@ def traffic(metrics_app):
 @pytest.fixture(scope="module")
 def scraped(metrics_app, traffic):
     """The endpoint once it shows all the traffic (workers report every second)."""
-    jobs = traffic["info"]["jobs"]
+    jobs = traffic["info"]["images"]
     calls = sum(traffic["info"]["model_calls_by_batch_size"].values())
 
     def complete():
@@ -109,7 +109,7 @@ def test_images_and_batch_sizes_match_the_replicas_own_count(traffic, scraped):
     calls = {int(size): count for size, count in info["model_calls_by_batch_size"].items()}
     print(f"\nmodel calls by batch size: {calls}")
     assert max(calls) > 1, "the burst of 16 should have been batched"
-    assert info["jobs"]["succeeded"] == len(traffic["responses"]) and info["jobs"]["failed"] == 1
+    assert info["images"]["succeeded"] == len(traffic["responses"]) and info["images"]["failed"] == 1
 
     assert value(scraped, "ray_sd_images_generated_total", **mine) == len(traffic["responses"])
     assert value(scraped, "ray_sd_model_calls_total", **mine) == sum(calls.values())
@@ -119,7 +119,7 @@ def test_images_and_batch_sizes_match_the_replicas_own_count(traffic, scraped):
         expected = sum(n for size, n in calls.items() if size <= bound)
         assert value(scraped, "ray_sd_model_batch_size_bucket", le=str(float(bound)), **mine) == expected
     assert value(scraped, "ray_sd_max_batch_size", **mine) == 8
-    assert value(scraped, "ray_sd_model_seconds_total", **mine) == pytest.approx(info["jobs"]["busy_s"], abs=2e-3)
+    assert value(scraped, "ray_sd_model_seconds_total", **mine) == pytest.approx(info["images"]["busy_s"], abs=2e-3)
 
 
 def test_generation_time_per_image_matches_the_response_headers(traffic, scraped):
@@ -149,7 +149,7 @@ def test_errors_are_counted_by_kind_and_nothing_was_cancelled(traffic, scraped):
     assert value(scraped, "ray_sd_generation_errors_total", application=APP, kind="invalid_request") == 1
     assert value(scraped, "ray_sd_generation_errors_total", application=APP) == 1
     assert value(scraped, "ray_sd_cancelled_total", application=APP) == 0
-    admitted_mid_flight = traffic["info"]["jobs"]["admitted_mid_flight"]
+    admitted_mid_flight = traffic["info"]["images"]["admitted_mid_flight"]
     assert value(scraped, "ray_sd_admitted_mid_flight_total", application=APP) == admitted_mid_flight
 
 

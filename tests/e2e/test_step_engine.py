@@ -19,7 +19,7 @@ def test_short_requests_join_long_ones_mid_flight_and_finish_first(demo_server, 
     assert before["engine"] == "step"
     with ThreadPoolExecutor(8) as pool, httpx.Client(base_url=demo_server, timeout=120) as http:
         longs = [pool.submit(http.post, "/generate", json={**LONG, "seed": i}) for i in range(3)]
-        wait_until(lambda: client.get("/info").json()["generator"]["jobs"]["running"] >= 3, 30, "the long ones run")
+        wait_until(lambda: client.get("/info").json()["generator"]["images"]["running"] >= 3, 30, "the long ones run")
         shorts = [
             pool.submit(http.post, "/generate", json=body)
             for body in (
@@ -35,7 +35,7 @@ def test_short_requests_join_long_ones_mid_flight_and_finish_first(demo_server, 
     for response in short_responses + long_responses:
         png(response)
     after = client.get("/info").json()["generator"]
-    assert after["jobs"]["admitted_mid_flight"] - before["jobs"]["admitted_mid_flight"] >= 3
+    assert after["images"]["admitted_mid_flight"] - before["images"]["admitted_mid_flight"] >= 3
     # The shorts shared the longs' UNet calls: calls of 4 or more images (3 long + at least one short).
     shared = {
         int(k): v - before["model_calls_by_batch_size"].get(k, 0) for k, v in after["model_calls_by_batch_size"].items()
@@ -45,7 +45,7 @@ def test_short_requests_join_long_ones_mid_flight_and_finish_first(demo_server, 
 
 
 def test_a_client_that_hangs_up_mid_flight_stops_costing_compute_at_the_next_step(demo_server, client):
-    before = client.get("/info").json()["generator"]["jobs"]
+    before = client.get("/info").json()["generator"]["images"]
     host, port = demo_server.removeprefix("http://").split(":")
     body = json.dumps({"prompt": "abandoned", "num_inference_steps": 50, "width": 256, "height": 256}).encode()
     with socket.create_connection((host, int(port))) as caller:
@@ -55,7 +55,7 @@ def test_a_client_that_hangs_up_mid_flight_stops_costing_compute_at_the_next_ste
         )
         wait_until(
             lambda: (
-                (jobs := client.get("/info").json()["generator"]["jobs"])["admitted"] > before["admitted"]
+                (jobs := client.get("/info").json()["generator"]["images"])["admitted"] > before["admitted"]
                 and jobs["running"] >= 1
             ),
             30,
@@ -65,7 +65,7 @@ def test_a_client_that_hangs_up_mid_flight_stops_costing_compute_at_the_next_ste
     # engine drops the image's rows at its next step.
     after = wait_until(
         lambda: (
-            (jobs := client.get("/info").json()["generator"]["jobs"])["cancelled_in_flight"]
+            (jobs := client.get("/info").json()["generator"]["images"])["cancelled_in_flight"]
             > before["cancelled_in_flight"]
             and jobs["running"] == 0
             and jobs

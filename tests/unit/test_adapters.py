@@ -9,27 +9,27 @@ import torch
 from helpers import run_through_loop
 
 from serve_app.pipeline.adapters import AdapterCatalog, AdapterSettings, SyntheticAdapter, write_synthetic_adapter
-from serve_app.pipeline.errors import InvalidJobError
-from serve_app.pipeline.jobs import GenerationJob, ImageResult
+from serve_app.pipeline.errors import InvalidTaskError
 from serve_app.pipeline.params import ImageParams, split_lora_tags
+from serve_app.pipeline.tasks import ImageResult, ImageTask
 
 ADAPTERS = [SyntheticAdapter(name="ink", seed=1), SyntheticAdapter(name="neon", seed=2, rank=8)]
 
 
 def _engine(**settings):
-    from serve_app.pipeline.engine import ImageEngine
     from serve_app.pipeline.loading import PipelineOptions
+    from serve_app.pipeline.model import LoadedModel
 
     options = PipelineOptions(device="cpu", torch_threads=1)
-    return ImageEngine.load("synthetic:tiny", options, adapters=AdapterSettings(synthetic=ADAPTERS, **settings))
+    return LoadedModel.load("synthetic:tiny", options, adapters=AdapterSettings(synthetic=ADAPTERS, **settings))
 
 
 @pytest.fixture(scope="module")
-def engine():
+def model():
     return _engine()
 
 
-def _job(seed: int, *loras: tuple[str, float], steps: int = 3, guidance: float | None = None) -> GenerationJob:
+def _job(seed: int, *loras: tuple[str, float], steps: int = 3, guidance: float | None = None) -> ImageTask:
     params = ImageParams(
         prompt=f"a lighthouse {seed}",
         seed=seed,
@@ -37,7 +37,7 @@ def _job(seed: int, *loras: tuple[str, float], steps: int = 3, guidance: float |
         guidance_scale=guidance,
         loras=[{"name": name, "scale": scale} for name, scale in loras],
     )
-    return GenerationJob(params)
+    return ImageTask(params)
 
 
 def _pixels(result) -> np.ndarray:
@@ -56,34 +56,34 @@ def test_a_synthetic_adapter_is_a_diffusers_lora_file_written_once_and_the_same_
     assert write_synthetic_adapter(ADAPTERS[0], tmp_path / "a") == first  # found, not rewritten
 
 
-def test_an_adapter_applied_per_row_gives_diffusers_own_image_and_scale_zero_gives_the_base(engine):
-    base, inked, half, zero = engine.generate(
+def test_an_adapter_applied_per_row_gives_diffusers_own_image_and_scale_zero_gives_the_base(model):
+    base, inked, half, zero = model.generate(
         [_job(1), _job(1, ("ink", 1.0)), _job(1, ("ink", 0.5)), _job(1, ("ink", 0))]
     )
     assert np.abs(_pixels(inked) - _pixels(base)).max() > 10  # the adapter changes the picture
     assert np.array_equal(_pixels(zero), _pixels(base))
-    pipe = engine.pipe
+    pipe = model.pipe
     with torch.inference_mode():
         pipe.set_adapters(["ink"], [0.5])
-        engine.adapters._active = None  # diffusers' own scaling, not the mixer's, for the reference
-        engine.adapters._scales = {"ink": torch.ones(1)}
+        model.adapters._active = None  # diffusers' own scaling, not the mixer's, for the reference
+        model.adapters._scales = {"ink": torch.ones(1)}
         reference = pipe(
             "a lighthouse 1", num_inference_steps=3, generator=torch.Generator().manual_seed(1), output_type="np"
         ).images[0]
-        engine.adapters._scales = {}
+        model.adapters._scales = {}
     reference = (reference * 255).round().clip(0, 255).astype(int)
     assert np.abs(_pixels(half) - reference).max() <= 1
 
 
-def test_different_adapter_sets_share_one_unet_call_and_each_image_is_the_one_it_makes_alone(engine):
+def test_different_adapter_sets_share_one_unet_call_and_each_image_is_the_one_it_makes_alone(model):
     jobs = [
         _job(1),
         _job(2, ("ink", 1.0)),
         _job(3, ("ink", 0.5), ("neon", 1.0), guidance=5.0),
         _job(4, ("neon", -0.7), steps=5),
     ]
-    alone = [engine.generate([job])[0] for job in jobs]
-    results, counters = run_through_loop(engine, "step", jobs)
+    alone = [model.generate([job])[0] for job in jobs]
+    results, counters = run_through_loop(model, "step", jobs)
     for one, together in zip(alone, results):
         assert np.abs(_pixels(one) - _pixels(together)).max() <= 1
     assert max(int(k) for k in counters.snapshot()["model_calls_by_batch_size"]) == 4  # all four, one call
@@ -100,10 +100,10 @@ def test_grouped_batching_keeps_adapter_sets_apart_and_makes_the_same_images():
 
 
 def test_past_the_cap_the_least_recently_used_adapter_is_unloaded_and_reloads_when_asked_again():
-    engine = _engine(max_loaded=1)
+    model = _engine(max_loaded=1)
     for name in ("ink", "neon", "ink"):
-        assert isinstance(engine.generate([_job(1, (name, 1.0))])[0], ImageResult)
-    assert engine.adapters.describe() == {"loaded": ["ink"], "loads": 3, "evictions": 2}
+        assert isinstance(model.generate([_job(1, (name, 1.0))])[0], ImageResult)
+    assert model.adapters.describe() == {"loaded": ["ink"], "loads": 3, "evictions": 2}
 
 
 def _as_kohya(diffusers_file, kohya_file) -> None:
@@ -132,8 +132,8 @@ def test_adapter_files_in_the_directory_in_diffusers_or_kohya_format_make_the_sa
     assert catalog.names() == ["ink", "kohya-sketch", "neon", "sketch"]
     assert {entry["name"]: entry["source"] for entry in catalog.describe()}["sketch"] == "file"
 
-    engine = _engine(directory=str(folder))
-    inked, sketched, kohya = engine.generate([_job(1, (name, 1.0)) for name in ("ink", "sketch", "kohya-sketch")])
+    model = _engine(directory=str(folder))
+    inked, sketched, kohya = model.generate([_job(1, (name, 1.0)) for name in ("ink", "sketch", "kohya-sketch")])
     assert np.array_equal(_pixels(sketched), _pixels(inked)) and np.array_equal(_pixels(kohya), _pixels(inked))
 
 
@@ -147,9 +147,9 @@ def test_the_directory_listing_is_read_again_once_it_is_older_than_its_time_to_l
     assert catalog.names() == ["late"]
 
 
-def test_an_unknown_adapter_fails_its_job_naming_the_field(engine):
-    [result] = engine.generate([_job(1, ("nope", 1.0))])
-    assert isinstance(result, InvalidJobError) and result.field == "loras" and "ink, neon" in result.message
+def test_an_unknown_adapter_fails_its_job_naming_the_field(model):
+    [result] = model.generate([_job(1, ("nope", 1.0))])
+    assert isinstance(result, InvalidTaskError) and result.field == "loras" and "ink, neon" in result.message
     assert AdapterCatalog(None, ADAPTERS).names() == ["ink", "neon"]
 
 

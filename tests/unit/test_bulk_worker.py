@@ -13,8 +13,8 @@ from PIL import Image
 from serve_app.bulk.runner import check_rows
 from serve_app.bulk.settings import BulkSettings
 from serve_app.bulk.source import _block, _records
-from serve_app.pipeline.jobs import GenerationJob
 from serve_app.pipeline.params import ImageParams
+from serve_app.pipeline.tasks import ImageTask
 
 PIPELINE = {"device": "cpu", "dtype": "float32", "torch_threads": 1}
 
@@ -44,7 +44,7 @@ def test_rows_become_the_engines_images_written_where_their_entries_say(maker):
     entries = maker(checked_rows(rows, maker.settings)).to_pylist()
     assert [e["status"] for e in entries] == ["done"] * 3 and [e["row"] for e in entries] == [0, 1, 2]
     assert entries[1]["files"] == ["images/0000/00000001-1.png", "images/0000/00000001-2.png"]
-    [reference] = maker.engine.generate([GenerationJob(ImageParams(prompt="a lighthouse", seed=42))])
+    [reference] = maker.model.generate([ImageTask(ImageParams(prompt="a lighthouse", seed=42))])
     written = np.asarray(Image.open(maker.output.path(entries[0]["file"])).convert("RGB")).astype(int)
     assert np.abs(written - reference.pixels.astype(int)).max() <= 1  # alone vs batched: within 1/255
     assert entries[2]["width"] == 128 and entries[2]["num_inference_steps"] == 2  # the model's default, filled in

@@ -5,8 +5,8 @@ import pytest
 from PIL import Image
 
 from serve_app.api.encoding import encode_image, parameters_text
-from serve_app.pipeline.jobs import ImageResult
 from serve_app.pipeline.params import ImageParams
+from serve_app.pipeline.tasks import ImageResult
 
 PARAMS = ImageParams(
     prompt="a cat",

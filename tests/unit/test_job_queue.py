@@ -15,9 +15,9 @@ from serve_app.config import AppArgs
 from serve_app.job_queue.manager import JobFinished, JobManager, JobNotFound, JobRefused
 from serve_app.job_queue.records import JobRecord, JobStatus, Webhook, created_at, is_job_id, new_job_id, owner_of
 from serve_app.job_queue.store import JobStore
-from serve_app.pipeline.errors import InvalidJobError
-from serve_app.pipeline.jobs import ImageResult
+from serve_app.pipeline.errors import InvalidTaskError
 from serve_app.pipeline.params import ImageParams
+from serve_app.pipeline.tasks import ImageResult
 
 Manager = JobManager.func_or_class  # the class behind the deployment
 
@@ -279,7 +279,7 @@ def test_a_job_whose_generator_died_runs_again_and_a_job_error_fails_it(tmp_path
         retried = record(prompt="retried")
         await manager.submit(retried)
         await until(lambda: manager.store.get(retried.id).status.final)
-        generator.fail_with = [InvalidJobError("strength leaves no step", "strength")]
+        generator.fail_with = [InvalidTaskError("strength leaves no step", "strength")]
         failed = record(prompt="failed")
         await manager.submit(failed)
         await until(lambda: manager.store.get(failed.id).status.final)

@@ -17,7 +17,7 @@ def test_ingress_never_imports_torch():
 
 
 def test_pipeline_layer_knows_nothing_of_ray_or_http():
-    loaded = _modules_after_import("serve_app.pipeline.engine")
+    loaded = _modules_after_import("serve_app.pipeline.model")
     assert not {"ray", "fastapi", "starlette"} & loaded
 
 

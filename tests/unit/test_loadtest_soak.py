@@ -9,7 +9,7 @@ def test_a_sample_joins_the_load_with_the_servers_own_account():
         "generator": {
             "replica": "abc",
             "memory_rss_bytes": 512 * 2**20,
-            "jobs": {"succeeded": 14},
+            "images": {"succeeded": 14},
             "gpu": {"memory_used_bytes": 3 * 2**30},
         },
     }

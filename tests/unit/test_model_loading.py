@@ -8,7 +8,7 @@ import pytest
 from serve_app.config import AppArgs
 from serve_app.generator import ModelRuntime
 from serve_app.pipeline.adapters import AdapterSettings
-from serve_app.pipeline.batching import BatchingLimits
+from serve_app.pipeline.engines import EngineLimits
 from serve_app.pipeline.errors import InsufficientMemoryError
 
 
@@ -17,13 +17,13 @@ def _served():
 
 
 def _load_failing_with(monkeypatch, failure):
-    from serve_app.pipeline import engine
+    from serve_app.pipeline import model
 
     def load(*args, **kwargs):
         failure()
 
-    monkeypatch.setattr(engine.ImageEngine, "load", load)
-    return ModelRuntime.load(_served(), AdapterSettings(), BatchingLimits(), beside=["sd15", "sd-turbo"])
+    monkeypatch.setattr(model.LoadedModel, "load", load)
+    return ModelRuntime.load(_served(), AdapterSettings(), EngineLimits(), beside=["sd15", "sd-turbo"])
 
 
 def _allocate_forty_terabytes():

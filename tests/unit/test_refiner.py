@@ -8,25 +8,25 @@ import numpy as np
 import pytest
 from helpers import run_through_loop
 
-from serve_app.pipeline.errors import InvalidJobError
-from serve_app.pipeline.jobs import GenerationJob, ImageResult
+from serve_app.pipeline.errors import InvalidTaskError
 from serve_app.pipeline.params import ImageParams
+from serve_app.pipeline.tasks import ImageResult, ImageTask
 
 
 @pytest.fixture(scope="module")
-def engine():
-    from serve_app.pipeline.engine import ImageEngine
+def model():
     from serve_app.pipeline.loading import PipelineOptions
+    from serve_app.pipeline.model import LoadedModel
 
     options = PipelineOptions(device="cpu", torch_threads=1)
-    return ImageEngine.load("synthetic:tiny-xl", options, refiner="synthetic:tiny-xl-refiner")
+    return LoadedModel.load("synthetic:tiny-xl", options, refiner="synthetic:tiny-xl-refiner")
 
 
-def _job(seed: int, refiner: dict | None = None, steps: int = 4, init_image=None, strength=None) -> GenerationJob:
+def _job(seed: int, refiner: dict | None = None, steps: int = 4, init_image=None, strength=None) -> ImageTask:
     params = ImageParams(
         prompt=f"a lighthouse {seed}", seed=seed, num_inference_steps=steps, refiner=refiner, strength=strength
     )
-    return GenerationJob(params, init_image=init_image)
+    return ImageTask(params, init_image=init_image)
 
 
 def _pixels(result) -> np.ndarray:
@@ -34,15 +34,15 @@ def _pixels(result) -> np.ndarray:
     return result.pixels.astype(int)
 
 
-def test_the_refiner_loads_on_first_use_and_shares_the_bases_text_encoder_and_vae(engine):
-    assert engine.describe()["refiner"]["loaded"] is False or engine._refiner is not None
-    refiner = engine.refiner
-    assert refiner.vae is engine.pipe.vae and refiner.text_encoder_2 is engine.pipe.text_encoder_2
-    assert refiner.text_encoder is None and engine.describe()["refiner"]["loaded"] is True
+def test_the_refiner_loads_on_first_use_and_shares_the_bases_text_encoder_and_vae(model):
+    assert model.describe()["refiner"]["loaded"] is False or model._refiner is not None
+    refiner = model.refiner
+    assert refiner.vae is model.pipe.vae and refiner.text_encoder_2 is model.pipe.text_encoder_2
+    assert refiner.text_encoder is None and model.describe()["refiner"]["loaded"] is True
 
 
-def test_ensemble_of_experts_finishes_the_bases_image_and_the_split_changes_it(engine):
-    base, half, default, explicit = engine.generate(
+def test_ensemble_of_experts_finishes_the_bases_image_and_the_split_changes_it(model):
+    base, half, default, explicit = model.generate(
         [_job(1), _job(1, {"denoising_start": 0.5}), _job(1, {}), _job(1, {"denoising_start": 0.8})]
     )
     assert np.abs(_pixels(half) - _pixels(base)).max() > 5  # the refiner ran the second half
@@ -51,18 +51,18 @@ def test_ensemble_of_experts_finishes_the_bases_image_and_the_split_changes_it(e
     assert default.params.refiner.denoising_start == 0.8
 
 
-def test_the_step_engine_runs_refiner_jobs_whole_beside_stepped_ones_with_the_same_images(engine):
+def test_the_step_engine_runs_refiner_jobs_whole_beside_stepped_ones_with_the_same_images(model):
     jobs = [_job(1, {}), _job(2), _job(3, {"denoising_start": 0.5})]
-    alone = [engine.generate([job])[0] for job in jobs]
+    alone = [model.generate([job])[0] for job in jobs]
     for kind in ("step", "request"):
-        results, _ = run_through_loop(engine, kind, jobs)
+        results, _ = run_through_loop(model, kind, jobs)
         for one, through_loop in zip(alone, results):
             assert np.abs(_pixels(one) - _pixels(through_loop)).max() <= 1, kind
 
 
-def test_image_to_image_with_the_refiner_redoes_the_init_image_at_strength(engine):
+def test_image_to_image_with_the_refiner_redoes_the_init_image_at_strength(model):
     init = np.full((64, 64, 3), 120, dtype=np.uint8)
-    with_base, with_refiner = engine.generate(
+    with_base, with_refiner = model.generate(
         [_job(1, init_image=init, strength=0.5), _job(1, {}, init_image=init, strength=0.5)]
     )
     assert np.abs(_pixels(with_base) - _pixels(with_refiner)).max() > 5
@@ -75,15 +75,15 @@ def test_image_to_image_with_the_refiner_redoes_the_init_image_at_strength(engin
         (_job(1, {"denoising_start": 0.5}, init_image=np.zeros((64, 64, 3), np.uint8), strength=0.5), "refiner."),
     ],
 )
-def test_a_refiner_request_that_cannot_run_fails_naming_the_field(engine, job, field):
-    [error] = engine.generate([job])
-    assert isinstance(error, InvalidJobError) and error.field.startswith(field)
+def test_a_refiner_request_that_cannot_run_fails_naming_the_field(model, job, field):
+    [error] = model.generate([job])
+    assert isinstance(error, InvalidTaskError) and error.field.startswith(field)
 
 
 def test_a_model_without_a_refiner_says_so():
-    from serve_app.pipeline.engine import ImageEngine
     from serve_app.pipeline.loading import PipelineOptions
+    from serve_app.pipeline.model import LoadedModel
 
-    plain = ImageEngine.load("synthetic:tiny", PipelineOptions(device="cpu", torch_threads=1))
+    plain = LoadedModel.load("synthetic:tiny", PipelineOptions(device="cpu", torch_threads=1))
     [error] = plain.generate([_job(1, {})])
-    assert isinstance(error, InvalidJobError) and error.field == "refiner"
+    assert isinstance(error, InvalidTaskError) and error.field == "refiner"

@@ -11,7 +11,7 @@ from fake_generation import FakeGenerationService, demo_settings
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 
-from serve_app.pipeline.errors import InsufficientMemoryError, InvalidJobError
+from serve_app.pipeline.errors import InsufficientMemoryError, InvalidTaskError
 
 # Every POST route that takes a generation request, and the body each needs to be valid.
 ROUTES = [
@@ -130,7 +130,7 @@ def test_an_unexpected_failure_is_a_json_500_without_internals(client, generator
 @pytest.mark.parametrize(
     ("failure", "status", "code", "field"),
     [
-        (InvalidJobError("strength: leaves no denoising step", "strength"), 422, "invalid_request", "strength"),
+        (InvalidTaskError("strength: leaves no denoising step", "strength"), 422, "invalid_request", "strength"),
         (InsufficientMemoryError("one 4096x4096 image does not fit"), 507, "insufficient_memory", None),
     ],
 )
@@ -169,7 +169,7 @@ def test_a_request_past_its_deadline_is_504_and_its_unfinished_jobs_are_cancelle
 
 def test_when_one_image_fails_the_requests_other_images_are_cancelled(client, generator):
     """A request is answered as a whole: once one of its images failed, the rest is dropped, not computed."""
-    generator.fail_with = lambda job: InvalidJobError("prompt: cannot", "prompt") if job.seed == 5 else None
+    generator.fail_with = lambda job: InvalidTaskError("prompt: cannot", "prompt") if job.seed == 5 else None
     generator.hang = lambda job: job.seed != 5
     response = client.post("/generate", json={"prompt": "x", "seed": 5, "num_images": 3})
     assert assert_our_error(response, 422, "invalid_request")["field"] == "prompt"

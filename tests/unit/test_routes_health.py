@@ -48,7 +48,7 @@ def test_info_reports_settings_replicas_the_generators_own_account_and_outcomes(
     assert info["limits"] == service.limits.model_dump() and info["limits"]["max_width"] == 256
     assert 100 <= info["uptime_s"] <= 102
     assert info["generator_deployment"] == service.status
-    assert info["generator"] == {"replica": "fake-replica", "jobs": {"received": 1, "cancelled": 0}}
+    assert info["generator"] == {"replica": "fake-replica", "images": {"received": 1, "cancelled": 0}}
     assert info["responses_by_status"] == {"200": 1, "422": 1}  # this /info answer is not counted yet
     assert client.get("/info").json()["responses_by_status"] == {"200": 2, "422": 1}
 

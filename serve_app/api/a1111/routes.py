@@ -7,8 +7,8 @@ import time
 
 from fastapi import APIRouter, Request
 
-from ...pipeline.jobs import ImageResult
 from ...pipeline.schedulers import SCHEDULERS, a1111_name
+from ...pipeline.tasks import ImageResult
 from ..encoding import b64, parameters_text
 from ..errors import request_id_of
 from ..jobs.routes import find, owner

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request, UploadFile
 from fastapi.responses import Response
 from pydantic import Field
 
-from ...pipeline.jobs import ImageResult
+from ...pipeline.tasks import ImageResult
 from ..encoding import MEDIA_TYPES, b64, zip_archive
 from ..errors import ApiError, request_id_of, validate_or_422
 from ..jobs.routes import accepted, event_stream, submit_job

@@ -13,7 +13,7 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Request, UploadFile
 from pydantic import Field
 
-from ...pipeline.jobs import ImageResult
+from ...pipeline.tasks import ImageResult
 from ..encoding import b64
 from ..errors import ApiError, request_id_of
 from ..serving import Service, encode_images

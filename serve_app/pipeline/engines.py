@@ -1,21 +1,21 @@
-"""How jobs share model calls: one loop on one worker thread, and the two engines it can drive.
+"""How tasks share model calls: one loop on one worker thread, and the two engines it can drive.
 
-The serving layer submits jobs from its event loop (`EngineLoop.submit`, thread-safe) and gets
+The serving layer submits tasks from its event loop (`EngineLoop.submit`, thread-safe) and gets
 each image back through a callback the moment it is ready; progress comes the same way. One
 worker thread runs the engine, so a pipeline object is never called from two threads at once,
 and one place decides what runs next.
 
-* `StepBatcher` (continuous batching): every tick admits waiting jobs (their prompts encoded
+* `StepEngine` (continuous batching): every tick admits waiting tasks (their prompts encoded
   together), runs ONE UNet call over the active images of one latent shape, steps each image's own
   scheduler, and decodes the images that finished. Requests with different step counts,
-  samplers, guidance and strengths share the call; a job joins at the next tick, not after the
+  samplers, guidance and strengths share the call; a task joins at the next tick, not after the
   current request ends. Shapes take turns round-robin: every active image advances at least once
   every (number of shapes) ticks, so a lone odd size can neither starve nor be starved, and the
-  turn order needs no tuning. A cancelled job leaves at the next tick.
-* `RequestBatcher` (whole pipeline calls): each tick takes the waiting jobs, up to
+  turn order needs no tuning. A cancelled task leaves at the next tick.
+* `RequestEngine` (whole pipeline calls): each tick takes the waiting tasks, up to
   `max_batch_size`, and runs one diffusers call per group that can share one (same size, steps,
   guidance, sampler, strength). For pipelines the step engine does not know. Progress comes from
-  the pipeline's step callback; a call whose jobs were all cancelled stops at the next step.
+  the pipeline's step callback; a call whose tasks were all cancelled stops at the next step.
 
 No Ray and no asyncio here: the Generator adapts the callbacks to its event loop.
 """
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .errors import GenerationError, InsufficientMemoryError, OverloadedError
-from .jobs import GenerationJob, ImageResult
+from .tasks import ImageResult, ImageTask
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ AdmissionPolicy = Literal["fifo", "fewest_steps"]
 
 @dataclass(frozen=True)
 class Progress:
-    """How far one image is: `step` of `total_steps` model evaluations done; every `job.preview_every`
+    """How far one image is: `step` of `total_steps` model evaluations done; every `task.preview_every`
     steps (step engine) a small PNG of its current latents."""
 
     step: int
@@ -51,9 +51,9 @@ class Progress:
 
 @dataclass(eq=False)
 class Ticket:
-    """One submitted job on its way through the loop. `cancel()` may be called from any thread."""
+    """One submitted task on its way through the loop. `cancel()` may be called from any thread."""
 
-    job: GenerationJob  # defaults filled in, checked by the engine
+    task: ImageTask  # defaults filled in, checked by the engine
     warnings: list[str]
     on_done: Callable[[ImageResult | Exception], None]
     on_progress: Callable[[Progress], None] | None = None
@@ -61,7 +61,7 @@ class Ticket:
     started_at: float | None = None
     batch_size: int = 0  # images in the largest model call it took part in
     cancelled: bool = False
-    finished: bool = False
+    delivered: bool = False  # its outcome went to on_done (once)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -74,9 +74,9 @@ class Ticket:
                 logger.exception("progress listener failed")
 
     def finish(self, result: ImageResult | Exception) -> None:
-        if self.finished:
+        if self.delivered:
             return
-        self.finished = True
+        self.delivered = True
         try:
             self.on_done(result)
         except Exception:  # noqa: BLE001 - a listener's failure must not stop the loop
@@ -86,7 +86,7 @@ class Ticket:
         elapsed = time.monotonic() - (self.started_at or self.submitted_at)
         return ImageResult(
             pixels,
-            self.job.params,
+            self.task.params,
             batch_size=self.batch_size,
             generation_time_s=elapsed if seconds is None else seconds,
             warnings=self.warnings,
@@ -94,7 +94,7 @@ class Ticket:
 
 
 @dataclass
-class BatchingLimits:
+class EngineLimits:
     """The knobs of the loop (the Generator's `user_config` sets them at run time)."""
 
     max_batch_size: int = 8  # images in one model call (per latent shape, for the step engine)
@@ -114,9 +114,9 @@ class LoopCounters:
         self.succeeded = 0
         self.failed = 0
         self.busy_s = 0.0  # wall time in model calls (UNet steps, decodes, whole pipeline calls)
-        self.refused = 0  # jobs refused at admission: they could not finish before their deadline
+        self.refused = 0  # tasks refused at admission: they could not finish before their deadline
         # Image-steps per second the model delivers (an image advanced by one denoising step), smoothed:
-        # with the backlog in the same unit it says how long a new job would wait. None until measured.
+        # with the backlog in the same unit it says how long a new task would wait. None until measured.
         self.step_rate: float | None = None
 
     def record_rate(self, image_steps: float, seconds: float) -> None:
@@ -140,12 +140,12 @@ class LoopCounters:
         }
 
 
-class Batcher:
+class Engine:
     """What an engine does each tick. Only the loop's worker thread calls these."""
 
-    engine_name: str
+    kind: str
 
-    def __init__(self, limits: BatchingLimits, counters: LoopCounters):
+    def __init__(self, limits: EngineLimits, counters: LoopCounters):
         self.limits = limits
         self.counters = counters
         self.waiting: deque[Ticket] = deque()
@@ -154,7 +154,7 @@ class Batcher:
         self.backlog_steps = 0.0
 
     def measure_backlog(self) -> float:
-        return sum(denoising_steps(t.job) for t in self.waiting)
+        return sum(denoising_steps(t.task) for t in self.waiting)
 
     def has_work(self) -> bool:
         return bool(self.waiting)
@@ -175,7 +175,7 @@ class Batcher:
         for ticket in self.waiting:
             if ticket.cancelled:
                 self.counters.cancelled_before_start += 1
-                ticket.finish(JobCancelled())
+                ticket.finish(TaskCancelled())
             else:
                 kept.append(ticket)
         self.waiting = kept
@@ -196,10 +196,10 @@ class Batcher:
             return all(t.cancelled for t in tickets)  # True: stop the call, nobody waits for it
 
         started = time.perf_counter()
-        results = self.engine.run_prepared([(t.job, t.warnings) for t in tickets], on_step=on_step)
+        results = self.model.run_prepared([(t.task, t.warnings) for t in tickets], on_step=on_step)
         seconds = time.perf_counter() - started
         self.counters.busy_s += seconds
-        self.counters.record_rate(sum(denoising_steps(t.job) for t in tickets), seconds)
+        self.counters.record_rate(sum(denoising_steps(t.task) for t in tickets), seconds)
         # Every call of k images returns k images of batch_size k (halves after running out of memory).
         sizes = Counter(r.batch_size for r in results if isinstance(r, ImageResult))
         for size, images in sizes.items():
@@ -208,21 +208,21 @@ class Batcher:
             ticket.batch_size = getattr(result, "batch_size", 0)
             if ticket.cancelled:
                 self.counters.cancelled_in_flight += 1
-                ticket.finish(JobCancelled())
+                ticket.finish(TaskCancelled())
             else:
                 self._finish(ticket, result)
 
 
-class JobCancelled(Exception):
-    """The outcome of a job whose caller gave up: delivered so that every ticket ends, read by nobody."""
+class TaskCancelled(Exception):
+    """The outcome of a task whose caller gave up: delivered so that every ticket ends, read by nobody."""
 
 
 class EngineLoop:
     """Runs a batcher on its own worker thread; `submit` from any thread."""
 
-    def __init__(self, batcher: Batcher, prepare: Callable[[GenerationJob], tuple[GenerationJob, list[str]]]):
-        self.batcher = batcher
-        self.counters = batcher.counters
+    def __init__(self, engine: Engine, prepare: Callable[[ImageTask], tuple[ImageTask, list[str]]]):
+        self.engine = engine
+        self.counters = engine.counters
         self._prepare = prepare
         self._incoming: deque[Ticket] = deque()
         self._incoming_steps = 0.0
@@ -234,23 +234,23 @@ class EngineLoop:
 
     @property
     def waiting(self) -> int:
-        return len(self._incoming) + len(self.batcher.waiting)
+        return len(self._incoming) + len(self.engine.waiting)
 
     @property
     def active(self) -> int:
-        return self.batcher.active
+        return self.engine.active
 
     def submit(
         self,
-        job: GenerationJob,
+        task: ImageTask,
         on_done: Callable[[ImageResult | Exception], None],
         on_progress: Callable[[Progress], None] | None = None,
     ) -> Ticket:
-        """Queue a job; `on_done` gets its image or error on the worker thread (or at once, for a bad job)."""
+        """Queue a task; `on_done` gets its image or error on the worker thread (or at once, for a bad task)."""
         try:
-            prepared, warnings = self._prepare(job)
+            prepared, warnings = self._prepare(task)
         except GenerationError as exc:
-            ticket = Ticket(job, [], on_done, on_progress)
+            ticket = Ticket(task, [], on_done, on_progress)
             self.counters.failed += 1
             ticket.finish(exc)
             return ticket
@@ -266,21 +266,21 @@ class EngineLoop:
             self._wake.notify()
         return ticket
 
-    def expected_wait_s(self, job: GenerationJob | None = None) -> float | None:
-        """Seconds until everything held now (and `job`) would be done, at the measured rate; None before
+    def expected_wait_s(self, task: ImageTask | None = None) -> float | None:
+        """Seconds until everything held now (and `task`) would be done, at the measured rate; None before
         the first measurement."""
         rate = self.counters.step_rate
         if rate is None:
             return None
-        steps = self.batcher.backlog_steps + self._incoming_steps + (denoising_steps(job) if job else 0)
+        steps = self.engine.backlog_steps + self._incoming_steps + (denoising_steps(task) if task else 0)
         return steps / rate
 
-    def _admission(self, job: GenerationJob) -> OverloadedError | None:
-        """Refuse at once a job that could not be done before its deadline: better than a late 504."""
-        if job.deadline is None:
+    def _admission(self, task: ImageTask) -> OverloadedError | None:
+        """Refuse at once a task that could not be done before its deadline: better than a late 504."""
+        if task.deadline is None:
             return None
-        expected = self.expected_wait_s(job)
-        if expected is None or time.time() + expected <= job.deadline:
+        expected = self.expected_wait_s(task)
+        if expected is None or time.time() + expected <= task.deadline:
             return None
         drain_s = self.expected_wait_s() or 1.0
         retry_after = max(1, min(60, math.ceil(drain_s)))
@@ -292,20 +292,20 @@ class EngineLoop:
 
     def submit_all(
         self,
-        jobs: list[GenerationJob],
+        tasks: list[ImageTask],
         on_done: Callable[[int, ImageResult | Exception], None],
         on_progress: Callable[[int, Progress], None] | None = None,
     ) -> list[Ticket]:
-        """Several jobs that arrived together, admitted together (at the same tick); callbacks get the job's index."""
+        """Several tasks that arrived together, admitted together (at the same tick); callbacks get the task's index."""
         tickets = []
         with self._wake:  # held across the batch, so the worker takes all of them in one tick
-            for index, job in enumerate(jobs):
+            for index, task in enumerate(tasks):
                 progress = None if on_progress is None else (lambda p, index=index: on_progress(index, p))
-                tickets.append(self.submit(job, lambda result, index=index: on_done(index, result), progress))
+                tickets.append(self.submit(task, lambda result, index=index: on_done(index, result), progress))
         return tickets
 
     def stop(self, drain: bool = False, timeout_s: float = 10) -> None:
-        """Stop the worker: at once, or (`drain`) once every job it holds has finished."""
+        """Stop the worker: at once, or (`drain`) once every task it holds has finished."""
         with self._wake:
             self._draining = drain
             self._stopped = not drain
@@ -315,36 +315,36 @@ class EngineLoop:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not self._stopped and not self._incoming and not self.batcher.has_work():
+                while not self._stopped and not self._incoming and not self.engine.has_work():
                     if self._draining:
                         return
                     self._wake.wait()
                 if self._stopped:
                     return
-                self.batcher.waiting.extend(self._incoming)
+                self.engine.waiting.extend(self._incoming)
                 self._incoming.clear()
-                self.batcher.backlog_steps = self.batcher.measure_backlog()
+                self.engine.backlog_steps = self.engine.measure_backlog()
                 self._incoming_steps = 0.0
             try:
-                self.batcher.tick()
+                self.engine.tick()
             except Exception as exc:  # noqa: BLE001 - the loop must outlive any one tick
                 logger.exception("engine tick failed")
                 # Whatever that tick held ends with an error rather than never.
-                self.batcher.abandon(GenerationError(f"image generation failed: {type(exc).__name__}"))
-            self.batcher.backlog_steps = self.batcher.measure_backlog()
+                self.engine.abandon(GenerationError(f"image generation failed: {type(exc).__name__}"))
+            self.engine.backlog_steps = self.engine.measure_backlog()
 
 
 # -- whole pipeline calls -----------------------------------------------------------------------
 
 
-class RequestBatcher(Batcher):
-    """Each tick: the waiting jobs (up to max_batch_size), one whole pipeline call per compatible group."""
+class RequestEngine(Engine):
+    """Each tick: the waiting tasks (up to max_batch_size), one whole pipeline call per compatible group."""
 
-    engine_name = "request"
+    kind = "request"
 
-    def __init__(self, engine, limits: BatchingLimits, counters: LoopCounters):
+    def __init__(self, model, limits: EngineLimits, counters: LoopCounters):
         super().__init__(limits, counters)
-        self.engine = engine  # an ImageEngine
+        self.model = model  # a LoadedModel
         self._running: list[Ticket] = []
 
     @property
@@ -352,7 +352,7 @@ class RequestBatcher(Batcher):
         return len(self._running)
 
     def measure_backlog(self) -> float:
-        return super().measure_backlog() + sum(denoising_steps(t.job) for t in self._running)
+        return super().measure_backlog() + sum(denoising_steps(t.task) for t in self._running)
 
     def tick(self) -> None:
         self._drop_cancelled_waiting()
@@ -367,7 +367,7 @@ class RequestBatcher(Batcher):
         for ticket in taken:
             ticket.started_at = now
         try:
-            for group in self.engine.groups([t.job for t in taken]):
+            for group in self.model.groups([t.task for t in taken]):
                 self._run_whole_call([taken[i] for i in group])
         finally:
             self._running = []
@@ -381,17 +381,17 @@ class RequestBatcher(Batcher):
 # -- one UNet step at a time ------------------------------------------------------------------
 
 
-class StepBatcher(Batcher):
+class StepEngine(Engine):
     """Each tick: admit, one UNet call over the active images of one size (sizes take turns), decode
-    those that finished. `stepper` is a `stepping.StepPipeline`; `engine` the `ImageEngine` it serves."""
+    those that finished. `stepper` is a `stepping.UNetStepper`; `engine` the `LoadedModel` it serves."""
 
-    engine_name = "step"
+    kind = "step"
 
-    def __init__(self, engine, stepper, limits: BatchingLimits, counters: LoopCounters):
+    def __init__(self, model, stepper, limits: EngineLimits, counters: LoopCounters):
         super().__init__(limits, counters)
         import torch
 
-        self.engine = engine
+        self.model = model
         self.stepper = stepper
         self._out_of_memory = torch.OutOfMemoryError
         # Active images by output size (one latent shape per size for a given model), in admission order;
@@ -399,10 +399,10 @@ class StepBatcher(Batcher):
         self._active: dict[tuple, list[tuple[Ticket, object]]] = {}
         self._last_size: tuple | None = None
 
-    def _group_of(self, job: GenerationJob) -> tuple:
+    def _group_of(self, task: ImageTask) -> tuple:
         if getattr(self.stepper, "group_by_adapters", False):
-            return (*_size(job), job.params.adapter_key)
-        return _size(job)
+            return (*_size(task), task.params.adapter_key)
+        return _size(task)
 
     @property
     def active(self) -> int:
@@ -419,7 +419,7 @@ class StepBatcher(Batcher):
         started = time.perf_counter()
         self._drop_cancelled_waiting()
         self._drop_cancelled_active()
-        self._run_refiner_jobs()
+        self._run_refiner_tasks()
         self._admit()
         size = self._next_size()
         if size is not None:
@@ -444,7 +444,7 @@ class StepBatcher(Batcher):
         taken: list[Ticket] = []
         per_size = {size: len(group) for size, group in self._active.items()}
         for ticket in self._admission_order():
-            size = self._group_of(ticket.job)
+            size = self._group_of(ticket.task)
             if len(taken) < room and per_size.get(size, 0) < self.limits.max_batch_size:
                 taken.append(ticket)
                 per_size[size] = per_size.get(size, 0) + 1
@@ -454,7 +454,7 @@ class StepBatcher(Batcher):
         self.waiting = deque(t for t in self.waiting if id(t) not in chosen)
         now = time.monotonic()
         started = time.perf_counter()
-        states = self.stepper.start([t.job for t in taken])  # prompts encoded together
+        states = self.stepper.start([t.task for t in taken])  # prompts encoded together
         self.counters.busy_s += time.perf_counter() - started
         for ticket, state in zip(taken, states):
             ticket.started_at = now
@@ -463,13 +463,13 @@ class StepBatcher(Batcher):
                 continue
             self.counters.admitted += 1
             self.counters.admitted_mid_flight += in_flight
-            self._active.setdefault(self._group_of(ticket.job), []).append((ticket, state))
+            self._active.setdefault(self._group_of(ticket.task), []).append((ticket, state))
             ticket.progress(0, state.total_steps)
 
-    def _run_refiner_jobs(self) -> None:
-        """Jobs for a refiner (two pipelines, one after the other) are not stepped: they run as whole calls,
+    def _run_refiner_tasks(self) -> None:
+        """Tasks for a refiner (two pipelines, one after the other) are not stepped: they run as whole calls,
         while the stepped images wait one call's time."""
-        refined = [t for t in self.waiting if t.job.params.refiner is not None][: self.limits.max_batch_size]
+        refined = [t for t in self.waiting if t.task.params.refiner is not None][: self.limits.max_batch_size]
         if not refined:
             return
         chosen = set(map(id, refined))
@@ -478,13 +478,13 @@ class StepBatcher(Batcher):
         now = time.monotonic()
         for ticket in refined:
             ticket.started_at = now
-        for group in self.engine.groups([t.job for t in refined]):
+        for group in self.model.groups([t.task for t in refined]):
             self._run_whole_call([refined[i] for i in group])
 
     def _admission_order(self) -> list[Ticket]:
         if self.limits.admission == "fewest_steps":
-            # Short jobs first (ties in arrival order): lower mean latency; sustained short traffic delays long jobs.
-            return sorted(self.waiting, key=lambda t: denoising_steps(t.job))
+            # Short tasks first (ties in arrival order): lower mean latency; sustained short traffic delays long tasks.
+            return sorted(self.waiting, key=lambda t: denoising_steps(t.task))
         return list(self.waiting)
 
     def _drop_cancelled_active(self) -> None:
@@ -493,7 +493,7 @@ class StepBatcher(Batcher):
             for ticket, state in group:
                 if ticket.cancelled:
                     self.counters.cancelled_in_flight += 1
-                    ticket.finish(JobCancelled())
+                    ticket.finish(TaskCancelled())
                 else:
                     kept.append((ticket, state))
             self._set_group(size, kept)
@@ -530,8 +530,8 @@ class StepBatcher(Batcher):
                 done.append((ticket, state))
             else:
                 running.append((ticket, state))
-            if not ticket.finished:
-                every = ticket.job.preview_every
+            if not ticket.delivered:
+                every = ticket.task.preview_every
                 preview = None
                 if every and state.step_index % every == 0 and not state.done and ticket.on_progress is not None:
                     preview = self.stepper.preview(state)
@@ -547,9 +547,9 @@ class StepBatcher(Batcher):
         try:
             self.stepper.step(states)
         except self._out_of_memory:
-            self.engine._release_memory()
+            self.model._release_memory()
             if len(group) == 1:
-                params = group[0][0].job.params
+                params = group[0][0].task.params
                 message = f"a {params.width}x{params.height} image does not fit in device memory on this replica"
                 return {id(group[0][0]): InsufficientMemoryError(message + "; ask for a smaller size")}
             half = len(group) // 2
@@ -557,7 +557,7 @@ class StepBatcher(Batcher):
             return self._step_splitting_on_oom(group[:half]) | self._step_splitting_on_oom(group[half:])
         except Exception as exc:  # noqa: BLE001 - an unexpected failure fails this call's images, not the loop
             logger.exception("UNet step failed for %d images (requests %s)", len(group), _request_ids(group))
-            self.engine.note_failure(exc)
+            self.model.note_failure(exc)
             error = GenerationError(f"image generation failed: {type(exc).__name__}")
             return {id(ticket): error for ticket, _ in group}
         self.counters.busy_s += time.perf_counter() - started
@@ -572,7 +572,7 @@ class StepBatcher(Batcher):
             images = self.stepper.decode([state for _, state in done])
         except Exception as exc:  # noqa: BLE001 - fail these images, keep the loop
             logger.exception("VAE decode failed for %d images (requests %s)", len(done), _request_ids(done))
-            self.engine.note_failure(exc)
+            self.model.note_failure(exc)
             error = GenerationError(f"image decoding failed: {type(exc).__name__}")
             for ticket, _ in done:
                 self._finish(ticket, error)
@@ -582,33 +582,33 @@ class StepBatcher(Batcher):
             self._finish(ticket, ticket.result(pixels))
 
 
-def _size(job: GenerationJob) -> tuple[int, int]:
-    return job.params.width, job.params.height
+def _size(task: ImageTask) -> tuple[int, int]:
+    return task.params.width, task.params.height
 
 
-def denoising_steps(job: GenerationJob) -> float:
-    """The denoising steps a job (defaults filled) runs: img2img runs only its strength's share."""
-    params = job.params
-    return params.num_inference_steps * (params.strength if job.init_image is not None else 1.0)
+def denoising_steps(task: ImageTask) -> float:
+    """The denoising steps a task (defaults filled) runs: img2img runs only its strength's share."""
+    params = task.params
+    return params.num_inference_steps * (params.strength if task.init_image is not None else 1.0)
 
 
 def _request_ids(group) -> list[str]:
-    return sorted({ticket.job.request_id for ticket, _ in group})
+    return sorted({ticket.task.request_id for ticket, _ in group})
 
 
-def make_batcher(engine, kind: Literal["step", "request"], limits: BatchingLimits, counters: LoopCounters) -> Batcher:
+def make_engine(model, kind: Literal["step", "request"], limits: EngineLimits, counters: LoopCounters) -> Engine:
     """The step engine where the model's pipeline can be stepped, whole pipeline calls otherwise (logged)."""
     if kind == "step":
-        from .stepping import StepPipeline
+        from .steppers.unet import UNetStepper
 
-        reason = StepPipeline.unsupported_reason(engine.pipe)
+        reason = UNetStepper.unsupported_reason(model.pipe)
         if reason is None:
-            stepper = StepPipeline(
-                engine.pipe,
-                engine.model_scheduler,
-                adapters=engine.adapters,
-                group_by_adapters=engine.adapter_settings.batching == "grouped",
+            stepper = UNetStepper(
+                model.pipe,
+                model.model_scheduler,
+                adapters=model.adapters,
+                group_by_adapters=model.adapter_settings.batching == "grouped",
             )
-            return StepBatcher(engine, stepper, limits, counters)
-        logger.warning("%s runs whole pipeline calls (engine: request): %s", engine.source, reason)
-    return RequestBatcher(engine, limits, counters)
+            return StepEngine(model, stepper, limits, counters)
+        logger.warning("%s runs whole pipeline calls (engine: request): %s", model.source, reason)
+    return RequestEngine(model, limits, counters)

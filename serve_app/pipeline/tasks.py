@@ -1,6 +1,6 @@
-"""The contract between the serving layer and the engines: one job in, one image (or an error) out.
+"""The contract between the serving layer and the engines: one task in, one image (or an error) out.
 
-Torch-free on purpose: the ingress builds `GenerationJob`s and reads
+Torch-free on purpose: the ingress builds `ImageTask`s and reads
 `ImageResult`s on CPU-only nodes without importing torch.
 """
 
@@ -16,16 +16,16 @@ from .params import GenerationDefaults, ImageParams
 
 
 @dataclass(frozen=True)
-class GenerationJob:
+class ImageTask:
     """One image to make: its parameters (seed set), an init image for image-to-image, who asked."""
 
     params: ImageParams
     # Image-to-image: an RGB uint8 array (height, width, 3) already at the output size.
     init_image: np.ndarray | None = field(default=None, repr=False, compare=False)
     request_id: str = ""
-    # Wall-clock time (time.time()) the ingress handed the job on: queue wait is measured from here.
+    # Wall-clock time (time.time()) the ingress handed the task on: queue wait is measured from here.
     submitted_at: float | None = field(default=None, compare=False)
-    # Wall-clock time by which its caller needs the image; a job that cannot make it is refused at admission.
+    # Wall-clock time by which its caller needs the image; a task that cannot make it is refused at admission.
     deadline: float | None = field(default=None, compare=False)
     # A small preview of the latents with the progress every this many steps (0: none; step engine only).
     preview_every: int = field(default=0, compare=False)
@@ -38,8 +38,8 @@ class GenerationJob:
     def seed(self) -> int:
         return self.params.seed
 
-    def with_defaults(self, defaults: GenerationDefaults) -> GenerationJob:
-        """The job with every unset parameter filled from `defaults` (an init image fixes the size)."""
+    def with_defaults(self, defaults: GenerationDefaults) -> ImageTask:
+        """The task with every unset parameter filled from `defaults` (an init image fixes the size)."""
         init_size = None if self.init_image is None else (self.init_image.shape[1], self.init_image.shape[0])
         return dataclasses.replace(self, params=self.params.with_defaults(defaults, init_size))
 
@@ -60,19 +60,19 @@ class ImageResult:
         return self.params.seed
 
 
-def call_key(job: GenerationJob, split_empty_negative: bool = False, split_adapters: bool = False) -> Hashable:
-    """Jobs with equal keys can share one whole-pipeline call (the request-level engine).
+def call_key(task: ImageTask, split_empty_negative: bool = False, split_adapters: bool = False) -> Hashable:
+    """Tasks with equal keys can share one whole-pipeline call (the request-level engine).
 
     Everything that is a scalar argument of the diffusers call is in the key;
     prompt, negative prompt and seed are per image and stay out of it.
     `split_empty_negative`: keep empty and non-empty negative prompts apart, for
     models (SDXL) that encode an empty one as zeros instead of through the text encoders.
     LoRA adapters apply per image (`adapters.LoraMixer`); `split_adapters` keeps adapter sets apart anyway.
-    `job` must already have its defaults filled in.
+    `task` must already have its defaults filled in.
     """
-    p = job.params
+    p = task.params
     return (
-        job.kind,
+        task.kind,
         p.width,
         p.height,
         p.num_inference_steps,
@@ -86,10 +86,10 @@ def call_key(job: GenerationJob, split_empty_negative: bool = False, split_adapt
 
 
 def group_by_call_key(
-    jobs: list[GenerationJob], split_empty_negative: bool = False, split_adapters: bool = False
+    tasks: list[ImageTask], split_empty_negative: bool = False, split_adapters: bool = False
 ) -> list[list[int]]:
-    """Indices of `jobs` grouped by `call_key`, groups in order of first arrival."""
+    """Indices of `tasks` grouped by `call_key`, groups in order of first arrival."""
     groups: dict[Hashable, list[int]] = {}
-    for index, job in enumerate(jobs):
-        groups.setdefault(call_key(job, split_empty_negative, split_adapters), []).append(index)
+    for index, task in enumerate(tasks):
+        groups.setdefault(call_key(task, split_empty_negative, split_adapters), []).append(index)
     return list(groups.values())

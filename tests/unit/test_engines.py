@@ -11,23 +11,23 @@ import pytest
 import torch
 from helpers import Collector, run_through_loop
 
-from serve_app.pipeline.batching import (
-    BatchingLimits,
+from serve_app.pipeline.engines import (
+    EngineLimits,
     EngineLoop,
-    JobCancelled,
     LoopCounters,
-    RequestBatcher,
-    StepBatcher,
+    RequestEngine,
+    StepEngine,
+    TaskCancelled,
     Ticket,
-    make_batcher,
+    make_engine,
 )
 from serve_app.pipeline.errors import GenerationError, InsufficientMemoryError
-from serve_app.pipeline.jobs import GenerationJob, ImageResult
 from serve_app.pipeline.params import ImageParams
+from serve_app.pipeline.tasks import ImageResult, ImageTask
 
 
-def job(prompt="p", steps=3, size=64, seed=0, guidance_scale=7.5, **params) -> GenerationJob:
-    return GenerationJob(
+def job(prompt="p", steps=3, size=64, seed=0, guidance_scale=7.5, **params) -> ImageTask:
+    return ImageTask(
         ImageParams(
             prompt=prompt,
             seed=seed,
@@ -41,7 +41,7 @@ def job(prompt="p", steps=3, size=64, seed=0, guidance_scale=7.5, **params) -> G
 
 
 class FakeState:
-    def __init__(self, job: GenerationJob):
+    def __init__(self, job: ImageTask):
         self.job = job
         self.step_index = 0
         self.total_steps = job.params.num_inference_steps
@@ -82,7 +82,7 @@ class FakeStepper:
         return [np.full((s.job.params.height, s.job.params.width, 3), s.job.seed % 256, np.uint8) for s in states]
 
 
-class FakeEngine:
+class FakeModel:
     def _release_memory(self):
         pass
 
@@ -91,16 +91,16 @@ class FakeEngine:
 
 
 class Harness:
-    """A StepBatcher driven one tick at a time; results and progress recorded per prompt."""
+    """A StepEngine driven one tick at a time; results and progress recorded per prompt."""
 
     def __init__(self, **limits):
         self.stepper = FakeStepper(limits.pop("oom_above", None))
         self.counters = LoopCounters()
-        self.batcher = StepBatcher(FakeEngine(), self.stepper, BatchingLimits(**limits), self.counters)
+        self.engine = StepEngine(FakeModel(), self.stepper, EngineLimits(**limits), self.counters)
         self.results: dict[str, ImageResult | Exception] = {}
         self.progress: dict[str, list[tuple[int, int]]] = {}
 
-    def submit(self, *jobs: GenerationJob) -> list[Ticket]:
+    def submit(self, *jobs: ImageTask) -> list[Ticket]:
         tickets = []
         for j in jobs:
             name = j.params.prompt
@@ -110,17 +110,17 @@ class Harness:
                 on_done=lambda r, name=name: self.results.__setitem__(name, r),
                 on_progress=lambda p, name=name: self.progress.setdefault(name, []).append((p.step, p.total_steps)),
             )
-            self.batcher.waiting.append(ticket)
+            self.engine.waiting.append(ticket)
             tickets.append(ticket)
         return tickets
 
     def tick(self, times: int = 1) -> None:
         for _ in range(times):
-            self.batcher.tick()
+            self.engine.tick()
 
     def run(self) -> None:
-        while self.batcher.has_work():
-            self.batcher.tick()
+        while self.engine.has_work():
+            self.engine.tick()
 
 
 def test_a_job_joins_the_running_batch_at_the_next_tick_and_leaves_when_done():
@@ -159,7 +159,7 @@ def test_max_active_requests_bounds_images_in_flight_across_sizes():
     h = Harness(max_batch_size=8, max_active_requests=2)
     h.submit(job("a"), job("b", size=128), job("c", size=256))
     h.tick()
-    assert h.stepper.started == [["a", "b"]] and h.batcher.active == 2 and len(h.batcher.waiting) == 1
+    assert h.stepper.started == [["a", "b"]] and h.engine.active == 2 and len(h.engine.waiting) == 1
 
 
 def test_fewest_steps_admission_lets_short_jobs_pass_long_ones():
@@ -180,7 +180,7 @@ def test_a_cancelled_job_stops_costing_rows_at_the_next_tick():
     gone.cancel()
     h.run()
     assert h.stepper.calls == [["keep", "gone"], ["keep"], ["keep"], ["keep"]]
-    assert isinstance(h.results["gone"], JobCancelled) and h.counters.cancelled_in_flight == 1
+    assert isinstance(h.results["gone"], TaskCancelled) and h.counters.cancelled_in_flight == 1
     assert isinstance(h.results["keep"], ImageResult)
 
 
@@ -190,7 +190,7 @@ def test_a_job_cancelled_while_waiting_never_starts():
     ticket.cancel()
     h.run()
     assert h.stepper.started == [] and h.counters.cancelled_before_start == 1
-    assert isinstance(h.results["never"], JobCancelled)
+    assert isinstance(h.results["never"], TaskCancelled)
 
 
 def test_a_job_failing_alone_does_not_fail_its_neighbours():
@@ -225,8 +225,8 @@ def test_the_loop_thread_runs_jobs_submitted_from_elsewhere_and_a_failing_model_
                 raise KeyError("a bug")  # not one image's error: the whole model call fails
             return super().step(states)
 
-    batcher = StepBatcher(FakeEngine(), BuggyStepper(), BatchingLimits(), LoopCounters())
-    loop = EngineLoop(batcher, prepare=lambda j: (j, []))
+    engine = StepEngine(FakeModel(), BuggyStepper(), EngineLimits(), LoopCounters())
+    loop = EngineLoop(engine, prepare=lambda j: (j, []))
     try:
         done = Collector(3)
         loop.submit_all([job("ok", seed=1), job("explode", size=128), job("ok2", seed=2)], done)
@@ -238,19 +238,19 @@ def test_the_loop_thread_runs_jobs_submitted_from_elsewhere_and_a_failing_model_
 
 
 def test_when_a_tick_itself_breaks_every_ticket_it_held_still_ends():
-    class BrokenBatcher(StepBatcher):
+    class BrokenEngine(StepEngine):
         def tick(self):
             super().tick()
             raise RuntimeError("a bug in the policy")
 
-    batcher = BrokenBatcher(FakeEngine(), FakeStepper(), BatchingLimits(), LoopCounters())
-    loop = EngineLoop(batcher, prepare=lambda j: (j, []))
+    engine = BrokenEngine(FakeModel(), FakeStepper(), EngineLimits(), LoopCounters())
+    loop = EngineLoop(engine, prepare=lambda j: (j, []))
     try:
         done = Collector(2)
         loop.submit_all([job("a", steps=5), job("b", steps=5)], done)
         assert done.all_done.wait(10)
         assert all(isinstance(r, GenerationError) and "RuntimeError" in r.message for r in done.results.values())
-        assert batcher.active == 0
+        assert engine.active == 0
     finally:
         loop.stop()
 
@@ -259,7 +259,7 @@ def test_a_bad_job_is_answered_at_once_without_reaching_the_thread():
     def refuse(j):
         raise GenerationError("no", "strength")
 
-    loop = EngineLoop(StepBatcher(FakeEngine(), FakeStepper(), BatchingLimits(), LoopCounters()), prepare=refuse)
+    loop = EngineLoop(StepEngine(FakeModel(), FakeStepper(), EngineLimits(), LoopCounters()), prepare=refuse)
     try:
         got = []
         loop.submit(job("x"), on_done=got.append)
@@ -271,8 +271,8 @@ def test_a_bad_job_is_answered_at_once_without_reaching_the_thread():
 # -- whole pipeline calls ---------------------------------------------------------------------
 
 
-class ScriptedEngine(FakeEngine):
-    """An ImageEngine's request-level surface: groups by steps, one 'call' per group."""
+class ScriptedEngine(FakeModel):
+    """An LoadedModel's request-level surface: groups by steps, one 'call' per group."""
 
     def __init__(self):
         self.calls: list[list[str]] = []
@@ -294,12 +294,12 @@ class ScriptedEngine(FakeEngine):
 
 def test_request_batcher_runs_one_call_per_group_and_reports_progress():
     counters = LoopCounters()
-    engine = ScriptedEngine()
-    batcher = RequestBatcher(engine, BatchingLimits(max_batch_size=3), counters)
+    model = ScriptedEngine()
+    engine = RequestEngine(model, EngineLimits(max_batch_size=3), counters)
     progress: list = []
     results: list = []
     for name, steps in (("a", 2), ("b", 3), ("c", 2), ("d", 2)):
-        batcher.waiting.append(
+        engine.waiting.append(
             Ticket(
                 job(name, steps=steps),
                 [],
@@ -307,18 +307,18 @@ def test_request_batcher_runs_one_call_per_group_and_reports_progress():
                 on_progress=lambda p, n=name: progress.append((n, p.step)),
             )
         )
-    batcher.tick()
-    assert engine.calls == [["a", "c"], ["b"]]  # d waits: max_batch_size 3
+    engine.tick()
+    assert model.calls == [["a", "c"], ["b"]]  # d waits: max_batch_size 3
     assert ("a", 2) in progress and ("b", 3) in progress
-    batcher.tick()
-    assert engine.calls[-1] == ["d"] and counters.model_calls_by_batch_size == {2: 1, 1: 2}
+    engine.tick()
+    assert model.calls[-1] == ["d"] and counters.model_calls_by_batch_size == {2: 1, 1: 2}
     assert len(results) == 4 and counters.succeeded == 4
 
 
 def test_request_batcher_stops_a_call_whose_jobs_were_all_cancelled():
-    engine = ScriptedEngine()
+    model = ScriptedEngine()
     stopped_at = []
-    original = engine.run_prepared
+    original = model.run_prepared
 
     def run(members, on_step=None):
         def watch(step, total):
@@ -329,45 +329,45 @@ def test_request_batcher_stops_a_call_whose_jobs_were_all_cancelled():
 
         return original(members, watch)
 
-    engine.run_prepared = run
-    batcher = RequestBatcher(engine, BatchingLimits(), LoopCounters())
+    model.run_prepared = run
+    engine = RequestEngine(model, EngineLimits(), LoopCounters())
     results = []
     ticket = Ticket(job("gone", steps=5), [], on_done=results.append, on_progress=lambda p: ticket.cancel())
-    batcher.waiting.append(ticket)
-    batcher.tick()
-    assert stopped_at == [1] and isinstance(results[0], JobCancelled)
+    engine.waiting.append(ticket)
+    engine.tick()
+    assert stopped_at == [1] and isinstance(results[0], TaskCancelled)
 
 
 # -- the real tiny model ------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def engine():
-    from serve_app.pipeline.engine import ImageEngine
+def model():
     from serve_app.pipeline.loading import PipelineOptions
+    from serve_app.pipeline.model import LoadedModel
 
-    return ImageEngine.load("synthetic:tiny", PipelineOptions(device="cpu", torch_threads=1))
+    return LoadedModel.load("synthetic:tiny", PipelineOptions(device="cpu", torch_threads=1))
 
 
-def test_both_engines_make_the_plain_pipelines_images_from_one_mixed_burst(engine):
+def test_both_engines_make_the_plain_pipelines_images_from_one_mixed_burst(model):
     jobs = [
-        GenerationJob(ImageParams(prompt=f"mixed {i}", seed=i, num_inference_steps=steps, scheduler=sampler))
+        ImageTask(ImageParams(prompt=f"mixed {i}", seed=i, num_inference_steps=steps, scheduler=sampler))
         for i, (steps, sampler) in enumerate([(2, "default"), (6, "euler"), (3, "dpmpp_2m"), (4, "euler_a")] * 2)
     ]
-    reference = engine.generate(jobs)  # whole pipeline calls, grouped by parameters
+    reference = model.generate(jobs)  # whole pipeline calls, grouped by parameters
     for kind in ("step", "request"):
-        results, counters = run_through_loop(engine, kind, jobs)
+        results, counters = run_through_loop(model, kind, jobs)
         for ref, got in zip(reference, results):
             assert isinstance(got, ImageResult), got
             assert np.abs(got.pixels.astype(int) - ref.pixels.astype(int)).max() <= 1, kind
     # The step engine ran the 8 different requests together: one size, so every call held them all at first.
-    _, counters = run_through_loop(engine, "step", jobs)
+    _, counters = run_through_loop(model, "step", jobs)
     assert max(int(k) for k in counters.snapshot()["model_calls_by_batch_size"]) == 8
 
 
-def test_make_batcher_steps_models_it_knows(engine):
-    assert make_batcher(engine, "step", BatchingLimits(), LoopCounters()).engine_name == "step"
-    assert make_batcher(engine, "request", BatchingLimits(), LoopCounters()).engine_name == "request"
+def test_make_batcher_steps_models_it_knows(model):
+    assert make_engine(model, "step", EngineLimits(), LoopCounters()).kind == "step"
+    assert make_engine(model, "request", EngineLimits(), LoopCounters()).kind == "request"
 
 
 def test_a_job_that_could_not_finish_before_its_deadline_is_refused_at_once():
@@ -386,8 +386,8 @@ def test_a_job_that_could_not_finish_before_its_deadline_is_refused_at_once():
             return super().step(states)
 
     stepper = GatedStepper()
-    batcher = StepBatcher(FakeEngine(), stepper, BatchingLimits(), LoopCounters())
-    loop = EngineLoop(batcher, prepare=lambda j: (j, []))
+    engine = StepEngine(FakeModel(), stepper, EngineLimits(), LoopCounters())
+    loop = EngineLoop(engine, prepare=lambda j: (j, []))
     try:
         loop.submit(job("long", steps=40), on_done=lambda r: None)  # no rate measured yet: admitted
         assert stepper.entered.wait(10)  # the loop holds 40 steps of work and is inside a UNet call
@@ -404,17 +404,17 @@ def test_a_job_that_could_not_finish_before_its_deadline_is_refused_at_once():
         loop.stop()
 
 
-def test_a_job_asking_for_previews_gets_a_small_png_of_its_latents_every_k_steps(engine):
+def test_a_job_asking_for_previews_gets_a_small_png_of_its_latents_every_k_steps(model):
     import io
 
     from PIL import Image
 
     previews: list = []
     counters = LoopCounters()
-    loop = EngineLoop(make_batcher(engine, "step", BatchingLimits(), counters), engine.prepare)
+    loop = EngineLoop(make_engine(model, "step", EngineLimits(), counters), model.prepare)
     try:
         done = threading.Event()
-        job = GenerationJob(
+        job = ImageTask(
             ImageParams(prompt="preview", seed=1, num_inference_steps=6, scheduler="euler"), preview_every=2
         )
         loop.submit(job, on_done=lambda r: done.set(), on_progress=previews.append)

@@ -1,14 +1,14 @@
 import numpy as np
 
-from serve_app.pipeline.jobs import GenerationJob, call_key, group_by_call_key
 from serve_app.pipeline.params import GenerationDefaults, ImageParams
+from serve_app.pipeline.tasks import ImageTask, call_key, group_by_call_key
 
 DEFAULTS = GenerationDefaults(width=64, height=64, num_inference_steps=2, guidance_scale=7.5, strength=0.6)
 
 
 def job(init_image=None, **kw):
     params = ImageParams(prompt=kw.pop("prompt", "p"), seed=kw.pop("seed", 0), **kw)
-    return GenerationJob(params, init_image=init_image).with_defaults(DEFAULTS)
+    return ImageTask(params, init_image=init_image).with_defaults(DEFAULTS)
 
 
 def test_defaults_fill_only_unset_parameters():

@@ -1,11 +1,11 @@
-"""ImageEngine: one loaded model turning batches of jobs into images.
+"""LoadedModel: one loaded model turning batches of tasks into images.
 
 No Ray and no HTTP here. The serving layer hands a collected batch to
-`generate`; the engine fills defaults, groups jobs that can share a pipeline
+`generate`; the engine fills defaults, groups tasks that can share a pipeline
 call (`batch_key`), and runs one call per group in explicit steps:
 choose the pipeline, make a fresh scheduler, make one generator per image,
 call, convert to uint8. A group that runs out of device memory is split in
-halves and retried before any job fails.
+halves and retried before any task fails.
 
 Calls never overlap: a diffusers pipeline keeps per-call state, and the
 engine serialises calls with a lock (the Generator also runs them on a single
@@ -27,11 +27,11 @@ import numpy as np
 import torch
 
 from .adapters import AdapterSettings, LoraMixer
-from .errors import GenerationError, InsufficientMemoryError, InvalidJobError, PipelineUnavailableError
-from .jobs import GenerationJob, ImageResult, group_by_call_key
+from .errors import GenerationError, InsufficientMemoryError, InvalidTaskError, PipelineUnavailableError
 from .loading import ModelSource, PipelineOptions, image_to_image, load_pipeline, load_refiner
 from .params import REFINER_DENOISING_START, GenerationDefaults, ImageParams, RefinerParams
 from .schedulers import SCHEDULER_NAMES, make_scheduler
+from .tasks import ImageResult, ImageTask, group_by_call_key
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class GroupRun:
     seconds: float
 
 
-class ImageEngine:
+class LoadedModel:
     def __init__(
         self,
         pipe,
@@ -73,7 +73,7 @@ class ImageEngine:
         self.adapters = LoraMixer(pipe, self.adapter_settings.catalog(), self.adapter_settings.max_loaded)
         self.calls_by_batch_size: Counter[int] = Counter()
         self._scheduler_templates: dict[str, object] = {}
-        # Jobs are checked on the caller's thread while the engine thread encodes prompts: a fast tokenizer
+        # Tasks are checked on the caller's thread while the engine thread encodes prompts: a fast tokenizer
         # sets its padding and truncation per call, so the two must never share one (prompts came out
         # 10 tokens long instead of 77 under load).
         self._counting_tokenizer = copy.deepcopy(pipe.tokenizer)
@@ -92,9 +92,9 @@ class ImageEngine:
         defaults: GenerationDefaults | None = None,
         adapters: AdapterSettings | None = None,
         refiner: str | None = None,
-    ) -> ImageEngine:
-        """Load `model` (a model source string); `defaults` overrides what jobs get when they leave a parameter
-        out; `adapters`: the LoRA adapters jobs may name; `refiner`: a refiner's model source (loaded when first used)."""
+    ) -> LoadedModel:
+        """Load `model` (a model source string); `defaults` overrides what tasks get when they leave a parameter
+        out; `adapters`: the LoRA adapters tasks may name; `refiner`: a refiner's model source (loaded when first used)."""
         options = options or PipelineOptions()
         source = ModelSource.parse(model)
         started = time.perf_counter()
@@ -126,42 +126,42 @@ class ImageEngine:
 
     # -- the public calls ---------------------------------------------------------
 
-    def generate(self, jobs: list[GenerationJob]) -> list[ImageResult | GenerationError]:
-        """An image, or the error that stopped it, for every job, in order: whole pipeline calls, one per
-        group of jobs that can share one."""
-        results: list[ImageResult | GenerationError | None] = [None] * len(jobs)
-        ready: list[tuple[int, GenerationJob, list[str]]] = []
-        for index, job in enumerate(jobs):
+    def generate(self, tasks: list[ImageTask]) -> list[ImageResult | GenerationError]:
+        """An image, or the error that stopped it, for every task, in order: whole pipeline calls, one per
+        group of tasks that can share one."""
+        results: list[ImageResult | GenerationError | None] = [None] * len(tasks)
+        ready: list[tuple[int, ImageTask, list[str]]] = []
+        for index, task in enumerate(tasks):
             try:
-                ready.append((index, *self.prepare(job)))
+                ready.append((index, *self.prepare(task)))
             except GenerationError as exc:
                 results[index] = exc
-        for group in self.groups([job for _, job, _ in ready]):
+        for group in self.groups([task for _, task, _ in ready]):
             members = [ready[i] for i in group]
             for (index, _, _), result in zip(members, self.run_prepared([(j, w) for _, j, w in members])):
                 results[index] = result
         return results
 
-    def groups(self, jobs: list[GenerationJob]) -> list[list[int]]:
-        """Indices of prepared `jobs` grouped so that each group can share one pipeline call."""
+    def groups(self, tasks: list[ImageTask]) -> list[list[int]]:
+        """Indices of prepared `tasks` grouped so that each group can share one pipeline call."""
         return group_by_call_key(
-            jobs,
+            tasks,
             split_empty_negative=self._empty_negative_is_special,
             split_adapters=self.adapter_settings.batching == "grouped",
         )
 
     def run_prepared(
-        self, members: list[tuple[GenerationJob, list[str]]], on_step: StepCallback | None = None
+        self, members: list[tuple[ImageTask, list[str]]], on_step: StepCallback | None = None
     ) -> list[ImageResult | GenerationError]:
-        """One group's prepared jobs (and their warnings) in one pipeline call, split in halves while the
+        """One group's prepared tasks (and their warnings) in one pipeline call, split in halves while the
         device runs out of memory. `on_step(step, total)` after each step; returning True stops the call."""
-        jobs = [job for job, _ in members]
+        tasks = [task for task, _ in members]
         try:
-            run = self.run_group(jobs, on_step)
+            run = self.run_group(tasks, on_step)
         except torch.OutOfMemoryError:
             self._release_memory()
             if len(members) == 1:
-                params = jobs[0].params
+                params = tasks[0].params
                 return [
                     InsufficientMemoryError(
                         f"a {params.width}x{params.height} image does not fit in device memory on this replica; "
@@ -176,13 +176,13 @@ class ImageEngine:
         except GenerationError as exc:
             return [exc] * len(members)
         except Exception as exc:  # noqa: BLE001 - an unexpected pipeline failure must reach every caller
-            request_ids = sorted({job.request_id for job in jobs})
+            request_ids = sorted({task.request_id for task in tasks})
             logger.exception("pipeline call failed for a batch of %d (requests %s)", len(members), request_ids)
             self.note_failure(exc)
             return [GenerationError(f"image generation failed: {type(exc).__name__}")] * len(members)
         return [
-            ImageResult(pixels, job.params, batch_size=len(jobs), generation_time_s=run.seconds, warnings=warnings)
-            for pixels, (job, warnings) in zip(run.images, members)
+            ImageResult(pixels, task.params, batch_size=len(tasks), generation_time_s=run.seconds, warnings=warnings)
+            for pixels, (task, warnings) in zip(run.images, members)
         ]
 
     def note_failure(self, exc: Exception) -> None:
@@ -190,15 +190,15 @@ class ImageEngine:
         if self.device.type == "cuda" and "CUDA error" in str(exc):
             self._fatal_error = repr(exc)
 
-    def prepare(self, job: GenerationJob) -> tuple[GenerationJob, list[str]]:
-        """The job with defaults filled in, checked against this model; plus warnings for the caller."""
-        job = job.with_defaults(self.defaults)
-        params = job.params
+    def prepare(self, task: ImageTask) -> tuple[ImageTask, list[str]]:
+        """The task with defaults filled in, checked against this model; plus warnings for the caller."""
+        task = task.with_defaults(self.defaults)
+        params = task.params
         if params.refiner is not None:
-            job = self._check_refiner(job)
-            params = job.params
-        if job.init_image is not None and int(params.num_inference_steps * params.strength) < 1:
-            raise InvalidJobError(
+            task = self._check_refiner(task)
+            params = task.params
+        if task.init_image is not None and int(params.num_inference_steps * params.strength) < 1:
+            raise InvalidTaskError(
                 f"strength {params.strength} x num_inference_steps {params.num_inference_steps} leaves no "
                 "denoising step; raise one of them",
                 "strength",
@@ -206,7 +206,7 @@ class ImageEngine:
         unknown = sorted({lora.name for lora in params.loras} - set(self.adapters.catalog.names()))
         if unknown:
             available = ", ".join(self.adapters.catalog.names()) or "none"
-            raise InvalidJobError(f"unknown LoRA adapter {', '.join(unknown)}; available: {available}", "loras")
+            raise InvalidTaskError(f"unknown LoRA adapter {', '.join(unknown)}; available: {available}", "loras")
         warnings = []
         for name, text in (("prompt", params.prompt), ("negative_prompt", params.negative_prompt)):
             with self._counting_lock:
@@ -215,40 +215,40 @@ class ImageEngine:
                 warnings.append(
                     f"{name} has {tokens} tokens; the model reads the first {self.max_prompt_tokens}, the rest was ignored"
                 )
-        return job, warnings
+        return task, warnings
 
-    def _check_refiner(self, job: GenerationJob) -> GenerationJob:
-        refiner = job.params.refiner
+    def _check_refiner(self, task: ImageTask) -> ImageTask:
+        refiner = task.params.refiner
         if self.refiner_source is None:
-            raise InvalidJobError(f"model {self.source} has no refiner", "refiner")
-        if job.init_image is not None:
+            raise InvalidTaskError(f"model {self.source} has no refiner", "refiner")
+        if task.init_image is not None:
             if refiner.denoising_start is not None:
-                raise InvalidJobError(
+                raise InvalidTaskError(
                     "image to image with the refiner runs at `strength`: leave denoising_start unset",
                     "refiner.denoising_start",
                 )
-            return job
+            return task
         start = REFINER_DENOISING_START if refiner.denoising_start is None else refiner.denoising_start
         # Where diffusers splits the schedule: the base runs the timesteps at or above the cutoff.
-        scheduler = self._fresh_scheduler(job.params.scheduler)
-        scheduler.set_timesteps(job.params.num_inference_steps)
+        scheduler = self._fresh_scheduler(task.params.scheduler)
+        scheduler.set_timesteps(task.params.num_inference_steps)
         cutoff = round(scheduler.config.num_train_timesteps * (1 - start))
         base_steps = int((scheduler.timesteps >= cutoff).sum())
         if not 0 < base_steps < len(scheduler.timesteps):
-            raise InvalidJobError(
-                f"denoising_start {start} of {job.params.num_inference_steps} steps leaves the base or the refiner "
+            raise InvalidTaskError(
+                f"denoising_start {start} of {task.params.num_inference_steps} steps leaves the base or the refiner "
                 "no step; raise num_inference_steps",
                 "refiner.denoising_start",
             )
-        params = job.params.model_copy(update={"refiner": RefinerParams(denoising_start=start)})
-        return dataclasses.replace(job, params=params)
+        params = task.params.model_copy(update={"refiner": RefinerParams(denoising_start=start)})
+        return dataclasses.replace(task, params=params)
 
     def warmup(self) -> float:
         """Run one small call so the first real request does not pay for lazy initialisation."""
         started = time.perf_counter()
         steps = min(2, self.defaults.num_inference_steps)
-        job = GenerationJob(ImageParams(prompt="warm-up", seed=0, num_inference_steps=steps))
-        result = self.generate([job])[0]
+        task = ImageTask(ImageParams(prompt="warm-up", seed=0, num_inference_steps=steps))
+        result = self.generate([task])[0]
         if isinstance(result, Exception):
             raise result
         return time.perf_counter() - started
@@ -300,30 +300,30 @@ class ImageEngine:
 
     # -- one pipeline call, in steps ----------------------------------------------
 
-    def run_group(self, jobs: list[GenerationJob], on_step: StepCallback | None = None) -> GroupRun:
-        """One pipeline call for jobs that share a `call_key` (defaults already filled)."""
-        first = jobs[0]
+    def run_group(self, tasks: list[ImageTask], on_step: StepCallback | None = None) -> GroupRun:
+        """One pipeline call for tasks that share a `call_key` (defaults already filled)."""
+        first = tasks[0]
         if first.params.refiner is not None:
-            return self._run_refined(jobs, on_step)
+            return self._run_refined(tasks, on_step)
         pipe = self.img2img if first.init_image is not None else self.pipe
-        kwargs = self._call_arguments(jobs)
+        kwargs = self._call_arguments(tasks)
         if on_step is not None:
             kwargs["callback_on_step_end"] = _step_callback(on_step)
         with self._lock:
             pipe.scheduler = self._fresh_scheduler(first.params.scheduler)
             started = time.perf_counter()
-            with torch.inference_mode(), self.adapters.applied([job.params.adapter_key for job in jobs]):
+            with torch.inference_mode(), self.adapters.applied([task.params.adapter_key for task in tasks]):
                 output = pipe(**kwargs)
             seconds = time.perf_counter() - started
-            self.calls_by_batch_size[len(jobs)] += 1
+            self.calls_by_batch_size[len(tasks)] += 1
         return GroupRun(images=list(_to_uint8(output.images)), seconds=seconds)
 
-    def _run_refined(self, jobs: list[GenerationJob], on_step: StepCallback | None) -> GroupRun:
+    def _run_refined(self, tasks: list[ImageTask], on_step: StepCallback | None) -> GroupRun:
         """With the refiner: image to image by the refiner alone, or text to image as an ensemble of experts
         (the base denoises the first `denoising_start` of the schedule, the refiner the rest, from latents)."""
-        first = jobs[0].params
+        first = tasks[0].params
         refiner = self.refiner
-        kwargs = self._call_arguments(jobs)
+        kwargs = self._call_arguments(tasks)
         done = [0]  # steps of both pipelines so far: progress runs once over the whole schedule
 
         def progress(pipe, step_index: int, timestep, callback_kwargs: dict) -> dict:
@@ -334,9 +334,9 @@ class ImageEngine:
 
         with self._lock:
             started = time.perf_counter()
-            with torch.inference_mode(), self.adapters.applied([job.params.adapter_key for job in jobs]):
+            with torch.inference_mode(), self.adapters.applied([task.params.adapter_key for task in tasks]):
                 refiner.scheduler = self._fresh_scheduler(first.scheduler)
-                if jobs[0].init_image is not None:
+                if tasks[0].init_image is not None:
                     output = refiner(**kwargs, callback_on_step_end=progress)
                 else:
                     start = first.refiner.denoising_start
@@ -346,7 +346,7 @@ class ImageEngine:
                     finish = {k: v for k, v in kwargs.items() if k not in ("width", "height")}
                     output = refiner(**finish, image=latents, denoising_start=start, callback_on_step_end=progress)
             seconds = time.perf_counter() - started
-            self.calls_by_batch_size[len(jobs)] += 1
+            self.calls_by_batch_size[len(tasks)] += 1
         return GroupRun(images=list(_to_uint8(output.images)), seconds=seconds)
 
     def _fresh_scheduler(self, name: str):
@@ -355,23 +355,23 @@ class ImageEngine:
             self._scheduler_templates[name] = make_scheduler(name, self.model_scheduler)
         return copy.deepcopy(self._scheduler_templates[name])
 
-    def _call_arguments(self, jobs: list[GenerationJob]) -> dict:
-        first = jobs[0].params
-        negatives = [job.params.negative_prompt for job in jobs]
+    def _call_arguments(self, tasks: list[ImageTask]) -> dict:
+        first = tasks[0].params
+        negatives = [task.params.negative_prompt for task in tasks]
         kwargs = {
-            "prompt": [job.params.prompt for job in jobs],
+            "prompt": [task.params.prompt for task in tasks],
             # All-empty negatives go as None so SDXL keeps its zero embedding; elsewhere None == "".
             "negative_prompt": negatives if any(negatives) else None,
             "num_inference_steps": first.num_inference_steps,
             "guidance_scale": first.guidance_scale,
             # CPU generators: the same seed gives the same latents on any device.
-            "generator": [torch.Generator("cpu").manual_seed(job.seed) for job in jobs],
+            "generator": [torch.Generator("cpu").manual_seed(task.seed) for task in tasks],
             "output_type": "np",
         }
-        if jobs[0].init_image is not None:
+        if tasks[0].init_image is not None:
             from PIL import Image
 
-            kwargs["image"] = [Image.fromarray(job.init_image) for job in jobs]
+            kwargs["image"] = [Image.fromarray(task.init_image) for task in tasks]
             kwargs["strength"] = first.strength
         else:
             kwargs["width"] = first.width
@@ -404,7 +404,7 @@ _FALLBACK_DEFAULTS = GenerationDefaults(num_inference_steps=25, guidance_scale=7
 
 
 def model_defaults(pipe, source: ModelSource) -> GenerationDefaults:
-    """What a job gets for parameters it leaves out, by the model: its preset, its native size, then fallbacks."""
+    """What a task gets for parameters it leaves out, by the model: its preset, its native size, then fallbacks."""
     native = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
     defaults = GenerationDefaults(width=native, height=native).over(_FALLBACK_DEFAULTS)
     if source.kind == "synthetic":

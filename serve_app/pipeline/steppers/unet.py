@@ -52,10 +52,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import GenerationError, InvalidJobError
-from .jobs import GenerationJob
-from .loading import image_to_image
-from .schedulers import SCHEDULER_NAMES, make_scheduler
+from ..errors import GenerationError, InvalidTaskError
+from ..loading import image_to_image
+from ..schedulers import SCHEDULER_NAMES, make_scheduler
+from ..tasks import ImageTask
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ logger = logging.getLogger(__name__)
 STEPPABLE_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
 # Scheduler classes whose per-image state is exactly their tensors shaped like the latents
-# (verified for each, see tests/unit/test_stepping.py): a cohort of them splits exactly.
+# (verified for each, see tests/unit/test_unet_stepper.py): a cohort of them splits exactly.
 COHORT_SCHEDULERS = frozenset(
     {
         "PNDMScheduler",
@@ -83,17 +83,17 @@ _TEMPLATE_CACHE_SIZE = 64
 
 
 class DenoisingState:
-    """One image in flight. Created by `StepPipeline.start`, advanced by `StepPipeline.step`.
+    """One image in flight. Created by `UNetStepper.start`, advanced by `UNetStepper.step`.
 
     Its latents, scheduler, timesteps and step index live in its cohort (see the
     module docstring): while the images of a cohort stay in lockstep they share
     one scheduler instance over their stacked latents; `latents` is this image's row.
     """
 
-    def __init__(self, job: GenerationJob, generator: torch.Generator, conditioning: _Conditioning):
-        self.job = job
-        self.generator = generator  # CPU, seeded with job.seed: latents, VAE sample, ancestral noise
-        self.guidance_scale = float(job.params.guidance_scale)
+    def __init__(self, task: ImageTask, generator: torch.Generator, conditioning: _Conditioning):
+        self.task = task
+        self.generator = generator  # CPU, seeded with task.seed: latents, VAE sample, ancestral noise
+        self.guidance_scale = float(task.params.guidance_scale)
         self.cond = conditioning.cond  # (1, tokens, dim) prompt embeddings
         self.uncond = conditioning.uncond  # negative prompt embeddings; None when it runs without guidance
         # SDXL added conditioning, (1, dim) each; None for SD 1.x/2.x.
@@ -103,14 +103,14 @@ class DenoisingState:
         self.uncond_time_ids = conditioning.uncond_time_ids
         self.timestep_cond = conditioning.timestep_cond  # guidance embedding for UNets distilled with one (LCM)
         self.error: GenerationError | None = None
-        # Its LoRA adapters when images group by adapter set (`StepPipeline(group_by_adapters=True)`); else ().
+        # Its LoRA adapters when images group by adapter set (`UNetStepper(group_by_adapters=True)`); else ().
         self.adapter_group: tuple = ()
         self._cohort: _Cohort | None = None
         self._row = 0
 
     def __repr__(self) -> str:
         status = "failed" if self.error else f"{self.step_index}/{self.total_steps}"
-        return f"DenoisingState(request_id={self.job.request_id!r}, {self.job.params.scheduler}, {status})"
+        return f"DenoisingState(request_id={self.task.request_id!r}, {self.task.params.scheduler}, {status})"
 
     @property
     def scheduler(self):
@@ -162,7 +162,8 @@ class DenoisingState:
         return (*latents.shape[1:], latents.dtype, latents.device, self.adapter_group)
 
     @property
-    def finished(self) -> bool:
+    def denoised(self) -> bool:
+        """Every step taken without error: ready to decode."""
         return self.error is None and self.step_index >= self.total_steps
 
     @property
@@ -245,7 +246,7 @@ class _Cohort:
         return cohort
 
 
-class StepPipeline:
+class UNetStepper:
     """The mechanics of step-level batching over one loaded diffusers pipeline.
 
     Not thread-safe (neither is the pipeline): call from one thread at a time.
@@ -311,60 +312,60 @@ class StepPipeline:
 
     # -- start --------------------------------------------------------------------------
 
-    def start(self, jobs: list[GenerationJob]) -> list[DenoisingState | GenerationError]:
-        """A state ready for its first step, or the error that stopped it, for every job, in order.
+    def start(self, tasks: list[ImageTask]) -> list[DenoisingState | GenerationError]:
+        """A state ready for its first step, or the error that stopped it, for every task, in order.
 
-        `jobs` must have their defaults filled in (`GenerationJob.with_defaults`).
+        `tasks` must have their defaults filled in (`ImageTask.with_defaults`).
         """
-        results: list[DenoisingState | GenerationError | None] = [None] * len(jobs)
+        results: list[DenoisingState | GenerationError | None] = [None] * len(tasks)
         valid: list[int] = []
-        for index, job in enumerate(jobs):
+        for index, task in enumerate(tasks):
             try:
-                self.check_inputs(job)
-                self.adapters.load({name for name, _ in job.params.adapter_key})
+                self.check_inputs(task)
+                self.adapters.load({name for name, _ in task.params.adapter_key})
                 valid.append(index)
             except GenerationError as exc:
                 results[index] = exc
         with torch.inference_mode():
-            encoded = self.encode_prompts([jobs[i] for i in valid])
-            cohorts: dict[tuple, list[tuple[int, GenerationJob, _Conditioning]]] = {}
+            encoded = self.encode_prompts([tasks[i] for i in valid])
+            cohorts: dict[tuple, list[tuple[int, ImageTask, _Conditioning]]] = {}
             for index, conditioning in zip(valid, encoded):
                 if isinstance(conditioning, GenerationError):
                     results[index] = conditioning
                     continue
                 try:
-                    key = self._cohort_key(jobs[index], index)
+                    key = self._cohort_key(tasks[index], index)
                 except GenerationError as exc:
                     results[index] = exc
                     continue
-                cohorts.setdefault(key, []).append((index, jobs[index], conditioning))
+                cohorts.setdefault(key, []).append((index, tasks[index], conditioning))
             for members in cohorts.values():
                 for index, result in zip([m[0] for m in members], self._start_cohort(members)):
                     results[index] = result
         return results  # type: ignore[return-value]
 
-    def check_inputs(self, job: GenerationJob) -> None:
-        """What the pipeline's check_inputs (and the request-level engine) refuse, as a job error."""
-        p = job.params
+    def check_inputs(self, task: ImageTask) -> None:
+        """What the pipeline's check_inputs (and the request-level engine) refuse, as a task error."""
+        p = task.params
         needed = ("width", "height", "num_inference_steps", "guidance_scale", "seed")
         unset = [name for name in needed if getattr(p, name) is None]
-        if job.init_image is not None and p.strength is None:
+        if task.init_image is not None and p.strength is None:
             unset.append("strength")
         if unset:
-            raise ValueError(f"job {job.request_id!r} has no {', '.join(unset)}: call job.with_defaults(...) first")
+            raise ValueError(f"task {task.request_id!r} has no {', '.join(unset)}: call task.with_defaults(...) first")
         if p.height % 8 or p.width % 8:
-            raise InvalidJobError(f"width and height must be multiples of 8, not {p.width}x{p.height}", "width")
+            raise InvalidTaskError(f"width and height must be multiples of 8, not {p.width}x{p.height}", "width")
         if p.scheduler not in SCHEDULER_NAMES:
             names = ", ".join(SCHEDULER_NAMES)
-            raise InvalidJobError(f"unknown scheduler {p.scheduler!r}; choose one of {names}", "scheduler")
-        if job.init_image is not None:
-            image = job.init_image
+            raise InvalidTaskError(f"unknown scheduler {p.scheduler!r}; choose one of {names}", "scheduler")
+        if task.init_image is not None:
+            image = task.init_image
             if not (
                 isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
             ):
-                raise InvalidJobError("init_image must be an RGB uint8 array (height, width, 3)", "init_image")
+                raise InvalidTaskError("init_image must be an RGB uint8 array (height, width, 3)", "init_image")
             if int(p.num_inference_steps * p.strength) < 1:
-                raise InvalidJobError(
+                raise InvalidTaskError(
                     f"strength {p.strength} x num_inference_steps {p.num_inference_steps} leaves no denoising step; "
                     "raise one of them",
                     "strength",
@@ -374,29 +375,29 @@ class StepPipeline:
         """Whether an image gets unconditional rows: diffusers' do_classifier_free_guidance."""
         return guidance_scale > 1 and self.guidance_embedding_dim is None
 
-    def encode_prompts(self, jobs: list[GenerationJob]) -> list[_Conditioning | GenerationError]:
-        """Prompt embeddings for every job from one encode_prompt call; if that fails, one call per job,
-        so that only a job whose prompt cannot be encoded fails."""
-        if not jobs:
+    def encode_prompts(self, tasks: list[ImageTask]) -> list[_Conditioning | GenerationError]:
+        """Prompt embeddings for every task from one encode_prompt call; if that fails, one call per task,
+        so that only a task whose prompt cannot be encoded fails."""
+        if not tasks:
             return []
         try:
-            return self._encode_batch(jobs)
-        except Exception as exc:  # noqa: BLE001 - find the job that broke the batch
-            if len(jobs) == 1:
-                logger.warning("could not encode the prompt of job %r: %r", jobs[0].request_id, exc)
+            return self._encode_batch(tasks)
+        except Exception as exc:  # noqa: BLE001 - find the task that broke the batch
+            if len(tasks) == 1:
+                logger.warning("could not encode the prompt of task %r: %r", tasks[0].request_id, exc)
                 return [GenerationError(f"could not encode the prompt: {type(exc).__name__}: {exc}", "prompt")]
-            logger.warning("batched prompt encoding failed (%r); encoding %d jobs one by one", exc, len(jobs))
-            return [result for job in jobs for result in self.encode_prompts([job])]
+            logger.warning("batched prompt encoding failed (%r); encoding %d tasks one by one", exc, len(tasks))
+            return [result for task in tasks for result in self.encode_prompts([task])]
 
-    def _encode_batch(self, jobs: list[GenerationJob]) -> list[_Conditioning]:
+    def _encode_batch(self, tasks: list[ImageTask]) -> list[_Conditioning]:
         pipe = self.pipe
-        guided = [self.uses_guidance(job.params.guidance_scale) for job in jobs]
+        guided = [self.uses_guidance(task.params.guidance_scale) for task in tasks]
         do_cfg = any(guided)
-        prompts = [job.params.prompt for job in jobs]
-        negatives = [job.params.negative_prompt for job in jobs]
+        prompts = [task.params.prompt for task in tasks]
+        negatives = [task.params.negative_prompt for task in tasks]
         # All-empty negatives go as None, as the request-level engine passes them (SDXL then uses zeros).
         negative_prompt = negatives if any(negatives) else None
-        adapters = self.adapters.applied([job.params.adapter_key for job in jobs])
+        adapters = self.adapters.applied([task.params.adapter_key for task in tasks])
         if self.is_sdxl:
             with adapters:
                 cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
@@ -415,25 +416,25 @@ class StepPipeline:
             pooled = uncond_pooled = None
             zero_empty = False
         encoded = []
-        for i, (job, with_cfg) in enumerate(zip(jobs, guided)):
+        for i, (task, with_cfg) in enumerate(zip(tasks, guided)):
             row = slice(i, i + 1)
             item = _Conditioning(cond=cond[row], uncond=uncond[row] if with_cfg else None)
             if pooled is not None:
                 item.pooled = pooled[row]
                 item.uncond_pooled = uncond_pooled[row] if with_cfg else None
-                if with_cfg and zero_empty and not job.params.negative_prompt:
+                if with_cfg and zero_empty and not task.params.negative_prompt:
                     item.uncond = torch.zeros_like(item.uncond)
                     item.uncond_pooled = torch.zeros_like(item.uncond_pooled)
             encoded.append(item)
         return encoded
 
-    def _cohort_key(self, job: GenerationJob, index: int) -> tuple:
-        """Jobs with equal keys start in lockstep and may share a scheduler."""
-        p = job.params
-        if job.init_image is None:
+    def _cohort_key(self, task: ImageTask, index: int) -> tuple:
+        """Tasks with equal keys start in lockstep and may share a scheduler."""
+        p = task.params
+        if task.init_image is None:
             kind: tuple = ("txt2img", p.width, p.height)
         else:
-            kind = ("img2img", job.init_image.shape, p.strength)
+            kind = ("img2img", task.init_image.shape, p.strength)
         scheduler_class = self._template(p.scheduler, p.num_inference_steps).__class__.__name__
         alone = None if scheduler_class in COHORT_SCHEDULERS else index
         return (p.scheduler, p.num_inference_steps, *kind, alone)
@@ -447,11 +448,11 @@ class StepPipeline:
             template = make_scheduler(name, self.model_scheduler)
             reason = self.unsupported_scheduler_reason(template)
             if reason:
-                raise InvalidJobError(f"scheduler {name!r} cannot be used here: {reason}", "scheduler")
+                raise InvalidTaskError(f"scheduler {name!r} cannot be used here: {reason}", "scheduler")
             try:
                 template.set_timesteps(steps, device=self.device)  # retrieve_timesteps, with no custom timesteps
             except ValueError as exc:  # e.g. LCM refuses more steps than its original_inference_steps (50)
-                raise InvalidJobError(
+                raise InvalidTaskError(
                     f"scheduler {name!r} cannot run {steps} steps: {exc}", "num_inference_steps"
                 ) from exc
             self._templates[key] = template
@@ -461,8 +462,8 @@ class StepPipeline:
             self._templates.move_to_end(key)
         return template
 
-    def _start_cohort(self, members: list[tuple[int, GenerationJob, _Conditioning]]) -> list:
-        """States for jobs that share a cohort key; an error in place of any job that fails."""
+    def _start_cohort(self, members: list[tuple[int, ImageTask, _Conditioning]]) -> list:
+        """States for tasks that share a cohort key; an error in place of any task that fails."""
         first = members[0][1]
         try:
             scheduler = copy.deepcopy(self._template(first.params.scheduler, first.params.num_inference_steps))
@@ -471,30 +472,30 @@ class StepPipeline:
             return [exc] * len(members)
         results: list = []
         states, latents = [], []
-        for _, job, conditioning in members:
+        for _, task, conditioning in members:
             try:
-                generator = torch.Generator("cpu").manual_seed(job.params.seed)
+                generator = torch.Generator("cpu").manual_seed(task.params.seed)
                 dtype = conditioning.cond.dtype
-                if job.init_image is None:
+                if task.init_image is None:
                     image_latents = self.prepare_latents(
-                        scheduler, job.params.width, job.params.height, dtype, generator
+                        scheduler, task.params.width, task.params.height, dtype, generator
                     )
                 else:
-                    image_latents = self.prepare_image_latents(scheduler, job.init_image, timesteps, dtype, generator)
+                    image_latents = self.prepare_image_latents(scheduler, task.init_image, timesteps, dtype, generator)
                 if self.is_sdxl:
-                    self.prepare_added_conditioning(job, conditioning, image_latents.shape)
+                    self.prepare_added_conditioning(task, conditioning, image_latents.shape)
                 if self.guidance_embedding_dim is not None:
-                    conditioning.timestep_cond = self.prepare_guidance_embedding(job.params.guidance_scale, dtype)
+                    conditioning.timestep_cond = self.prepare_guidance_embedding(task.params.guidance_scale, dtype)
             except GenerationError as exc:
                 results.append(exc)
                 continue
-            except Exception as exc:  # noqa: BLE001 - one job's failure must not stop the others
-                logger.exception("could not start job %r", job.request_id)
+            except Exception as exc:  # noqa: BLE001 - one task's failure must not stop the others
+                logger.exception("could not start task %r", task.request_id)
                 results.append(GenerationError(f"image generation failed: {type(exc).__name__}: {exc}"))
                 continue
-            state = DenoisingState(job, generator, conditioning)
+            state = DenoisingState(task, generator, conditioning)
             if self.group_by_adapters:
-                state.adapter_group = job.params.adapter_key
+                state.adapter_group = task.params.adapter_key
             states.append(state)
             latents.append(image_latents)
             results.append(state)
@@ -504,13 +505,13 @@ class StepPipeline:
             _Cohort(scheduler, timesteps, states, torch.cat(latents) if len(latents) > 1 else latents[0])
         return results
 
-    def prepare_timesteps(self, scheduler, job: GenerationJob) -> torch.Tensor:
+    def prepare_timesteps(self, scheduler, task: ImageTask) -> torch.Tensor:
         """The scheduler's timesteps (set by the template); for img2img, get_timesteps: start
         t_start * order steps in, with the scheduler's begin index set there."""
         timesteps = scheduler.timesteps
-        if job.init_image is not None:
-            steps = job.params.num_inference_steps
-            init_timestep = min(int(steps * job.params.strength), steps)
+        if task.init_image is not None:
+            steps = task.params.num_inference_steps
+            init_timestep = min(int(steps * task.params.strength), steps)
             t_start = max(steps - init_timestep, 0)
             timesteps = timesteps[t_start * scheduler.order :]
             if hasattr(scheduler, "set_begin_index"):
@@ -562,7 +563,7 @@ class StepPipeline:
         noise = randn_tensor(init_latents.shape, generator=generator, device=self.device, dtype=dtype)
         return scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(1))
 
-    def prepare_added_conditioning(self, job: GenerationJob, conditioning: _Conditioning, latents_shape) -> None:
+    def prepare_added_conditioning(self, task: ImageTask, conditioning: _Conditioning, latents_shape) -> None:
         """SDXL: pooled text embeddings and size conditioning (img2img: its aesthetic-score variant)."""
         pipe = self.pipe
         dtype = conditioning.cond.dtype
@@ -573,7 +574,7 @@ class StepPipeline:
         factor = pipe.vae_scale_factor
         size = (latents_shape[-2] * factor, latents_shape[-1] * factor)  # (height, width), as the pipelines derive it
         crop = (0, 0)
-        if job.init_image is None:
+        if task.init_image is None:
             time_ids = pipe._get_add_time_ids(size, crop, size, dtype=dtype, text_encoder_projection_dim=projection_dim)
             uncond_time_ids = time_ids
         else:
@@ -647,8 +648,8 @@ class StepPipeline:
         else:
             model_input = scaled
         t = torch.tensor(values, dtype=torch.float32, device=self.device)
-        adapters = [state.job.params.adapter_key for state in ordered]
-        with self.adapters.applied(adapters, row_jobs=rows["guided_positions"] + list(range(len(ordered)))):
+        adapters = [state.task.params.adapter_key for state in ordered]
+        with self.adapters.applied(adapters, row_tasks=rows["guided_positions"] + list(range(len(ordered)))):
             out = self.pipe.unet(
                 model_input,
                 t,
@@ -779,7 +780,7 @@ class StepPipeline:
     def decode(self, states: list[DenoisingState]) -> list[np.ndarray]:
         """uint8 (height, width, 3) images of finished states: one VAE decode per latent shape."""
         for state in states:
-            if not state.finished:
+            if not state.denoised:
                 raise ValueError(f"{state!r} is not finished; decode only finished states")
         images: list[np.ndarray | None] = [None] * len(states)
         groups: dict[tuple, list[int]] = {}
@@ -907,7 +908,7 @@ class _NoAdapters:
 
     def load(self, names) -> None:
         if names:
-            raise InvalidJobError("this model serves no LoRA adapters", "loras")
+            raise InvalidTaskError("this model serves no LoRA adapters", "loras")
 
-    def applied(self, per_job, row_jobs=None):
+    def applied(self, per_task, row_tasks=None):
         return contextlib.nullcontext()

@@ -1,6 +1,6 @@
-"""Step-level batching mechanics (serve_app/pipeline/stepping.py), against the plain diffusers pipelines.
+"""Step-level batching mechanics (serve_app/pipeline/steppers/unet.py), against the plain diffusers pipelines.
 
-The invariant: an image made by StepPipeline equals the one the plain pipeline
+The invariant: an image made by UNetStepper equals the one the plain pipeline
 makes for the same parameters and seed — bit for bit when it runs alone, within
 1/255 per pixel beside other images (kernels round differently by batch size,
 as in any batched call).
@@ -15,12 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-from serve_app.pipeline.errors import GenerationError, InvalidJobError
-from serve_app.pipeline.jobs import GenerationJob
+from serve_app.pipeline.errors import GenerationError, InvalidTaskError
 from serve_app.pipeline.loading import ModelSource, PipelineOptions, load_pipeline
 from serve_app.pipeline.params import GenerationDefaults, ImageParams
 from serve_app.pipeline.schedulers import SCHEDULER_NAMES, make_scheduler
-from serve_app.pipeline.stepping import COHORT_SCHEDULERS, StepPipeline, to_uint8
+from serve_app.pipeline.steppers.unet import COHORT_SCHEDULERS, UNetStepper, to_uint8
+from serve_app.pipeline.tasks import ImageTask
 
 # 32x32 and 3 steps keep each case in tens of milliseconds; multistep samplers still use their history.
 DEFAULTS = GenerationDefaults(width=32, height=32, num_inference_steps=3, guidance_scale=7.5, strength=0.7)
@@ -28,7 +28,7 @@ INIT = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
 
 
 class Model:
-    """A tiny pipeline, its img2img twin, the scheduler it shipped with, and a StepPipeline over them."""
+    """A tiny pipeline, its img2img twin, the scheduler it shipped with, and a UNetStepper over them."""
 
     def __init__(self, source: str):
         from diffusers import AutoPipelineForImage2Image
@@ -37,7 +37,7 @@ class Model:
         self.model_scheduler = self.pipe.scheduler  # references below replace pipe.scheduler
         self.img2img = AutoPipelineForImage2Image.from_pipe(self.pipe)
         self.img2img.set_progress_bar_config(disable=True)
-        self.stepper = StepPipeline(self.pipe, self.model_scheduler, img2img_pipe=self.img2img)
+        self.stepper = UNetStepper(self.pipe, self.model_scheduler, img2img_pipe=self.img2img)
         self._fresh: dict = {}
 
     def scheduler(self, name: str):
@@ -46,7 +46,7 @@ class Model:
             self._fresh[name] = make_scheduler(name, self.model_scheduler)
         return copy.deepcopy(self._fresh[name])
 
-    def reference(self, *jobs: GenerationJob) -> list[np.ndarray]:
+    def reference(self, *jobs: ImageTask) -> list[np.ndarray]:
         """The plain pipeline's images for jobs that share every parameter but prompt, negative and seed."""
         p = jobs[0].params
         pipe = self.pipe if jobs[0].init_image is None else self.img2img
@@ -67,7 +67,7 @@ class Model:
         with torch.inference_mode():
             return list(to_uint8(pipe(**kwargs).images))
 
-    def start(self, *jobs: GenerationJob):
+    def start(self, *jobs: ImageTask):
         states = self.stepper.start(list(jobs))
         for state in states:
             assert not isinstance(state, Exception), state
@@ -82,7 +82,7 @@ class Model:
             running = [state for state in running if not state.done]
         return self.stepper.decode(list(states))
 
-    def alone(self, job: GenerationJob) -> np.ndarray:
+    def alone(self, job: ImageTask) -> np.ndarray:
         return self.finish(*self.start(job))[0]
 
 
@@ -101,12 +101,12 @@ def models(sd, xl):
     return {"sd": sd, "xl": xl}
 
 
-def job(*, init_image=None, **params) -> GenerationJob:
+def job(*, init_image=None, **params) -> ImageTask:
     values = {"prompt": "a cat", "seed": 3, **params}
-    return GenerationJob(ImageParams(**values), init_image=init_image).with_defaults(DEFAULTS)
+    return ImageTask(ImageParams(**values), init_image=init_image).with_defaults(DEFAULTS)
 
 
-def img2img_job(**params) -> GenerationJob:
+def img2img_job(**params) -> ImageTask:
     return job(init_image=INIT, **params)
 
 
@@ -178,7 +178,7 @@ def test_a_request_admitted_mid_flight_shares_the_unet_call(models, model, recor
     m = models[model]
     first = job(prompt="a lighthouse", seed=5, scheduler="euler", num_inference_steps=6, guidance_scale=7.5)
     later = img2img_job(prompt="a boat", seed=8, scheduler="dpmpp_2m", num_inference_steps=5, strength=0.6)
-    later = GenerationJob(later.params.model_copy(update={"guidance_scale": 3.0}), init_image=INIT)
+    later = ImageTask(later.params.model_copy(update={"guidance_scale": 3.0}), init_image=INIT)
     [a] = m.start(first)
     with unet_calls(m.pipe) as rows:
         for _ in range(2):
@@ -272,7 +272,7 @@ def test_non_finite_latents_fail_only_that_request(sd):
     assert a.scheduler is not b.scheduler
     errors = sd.stepper.step([a, b])
     assert errors[0] is None and isinstance(errors[1], GenerationError) and "non-finite" in str(errors[1])
-    assert b.done and not b.finished and b.error is errors[1]
+    assert b.done and not b.denoised and b.error is errors[1]
     with pytest.raises(ValueError, match="done"):
         sd.stepper.step([a, b])
     image = sd.finish(a)[0]
@@ -342,11 +342,11 @@ def test_invalid_jobs_fail_alone_with_the_field_named(sd):
         ]
     )
     assert not isinstance(results[0], Exception)
-    assert isinstance(results[1], InvalidJobError) and results[1].field == "strength"
+    assert isinstance(results[1], InvalidTaskError) and results[1].field == "strength"
     assert not isinstance(results[2], Exception) and results[2].latents.shape[-1] == 5
-    assert isinstance(results[3], InvalidJobError) and results[3].field == "num_inference_steps"
+    assert isinstance(results[3], InvalidTaskError) and results[3].field == "num_inference_steps"
     with pytest.raises(ValueError, match="with_defaults"):
-        sd.stepper.start([GenerationJob(ImageParams(prompt="x", seed=1))])
+        sd.stepper.start([ImageTask(ImageParams(prompt="x", seed=1))])
 
 
 def test_misuse_is_refused_with_a_reason(sd):
@@ -385,18 +385,18 @@ def test_decode_groups_sizes(sd):
 
 
 def test_text_to_image_pipelines_can_be_stepped_others_say_why(sd, xl):
-    assert StepPipeline.unsupported_reason(sd.pipe) is None
-    assert StepPipeline.unsupported_reason(xl.pipe) is None
-    reason = StepPipeline.unsupported_reason(sd.img2img)
+    assert UNetStepper.unsupported_reason(sd.pipe) is None
+    assert UNetStepper.unsupported_reason(xl.pipe) is None
+    reason = UNetStepper.unsupported_reason(sd.img2img)
     assert isinstance(reason, str) and "StableDiffusionImg2ImgPipeline" in reason
     with pytest.raises(ValueError, match="cannot be stepped"):
-        StepPipeline(sd.img2img)
+        UNetStepper(sd.img2img)
 
 
 def test_every_named_scheduler_is_supported(sd):
     for name in SCHEDULER_NAMES:
         scheduler = sd.scheduler(name)
-        assert StepPipeline.unsupported_scheduler_reason(scheduler) is None, name
+        assert UNetStepper.unsupported_scheduler_reason(scheduler) is None, name
         assert type(scheduler).__name__ in COHORT_SCHEDULERS, name
 
 

@@ -1,0 +1,1 @@
+"""Steppers: the step engine's mechanics, one per denoiser family (start / step / decode / preview)."""
