@@ -460,7 +460,7 @@ class SDClient(_Endpoints):
 
     def batch(self, entries: Sequence[str | Mapping[str, Any]], **shared: Any) -> list[Generation]:
         """Many prompts in one request: strings share `shared`, dicts override it per entry."""
-        data = self._json(self.request("POST", "/generate/batch", json=_batch_body(entries, shared)))
+        data = self._json(self.request("POST", "/generate/prompts", json=_batch_body(entries, shared)))
         return [Generation.from_json(r) for r in data["results"]]
 
     # -- jobs: submit now, watch, fetch later -------------------------------------------------
@@ -666,7 +666,7 @@ class AsyncSDClient(_Endpoints):
         return self._generation(await self.request("POST", "/img2img", json=body))
 
     async def batch(self, entries: Sequence[str | Mapping[str, Any]], **shared: Any) -> list[Generation]:
-        data = self._json(await self.request("POST", "/generate/batch", json=_batch_body(entries, shared)))
+        data = self._json(await self.request("POST", "/generate/prompts", json=_batch_body(entries, shared)))
         return [Generation.from_json(r) for r in data["results"]]
 
     # -- jobs (see SDClient) ------------------------------------------------------------------

@@ -37,7 +37,7 @@ class RequestLimits(_Strict):
         2000, ge=1, description="longer prompts are rejected (tokens past the model's window are truncated)"
     )
     max_num_images: int = Field(4, ge=1, description="images per request (or per batch entry)")
-    max_prompts_per_request: int = Field(16, ge=1, description="entries in one /generate/batch request")
+    max_prompts_per_request: int = Field(16, ge=1, description="entries in one /generate/prompts request")
     max_body_bytes: int = Field(20 * 2**20, ge=1024, description="request body size; larger bodies get 413")
     max_upload_pixels: int = Field(
         4096 * 4096, ge=64 * 64, description="pixels of an uploaded init image (stops decompression bombs)"

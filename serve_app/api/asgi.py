@@ -27,7 +27,7 @@ from .web import mount_docs, mount_web_page
 
 DESCRIPTION = """Text-to-image and image-to-image with dynamic batching on Ray Serve.
 
-* Native API: `/generate`, `/generate/batch`, `/img2img`, `/info`, `/healthz`.
+* Native API: `/generate`, `/generate/prompts`, `/img2img`, `/info`, `/healthz`.
 * OpenAI Images API: `/v1/images/generations`, `/v1/images/edits`, `/v1/models`.
 * AUTOMATIC1111 API: `/sdapi/v1/txt2img`, `/sdapi/v1/img2img`, `/sdapi/v1/samplers`, `/sdapi/v1/sd-models`.
 

@@ -1,4 +1,4 @@
-"""The native API's routes (/generate, /generate/batch, /img2img) over a fake Generator: what reaches
+"""The native API's routes (/generate, /generate/prompts, /img2img) over a fake Generator: what reaches
 the Generator, and how its images come back (formats, headers, metadata, zip, errors). Images made
 by the real model, and real batching, are checked in tests/e2e."""
 
@@ -176,7 +176,7 @@ def test_accept_header_chooses_json_or_zip(client):
 
 def test_batch_of_prompts_as_json_is_handed_on_at_once(client, generator):
     body = {"prompts": ["a cat", "a dog", "a bird"], "seed": 100, "width": 128, "num_images": 2}
-    response = client.post("/generate/batch", json=body)
+    response = client.post("/generate/prompts", json=body)
     assert response.status_code == 200, response.text
     results = response.json()["results"]
     assert [r["metadata"]["prompt"] for r in results] == ["a cat", "a dog", "a bird"]
@@ -191,7 +191,7 @@ def test_batch_of_full_requests_as_zip(client, generator):
         "requests": [{"prompt": "a cat", "seed": 1}, {"prompt": "a dog", "num_images": 2, "seed": 7, "width": 96}],
         "num_inference_steps": 3,
     }
-    response = client.post("/generate/batch", json=body, headers={"Accept": "application/zip"})
+    response = client.post("/generate/prompts", json=body, headers={"Accept": "application/zip"})
     assert response.status_code == 200 and response.headers["content-type"] == "application/zip"
     archive = zipfile.ZipFile(io.BytesIO(response.content))
     assert sorted(archive.namelist()) == ["000-00-1.png", "001-00-7.png", "001-01-8.png", "metadata.json"]
@@ -213,7 +213,7 @@ def test_batch_of_full_requests_as_zip(client, generator):
     ],
 )
 def test_batch_errors_name_the_entry(client, generator, body, field):
-    response = client.post("/generate/batch", json=body)
+    response = client.post("/generate/prompts", json=body)
     assert response.status_code == 422, response.text
     assert response.json()["error"]["field"] == field
     assert generator.jobs == []

@@ -1,4 +1,4 @@
-"""Request and response models of the native API (/generate, /img2img, /generate/batch).
+"""Request and response models of the native API (/generate, /img2img, /generate/prompts).
 
 Every model here is built on the shared record `ImageParams` (its fields and bounds are not
 repeated) and turns into it with `image_params()`. The deployment's own, usually tighter, limits

@@ -1,4 +1,4 @@
-"""The native API's routes: /generate, /img2img, /generate/batch."""
+"""The native API's routes: /generate, /img2img, /generate/prompts (/generate/batch: its old name)."""
 
 from __future__ import annotations
 
@@ -113,13 +113,19 @@ async def img2img(request: Request, service: Service):
 
 
 @router.post(
-    "/generate/batch",
+    "/generate/prompts",
     response_model=MultiPromptResponse,
     responses={200: {"content": {"application/zip": {}}}},
     summary="Many prompts in one request",
-    description="Every image goes through the same batcher as single requests, submitted together.",
+    description="Every image goes through the same engine as single requests, submitted together.",
 )
-async def generate_batch(body: MultiPromptRequest, request: Request, service: Service):
+@router.post(
+    "/generate/batch",
+    response_model=MultiPromptResponse,
+    summary="Many prompts in one request (deprecated name of /generate/prompts)",
+    deprecated=True,
+)
+async def generate_prompts(body: MultiPromptRequest, request: Request, service: Service):
     request_id = request_id_of(request)
     entries = body.entries()
     if len(entries) > service.limits.max_prompts_per_request:
