@@ -17,7 +17,8 @@ from serve_app.pipeline.errors import InsufficientMemoryError, InvalidTaskError
 ROUTES = [
     "/generate",
     "/img2img",
-    "/generate/batch",
+    "/generate/prompts",
+    "/generate/batch",  # the old name of /generate/prompts
     "/v1/images/generations",
     "/sdapi/v1/txt2img",
     "/sdapi/v1/img2img",
