@@ -22,7 +22,7 @@ from ..api.errors import ApiError, validation_problems
 from ..api.native.protocol import OutputOptions, TextToImageRequest
 from ..api.serving import check_limits
 from ..config import RequestLimits
-from ..pipeline.params import SEED_MAX
+from ..pipeline.params import seed_at
 
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 IMAGES_DIR = "images"
@@ -86,7 +86,7 @@ def check_row(
     except ApiError as exc:
         return CheckedRow(row, text, error=exc.message, error_code=exc.code, error_field=exc.field)
     if request.seed is None:
-        request = request.model_copy(update={"seed": (base_seed + row) % (SEED_MAX + 1)})
+        request = request.model_copy(update={"seed": seed_at(base_seed, row)})
     return CheckedRow(row, text, request=request)
 
 

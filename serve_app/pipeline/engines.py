@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import threading
 import time
 from collections import Counter, deque
@@ -31,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .errors import GenerationError, InsufficientMemoryError, OverloadedError
+from .errors import GenerationError, OverloadedError
 from .tasks import ImageResult, ImageTask
 
 logger = logging.getLogger(__name__)
@@ -154,7 +155,7 @@ class Engine:
         self.backlog_steps = 0.0
 
     def measure_backlog(self) -> float:
-        return sum(denoising_steps(t.task) for t in self.waiting)
+        return sum(t.task.denoising_steps for t in self.waiting)
 
     def has_work(self) -> bool:
         return bool(self.waiting)
@@ -199,7 +200,7 @@ class Engine:
         results = self.model.run_prepared([(t.task, t.warnings) for t in tickets], on_step=on_step)
         seconds = time.perf_counter() - started
         self.counters.busy_s += seconds
-        self.counters.record_rate(sum(denoising_steps(t.task) for t in tickets), seconds)
+        self.counters.record_rate(sum(t.task.denoising_steps for t in tickets), seconds)
         # Every call of k images returns k images of batch_size k (halves after running out of memory).
         sizes = Counter(r.batch_size for r in results if isinstance(r, ImageResult))
         for size, images in sizes.items():
@@ -262,7 +263,7 @@ class EngineLoop:
                 ticket.finish(refusal)
                 return ticket
             self._incoming.append(ticket)
-            self._incoming_steps += denoising_steps(prepared)
+            self._incoming_steps += prepared.denoising_steps
             self._wake.notify()
         return ticket
 
@@ -272,7 +273,7 @@ class EngineLoop:
         rate = self.counters.step_rate
         if rate is None:
             return None
-        steps = self.engine.backlog_steps + self._incoming_steps + (denoising_steps(task) if task else 0)
+        steps = self.engine.backlog_steps + self._incoming_steps + (task.denoising_steps if task else 0)
         return steps / rate
 
     def _admission(self, task: ImageTask) -> OverloadedError | None:
@@ -352,7 +353,7 @@ class RequestEngine(Engine):
         return len(self._running)
 
     def measure_backlog(self) -> float:
-        return super().measure_backlog() + sum(denoising_steps(t.task) for t in self._running)
+        return super().measure_backlog() + sum(t.task.denoising_steps for t in self._running)
 
     def tick(self) -> None:
         self._drop_cancelled_waiting()
@@ -484,7 +485,7 @@ class StepEngine(Engine):
     def _admission_order(self) -> list[Ticket]:
         if self.limits.admission == "fewest_steps":
             # Short tasks first (ties in arrival order): lower mean latency; sustained short traffic delays long tasks.
-            return sorted(self.waiting, key=lambda t: denoising_steps(t.task))
+            return sorted(self.waiting, key=lambda t: t.task.denoising_steps)
         return list(self.waiting)
 
     def _drop_cancelled_active(self) -> None:
@@ -541,22 +542,25 @@ class StepEngine(Engine):
             self._decode(done)
 
     def _step_splitting_on_oom(self, group: list[tuple[Ticket, object]]) -> dict[int, Exception]:
-        """One UNet call over `group`, in halves while the device runs out of memory; the failures by ticket id."""
-        states = [state for _, state in group]
+        """One denoiser call over `group`, in halves while the device runs out of memory; failures by ticket id."""
+        from .memory import image_does_not_fit, in_halves_while_out_of_memory
+
+        return in_halves_while_out_of_memory(
+            group,
+            self._step_group,
+            alone_too_big=lambda member: {id(member[0]): image_does_not_fit(member[0].task.params)},
+            combine=operator.or_,
+            device=self.model.device,
+        )
+
+    def _step_group(self, group: list[tuple[Ticket, object]]) -> dict[int, Exception]:
         started = time.perf_counter()
         try:
-            self.stepper.step(states)
+            self.stepper.step([state for _, state in group])
         except self._out_of_memory:
-            self.model._release_memory()
-            if len(group) == 1:
-                params = group[0][0].task.params
-                message = f"a {params.width}x{params.height} image does not fit in device memory on this replica"
-                return {id(group[0][0]): InsufficientMemoryError(message + "; ask for a smaller size")}
-            half = len(group) // 2
-            logger.warning("out of memory stepping %d images; stepping %d + %d", len(group), half, len(group) - half)
-            return self._step_splitting_on_oom(group[:half]) | self._step_splitting_on_oom(group[half:])
+            raise  # split in halves by _step_splitting_on_oom
         except Exception as exc:  # noqa: BLE001 - an unexpected failure fails this call's images, not the loop
-            logger.exception("UNet step failed for %d images (requests %s)", len(group), _request_ids(group))
+            logger.exception("denoiser step failed for %d images (requests %s)", len(group), _request_ids(group))
             self.model.note_failure(exc)
             error = GenerationError(f"image generation failed: {type(exc).__name__}")
             return {id(ticket): error for ticket, _ in group}
@@ -586,12 +590,6 @@ def _size(task: ImageTask) -> tuple[int, int]:
     return task.params.width, task.params.height
 
 
-def denoising_steps(task: ImageTask) -> float:
-    """The denoising steps a task (defaults filled) runs: img2img runs only its strength's share."""
-    params = task.params
-    return params.num_inference_steps * (params.strength if task.init_image is not None else 1.0)
-
-
 def _request_ids(group) -> list[str]:
     return sorted({ticket.task.request_id for ticket, _ in group})
 
@@ -605,7 +603,7 @@ def make_engine(model, kind: Literal["step", "request"], limits: EngineLimits, c
         if reason is None:
             stepper = UNetStepper(
                 model.pipe,
-                model.model_scheduler,
+                model.schedulers,
                 adapters=model.adapters,
                 group_by_adapters=model.adapter_settings.batching == "grouped",
             )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import operator
 import threading
 import time
 from collections import Counter
@@ -27,11 +28,12 @@ import numpy as np
 import torch
 
 from .adapters import AdapterSettings, LoraMixer
-from .errors import GenerationError, InsufficientMemoryError, InvalidTaskError, PipelineUnavailableError
+from .errors import GenerationError, InvalidTaskError, PipelineUnavailableError
 from .loading import ModelSource, PipelineOptions, image_to_image, load_pipeline, load_refiner
+from .memory import image_does_not_fit, in_halves_while_out_of_memory
 from .params import REFINER_DENOISING_START, GenerationDefaults, ImageParams, RefinerParams
-from .schedulers import SCHEDULER_NAMES, make_scheduler
-from .tasks import ImageResult, ImageTask, group_by_call_key
+from .schedulers import SCHEDULER_NAMES, SchedulerTemplates
+from .tasks import ImageResult, ImageTask, group_by_call_key, to_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +74,7 @@ class LoadedModel:
         self.adapter_settings = adapters or AdapterSettings()
         self.adapters = LoraMixer(pipe, self.adapter_settings.catalog(), self.adapter_settings.max_loaded)
         self.calls_by_batch_size: Counter[int] = Counter()
-        self._scheduler_templates: dict[str, object] = {}
+        self.schedulers = SchedulerTemplates(self.model_scheduler, self.device)
         # Tasks are checked on the caller's thread while the engine thread encodes prompts: a fast tokenizer
         # sets its padding and truncation per call, so the two must never share one (prompts came out
         # 10 tokens long instead of 77 under load).
@@ -155,26 +157,24 @@ class LoadedModel:
     ) -> list[ImageResult | GenerationError]:
         """One group's prepared tasks (and their warnings) in one pipeline call, split in halves while the
         device runs out of memory. `on_step(step, total)` after each step; returning True stops the call."""
+        return in_halves_while_out_of_memory(
+            members,
+            lambda part: self._run_members(part, on_step),
+            alone_too_big=lambda member: [image_does_not_fit(member[0].params)],
+            combine=operator.add,
+            device=self.device,
+        )
+
+    def _run_members(
+        self, members: list[tuple[ImageTask, list[str]]], on_step: StepCallback | None
+    ) -> list[ImageResult | GenerationError]:
         tasks = [task for task, _ in members]
         try:
             run = self.run_group(tasks, on_step)
-        except torch.OutOfMemoryError:
-            self._release_memory()
-            if len(members) == 1:
-                params = tasks[0].params
-                return [
-                    InsufficientMemoryError(
-                        f"a {params.width}x{params.height} image does not fit in device memory on this replica; "
-                        "ask for a smaller size"
-                    )
-                ]
-            half = len(members) // 2
-            logger.warning(
-                "out of memory on a batch of %d; retrying as %d + %d", len(members), half, len(members) - half
-            )
-            return self.run_prepared(members[:half], on_step) + self.run_prepared(members[half:], on_step)
         except GenerationError as exc:
             return [exc] * len(members)
+        except torch.OutOfMemoryError:
+            raise  # split in halves by run_prepared
         except Exception as exc:  # noqa: BLE001 - an unexpected pipeline failure must reach every caller
             request_ids = sorted({task.request_id for task in tasks})
             logger.exception("pipeline call failed for a batch of %d (requests %s)", len(members), request_ids)
@@ -197,12 +197,7 @@ class LoadedModel:
         if params.refiner is not None:
             task = self._check_refiner(task)
             params = task.params
-        if task.init_image is not None and int(params.num_inference_steps * params.strength) < 1:
-            raise InvalidTaskError(
-                f"strength {params.strength} x num_inference_steps {params.num_inference_steps} leaves no "
-                "denoising step; raise one of them",
-                "strength",
-            )
+        task.check_denoises()
         unknown = sorted({lora.name for lora in params.loras} - set(self.adapters.catalog.names()))
         if unknown:
             available = ", ".join(self.adapters.catalog.names()) or "none"
@@ -230,8 +225,7 @@ class LoadedModel:
             return task
         start = REFINER_DENOISING_START if refiner.denoising_start is None else refiner.denoising_start
         # Where diffusers splits the schedule: the base runs the timesteps at or above the cutoff.
-        scheduler = self._fresh_scheduler(task.params.scheduler)
-        scheduler.set_timesteps(task.params.num_inference_steps)
+        scheduler = self.schedulers.template(task.params.scheduler, task.params.num_inference_steps)
         cutoff = round(scheduler.config.num_train_timesteps * (1 - start))
         base_steps = int((scheduler.timesteps >= cutoff).sum())
         if not 0 < base_steps < len(scheduler.timesteps):
@@ -310,13 +304,13 @@ class LoadedModel:
         if on_step is not None:
             kwargs["callback_on_step_end"] = _step_callback(on_step)
         with self._lock:
-            pipe.scheduler = self._fresh_scheduler(first.params.scheduler)
+            pipe.scheduler = self.schedulers.fresh(first.params.scheduler)
             started = time.perf_counter()
             with torch.inference_mode(), self.adapters.applied([task.params.adapter_key for task in tasks]):
                 output = pipe(**kwargs)
             seconds = time.perf_counter() - started
             self.calls_by_batch_size[len(tasks)] += 1
-        return GroupRun(images=list(_to_uint8(output.images)), seconds=seconds)
+        return GroupRun(images=list(to_uint8(output.images)), seconds=seconds)
 
     def _run_refined(self, tasks: list[ImageTask], on_step: StepCallback | None) -> GroupRun:
         """With the refiner: image to image by the refiner alone, or text to image as an ensemble of experts
@@ -335,25 +329,19 @@ class LoadedModel:
         with self._lock:
             started = time.perf_counter()
             with torch.inference_mode(), self.adapters.applied([task.params.adapter_key for task in tasks]):
-                refiner.scheduler = self._fresh_scheduler(first.scheduler)
+                refiner.scheduler = self.schedulers.fresh(first.scheduler)
                 if tasks[0].init_image is not None:
                     output = refiner(**kwargs, callback_on_step_end=progress)
                 else:
                     start = first.refiner.denoising_start
-                    self.pipe.scheduler = self._fresh_scheduler(first.scheduler)
+                    self.pipe.scheduler = self.schedulers.fresh(first.scheduler)
                     base = {**kwargs, "output_type": "latent", "denoising_end": start}
                     latents = self.pipe(**base, callback_on_step_end=progress).images
                     finish = {k: v for k, v in kwargs.items() if k not in ("width", "height")}
                     output = refiner(**finish, image=latents, denoising_start=start, callback_on_step_end=progress)
             seconds = time.perf_counter() - started
             self.calls_by_batch_size[len(tasks)] += 1
-        return GroupRun(images=list(_to_uint8(output.images)), seconds=seconds)
-
-    def _fresh_scheduler(self, name: str):
-        """A new instance of sampler `name`: copied from one built once (some, like KDPM2, take 0.35 s to build)."""
-        if name not in self._scheduler_templates:
-            self._scheduler_templates[name] = make_scheduler(name, self.model_scheduler)
-        return copy.deepcopy(self._scheduler_templates[name])
+        return GroupRun(images=list(to_uint8(output.images)), seconds=seconds)
 
     def _call_arguments(self, tasks: list[ImageTask]) -> dict:
         first = tasks[0].params
@@ -378,10 +366,6 @@ class LoadedModel:
             kwargs["height"] = first.height
         return kwargs
 
-    def _release_memory(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
 
 def _step_callback(on_step: StepCallback):
     """diffusers' callback_on_step_end, reporting progress; setting `_interrupt` skips the remaining steps."""
@@ -392,11 +376,6 @@ def _step_callback(on_step: StepCallback):
         return callback_kwargs
 
     return callback
-
-
-def _to_uint8(images: np.ndarray) -> np.ndarray:
-    # The same rounding diffusers uses when it makes PIL images.
-    return (np.nan_to_num(images) * 255).round().clip(0, 255).astype(np.uint8)
 
 
 # When neither the config nor a synthetic preset says otherwise.

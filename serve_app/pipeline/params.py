@@ -13,6 +13,7 @@ Torch-free: the ingress validates requests with these on CPU-only nodes.
 from __future__ import annotations
 
 import re
+import secrets
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -20,6 +21,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from .schedulers import SCHEDULER_NAMES
 
 SEED_MAX = 2**32 - 1
+
+
+def new_seed() -> int:
+    """A seed for an image whose request left it out (reported back, so the image can be made again)."""
+    return secrets.randbelow(SEED_MAX + 1)
+
+
+def seed_at(base: int, offset: int) -> int:
+    """The seed `offset` places after `base`, wrapping past SEED_MAX: image i of a request gets seed_at(seed, i)."""
+    return (base + offset) % (SEED_MAX + 1)
+
 
 Prompt = Annotated[str, Field(min_length=1, description="what to draw")]
 NegativePrompt = Annotated[str, Field(description="what to steer away from (ignored when guidance_scale <= 1)")]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import InvalidTaskError
 from .params import GenerationDefaults, ImageParams
 
 
@@ -38,6 +39,22 @@ class ImageTask:
     def seed(self) -> int:
         return self.params.seed
 
+    @property
+    def denoising_steps(self) -> float:
+        """The denoising steps it runs (defaults filled): image-to-image runs only its strength's share."""
+        params = self.params
+        return params.num_inference_steps * (params.strength if self.init_image is not None else 1.0)
+
+    def check_denoises(self) -> None:
+        """Refuse image-to-image whose strength x steps leaves no step (diffusers would return the input)."""
+        params = self.params
+        if self.init_image is not None and int(params.num_inference_steps * params.strength) < 1:
+            raise InvalidTaskError(
+                f"strength {params.strength} x num_inference_steps {params.num_inference_steps} leaves no "
+                "denoising step; raise one of them",
+                "strength",
+            )
+
     def with_defaults(self, defaults: GenerationDefaults) -> ImageTask:
         """The task with every unset parameter filled from `defaults` (an init image fixes the size)."""
         init_size = None if self.init_image is None else (self.init_image.shape[1], self.init_image.shape[0])
@@ -58,6 +75,11 @@ class ImageResult:
     @property
     def seed(self) -> int:
         return self.params.seed
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Float images in [0, 1] as uint8, rounded as diffusers rounds when it makes PIL images."""
+    return (np.nan_to_num(images) * 255).round().clip(0, 255).astype(np.uint8)
 
 
 def call_key(task: ImageTask, split_empty_negative: bool = False, split_adapters: bool = False) -> Hashable:

@@ -18,9 +18,9 @@ from PIL import Image
 from serve_app.pipeline.errors import GenerationError, InvalidTaskError
 from serve_app.pipeline.loading import ModelSource, PipelineOptions, load_pipeline
 from serve_app.pipeline.params import GenerationDefaults, ImageParams
-from serve_app.pipeline.schedulers import SCHEDULER_NAMES, make_scheduler
-from serve_app.pipeline.steppers.unet import COHORT_SCHEDULERS, UNetStepper, to_uint8
-from serve_app.pipeline.tasks import ImageTask
+from serve_app.pipeline.schedulers import SCHEDULER_NAMES, SchedulerTemplates, make_scheduler
+from serve_app.pipeline.steppers.unet import COHORT_SCHEDULERS, UNetStepper
+from serve_app.pipeline.tasks import ImageTask, to_uint8
 
 # 32x32 and 3 steps keep each case in tens of milliseconds; multistep samplers still use their history.
 DEFAULTS = GenerationDefaults(width=32, height=32, num_inference_steps=3, guidance_scale=7.5, strength=0.7)
@@ -37,7 +37,7 @@ class Model:
         self.model_scheduler = self.pipe.scheduler  # references below replace pipe.scheduler
         self.img2img = AutoPipelineForImage2Image.from_pipe(self.pipe)
         self.img2img.set_progress_bar_config(disable=True)
-        self.stepper = UNetStepper(self.pipe, self.model_scheduler, img2img_pipe=self.img2img)
+        self.stepper = UNetStepper(self.pipe, SchedulerTemplates(self.model_scheduler), img2img_pipe=self.img2img)
         self._fresh: dict = {}
 
     def scheduler(self, name: str):

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ...job_queue.records import JobError, JobRecord, JobStatus, Webhook
-from ...pipeline.params import ImageParams, Prompt, Strength
+from ...pipeline.params import ImageParams, Prompt, Seed, Steps, Strength
 from ..native.protocol import ImageRequest
 
 
@@ -46,8 +46,8 @@ class RefineRequest(BaseModel):
     prompt: Prompt | None = Field(None, description="default: the job's own prompt")
     strength: Strength = 0.3
     negative_prompt: str | None = None
-    num_inference_steps: int | None = Field(None, ge=1, le=1000)
-    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    num_inference_steps: Steps | None = None
+    seed: Seed | None = None
     refiner: bool | None = Field(None, description="run the job's model's refiner (default: when it has one)")
     webhook: Webhook | None = None
 

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ...pipeline.params import SEED_MAX, ImageCount, ImageParams, Prompt
+from ...pipeline.params import SEED_MAX, ImageCount, ImageParams, Prompt, seed_at
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 
@@ -166,7 +166,7 @@ class MultiPromptRequest(_SharedFields, OutputOptions):
         for index, prompt in enumerate(self.prompts):
             entry = {**shared, "prompt": prompt}
             if "seed" in shared:
-                entry["seed"] = (shared["seed"] + index * per_prompt) % (SEED_MAX + 1)
+                entry["seed"] = seed_at(shared["seed"], index * per_prompt)
             entries.append(TextToImageRequest.model_validate(entry))
         return entries
 

@@ -45,17 +45,15 @@ import copy
 import inspect
 import io
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import GenerationError, InvalidTaskError
 from ..loading import image_to_image
-from ..schedulers import SCHEDULER_NAMES, make_scheduler
-from ..tasks import ImageTask
+from ..schedulers import SCHEDULER_NAMES, SchedulerTemplates
+from ..tasks import ImageTask, to_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +76,6 @@ COHORT_SCHEDULERS = frozenset(
         "LCMScheduler",
     }
 )
-
-_TEMPLATE_CACHE_SIZE = 64
 
 
 class DenoisingState:
@@ -252,24 +248,23 @@ class UNetStepper:
     Not thread-safe (neither is the pipeline): call from one thread at a time.
     """
 
-    def __init__(self, pipe, model_scheduler=None, img2img_pipe=None, adapters=None, group_by_adapters=False):
+    def __init__(self, pipe, schedulers=None, img2img_pipe=None, adapters=None, group_by_adapters=False):
         reason = self.unsupported_reason(pipe)
         if reason:
             raise ValueError(f"{type(pipe).__name__} cannot be stepped: {reason}")
         self.pipe = pipe
-        # The scheduler the model shipped with: every sampler is built from its config.
-        self.model_scheduler = model_scheduler if model_scheduler is not None else pipe.scheduler
+        self.device = pipe._execution_device
+        # Samplers, built from the config of the scheduler the model shipped with (shared with the model).
+        self.schedulers = schedulers if schedulers is not None else SchedulerTemplates(pipe.scheduler, self.device)
         self._img2img = img2img_pipe
         # LoRA adapters, applied per row (adapters.LoraMixer); group_by_adapters: only images with the
         # same adapters and scales share a UNet call (to measure what mixing them saves).
         self.adapters = adapters if adapters is not None else _NoAdapters()
         self.group_by_adapters = group_by_adapters
         self.is_sdxl = type(pipe).__name__ == "StableDiffusionXLPipeline"
-        self.device = pipe._execution_device
         # diffusers' do_classifier_free_guidance is False for UNets distilled with a guidance
         # embedding (time_cond_proj_dim): they take the scale as conditioning instead.
         self.guidance_embedding_dim = pipe.unet.config.time_cond_proj_dim
-        self._templates: OrderedDict[tuple[str, int], Any] = OrderedDict()
         self._rows_cache: tuple[list[DenoisingState], dict] | None = None
 
     # -- what can be stepped ----------------------------------------------------------
@@ -364,12 +359,7 @@ class UNetStepper:
                 isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
             ):
                 raise InvalidTaskError("init_image must be an RGB uint8 array (height, width, 3)", "init_image")
-            if int(p.num_inference_steps * p.strength) < 1:
-                raise InvalidTaskError(
-                    f"strength {p.strength} x num_inference_steps {p.num_inference_steps} leaves no denoising step; "
-                    "raise one of them",
-                    "strength",
-                )
+        task.check_denoises()
 
     def uses_guidance(self, guidance_scale: float) -> bool:
         """Whether an image gets unconditional rows: diffusers' do_classifier_free_guidance."""
@@ -440,26 +430,11 @@ class UNetStepper:
         return (p.scheduler, p.num_inference_steps, *kind, alone)
 
     def _template(self, name: str, steps: int):
-        """A scheduler with its timesteps set, to copy: `from_config` costs ~1 ms (KDPM2's constructor
-        0.3 s: it sets 1000 timesteps), a copy a fifth of a millisecond."""
-        key = (name, steps)
-        template = self._templates.get(key)
-        if template is None:
-            template = make_scheduler(name, self.model_scheduler)
-            reason = self.unsupported_scheduler_reason(template)
-            if reason:
-                raise InvalidTaskError(f"scheduler {name!r} cannot be used here: {reason}", "scheduler")
-            try:
-                template.set_timesteps(steps, device=self.device)  # retrieve_timesteps, with no custom timesteps
-            except ValueError as exc:  # e.g. LCM refuses more steps than its original_inference_steps (50)
-                raise InvalidTaskError(
-                    f"scheduler {name!r} cannot run {steps} steps: {exc}", "num_inference_steps"
-                ) from exc
-            self._templates[key] = template
-            while len(self._templates) > _TEMPLATE_CACHE_SIZE:
-                self._templates.popitem(last=False)
-        else:
-            self._templates.move_to_end(key)
+        """The cached scheduler of `name` at `steps` (never stepped itself: cohorts step copies)."""
+        template = self.schedulers.template(name, steps)
+        reason = self.unsupported_scheduler_reason(template)
+        if reason:
+            raise InvalidTaskError(f"scheduler {name!r} cannot be used here: {reason}", "scheduler")
         return template
 
     def _start_cohort(self, members: list[tuple[int, ImageTask, _Conditioning]]) -> list:
@@ -845,11 +820,6 @@ def prepare_extra_step_kwargs(scheduler, generators: list[torch.Generator]) -> d
     if "generator" in accepted:
         kwargs["generator"] = generators[0] if len(generators) == 1 else generators
     return kwargs
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """The request-level engine's conversion (the rounding diffusers uses for PIL images)."""
-    return (np.nan_to_num(images) * 255).round().clip(0, 255).astype(np.uint8)
 
 
 def _stacked_latents(states: list[DenoisingState]) -> torch.Tensor:
