@@ -3,20 +3,31 @@
 No machine this project runs on can download weights, yet tests, the offline
 demo and capacity planning need pipelines whose cost per image is real. A
 preset (a JSON file under `presets/`) names the pipeline class and the config
-of every component; weights are drawn from a fixed seed, so the same preset
-gives the same model in every process. The tokenizer is a byte-level CLIP BPE
-vocabulary built from the byte-to-unicode table, with no merges.
+of every component: its denoiser (`unet`, or `transformer` with its class), its
+VAE, its text encoders in the pipeline's order (`text_encoder`, `text_encoder_2`,
+`text_encoder_3`), its scheduler, the `defaults` a task gets, and for T5-reading
+models the `max_sequence_length` it runs at. Weights are drawn from a fixed
+seed, so the same preset gives the same model in every process; every module is
+in eval mode (a T5 built in code is in train mode, with dropout 0.1: prompt
+embeddings would change from call to call).
+
+Tokenizers are made offline: CLIP's is a byte-level BPE vocabulary built from
+the byte-to-unicode table, with no merges; T5's a Unigram vocabulary of the
+printable ASCII characters, with and without the word-start mark.
 """
 
 from __future__ import annotations
 
 import json
+import string
 import tempfile
 from functools import cache
 from importlib import resources
 from pathlib import Path
 
 _TOKENIZER_SIZE = 514  # 256 bytes, the same 256 as word ends, start and end of text
+_T5_CHARACTERS = [c for c in string.printable if not c.isspace()]
+_T5_TOKENIZER_SIZE = 4 + 2 * len(_T5_CHARACTERS)  # pad, end, unknown, word start; each character bare and word-initial
 
 
 def preset_names() -> list[str]:
@@ -69,19 +80,53 @@ def build_tokenizer():
     return tokenizer
 
 
+def build_t5_tokenizer():
+    """A T5 tokenizer (Unigram, ids: pad 0, end 1, unknown 2) over printable ASCII; other characters are unknown."""
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
+    pieces += [(c, -6.0) for c in _T5_CHARACTERS] + [("\u2581" + c, -5.0) for c in _T5_CHARACTERS]
+    tokenizer = T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
+    if len(tokenizer) != _T5_TOKENIZER_SIZE:
+        raise RuntimeError(f"synthetic T5 tokenizer has {len(tokenizer)} tokens, expected {_T5_TOKENIZER_SIZE}")
+    return tokenizer
+
+
+def _is_t5(spec: dict) -> bool:
+    return spec["class"].startswith("T5")
+
+
+def _tokenizer_for(spec: dict):
+    return build_t5_tokenizer() if _is_t5(spec) else build_tokenizer()
+
+
 def _text_encoder(spec: dict, tokenizer):
     import transformers
 
     spec = dict(spec)
     model_class = getattr(transformers, spec.pop("class"))
     spec.setdefault("vocab_size", len(tokenizer))
-    config = transformers.CLIPTextConfig(
-        **spec,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    if model_class.__name__.startswith("T5"):
+        spec.setdefault("dropout_rate", 0.0)
+        config = transformers.T5Config(
+            **spec, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=0
+        )
+    else:
+        config = transformers.CLIPTextConfig(
+            **spec,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     return model_class(config)
+
+
+def _denoiser(diffusers, spec: dict):
+    """The preset's UNet (`unet`) or diffusion transformer (`transformer`, with its `class`): (name, module)."""
+    if "unet" in spec:
+        return "unet", diffusers.UNet2DConditionModel(**spec["unet"])
+    config = dict(spec["transformer"])
+    return "transformer", getattr(diffusers, config.pop("class"))(**config)
 
 
 def _scheduler(diffusers, spec: dict):
@@ -100,37 +145,64 @@ def _scheduler(diffusers, spec: dict):
     return scheduler_class.from_config(complete)
 
 
-def build_pipeline(preset: str, *, seed: int = 0, device: str = "cpu", dtype=None):
-    """A pipeline of the preset's architecture with weights drawn from `seed` (float32 unless `dtype`)."""
+def build_components(preset: str, *, seed: int = 0, device: str = "cpu") -> dict:
+    """The preset's modules with weights drawn from `seed`, on `device` (float32, eval mode), with their
+    tokenizers and scheduler: the keyword arguments of its pipeline class. `device="meta"` allocates nothing
+    (for counting parameters of full-size presets)."""
     import diffusers
     import torch
 
     spec = load_preset(preset)
-    tokenizer = build_tokenizer()
+    tokenizers = [_tokenizer_for(s) for s in spec["text_encoders"]]
     scheduler = _scheduler(diffusers, spec["scheduler"])
 
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.device(device):
         # Built on the target device: random init of a full-size UNet on CPU takes minutes.
         torch.manual_seed(seed)
-        unet = diffusers.UNet2DConditionModel(**spec["unet"])
+        denoiser_name, denoiser = _denoiser(diffusers, spec)
         vae = diffusers.AutoencoderKL(**spec["vae"])
-        encoders = [_text_encoder(s, tokenizer) for s in spec["text_encoders"]]
+        encoders = [_text_encoder(s, t) for s, t in zip(spec["text_encoders"], tokenizers)]
+    for module in (denoiser, vae, *encoders):
+        module.eval()  # modules built in code are in train mode; from_pretrained's are in eval mode
 
-    components = {"unet": unet, "vae": vae, "scheduler": scheduler, "tokenizer": tokenizer, "text_encoder": encoders[0]}
+    components = {denoiser_name: denoiser, "vae": vae, "scheduler": scheduler}
     if spec["pipeline"] == "StableDiffusionXLImg2ImgPipeline" and len(encoders) == 1:
         # An SDXL refiner: the second text encoder only, conditioned on an aesthetic score.
-        components.update(text_encoder=None, tokenizer=None, text_encoder_2=encoders[0], tokenizer_2=tokenizer)
+        components.update(text_encoder=None, tokenizer=None, text_encoder_2=encoders[0], tokenizer_2=tokenizers[0])
         components.update(requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
-    elif len(encoders) > 1:
-        components.update(text_encoder_2=encoders[1], tokenizer_2=build_tokenizer())
-    pipeline_class = getattr(diffusers, spec["pipeline"])
-    if pipeline_class is diffusers.StableDiffusionPipeline:
+        return components
+    for index, (encoder, tokenizer) in enumerate(zip(encoders, tokenizers)):
+        suffix = "" if index == 0 else f"_{index + 1}"
+        components.update({f"text_encoder{suffix}": encoder, f"tokenizer{suffix}": tokenizer})
+    if spec["pipeline"] == "StableDiffusionPipeline":
         components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe = pipeline_class(**components)
+    elif spec["pipeline"] in ("StableDiffusion3Pipeline", "FluxPipeline"):
+        components.update(image_encoder=None, feature_extractor=None)  # IP-adapter slots, empty
+    return components
+
+
+def build_pipeline(preset: str, *, seed: int = 0, device: str = "cpu", dtype=None):
+    """A pipeline of the preset's architecture with weights drawn from `seed` (float32 unless `dtype`)."""
+    import diffusers
+    import torch
+
+    pipeline_class = getattr(diffusers, load_preset(preset)["pipeline"])
+    pipe = pipeline_class(**build_components(preset, seed=seed, device=device))
     pipe.set_progress_bar_config(disable=True)
     # Cast only when asked: diffusers warns about a no-op float32 cast.
     return pipe if dtype in (None, torch.float32) else pipe.to(dtype=dtype)
+
+
+def parameter_counts(preset: str) -> dict[str, int]:
+    """Parameters of each module of the preset (built on the meta device: nothing allocated, seconds even for
+    full-size presets)."""
+    components = build_components(preset, device="meta")
+    return {
+        name: sum(p.numel() for p in module.parameters())
+        for name, module in components.items()
+        if hasattr(module, "parameters")
+    }
 
 
 def save_pipeline(preset: str, out_dir: str | Path, *, seed: int = 0) -> Path:
