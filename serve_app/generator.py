@@ -145,7 +145,7 @@ class ImageGenerator:
     async def generate(self, task: ImageTask) -> ImageResult:
         self.received += 1
         runtime = await self._runtime_for(task.params.model or self.default_model)
-        result = await (await self._admission_window((_stamped(task), runtime)))
+        result = await (await self._admission_window((_with_arrival_time(task), runtime)))
         if isinstance(result, Exception):
             raise result
         return result
@@ -155,30 +155,22 @@ class ImageGenerator:
         passed since the last one was read; with `"preview"`, a base64 PNG, every `task.preview_every`
         steps), then its `ImageResult`; errors are raised. Closing the
         stream (the caller gave up) cancels the task: it leaves the engine at its next step."""
-        task = _stamped(task)
+        task = _with_arrival_time(task)
         progress: asyncio.Queue[Progress] = asyncio.Queue()
         self._progress_queues[id(task)] = progress
         outcome = asyncio.ensure_future(self.generate(task))
         try:
-            while not outcome.done():
-                waiting = asyncio.ensure_future(progress.get())
-                await asyncio.wait([outcome, waiting], return_when=asyncio.FIRST_COMPLETED)
-                if not waiting.done():
-                    waiting.cancel()
-                    continue
-                latest = waiting.result()
-                preview = latest.preview
-                while not progress.empty():
-                    latest = progress.get_nowait()
-                    preview = latest.preview or preview
-                update = {"step": latest.step, "total_steps": latest.total_steps}
-                if preview is not None:
-                    update["preview"] = base64.b64encode(preview).decode("ascii")
-                yield update
-            yield outcome.result()
+            async for item in latest_then_outcome(outcome, progress, merge=_keep_latest_preview):
+                if isinstance(item, Progress):
+                    update = {"step": item.step, "total_steps": item.total_steps}
+                    if item.preview is not None:
+                        update["preview"] = base64.b64encode(item.preview).decode("ascii")
+                    yield update
+                else:
+                    yield item
         finally:
             self._progress_queues.pop(id(task), None)
-            outcome.cancel()
+            outcome.cancel()  # the caller gave up: the task leaves the engine at its next step
 
     @serve.batch(
         max_batch_size=_DEFAULT_BATCHING.max_batch_size, batch_wait_timeout_s=_DEFAULT_BATCHING.batch_wait_timeout_s
@@ -369,7 +361,11 @@ def _does_not_fit(model_id: str, loaded: list[str]) -> InsufficientMemoryError:
     )
 
 
-def _stamped(task: ImageTask) -> ImageTask:
+def _keep_latest_preview(older: Progress, newer: Progress) -> Progress:
+    return newer if newer.preview is not None else dataclasses.replace(newer, preview=older.preview)
+
+
+def _with_arrival_time(task: ImageTask) -> ImageTask:
     """The task with the time its wait started: the ingress sets it; for other callers it starts here."""
     return task if task.submitted_at is not None else dataclasses.replace(task, submitted_at=time.time())
 

@@ -6,9 +6,10 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from .api.asgi import create_api
-from .api.serving import GenerationService
 from .config import INGRESS_MAX_ONGOING_REQUESTS, AppArgs
 from .job_queue.store import JobStore
+from .service.generation import GenerationService
+from .service.jobs import JobService
 
 
 @serve.deployment(
@@ -23,10 +24,8 @@ class Ingress:
         # Keys are read here, on the replica, from the environment or file the config names.
         self.api_keys = settings.auth.load_keys() if settings.auth.enabled else None
         context = serve.get_replica_context()
-        store = JobStore(settings.jobs.store)
-        self.service = GenerationService(
-            generator, settings, context.app_name, manager, store, context.replica_id.unique_id
-        )
+        self.service = GenerationService(generator, settings, context.app_name, context.replica_id.unique_id)
+        self.jobs = JobService(manager, JobStore(settings.jobs.store), self.service)
 
     def __serve_build_asgi_app__(self):
-        return create_api(self.service, self.api_keys)
+        return create_api(self.service, self.api_keys, self.jobs)

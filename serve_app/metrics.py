@@ -1,25 +1,10 @@
 """The ImageGenerator's Prometheus metrics, exported through Ray's metrics agent on every node.
 
-As scraped, Ray prefixes each name with `ray_`, adds `_total` to counters and
-tags every series with the Serve `application`, `deployment` and `replica`:
-
-  ray_sd_images_generated_total            images made (successful jobs)
-  ray_sd_model_calls_total                 model calls that made them: UNet steps (step engine) or whole
-                                           pipeline calls (request engine)
-  ray_sd_model_seconds_total               wall time inside model calls: its rate is the model's busy fraction
-  ray_sd_model_batch_size_bucket           images per model call (histogram): batching made visible
-  ray_sd_queue_wait_seconds_bucket         from the ingress handing a job on to its work starting (histogram)
-  ray_sd_generation_seconds_bucket         from an image's work starting to the image being ready (histogram)
-  ray_sd_admitted_mid_flight_total         images that joined while others were being denoised (step engine)
-  ray_sd_cancelled_total{when}             jobs whose caller gave up: before_start, or in_flight (their
-                                           rows stopped costing compute at the next step)
-  ray_sd_generation_errors_total{kind}     failed jobs by error code (invalid_request, insufficient_memory, ...)
-  ray_sd_max_batch_size                    the configured max_batch_size, to compare the batch sizes with
-
-Histograms also have `_count` (exact) and `_sum`, which Ray 2.60 estimates from
-bucket midpoints: take means from the counters above, quantiles from the buckets.
-Serve's own metrics (HTTP latency and errors, replicas, queued requests) come on
-the same endpoint; deploy/grafana/stable-diffusion.json charts both.
+Each metric's name and meaning is described where it is created (below) and listed in README.md
+("Metrics to watch"), the one table of them. As scraped, Ray prefixes each name with `ray_`, adds `_total`
+to counters and tags every series with the Serve `application`, `deployment` and `replica`.
+Histograms' `_sum` is estimated by Ray 2.60 from bucket midpoints: take means from the counters,
+quantiles from the buckets.
 """
 
 from __future__ import annotations
@@ -46,7 +31,7 @@ class GeneratorMetrics:
     """Created once per replica (Serve adds the replica's tags). Recorded on the replica's event loop."""
 
     def __init__(self) -> None:
-        self.images = Counter("sd_images_generated", description="Images generated (successful jobs).")
+        self.images = Counter("sd_images_generated", description="Images generated.")
         self.calls = Counter("sd_model_calls", description="Model calls: UNet steps or whole pipeline calls.")
         self.model_seconds = Counter("sd_model_seconds", description="Wall time spent in model calls, in seconds.")
         self.batch_size = Histogram(
@@ -56,7 +41,7 @@ class GeneratorMetrics:
         )
         self.queue_wait = Histogram(
             "sd_queue_wait_seconds",
-            description="Seconds from the ingress submitting a job to its work starting.",
+            description="Seconds from the ingress handing an image task on to its work starting.",
             boundaries=QUEUE_WAIT_BUCKETS_S,
         )
         self.generation = Histogram(
@@ -67,9 +52,9 @@ class GeneratorMetrics:
         self.admitted_mid_flight = Counter(
             "sd_admitted_mid_flight", description="Images that joined the running batch while others were denoised."
         )
-        self.cancelled = Counter("sd_cancelled", description="Jobs whose caller gave up, by when.", tag_keys=("when",))
+        self.cancelled = Counter("sd_cancelled", description="Images whose caller gave up, by when.", tag_keys=("when",))
         self.errors = Counter(
-            "sd_generation_errors", description="Jobs that failed, by error kind.", tag_keys=("kind",)
+            "sd_generation_errors", description="Images that failed, by error kind.", tag_keys=("kind",)
         )
         self.max_batch_size = Gauge("sd_max_batch_size", description="The configured max_batch_size.")
         self.model_loads = Counter(
@@ -85,13 +70,13 @@ class GeneratorMetrics:
         )
         self._seen: dict = {"model_calls_by_batch_size": {}}
 
-    def record_result(self, job: ImageTask, result: ImageResult | BaseException, now: float) -> None:
-        """One job's outcome; `now` is the wall-clock time it was delivered."""
+    def record_result(self, task: ImageTask, result: ImageResult | BaseException, now: float) -> None:
+        """One image task's outcome; `now` is the wall-clock time it was delivered."""
         if isinstance(result, ImageResult):
             self.images.inc()
             self.generation.observe(result.generation_time_s)
-            if job.submitted_at is not None:  # clocks of two nodes may differ by a little
-                self.queue_wait.observe(max(now - result.generation_time_s - job.submitted_at, 0.0))
+            if task.submitted_at is not None:  # clocks of two nodes may differ by a little
+                self.queue_wait.observe(max(now - result.generation_time_s - task.submitted_at, 0.0))
         elif not isinstance(result, TaskCancelled):
             self.errors.inc(tags={"kind": error_kind(result)})
 

@@ -23,10 +23,10 @@ import asyncio
 import numpy as np
 from harness import load_config
 
-from serve_app.api.serving import GenerationService
 from serve_app.config import AppArgs
 from serve_app.pipeline.params import GenerationDefaults
 from serve_app.pipeline.tasks import ImageResult, ImageTask
+from serve_app.service.generation import GenerationService
 
 # synthetic:tiny's own defaults (pipeline/presets/tiny.json) and the engine's fallback strength.
 TINY_DEFAULTS = GenerationDefaults(width=64, height=64, num_inference_steps=2, guidance_scale=7.5, strength=0.75)

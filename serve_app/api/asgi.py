@@ -6,6 +6,8 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from .. import __version__
+from ..service.generation import GenerationService
+from ..service.jobs import JobService
 from . import health
 from .a1111 import routes as a1111_routes
 from .errors import install_error_handlers
@@ -22,7 +24,6 @@ from .middleware import (
 from .native import protocol as native_protocol
 from .native import routes as native_routes
 from .openai import routes as openai_routes
-from .serving import GenerationService
 from .web import mount_docs, mount_web_page
 
 DESCRIPTION = """Text-to-image and image-to-image with dynamic batching on Ray Serve.
@@ -49,8 +50,11 @@ NATIVE_FIELDS = frozenset(
 )
 
 
-def create_api(service: GenerationService, api_keys: list[str] | None = None) -> FastAPI:
-    """The app for `service`; with `api_keys`, every route but probes, docs and the page needs one."""
+def create_api(
+    service: GenerationService, api_keys: list[str] | None = None, jobs: JobService | None = None
+) -> FastAPI:
+    """The app for `service` (and `jobs`: without one, the jobs API has no queue to talk to); with `api_keys`,
+    every route but probes, docs and the page needs one."""
     app = FastAPI(
         title="Stable Diffusion on Ray Serve",
         version=__version__,
@@ -59,8 +63,9 @@ def create_api(service: GenerationService, api_keys: list[str] | None = None) ->
         redoc_url=None,
     )
     app.state.service = service
+    app.state.jobs = jobs or JobService(None, None, service)
     install_error_handlers(app, known_fields=NATIVE_FIELDS)
-    limits = service.limits
+    limits = service.published_limits
     # add_middleware puts each layer outside the previous one: read these bottom-up for the request path.
     app.add_middleware(DeadlineMiddleware, default_s=limits.request_timeout_s)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=limits.max_body_bytes)

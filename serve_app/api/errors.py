@@ -21,21 +21,9 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..service.errors import ApiError
+
 OPENAI_PREFIX = "/v1/"
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, field: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.field = field
-        self.headers = headers or {}
-
-    @classmethod
-    def invalid(cls, field: str, problem: str) -> ApiError:
-        return cls(422, "invalid_request", f"{field}: {problem}", field)
 
 
 def request_id_of(request: Request) -> str:
@@ -203,7 +191,7 @@ def install_error_handlers(app: FastAPI, known_fields: set[str] = frozenset()) -
             code = "unsupported_media_type" if status == 415 else "malformed_request"
             return error_response(request, status, code, message)
         service = getattr(request.app.state, "service", None)
-        limits = getattr(service, "limits", None)
+        limits = getattr(service, "published_limits", None)
         problems = validation_problems(exc, request.url.path, limits, known_fields)
         message = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
         return error_response(request, 422, "invalid_request", message, problems[0]["field"], details=problems)

@@ -9,7 +9,8 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from ..config import ModelLimits
-from .serving import Service, is_ready
+from ..service.generation import is_ready
+from .dependencies import Jobs, Service
 
 router = APIRouter(tags=["Health"])
 
@@ -28,22 +29,22 @@ async def readyz(service: Service):
     status = await service.generator_status()
     body = {"status": "ready" if is_ready(status) else "not_ready", "generator": status}
     if not is_ready(status):
-        return JSONResponse(body, status_code=503, headers={"Retry-After": str(service.limits.retry_after_s)})
+        return JSONResponse(body, status_code=503, headers={"Retry-After": str(service.published_limits.retry_after_s)})
     return body
 
 
 @router.get("/info", summary="Model, device, replicas, batching, model calls by batch size, responses by status")
-async def info(service: Service):
+async def info(service: Service, jobs: Jobs):
     return {
         "model": service.model,
         "uptime_s": int(time.time()) - service.started_at,
-        "limits": service.limits.model_dump(),
+        "limits": service.published_limits.model_dump(),
         "auth": service.settings.auth.enabled,
         "responses_by_status": dict(sorted(service.responses_by_status.items())),
         "ingress": {"replica": service.replica, "pid": os.getpid()},
         "generator_deployment": await service.generator_status(),
         "generator": await service.generator_info(),
-        "job_manager": await service.call_manager(service.manager.info.remote()) if service.manager else None,
+        "job_manager": await jobs.manager_info(),
     }
 
 

@@ -15,10 +15,10 @@ import math
 import time
 import uuid
 from collections import Counter, deque
-from contextvars import ContextVar
 
 from starlette.exceptions import HTTPException
 
+from ..service.generation import REQUEST_DEADLINE
 from .errors import error_body
 
 logger = logging.getLogger("ray.serve")
@@ -282,7 +282,6 @@ def request_timeout_s(scope, default_s: float) -> float:
 
 # The wall-clock time (time.time()) by which the request being served must be answered; the
 # Generator refuses at once work that could not be done by then (see GenerationService.generate).
-REQUEST_DEADLINE: ContextVar[float | None] = ContextVar("request_deadline", default=None)
 
 
 class DeadlineMiddleware:

@@ -3,7 +3,7 @@
 The rules are the HTTP API's own, not a copy: a row is validated by a subclass of the native
 API's request models (`TextToImageRequest` and `OutputOptions`, so every bound and every
 refusal, such as `strength` on text-to-image, is the same), then by the deployment limits
-(`api.serving.check_limits`). A row that fails gets the message a 422 would carry.
+(`service.generation.check_limits`). A row that fails gets the message a 422 would carry.
 
 Seeds: a row's own `seed`, else `base_seed + row` (modulo 2^32); image i of a row with
 `num_images` > 1 gets seed + i, as on the server. So a re-run, or a resumed run, makes the
@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from ..api.errors import ApiError, validation_problems
-from ..api.native.protocol import OutputOptions, TextToImageRequest
-from ..api.serving import check_limits
+from ..api.errors import validation_problems
 from ..config import RequestLimits
 from ..pipeline.params import seed_at
+from ..service.errors import ApiError
+from ..service.generation import check_limits
+from ..service.requests import OutputOptions, TextToImageRequest
 
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 IMAGES_DIR = "images"

@@ -14,10 +14,10 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..api.native.protocol import OutputFormat
 from ..config import AppArgs, BatchingConfig, RequestLimits, format_validation_error
 from ..pipeline.loading import PipelineOptions
 from ..pipeline.params import SEED_MAX, GenerationDefaults
+from ..service.requests import OutputFormat
 
 InputFormat = Literal["jsonl", "csv", "parquet"]
 ManifestFormat = Literal["parquet", "jsonl"]

@@ -18,9 +18,9 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 
-from ..api.encoding import encode_image, parameters_text
-from ..api.serving import build_jobs
 from ..pipeline.tasks import ImageResult, ImageTask
+from ..service.encoding import encode_image, parameters_text
+from ..service.generation import image_tasks
 from .manifest import DONE, FAILED, Output, entries_table
 from .rows import BulkRequest, image_path
 from .settings import BulkSettings
@@ -58,24 +58,24 @@ class ImageMaker:
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.select(["row", "fields", "request"]).to_pylist()
         requests = [BulkRequest.model_validate_json(row["request"]) for row in rows]
-        jobs: list[ImageTask] = []
+        tasks: list[ImageTask] = []
         owners: list[int] = []
         for index, (row, request) in enumerate(zip(rows, requests)):
-            made = build_jobs(request.image_params(), request.num_images, self.settings.limits, f"row-{row['row']}")
-            jobs.extend(made)
+            made = image_tasks(request.image_params(), request.num_images, self.settings.limits, f"row-{row['row']}")
+            tasks.extend(made)
             owners.extend([index] * len(made))
-        results = self._generate(jobs)
+        results = self._generate(tasks)
         images_of: list[list[ImageResult | Exception]] = [[] for _ in rows]
         for owner, result in zip(owners, results):
             images_of[owner].append(result)
         return entries_table([self._entry(*made) for made in zip(rows, requests, images_of)])
 
-    def _generate(self, jobs: list[ImageTask]) -> list[ImageResult | Exception]:
-        """Every job through the engine loop; returns when the last one is back."""
-        results: list[ImageResult | Exception | None] = [None] * len(jobs)
-        if not jobs:
+    def _generate(self, tasks: list[ImageTask]) -> list[ImageResult | Exception]:
+        """Every task through the engine loop; returns when the last one is back."""
+        results: list[ImageResult | Exception | None] = [None] * len(tasks)
+        if not tasks:
             return []
-        remaining = [len(jobs)]
+        remaining = [len(tasks)]
         lock, finished = threading.Lock(), threading.Event()
 
         def on_done(index: int, result: ImageResult | Exception) -> None:  # on the loop's thread
@@ -85,7 +85,7 @@ class ImageMaker:
                 if remaining[0] == 0:
                     finished.set()
 
-        self.loop.submit_all(jobs, on_done)
+        self.loop.submit_all(tasks, on_done)
         finished.wait()
         return results
 

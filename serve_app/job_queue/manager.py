@@ -29,10 +29,10 @@ from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.concurrency import run_in_threadpool
 
-from ..api.serving import stream_images
 from ..config import AppArgs
 from ..pipeline.errors import GenerationError
 from ..pipeline.tasks import ImageResult, ImageTask
+from ..service.generation import stream_images
 from .records import JobError, JobImage, JobRecord, JobStatus, created_at
 from .store import JobStore
 
@@ -76,7 +76,7 @@ class JobManager:
         self._records: dict[str, JobRecord] = {}  # every unfinished job (queued or running)
         self._progress: dict[str, dict] = {}  # running jobs: step, total_steps, images_done
         self._previews: dict[str, str] = {}  # running jobs that asked for previews: the latest (base64 PNG)
-        self._tasks: dict[str, asyncio.Task] = {}
+        self._runs: dict[str, asyncio.Task] = {}  # running jobs: the asyncio task of each
         self._watchers: dict[str, set[asyncio.Queue]] = {}
         self._wake = asyncio.Event()
         self._http = httpx.AsyncClient(timeout=self.config.webhook_timeout_s)
@@ -140,7 +140,7 @@ class JobManager:
             self._queue.remove(job_id)
             self._queue_moved()
         else:
-            self._tasks[job_id].cancel()  # its Generator calls are cancelled: rows leave at the next step
+            self._runs[job_id].cancel()  # its Generator calls are cancelled: rows leave at the next step
         await self._finish(record, JobStatus.canceled)
         return record
 
@@ -187,17 +187,17 @@ class JobManager:
 
     async def _dispatch(self) -> None:
         while True:
-            while self._queue and len(self._tasks) < self.config.max_running:
+            while self._queue and len(self._runs) < self.config.max_running:
                 job_id = self._queue.popleft()
                 self._queue_moved()
                 task = asyncio.get_running_loop().create_task(self._run(job_id))
-                self._tasks[job_id] = task
-                task.add_done_callback(lambda _, job_id=job_id: self._task_done(job_id))
+                self._runs[job_id] = task
+                task.add_done_callback(lambda _, job_id=job_id: self._run_done(job_id))
             self._wake.clear()
             await self._wake.wait()
 
-    def _task_done(self, job_id: str) -> None:
-        self._tasks.pop(job_id, None)
+    def _run_done(self, job_id: str) -> None:
+        self._runs.pop(job_id, None)
         self._wake.set()
 
     async def _run(self, job_id: str) -> None:
@@ -237,7 +237,7 @@ class JobManager:
         init_image = None
         if record.kind == "img2img":
             init_image = await run_in_threadpool(self._load_input, record.id)
-        jobs = [
+        tasks = [
             ImageTask(
                 record.params.model_copy(update={"seed": seed}),
                 init_image,
@@ -247,7 +247,7 @@ class JobManager:
             for seed in record.seeds
         ]
         return await stream_images(
-            self.generator, jobs, lambda progress: self._report(record.id, progress), self._by_model
+            self.generator, tasks, lambda progress: self._report(record.id, progress), self._by_model
         )
 
     def _report(self, job_id: str, progress: dict) -> None:
@@ -267,7 +267,7 @@ class JobManager:
         return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
     def _store_images(self, record: JobRecord, results: list[ImageResult]) -> list[JobImage]:
-        from ..api.encoding import encode_image, parameters_text
+        from ..service.encoding import encode_image, parameters_text
 
         images = []
         for index, result in enumerate(results):

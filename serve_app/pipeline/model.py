@@ -1,15 +1,14 @@
-"""LoadedModel: one loaded model turning batches of tasks into images.
+"""LoadedModel: one loaded model, its defaults, its checks, and whole diffusers pipeline calls.
 
-No Ray and no HTTP here. The serving layer hands a collected batch to
-`generate`; the engine fills defaults, groups tasks that can share a pipeline
-call (`batch_key`), and runs one call per group in explicit steps:
-choose the pipeline, make a fresh scheduler, make one generator per image,
-call, convert to uint8. A group that runs out of device memory is split in
-halves and retried before any task fails.
+No Ray and no HTTP here. `prepare` fills a task's defaults and checks it against this model;
+`generate` (the request engine, through `RequestEngine`) groups prepared tasks that can share a
+pipeline call (`tasks.call_key`) and runs one call per group: a fresh scheduler, one generator per
+image, the call, uint8 pixels. A group that runs out of device memory is split in halves and
+retried before any task fails (`memory.py`). The step engine uses the same loaded pipeline through
+a stepper (`steppers/`).
 
-Calls never overlap: a diffusers pipeline keeps per-call state, and the
-engine serialises calls with a lock (the Generator also runs them on a single
-worker thread).
+Calls never overlap: a diffusers pipeline keeps per-call state, and the model serialises calls with
+a lock (the engine loop also runs them on a single worker thread).
 """
 
 from __future__ import annotations

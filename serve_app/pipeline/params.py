@@ -5,7 +5,7 @@ read, and what a finished image carries back (with the model's defaults filled
 in). Its field types are the `Annotated` aliases below: the protocol models of
 each API family, the config's `defaults` and bulk inputs use the same ones, so a
 bound changes in one place. The deployment's own, usually tighter, limits are
-applied on top by the serving layer (`api.serving.check_limits`).
+applied on top by the serving layer (`service.generation.check_limits`).
 
 Torch-free: the ingress validates requests with these on CPU-only nodes.
 """

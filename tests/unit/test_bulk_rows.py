@@ -90,7 +90,7 @@ def test_the_same_body_gets_the_same_message_in_bulk_and_over_http(client, servi
     response = client.post("/generate", json=body)
     assert response.status_code == 422
     error = response.json()["error"]
-    checked = check_row(0, body, service.limits, base_seed=0)
+    checked = check_row(0, body, service.published_limits, base_seed=0)
     assert (checked.error, checked.error_field) == (error["message"], error["field"])
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve_app.api.encoding import decode_init_image
+from serve_app.service.encoding import decode_init_image
 from serve_app.api.errors import ApiError
 from serve_app.config import RequestLimits
 

@@ -225,7 +225,7 @@ def test_cancelling_a_queued_job_means_it_never_runs_and_a_running_one_stops_its
         assert (await manager.live(queued.id)) == {"status": "queued", "position": 1}
         await manager.cancel(queued.id, None)
         await manager.cancel(running.id, None)
-        await until(lambda: not manager._tasks)
+        await until(lambda: not manager._runs)
         with pytest.raises(JobFinished):
             await manager.cancel(running.id, None)
         with pytest.raises(JobNotFound):
@@ -301,7 +301,7 @@ def test_a_new_queue_holder_takes_over_every_unfinished_job_from_the_store(tmp_p
             await first.submit(job)
         await until(lambda: first._progress)
         first._dispatcher.cancel()  # the replica dies: its tasks and memory are gone
-        for task in list(first._tasks.values()):
+        for task in list(first._runs.values()):
             task.cancel()
         generator.gate.set()
         second = manager_for(tmp_path, generator)

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve_app.api.encoding import decode_init_image, output_size
 from serve_app.api.errors import ApiError
 from serve_app.api.native.protocol import GenerateRequest, MultiPromptRequest
-from serve_app.api.serving import build_jobs, check_limits, is_ready
 from serve_app.config import AuthConfig, RequestLimits
 from serve_app.pipeline.params import ImageParams
+from serve_app.service.encoding import decode_init_image, output_size
+from serve_app.service.generation import check_limits, image_tasks, is_ready
 
 LIMITS = RequestLimits(min_size=64, max_width=512, max_height=512, max_pixels=512 * 384, max_steps=20, max_num_images=4)
 
@@ -44,11 +44,11 @@ def test_limit_errors_use_the_callers_names():
 
 
 def test_jobs_get_consecutive_seeds_that_wrap():
-    jobs = build_jobs(ImageParams(prompt="p", seed=2**32 - 2), 3, LIMITS, "rid")
+    jobs = image_tasks(ImageParams(prompt="p", seed=2**32 - 2), 3, LIMITS, "rid")
     assert [j.seed for j in jobs] == [2**32 - 2, 2**32 - 1, 0]
     assert {j.request_id for j in jobs} == {"rid"}
     assert {j.params.model_copy(update={"seed": None}) for j in jobs} == {ImageParams(prompt="p")}
-    drawn = build_jobs(ImageParams(prompt="p"), 2, LIMITS, "rid")
+    drawn = image_tasks(ImageParams(prompt="p"), 2, LIMITS, "rid")
     assert drawn[1].seed == (drawn[0].seed + 1) % 2**32
 
 

@@ -146,7 +146,7 @@ def test_generator_backpressure_is_503_with_retry_after(client, generator, servi
     response = client.post("/generate", json={"prompt": "x"})
     error = assert_our_error(response, 503, "overloaded")
     assert "backpressure" in error["message"]
-    assert response.headers["retry-after"] == str(service.limits.retry_after_s)
+    assert response.headers["retry-after"] == str(service.published_limits.retry_after_s)
     generator.fail_with = BackPressureError(num_queued_requests=8, max_queued_requests=8, retry_after_s=4.4)
     assert client.post("/generate", json={"prompt": "x"}).headers["retry-after"] == "4"
 

@@ -36,7 +36,7 @@ def test_readyz_follows_the_generator_deployment(client, service, status, ready)
         assert response.status_code == 200 and response.json()["status"] == "ready"
     else:
         assert response.status_code == 503 and response.json()["status"] == "not_ready"
-        assert response.headers["retry-after"] == str(service.limits.retry_after_s)
+        assert response.headers["retry-after"] == str(service.published_limits.retry_after_s)
 
 
 def test_info_reports_settings_replicas_the_generators_own_account_and_outcomes(client, service):
@@ -45,7 +45,7 @@ def test_info_reports_settings_replicas_the_generators_own_account_and_outcomes(
     assert client.post("/generate", json={"prompt": "x", "width": 7}).status_code == 422
     info = client.get("/info").json()
     assert info["model"] == "synthetic:tiny" and info["auth"] is False
-    assert info["limits"] == service.limits.model_dump() and info["limits"]["max_width"] == 256
+    assert info["limits"] == service.published_limits.model_dump() and info["limits"]["max_width"] == 256
     assert 100 <= info["uptime_s"] <= 102
     assert info["generator_deployment"] == service.status
     assert info["generator"] == {"replica": "fake-replica", "images": {"received": 1, "cancelled": 0}}

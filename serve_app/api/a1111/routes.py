@@ -9,10 +9,9 @@ from fastapi import APIRouter, Request
 
 from ...pipeline.schedulers import SCHEDULERS, a1111_name
 from ...pipeline.tasks import ImageResult
-from ..encoding import b64, parameters_text
+from ...service.encoding import b64, encode_results, parameters_text
+from ..dependencies import Jobs, Owner, Service
 from ..errors import request_id_of
-from ..jobs.routes import find, owner
-from ..serving import Service, encode_images
 from .protocol import FIELD_NAMES, A1111GenerationResult, A1111Img2ImgRequest, A1111Txt2ImgRequest
 
 router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 compatible"])
@@ -20,40 +19,29 @@ router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 compatible"])
 
 @router.post("/txt2img", response_model=A1111GenerationResult, summary="AUTOMATIC1111: text to image")
 async def txt2img(body: A1111Txt2ImgRequest, request: Request, service: Service):
-    jobs = service.jobs_for(
-        body.image_params(),
-        body.num_images,
-        request_id_of(request),
-        names=FIELD_NAMES,
-    )
-    return await _result(await service.generate(jobs), body, service.model)
+    tasks = service.tasks_for(body.image_params(), body.num_images, request_id_of(request), names=FIELD_NAMES)
+    return await _result(await service.generate(tasks), body, service.model)
 
 
 @router.post("/img2img", response_model=A1111GenerationResult, summary="AUTOMATIC1111: image to image")
 async def img2img(body: A1111Img2ImgRequest, request: Request, service: Service):
     params = body.image_params()
     init_image = await service.init_image(body.init_images[0], params, "init_images.0")
-    jobs = service.jobs_for(
-        params,
-        body.num_images,
-        request_id_of(request),
-        init_image=init_image,
-        names=FIELD_NAMES,
-    )
-    return await _result(await service.generate(jobs), body, service.model)
+    tasks = service.tasks_for(params, body.num_images, request_id_of(request), init_image=init_image, names=FIELD_NAMES)
+    return await _result(await service.generate(tasks), body, service.model)
 
 
 @router.get("/progress", summary="AUTOMATIC1111: progress of the caller's running job")
-async def progress(request: Request, service: Service):
+async def progress(jobs: Jobs, owner: Owner):
     """Maps onto the caller's most recently started job (see /jobs); sync txt2img/img2img calls have none."""
-    job_id = await service.call_manager(service.manager.running_job_of.remote(owner(request, service)))
-    live = await service.call_manager(service.manager.live.remote(job_id)) if job_id else None
+    job_id = await jobs.running_job_of(owner)
+    record = await jobs.find(job_id, owner) if job_id else None
+    live = await jobs.live_state(record) if record else None
     step = (live or {}).get("progress") or {}
     done, total = step.get("step", 0), step.get("total_steps", 0)
     fraction = done / total if total else 0.0
     eta = None
-    if job_id and done:
-        record = await find(service, request, job_id)
+    if record and done:
         elapsed = time.time() - (record.started_at or record.created_at)
         eta = round(elapsed * (total - done) / done, 2)
     return {
@@ -74,10 +62,10 @@ async def progress(request: Request, service: Service):
 
 
 @router.post("/interrupt", summary="AUTOMATIC1111: cancel the caller's running job")
-async def interrupt(request: Request, service: Service):
-    job_id = await service.call_manager(service.manager.running_job_of.remote(owner(request, service)))
+async def interrupt(jobs: Jobs, owner: Owner):
+    job_id = await jobs.running_job_of(owner)
     if job_id:
-        await service.call_manager(service.manager.cancel.remote(job_id, owner(request, service)))
+        await jobs.cancel(job_id, owner)
     return {"interrupted": job_id}
 
 
@@ -108,7 +96,7 @@ async def options(service: Service):
 
 
 async def _result(images: list[ImageResult], body: A1111Txt2ImgRequest, model: str) -> A1111GenerationResult:
-    encoded = await encode_images(images, "png", 90, model)
+    encoded = await encode_results(images, "png", 90, model)
     first = images[0].params
     info = {
         "prompt": first.prompt,

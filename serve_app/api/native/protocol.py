@@ -2,7 +2,7 @@
 
 Every model here is built on the shared record `ImageParams` (its fields and bounds are not
 repeated) and turns into it with `image_params()`. The deployment's own, usually tighter, limits
-are applied by `api.serving.check_limits`, so a config change never needs a code change.
+are applied by `service.generation.check_limits`, so a config change never needs a code change.
 Torch- and FastAPI-free: the Python client reads its responses with these same models.
 """
 
@@ -12,36 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ...pipeline.params import SEED_MAX, ImageCount, ImageParams, Prompt, seed_at
-
-OutputFormat = Literal["png", "jpeg", "webp"]
-
-
-class OutputOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    output_format: OutputFormat = Field(
-        "png", description="png embeds the generation parameters; jpeg/webp are smaller"
-    )
-    quality: int = Field(90, ge=1, le=100, description="jpeg/webp quality")
-
-
-class ImageRequest(ImageParams):
-    """One prompt's parameters and how many images of it to make."""
-
-    num_images: ImageCount = 1
-
-    def image_params(self) -> ImageParams:
-        return ImageParams.model_validate(self.model_dump(include=set(ImageParams.model_fields)))
-
-
-class TextToImageRequest(ImageRequest):
-    @field_validator("strength")
-    @classmethod
-    def _no_strength(cls, strength: float | None) -> None:
-        if strength is not None:
-            raise ValueError("applies to image-to-image only (POST /img2img)")
-        return None
+from ...pipeline.params import SEED_MAX, ImageParams, Prompt, seed_at
+from ...service.requests import ImageRequest, OutputOptions, TextToImageRequest
 
 
 class GenerateRequest(TextToImageRequest, OutputOptions):

@@ -9,10 +9,10 @@ from fastapi.responses import Response
 from pydantic import Field
 
 from ...pipeline.tasks import ImageResult
-from ..encoding import MEDIA_TYPES, b64, zip_archive
+from ...service.encoding import MEDIA_TYPES, b64, encode_results, zip_archive
+from ..dependencies import Jobs, Owner, Service
 from ..errors import ApiError, request_id_of, validate_or_422
-from ..jobs.routes import accepted, event_stream, submit_job
-from ..serving import Service, encode_images
+from ..responses import accepted, event_stream
 from .protocol import (
     GenerateRequest,
     GenerateResponse,
@@ -52,37 +52,40 @@ _IMAGE_RESPONSE = {
     description="`Prefer: respond-async` makes it a job (202, as POST /jobs); `Accept: text/event-stream` streams "
     "progress events, then the JSON response as the `succeeded` event.",
 )
-async def generate(body: GenerateRequest, request: Request, service: Service):
-    return await _generate(request, service, body)
+async def generate(body: GenerateRequest, request: Request, service: Service, jobs: Jobs, owner: Owner):
+    return await _generate(request, service, jobs, owner, body)
 
 
-async def _generate(request: Request, service: Service, body: Img2ImgFields | GenerateRequest, init_image=None):
+async def _generate(
+    request: Request,
+    service: Service,
+    jobs: Jobs,
+    owner: str | None,
+    body: Img2ImgFields | GenerateRequest,
+    init_image=None,
+):
     """What /generate and /img2img share once the request is read: a job, an event stream, or the images."""
+    request_id = request_id_of(request)
     if "respond-async" in request.headers.get("prefer", ""):
-        record = await submit_job(service, request, body.image_params(), body.num_images, init_image=init_image)
+        record = await jobs.submit(body.image_params(), body.num_images, request_id, owner, init_image=init_image)
         return accepted(record)
     accept = request.headers.get("accept", "")
-    jobs = service.jobs_for(
-        body.image_params(),
-        body.num_images,
-        request_id_of(request),
-        init_image=init_image,
-    )
+    tasks = service.tasks_for(body.image_params(), body.num_images, request_id, init_image=init_image)
     if "text/event-stream" in accept:
-        return event_stream(_events(service, jobs, body, request_id_of(request)))
+        return event_stream(_events(service, tasks, body, request_id))
     form = choose_response_format(body.response_format, body.num_images, accept)
-    images = await service.generate(jobs)
-    return await respond(images, body, form, request_id_of(request), service.model)
+    images = await service.generate(tasks)
+    return await respond(images, body, form, request_id, service.model)
 
 
-async def _events(service: Service, jobs, options: OutputOptions, request_id: str):
+async def _events(service: Service, tasks, options: OutputOptions, request_id: str):
     """progress events, then `succeeded` with the JSON response, or `failed` with the error."""
     try:
-        async for update in service.generate_events(jobs):
+        async for update in service.generate_events(tasks):
             if isinstance(update, dict):
                 yield {"event": "progress", "data": update}
             else:
-                encoded = await encode_images(update, options.output_format, options.quality, service.model)
+                encoded = await encode_results(update, options.output_format, options.quality, service.model)
                 response = json_response(update, encoded, options, service.model, request_id)
                 yield {"event": "succeeded", "data": response.model_dump(mode="json")}
     except ApiError as exc:  # the status line is long gone: the error travels as the last event
@@ -106,10 +109,10 @@ async def _events(service: Service, jobs, options: OutputOptions, request_id: st
         }
     },
 )
-async def img2img(request: Request, service: Service):
+async def img2img(request: Request, service: Service, jobs: Jobs, owner: Owner):
     body, upload, media_type = await _read_img2img(request)
     init_image = await service.init_image(upload, body.image_params(), "init_image", media_type)
-    return await _generate(request, service, body, init_image)
+    return await _generate(request, service, jobs, owner, body, init_image)
 
 
 @router.post(
@@ -128,12 +131,11 @@ async def img2img(request: Request, service: Service):
 async def generate_prompts(body: MultiPromptRequest, request: Request, service: Service):
     request_id = request_id_of(request)
     entries = body.entries()
-    if len(entries) > service.limits.max_prompts_per_request:
-        raise ApiError.invalid(
-            body.list_field, f"must have at most {service.limits.max_prompts_per_request} entries (got {len(entries)})"
-        )
-    job_lists = [
-        service.jobs_for(
+    most = service.published_limits.max_prompts_per_request
+    if len(entries) > most:
+        raise ApiError.invalid(body.list_field, f"must have at most {most} entries (got {len(entries)})")
+    task_lists = [
+        service.tasks_for(
             entry.image_params(),
             entry.num_images,
             request_id,
@@ -141,11 +143,11 @@ async def generate_prompts(body: MultiPromptRequest, request: Request, service: 
         )
         for i, entry in enumerate(entries)
     ]
-    results = await service.generate_each(job_lists)
+    results = await service.generate_each(task_lists)
     wants_zip = body.response_format == "zip" or (
         body.response_format is None and "application/zip" in request.headers.get("accept", "")
     )
-    encoded = [await encode_images(images, body.output_format, body.quality, service.model) for images in results]
+    encoded = [await encode_results(images, body.output_format, body.quality, service.model) for images in results]
     if wants_zip:
         files = {
             f"{i:03d}-{j:02d}-{image.seed}.{body.output_format}": data
@@ -183,7 +185,7 @@ def choose_response_format(asked: str | None, count: int, accept: str | None) ->
 async def respond(
     images: list[ImageResult], options: OutputOptions, form: str, request_id: str, model: str
 ) -> Response | GenerateResponse:
-    encoded = await encode_images(images, options.output_format, options.quality, model)
+    encoded = await encode_results(images, options.output_format, options.quality, model)
     if form == "image":
         image = images[0]
         return Response(encoded[0], media_type=MEDIA_TYPES[options.output_format], headers=image_headers(image))

@@ -14,9 +14,9 @@ from fastapi import APIRouter, Form, Request, UploadFile
 from pydantic import Field
 
 from ...pipeline.tasks import ImageResult
-from ..encoding import b64
+from ...service.encoding import b64, encode_results
+from ..dependencies import Service
 from ..errors import ApiError, request_id_of
-from ..serving import Service, encode_images
 from .protocol import (
     FIELD_NAMES,
     ImageEditFields,
@@ -37,8 +37,8 @@ class ImageEditForm(ImageEditFields):
 
 @router.post("/images/generations", response_model=ImagesResponse, summary="OpenAI: create image")
 async def create_image(body: ImageGenerationRequest, request: Request, service: Service):
-    jobs = service.jobs_for(body.image_params(), body.n, request_id_of(request), names=FIELD_NAMES)
-    return await _response(await service.generate(jobs), body, service.model)
+    tasks = service.tasks_for(body.image_params(), body.n, request_id_of(request), names=FIELD_NAMES)
+    return await _response(await service.generate(tasks), body, service.model)
 
 
 @router.post(
@@ -55,14 +55,8 @@ async def edit_image(
 ):
     params = form.image_params()
     init_image = await service.init_image(await form.image.read(), params, "image", form.image.content_type)
-    jobs = service.jobs_for(
-        params,
-        form.n,
-        request_id_of(request),
-        init_image=init_image,
-        names=FIELD_NAMES,
-    )
-    return await _response(await service.generate(jobs), form, service.model)
+    tasks = service.tasks_for(params, form.n, request_id_of(request), init_image=init_image, names=FIELD_NAMES)
+    return await _response(await service.generate(tasks), form, service.model)
 
 
 @router.get("/models", response_model=ModelList, summary="OpenAI: list models")
@@ -83,7 +77,7 @@ async def get_model(model_id: str, service: Service):
 
 
 async def _response(images: list[ImageResult], body: ImageGenerationRequest, model: str) -> ImagesResponse:
-    encoded = await encode_images(images, body.output_format, body.output_compression or 90, model)
+    encoded = await encode_results(images, body.output_format, body.output_compression or 90, model)
     return ImagesResponse(
         created=int(time.time()),
         data=[ImageObject(b64_json=b64(data), seed=image.seed) for image, data in zip(images, encoded)],

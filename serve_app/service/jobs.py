@@ -1,0 +1,196 @@
+"""The jobs service: submit a request as a job, find a caller's jobs, follow and cancel them, refine a
+stored image. Records and images are read from the store by any ingress replica; every change goes
+through the one JobManager. Used by the jobs API and by every family that can answer with a job
+(native `Prefer: respond-async`, AUTOMATIC1111's progress and interrupt).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
+
+import numpy as np
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+from ..job_queue.records import JobRecord, JobStatus, Webhook, created_at, is_job_id, new_job_id, owner_of
+from ..job_queue.store import JobStore
+from ..pipeline.errors import GenerationError
+from ..pipeline.params import ImageParams, RefinerParams
+from .encoding import decode_init_image, encode_image
+from .errors import ApiError
+from .generation import GenerationService
+
+
+class JobService:
+    def __init__(self, manager: DeploymentHandle | None, store: JobStore | None, generation: GenerationService):
+        self.manager = manager  # the JobManager: every change to a job goes through it
+        self.store = store  # job records and images, read directly by every ingress replica
+        self.generation = generation
+        self.settings = generation.settings
+
+    # -- who and which ---------------------------------------------------------------------------
+
+    def owner(self, api_key: str | None) -> str | None:
+        """With API keys on, a job belongs to the key that submitted it; others cannot see it."""
+        if not self.settings.auth.enabled:
+            return None
+        return owner_of(api_key or None)
+
+    async def find(self, job_id: str, owner: str | None) -> JobRecord:
+        """The caller's job, or 404 (unknown, malformed or someone else's) / 410 (deleted after its retention)."""
+        record = await asyncio.to_thread(self.store.get, job_id) if is_job_id(job_id) else None
+        if record is None or record.owner != owner:
+            if (
+                record is None
+                and is_job_id(job_id)
+                and created_at(job_id) < time.time() - self.settings.jobs.retention_s
+            ):
+                raise ApiError(410, "job_expired", f"job {job_id} was deleted after the retention period")
+            raise ApiError(404, "job_not_found", f"no job {job_id}")
+        return record
+
+    async def list(
+        self, status: JobStatus | None, owner: str | None, limit: int, cursor: str | None
+    ) -> tuple[list[tuple[JobRecord, dict | None]], str | None]:
+        """A page of the caller's jobs, newest first, each with its live state; and the next page's cursor."""
+        records, next_cursor = await asyncio.to_thread(self.store.list, status, owner, limit, cursor)
+        return [(record, await self.live_state(record)) for record in records], next_cursor
+
+    async def image(self, record: JobRecord, index: int) -> bytes:
+        """The stored PNG of image `index` of a job: 409 while it runs, 404 past its images, 410 once deleted."""
+        if record.status != JobStatus.succeeded:
+            raise ApiError(
+                409, "job_not_finished", f"job {record.id} is {record.status.value}; its images come when it succeeds"
+            )
+        if not 0 <= index < len(record.images):
+            raise ApiError(404, "image_not_found", f"job {record.id} has images 0 to {len(record.images) - 1}", "index")
+        data = await asyncio.to_thread(self.store.get_image, record.id, index)
+        if data is None:
+            raise ApiError(410, "job_expired", f"the images of job {record.id} were deleted")
+        return data
+
+    # -- changes, through the JobManager ---------------------------------------------------------
+
+    async def submit(
+        self,
+        params: ImageParams,
+        num_images: int,
+        request_id: str,
+        owner: str | None,
+        *,
+        init_image: np.ndarray | None = None,
+        webhook: Webhook | None = None,
+        refined_from: str | None = None,
+        preview_every: int | None = None,
+    ) -> JobRecord:
+        """Check, seed and hand a job to the JobManager, which stores it before answering."""
+        if webhook is not None:
+            check_webhook(webhook, self.settings.jobs.webhook_hosts)
+        tasks = self.generation.tasks_for(params, num_images, request_id)
+        record = JobRecord(
+            id=new_job_id(),
+            created_at=time.time(),
+            owner=owner,
+            request_id=request_id,
+            model=tasks[0].params.model,
+            kind="txt2img" if init_image is None else "img2img",
+            params=tasks[0].params,
+            seeds=[task.seed for task in tasks],
+            webhook=webhook,
+            refined_from=refined_from,
+            preview_every=preview_every,
+        )
+        init_png = None if init_image is None else await asyncio.to_thread(encode_image, init_image, "png")
+        return await self.call_manager(self.manager.submit.remote(record, init_png))
+
+    async def refine(
+        self,
+        source: JobRecord,
+        image: int,
+        request_id: str,
+        owner: str | None,
+        *,
+        prompt: str | None = None,
+        negative_prompt: str | None = None,
+        strength: float,
+        num_inference_steps: int | None = None,
+        seed: int | None = None,
+        refiner: bool | None = None,
+        webhook: Webhook | None = None,
+    ) -> JobRecord:
+        """A new job: image-to-image on image `image` of `source`, its parameters unless given."""
+        if source.status != JobStatus.succeeded or image >= len(source.images):
+            raise ApiError.invalid(
+                "image", f"job {source.id} has no stored image {image} (it is {source.status.value})"
+            )
+        png = await self.image(source, image)
+        limits = self.generation.models.limits_for(source.params.model)
+        init_image = await asyncio.to_thread(decode_init_image, png, limits, None, None)
+        stored = source.images[image]
+        # By default the steps the image was made with, and never so few that the strength leaves none.
+        steps = num_inference_steps or max(stored.metadata.get("num_inference_steps") or 1, math.ceil(1 / strength))
+        with_refiner = (source.params.model or self.generation.models.default) in self.generation.models.with_refiner
+        params = ImageParams(
+            prompt=prompt or source.params.prompt,
+            negative_prompt=source.params.negative_prompt if negative_prompt is None else negative_prompt,
+            num_inference_steps=steps,
+            guidance_scale=source.params.guidance_scale,
+            scheduler=source.params.scheduler,
+            seed=stored.seed if seed is None else seed,
+            strength=strength,
+            model=source.params.model,
+            loras=source.params.loras,
+            refiner=RefinerParams() if (with_refiner if refiner is None else refiner) else None,
+        )
+        return await self.submit(
+            params, 1, request_id, owner, init_image=init_image, webhook=webhook, refined_from=f"{source.id}/{image}"
+        )
+
+    async def cancel(self, job_id: str, owner: str | None) -> JobRecord:
+        await self.find(job_id, owner)
+        return await self.call_manager(self.manager.cancel.remote(job_id, owner))
+
+    async def events(self, job_id: str, owner: str | None) -> AsyncIterator[dict]:
+        """The job's events from now on: its current state first, then each change, ending with the final one.
+        The job is found (404/410) before this returns, so a stream is only opened for a job that exists."""
+        await self.find(job_id, owner)
+        return self.manager.options(stream=True).events.remote(job_id)
+
+    async def live_state(self, record: JobRecord) -> dict | None:
+        """Queue position or progress of an unfinished job (None once it ended)."""
+        if record.status.final:
+            return None
+        return await self.call_manager(self.manager.live.remote(record.id))
+
+    async def running_job_of(self, owner: str | None) -> str | None:
+        """The caller's most recently started running job."""
+        return await self.call_manager(self.manager.running_job_of.remote(owner))
+
+    async def manager_info(self) -> dict | None:
+        return await self.call_manager(self.manager.info.remote()) if self.manager else None
+
+    async def call_manager(self, response):
+        """A JobManager call; its refusals (429, 503, 404, 409) as API errors."""
+        try:
+            return await response
+        except GenerationError as exc:
+            raise ApiError.of(exc) from None
+        except (RayActorError, DeploymentUnavailableError):
+            raise self.generation.unavailable("job_queue_unavailable", "the job queue is restarting; retry") from None
+
+
+def check_webhook(webhook: Webhook, allowed_hosts: list[str]) -> None:
+    parts = urlsplit(webhook.url)
+    host = parts.hostname or ""
+    hostport = f"{host}:{parts.port}" if parts.port else host
+    if parts.scheme not in ("http", "https") or not host:
+        raise ApiError.invalid("webhook.url", "must be an http(s) URL")
+    if not allowed_hosts:
+        raise ApiError.invalid("webhook.url", "webhooks are off on this server (jobs.webhook_hosts is empty)")
+    if host not in allowed_hosts and hostport not in allowed_hosts:
+        raise ApiError.invalid("webhook.url", f"host {hostport} is not allowed; allowed: {', '.join(allowed_hosts)}")
