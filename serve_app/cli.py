@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -25,7 +26,6 @@ from .client import (
     API_KEY_ENV,
     DEFAULT_URL,
     FINAL_STATES,
-    REFOLLOW_PAUSE_S,
     URL_ENV,
     AsyncSDClient,
     GeneratedImage,
@@ -52,7 +52,7 @@ EXAMPLES = f"""examples:
   sd-serve job $ID --wait -o castle.png                         (follow it, then write castle-SEED.png)
   sd-serve jobs --status running                                (newest first; --json for all of it)
   sd-serve cancel $ID
-  sd-serve batch prompts.txt --out-dir out/ --concurrency 8     (run it again to resume)
+  sd-serve prompts prompts.txt --out-dir out/ --concurrency 8   (run it again to resume)
   sd-serve bulk prompts.jsonl out/ --model synthetic:tiny       (no server: Ray Data; run it again to resume)
   sd-serve health
   sd-serve synth tiny ./tiny-sd
@@ -157,7 +157,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_batch(args: argparse.Namespace) -> int:
+def cmd_prompts(args: argparse.Namespace) -> int:
     prompts = read_prompts(Path(args.prompts))
     if not prompts:
         raise UsageError(f"{args.prompts} holds no prompts (one per line; blank lines and # comments are skipped)")
@@ -165,16 +165,22 @@ def cmd_batch(args: argparse.Namespace) -> int:
         raise UsageError("--concurrency must be at least 1")
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    entries = plan_batch(prompts, out_dir, args.seed, args.num_images, EXTENSIONS[args.format])
+    entries = plan_prompts(prompts, out_dir, args.seed, args.num_images, EXTENSIONS[args.format])
     pending = [e for e in entries if not e.done()]
     skipped = sum(len(e.paths) for e in entries) - sum(len(e.paths) for e in pending)
-    outcome = asyncio.run(_run_batch(args, pending))
+    outcome = asyncio.run(_run_prompts(args, pending))
     print(outcome.summary(out_dir, skipped))
     for entry, error in outcome.failures:
         print(f"  line {entry.line} ({entry.prompt[:40]!r}): {error}", file=sys.stderr)
     if outcome.aborted:
         raise outcome.aborted
     return 1 if outcome.failures else 0
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    """`sd-serve batch`, the old name of `prompts` ("batch" now means only the images of one model call)."""
+    print("sd-serve batch is now sd-serve prompts; the old name will go", file=sys.stderr)
+    return cmd_prompts(args)
 
 
 def cmd_health(args: argparse.Namespace) -> int:
@@ -224,6 +230,15 @@ class StepProgress:
         """Where a job is before its steps run: queued (position N), running."""
         if self.enabled:
             self._shown().set_description_str(f"{self.desc} ({text})")
+
+    def event(self, kind: str, data: dict) -> None:
+        """One of a job's events: where it is (queued, running), then its steps."""
+        if kind == "queued":
+            self.state(f"queued, position {data.get('position')}")
+        elif kind == "running":
+            self.state("running")
+        elif kind == "progress":
+            self.update(data)
 
     def update(self, progress: dict) -> None:
         """A progress event: step, total_steps (model evaluations), images_done, num_images."""
@@ -332,27 +347,15 @@ def _submit(args: argparse.Namespace, init_image: Path | None = None, strength: 
 
 
 def _streamed(sd: SDClient, args: argparse.Namespace, output_format: str) -> Generation:
-    """/generate as server-sent events: progress on the bar, then the images. 503s are retried as sd.generate does."""
-    retry = 0
+    """/generate as server-sent events: progress on the bar, then the images (the client retries 503s)."""
     with StepProgress("generating") as progress:
-        while True:
-            try:
-                events = sd.stream(
-                    args.prompt, num_images=args.num_images, output_format=output_format, **_params(args)
-                )
-                for kind, data in events:
-                    if kind == "progress":
-                        progress.update(data)
-                    elif kind == "succeeded":
-                        progress.finish()
-                        return data
-            except SDServeError as exc:
-                if exc.status != 503 or retry >= sd.retry.max_retries:
-                    raise
-                time.sleep(sd.retry.delay_s(retry, exc.retry_after_s))
-                retry += 1
-                continue
-            raise SDServeError("the server's event stream ended before the images came")
+        for kind, data in sd.stream(
+            args.prompt, num_images=args.num_images, output_format=output_format, **_params(args)
+        ):
+            if kind == "progress":
+                progress.update(data)
+        progress.finish()
+    return data  # the last event is ("succeeded", Generation): the client raises on a failure or an early end
 
 
 def _img2img_as_job(
@@ -362,8 +365,9 @@ def _img2img_as_job(
     try:
         with StepProgress("generating") as progress:
             job = _follow(sd, job, progress)
-    except KeyboardInterrupt:  # the job would run on without us: stop it
-        _cancel_quietly(sd, job.id)
+    except KeyboardInterrupt:  # the job would run on without us: stop it (unless it has just ended)
+        with contextlib.suppress(SDServeError):
+            sd.cancel(job.id)
         raise
     if job.status != "succeeded":
         raise _ended(job)
@@ -371,39 +375,21 @@ def _img2img_as_job(
 
 
 def _follow(sd: SDClient, job: JobView, progress: StepProgress) -> JobView:
-    """The job's events until it ends (following again if the stream drops early); then the job as it ended."""
-    while True:
-        for kind, data in sd.events(job.id):
-            if kind == "queued":
-                progress.state(f"queued, position {data.get('position')}")
-            elif kind == "running":
-                progress.state("running")
-            elif kind == "progress":
-                progress.update(data)
-            elif kind in FINAL_STATES:
-                break
-        job = sd.job(job.id)
-        if job.status.final:
-            if job.status == "succeeded":
-                progress.finish()
-            return job
-        time.sleep(REFOLLOW_PAUSE_S)
+    """The job's state and steps on the bar until it ends (the client follows a stream that ends early
+    again); then the job as it ended."""
+    job = sd.wait(job.id, on_event=progress.event)
+    if job.status == "succeeded":
+        progress.finish()
+    return job
 
 
 def _download(
     sd: SDClient, job: JobView, output_format: str, quality: int | None
 ) -> tuple[list[GeneratedImage], list[str]]:
     """The job's images in `output_format`, each with its seed and the size of the model call that made it."""
-    images, warnings = [], []
-    query = {"format": output_format} if quality is None else {"format": output_format, "quality": quality}
-    for image in job.images:
-        response = sd.request("GET", image.url, params=query)
-        if response.status_code >= 400:
-            raise SDServeError.from_response(response)
-        media_type = response.headers.get("content-type", f"image/{output_format}")
-        images.append(GeneratedImage(response.content, image.seed, media_type, image.metadata.get("batch_size", 0)))
-        warnings += [w for w in image.metadata.get("warnings") or [] if w not in warnings]
-    return images, warnings
+    images = [sd.download(job.id, image.index, output_format, quality) for image in job.images]
+    warnings = [warning for image in job.images for warning in image.metadata.get("warnings") or []]
+    return images, list(dict.fromkeys(warnings))
 
 
 def _ended(job: JobView) -> SDServeError:
@@ -412,18 +398,11 @@ def _ended(job: JobView) -> SDServeError:
     return SDServeError(f"job {job.id} {job.status.value}{reason}")
 
 
-def _cancel_quietly(sd: SDClient, job_id: str) -> None:
-    try:
-        sd.cancel(job_id)
-    except SDServeError:
-        pass
-
-
-# -- batch: a prompt file, resumable ------------------------------------------------------------
+# -- prompts: a prompt file, resumable ----------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class BatchEntry:
+class PromptLine:
     """One line of the prompt file and the files its images go to."""
 
     line: int
@@ -436,10 +415,10 @@ class BatchEntry:
 
 
 @dataclass
-class BatchOutcome:
+class PromptsOutcome:
     written: int = 0
     elapsed_s: float = 0.0
-    failures: list[tuple[BatchEntry, SDServeError]] | None = None
+    failures: list[tuple[PromptLine, SDServeError]] | None = None
     aborted: SDServeConnectionError | None = None
 
     def summary(self, out_dir: Path, skipped: int) -> str:
@@ -456,9 +435,9 @@ def read_prompts(path: Path) -> list[tuple[int, str]]:
     return [(n, text.strip()) for n, text in enumerate(lines, 1) if text.strip() and not text.lstrip().startswith("#")]
 
 
-def plan_batch(
+def plan_prompts(
     prompts: list[tuple[int, str]], out_dir: Path, base_seed: int, num_images: int, extension: str
-) -> list[BatchEntry]:
+) -> list[PromptLine]:
     """Seeds and file names follow from the line number, so a second run finds what the first wrote.
 
     Line n, image i gets seed base + (n-1) x num_images + i and the file NNNNN-SEED.EXT.
@@ -467,12 +446,12 @@ def plan_batch(
     for line, prompt in prompts:
         seeds = [(base_seed + (line - 1) * num_images + i) % SEED_MODULUS for i in range(num_images)]
         paths = [out_dir / f"{line:05d}-{seed}.{extension}" for seed in seeds]
-        entries.append(BatchEntry(line, prompt, seeds, paths))
+        entries.append(PromptLine(line, prompt, seeds, paths))
     return entries
 
 
-async def _run_batch(args: argparse.Namespace, pending: list[BatchEntry]) -> BatchOutcome:
-    outcome = BatchOutcome(failures=[])
+async def _run_prompts(args: argparse.Namespace, pending: list[PromptLine]) -> PromptsOutcome:
+    outcome = PromptsOutcome(failures=[])
     params = _params(args, with_seed=False)
     slots = asyncio.Semaphore(args.concurrency)
     progress = tqdm(
@@ -480,7 +459,7 @@ async def _run_batch(args: argparse.Namespace, pending: list[BatchEntry]) -> Bat
     )
     started = time.perf_counter()
 
-    async def run(entry: BatchEntry, sd: AsyncSDClient) -> None:
+    async def run(entry: PromptLine, sd: AsyncSDClient) -> None:
         async with slots:
             if outcome.aborted:
                 return
@@ -698,7 +677,7 @@ def _async_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _image_options(parser: argparse.ArgumentParser, batch: bool = False) -> None:
+def _image_options(parser: argparse.ArgumentParser, prompt_file: bool = False) -> None:
     group = parser.add_argument_group("image")
     group.add_argument("--negative", metavar="TEXT", help="negative prompt")
     group.add_argument("--size", type=parse_size, metavar="WxH", help="e.g. 512x512 (default: the model's)")
@@ -716,19 +695,27 @@ def _image_options(parser: argparse.ArgumentParser, batch: bool = False) -> None
     group.add_argument(
         "--seed",
         type=int,
-        default=0 if batch else None,
+        default=0 if prompt_file else None,
         help="base seed: line n, image i gets seed + (n-1) x num-images + i (default: 0)"
-        if batch
+        if prompt_file
         else "seed of the first image; image i gets seed + i (default: random)",
     )
     group.add_argument("--num-images", type=int, default=1, metavar="N", help="images per prompt (default: 1)")
     group.add_argument(
         "--format",
         choices=sorted(EXTENSIONS),
-        default="png" if batch else None,
-        help="image format (default: png" + (")" if batch else ", or from the -o file's suffix)"),
+        default="png" if prompt_file else None,
+        help="image format (default: png" + (")" if prompt_file else ", or from the -o file's suffix)"),
     )
     group.add_argument("--quality", type=int, help="JPEG/WebP quality 1-100 (default: 90)")
+
+
+def _prompt_file_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompts", help="text file: one prompt per line; blank lines and # comments are skipped")
+    parser.add_argument("--out-dir", required=True, help="where images go, as NNNNN-SEED.png (NNNNN: line number)")
+    parser.add_argument("--concurrency", type=int, default=4, metavar="N", help="requests in flight (default: 4)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _image_options(parser, prompt_file=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -742,10 +729,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     shared = _connection_options(suppress=True)
 
-    def command(name: str, help_text: str, example: str) -> argparse.ArgumentParser:
+    def command(name: str, help_text: str, example: str, listed: bool = True) -> argparse.ArgumentParser:
+        """A command; one not `listed` (an old name) runs but is left out of the list: argparse lists
+        only the commands given a help text."""
         return commands.add_parser(
             name,
-            help=help_text,
+            **({"help": help_text} if listed else {}),
             description=help_text,
             epilog=f"example:\n  {example}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -772,16 +761,13 @@ def build_parser() -> argparse.ArgumentParser:
     _image_options(img2img)
     img2img.set_defaults(run=cmd_img2img)
 
-    batch = command(
-        "batch",
-        "a prompt file, one prompt per line, N requests at a time; run again to resume",
-        "sd-serve batch prompts.txt --out-dir out/ --concurrency 8 --size 512x512",
-    )
-    batch.add_argument("prompts", help="text file: one prompt per line; blank lines and # comments are skipped")
-    batch.add_argument("--out-dir", required=True, help="where images go, as NNNNN-SEED.png (NNNNN: line number)")
-    batch.add_argument("--concurrency", type=int, default=4, metavar="N", help="requests in flight (default: 4)")
-    batch.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    _image_options(batch, batch=True)
+    prompts_help = "a prompt file, one prompt per line, N requests at a time; run again to resume"
+    prompts_example = "sd-serve prompts prompts.txt --out-dir out/ --concurrency 8 --size 512x512"
+    prompts = command("prompts", prompts_help, prompts_example)
+    _prompt_file_arguments(prompts)
+    prompts.set_defaults(run=cmd_prompts)
+    batch = command("batch", f"the old name of `sd-serve prompts`: {prompts_help}", prompts_example, listed=False)
+    _prompt_file_arguments(batch)
     batch.set_defaults(run=cmd_batch)
 
     jobs = command("jobs", "list jobs, newest first", "sd-serve jobs --status running --limit 50")

@@ -84,10 +84,10 @@ def test_health_shows_liveness_readiness_and_what_is_served(sd_serve):
     assert report["live"] is True and report["info"]["limits"]["max_width"] == 256
 
 
-def test_batch_writes_every_prompt_and_a_rerun_only_fills_the_gaps(sd_serve, tmp_path):
+def test_prompts_writes_every_prompt_and_a_rerun_only_fills_the_gaps(sd_serve, tmp_path):
     (tmp_path / "prompts.txt").write_text("a cat\n\n# skipped\na dog\na bird\na fish\n")
-    batch = ("batch", "prompts.txt", "--out-dir", "out", "--concurrency", "3", "--seed", "100")
-    status, out, err = sd_serve(*batch)
+    prompts = ("prompts", "prompts.txt", "--out-dir", "out", "--concurrency", "3", "--seed", "100")
+    status, out, err = sd_serve(*prompts)
     assert status == 0
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == ["00001-100.png", "00004-103.png", "00005-104.png", "00006-105.png"]
@@ -99,20 +99,28 @@ def test_batch_writes_every_prompt_and_a_rerun_only_fills_the_gaps(sd_serve, tmp
     first = {name: path.read_bytes() for name, path in files.items()}
     stamps = {name: path.stat().st_mtime_ns for name, path in files.items()}
     files["00004-103.png"].unlink()
-    status, out, err = sd_serve(*batch)
+    status, out, err = sd_serve(*prompts)
     assert status == 0 and "1 image written" in out and "3 already there, skipped" in out and "1/1" in err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == names
     assert all(files[n].stat().st_mtime_ns == stamps[n] for n in names if n != "00004-103.png")
     assert max_diff(decode(files["00004-103.png"].read_bytes()), decode(first["00004-103.png"])) <= 1
 
-    status, out, _ = sd_serve(*batch, "--quiet")
+    status, out, _ = sd_serve(*prompts, "--quiet")
     assert status == 0 and "0 images written" in out and "4 already there" in out
 
 
-def test_batch_reports_failed_prompts_and_exits_non_zero(sd_serve, tmp_path):
+def test_batch_is_the_old_name_of_prompts_and_says_so(sd_serve, tmp_path):
+    (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
+    status, out, err = sd_serve("batch", "prompts.txt", "--out-dir", "out", "--seed", "3", "--quiet")
+    assert status == 0 and "2 images written to out" in out
+    assert err == "sd-serve batch is now sd-serve prompts; the old name will go\n"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["00001-3.png", "00002-4.png"]
+
+
+def test_prompts_reports_failed_prompts_and_exits_non_zero(sd_serve, tmp_path):
     too_long = "x" * 3000  # over the server's max_prompt_chars: 422 for that line only
     (tmp_path / "prompts.txt").write_text(f"a cat\n{too_long}\na dog\n")
-    status, out, err = sd_serve("batch", "prompts.txt", "--out-dir", "out", "--num-images", "2", "--format", "jpeg")
+    status, out, err = sd_serve("prompts", "prompts.txt", "--out-dir", "out", "--num-images", "2", "--format", "jpeg")
     assert status == 1
     assert "4 images written" in out and "1 prompt failed" in out
     assert "line 2" in err and "422 invalid_request" in err
@@ -232,7 +240,7 @@ def test_console_script_is_installed(demo_server, tmp_path):
     assert done.returncode == 0, done.stderr
     assert decode((tmp_path / "x.png").read_bytes()).size == (64, 64)
     done = subprocess.run([str(sd_serve_script), "--help"], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0 and "sd-serve batch prompts.txt" in done.stdout
+    assert done.returncode == 0 and "sd-serve prompts prompts.txt" in done.stdout
     done = subprocess.run(
         [str(sd_serve_script), "generate", "x", "--url", demo_server, "--async"],
         capture_output=True,

@@ -45,13 +45,16 @@ def test_img2img_from_a_path_bytes_or_a_pil_image_gives_the_same_image(sd, tmp_p
     assert max(max_diff(results[0].image, r.image) for r in results[1:]) <= 1
 
 
-def test_batch_of_prompts_and_of_full_requests(sd):
-    results = sd.batch(["a cat", "a dog"], seed=100)
+def test_many_prompts_and_full_requests_in_one_request(sd):
+    results = sd.generate_prompts(["a cat", "a dog"], seed=100)
     assert [r.metadata.prompt for r in results] == ["a cat", "a dog"]
     assert [r.seeds for r in results] == [[100], [101]]
-    results = sd.batch([{"prompt": "a bird", "num_images": 2, "seed": 7}, "a fish"], num_inference_steps=3)
+    results = sd.generate_prompts([{"prompt": "a bird", "num_images": 2, "seed": 7}, "a fish"], num_inference_steps=3)
     assert results[0].seeds == [7, 8] and len(results[1].images) == 1
     assert {r.metadata.num_inference_steps for r in results} == {3}
+    with pytest.warns(DeprecationWarning, match="batch is now generate_prompts"):
+        old_name = sd.batch(["a cat", "a dog"], seed=100)
+    assert [r.seeds for r in old_name] == [[100], [101]]
 
 
 def test_server_errors_become_exceptions_with_the_servers_fields(sd):
@@ -61,7 +64,7 @@ def test_server_errors_become_exceptions_with_the_servers_fields(sd):
     assert (error.status, error.code, error.field) == (422, "invalid_request", "width")
     assert "between 64 and 256" in error.message and error.request_id
     with pytest.raises(SDServeError) as caught:
-        sd.batch([{"prompt": "ok"}, {"prompt": "x", "num_images": 9}])
+        sd.generate_prompts([{"prompt": "ok"}, {"prompt": "x", "num_images": 9}])
     assert caught.value.field == "requests.1.num_images"
 
 
@@ -80,6 +83,29 @@ def test_async_client_sends_requests_concurrently(demo_server):
     results = asyncio.run(generate_four())
     assert [r.seeds for r in results] == [[0], [1], [2], [3]]
     assert len({r.request_id for r in results}) == 4
+
+
+def test_async_client_submits_waits_lists_downloads_and_streams(demo_server):
+    async def scenario():
+        async with AsyncSDClient(demo_server, timeout_s=60) as sd:
+            job = await sd.submit("async job", seed=12, num_images=2, num_inference_steps=3)
+            events = []
+            done = await sd.wait(job.id, on_event=lambda kind, data: events.append(kind))
+            assert done.status == "succeeded", done.error
+            image = await sd.download(job.id, 1, "webp")
+            listed, _ = await sd.jobs(status="succeeded", limit=5)
+            again = [kind async for kind, _ in sd.events(job.id)]  # an ended job's stream: its final event
+            streamed = [event async for event in sd.stream("async stream", seed=4, num_inference_steps=3)]
+            return job, done, events, image, listed, again, streamed
+
+    job, done, events, image, listed, again, streamed = asyncio.run(scenario())
+    assert job.status == "queued" and done.seeds == [12, 13]
+    assert events[-1] == "succeeded"  # progress too, unless the job ended before its stream opened
+    assert image.seed == 13 and image.media_type == "image/webp" and image.image.format == "WEBP"
+    assert image.image.size == (64, 64) and image.batch_size >= 1
+    assert job.id in [j.id for j in listed] and again[-1] == "succeeded"
+    assert [kind for kind, _ in streamed[:-1]] == ["progress"] * (len(streamed) - 1)
+    assert streamed[-1][0] == "succeeded" and streamed[-1][1].seeds == [4]
 
 
 def test_nothing_listening_is_a_connection_error():

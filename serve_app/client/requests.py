@@ -1,0 +1,159 @@
+"""Each request of the native API as data: its method, path and body, built from a method's options.
+
+Pure: nothing here sends anything. The options are TypedDicts, so that the sync and async clients
+take exactly the same keyword arguments, declared once, and a type checker sees them.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypedDict
+
+import httpx
+from PIL import Image
+
+OutputFormat = Literal["png", "jpeg", "webp"]
+InitImage = str | os.PathLike | bytes | Image.Image
+
+
+class ImageOptions(TypedDict, total=False):
+    """What every generating method takes besides the prompt. One left out (or None) takes the
+    server's default, which GET /info shows; `num_images` defaults to 1."""
+
+    negative_prompt: str | None
+    width: int | None
+    height: int | None
+    num_inference_steps: int | None
+    guidance_scale: float | None
+    seed: int | None  # image i gets seed + i; default: random
+    scheduler: str | None
+    model: str | None  # one of GET /models; default: the server's default model
+    loras: dict[str, float] | None  # LoRA adapter name -> scale
+    num_images: int
+
+
+class GenerateOptions(ImageOptions, total=False):
+    """generate, stream and generate_prompts: the image options and how the images are encoded."""
+
+    output_format: OutputFormat  # default: png (which embeds the generation parameters)
+    quality: int | None  # jpeg/webp, 1-100
+
+
+class Img2ImgOptions(GenerateOptions, total=False):
+    strength: float | None  # 0-1: how far to move from the init image
+
+
+class JobOptions(ImageOptions, total=False):
+    """submit: the image options, an init image for image to image, and a webhook.
+    Jobs store PNGs; the format is chosen when an image is downloaded."""
+
+    init_image: InitImage | None
+    strength: float | None
+    webhook: str | None  # a URL the server POSTs the final job to (its host must be allowed there)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request as the client core wants it sent: what httpx's build_request takes."""
+
+    method: str
+    path: str
+    options: Mapping[str, Any] = field(default_factory=dict)  # json, params, headers, timeout
+    streamed: bool = False  # the answer is read a line at a time (server-sent events)
+
+    def build(self, http: httpx.Client | httpx.AsyncClient) -> httpx.Request:
+        """The request as `http` sends it: its base URL, headers and time-out applied."""
+        return http.build_request(self.method, self.path, **self.options)
+
+
+def generate(prompt: str, options: Mapping[str, Any]) -> Request:
+    return Request("POST", "/generate", {"json": _generation_body(prompt, options, GenerateOptions)})
+
+
+def generate_streamed(prompt: str, options: Mapping[str, Any]) -> Request:
+    """/generate asked for progress events, then its answer as the last event."""
+    body = _generation_body(prompt, options, GenerateOptions)
+    return Request("POST", "/generate", {"json": body, "headers": {"Accept": "text/event-stream"}}, streamed=True)
+
+
+def img2img(prompt: str, init_image: InitImage, options: Mapping[str, Any]) -> Request:
+    body = {**_generation_body(prompt, options, Img2ImgOptions), "init_image": encode_init_image(init_image)}
+    return Request("POST", "/img2img", {"json": body})
+
+
+def generate_prompts(entries: Sequence[str | Mapping[str, Any]], shared: Mapping[str, Any]) -> Request:
+    """Strings share the `shared` options; mappings are whole entries, overriding them."""
+    body = _fields(shared, GenerateOptions)
+    if all(isinstance(e, str) for e in entries):
+        body["prompts"] = list(entries)
+    else:
+        body["requests"] = [{"prompt": e} if isinstance(e, str) else dict(e) for e in entries]
+    body["response_format"] = "json"
+    return Request("POST", "/generate/prompts", {"json": body})
+
+
+def submit(prompt: str, options: Mapping[str, Any]) -> Request:
+    body = {"prompt": prompt, "num_images": 1, **_fields(options, JobOptions)}
+    if "init_image" in body:
+        body["init_image"] = encode_init_image(body["init_image"])
+    if "webhook" in body:
+        body["webhook"] = {"url": body["webhook"]}
+    return Request("POST", "/jobs", {"json": body})
+
+
+def job(job_id: str) -> Request:
+    return Request("GET", f"/jobs/{job_id}")
+
+
+def jobs(status: str | None, limit: int, cursor: str | None) -> Request:
+    query = {k: v for k, v in {"status": status, "limit": limit, "cursor": cursor}.items() if v is not None}
+    return Request("GET", "/jobs", {"params": query})
+
+
+def cancel(job_id: str) -> Request:
+    return Request("DELETE", f"/jobs/{job_id}")
+
+
+def job_image(job_id: str, index: int, output_format: OutputFormat, quality: int | None) -> Request:
+    query = {"format": output_format} if quality is None else {"format": output_format, "quality": quality}
+    return Request("GET", f"/jobs/{job_id}/images/{index}", {"params": query})
+
+
+def job_events(job_id: str) -> Request:
+    """A job's events: no time-out, as a job may wait long in the queue between two events."""
+    return Request("GET", f"/jobs/{job_id}/events", {"timeout": None}, streamed=True)
+
+
+def encode_init_image(image: InitImage) -> str:
+    """A path, raw bytes or a PIL image as the base64 the /img2img JSON body takes."""
+    if isinstance(image, Image.Image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        data = buffer.getvalue()
+    elif isinstance(image, bytes | bytearray):
+        data = bytes(image)
+    else:
+        data = Path(image).read_bytes()
+    return base64.b64encode(data).decode("ascii")
+
+
+def _generation_body(prompt: str, options: Mapping[str, Any], accepted: type) -> dict[str, Any]:
+    """The body of a request answered with images: JSON, so each image comes with its seed and metadata."""
+    defaults = {"num_images": 1, "output_format": "png"}
+    return {"prompt": prompt, **defaults, **_fields(options, accepted), "response_format": "json"}
+
+
+def _fields(options: Mapping[str, Any], accepted: type) -> dict[str, Any]:
+    """The options that are set, as the API names them; an option the method does not take is a TypeError."""
+    unknown = set(options) - accepted.__optional_keys__
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(unknown))}")
+    fields = {name: value for name, value in options.items() if value is not None}
+    if loras := fields.pop("loras", None):
+        fields["loras"] = [{"name": name, "scale": scale} for name, scale in loras.items()]
+    return fields
