@@ -28,6 +28,7 @@ from .pipeline.adapters import AdapterSettings
 from .pipeline.engines import Progress
 from .pipeline.errors import InsufficientMemoryError, InvalidTaskError
 from .pipeline.tasks import ImageResult, ImageTask
+from .service.streams import latest_then_outcome
 
 logger = logging.getLogger("ray.serve")
 
