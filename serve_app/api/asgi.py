@@ -11,6 +11,7 @@ from ..service.jobs import JobService
 from . import health
 from .a1111 import routes as a1111_routes
 from .errors import install_error_handlers
+from .guides import routes as guide_routes
 from .jobs import routes as job_routes
 from .jobs.protocol import JobRequest
 from .middleware import (
@@ -31,6 +32,7 @@ DESCRIPTION = """Text-to-image and image-to-image with dynamic batching on Ray S
 * Native API: `/generate`, `/generate/prompts`, `/img2img`, `/info`, `/healthz`.
 * OpenAI Images API: `/v1/images/generations`, `/v1/images/edits`, `/v1/models`.
 * AUTOMATIC1111 API: `/sdapi/v1/txt2img`, `/sdapi/v1/img2img`, `/sdapi/v1/samplers`, `/sdapi/v1/sd-models`.
+* The tutorials' own routes: `GET /generate?prompt=`, `POST /generate_images`, `GET /health`, `/status/{id}`, `/download/{id}`.
 
 Errors: `{"error": {"code", "message", "field"}, "request_id"}` (OpenAI's shape under `/v1`);
 every response carries `X-Request-Id`.
@@ -92,6 +94,7 @@ def create_api(
     app.include_router(health.router)
     app.include_router(openai_routes.router)
     app.include_router(a1111_routes.router)
+    app.include_router(guide_routes.router)
     mount_web_page(app)
     mount_docs(app)
     publish_limits_in_openapi(app, limits, service.models)

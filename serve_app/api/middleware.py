@@ -144,7 +144,7 @@ class OutcomeCounterMiddleware:
 
 # Routes anyone may call when API keys are on: probes, the web page and the API description.
 OPEN_PATHS = frozenset(
-    {"/", "/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/favicon.ico"}
+    {"/", "/healthz", "/readyz", "/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/favicon.ico"}
 )
 OPEN_PREFIXES = ("/web/", "/docs-assets/")
 
@@ -214,7 +214,7 @@ class ConcurrencyLimitMiddleware:
         return len(self.answered) / self.RATE_WINDOW_S if len(self.answered) >= self.MIN_ANSWERS else None
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("method") != "POST":
+        if scope["type"] != "http" or not _makes_images(scope):
             return await self.app(scope, receive, send)
         if self.active >= self.limit:
             message = f"server busy: {self.active} requests in flight; retry after {self.retry_after_s}s"
@@ -254,6 +254,15 @@ class ConcurrencyLimitMiddleware:
             self.active -= 1
             if synchronous and status == 200:
                 self.answered.append(time.monotonic())
+
+
+# GET routes that make an image (the tutorials' GET /generate?prompt=...): admitted like a POST.
+_GENERATING_GETS = frozenset({"/generate"})
+
+
+def _makes_images(scope) -> bool:
+    method = scope.get("method")
+    return method == "POST" or (method == "GET" and scope.get("path") in _GENERATING_GETS)
 
 
 def _is_job(scope) -> bool:
