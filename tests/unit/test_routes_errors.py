@@ -97,7 +97,7 @@ def test_unknown_routes_are_404_in_each_familys_shape(client):
 
 
 def test_a_wrong_method_is_405_in_each_familys_shape(client):
-    assert_our_error(client.get("/generate"), 405, "method_not_allowed")
+    assert_our_error(client.put("/generate", json={}), 405, "method_not_allowed")  # GET /generate?prompt= exists
     assert_our_error(client.put("/sdapi/v1/txt2img", json={}), 405, "method_not_allowed")
     assert_openai_error(client.get("/v1/images/generations"), 405, "method_not_allowed", "invalid_request_error")
 
