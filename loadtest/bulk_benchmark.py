@@ -12,7 +12,7 @@ pipeline options and defaults everywhere):
      --engines, with --max-batch-size at the raw engine's best batch size. Images/s from the
      manifest: from the first row finished to the last (start-up aside, as the ceiling leaves
      model loading aside), and end to end (the command's wall time, Ray's start included);
-  3. `sd-serve batch` through the demo server (`serve run` of the config on a free port) on
+  3. `sd-serve prompts` through the demo server (`serve run` of the config on a free port) on
      the same prompts, at --concurrency, its own images/s. It sends one set of parameters
      for every line, so it runs only when the mix has one size and one step count.
 Writes summary.json and report.md to --out (default results/bulk-benchmark-<time>/).
@@ -99,18 +99,18 @@ def run_bulk(
 
 
 def run_http(config: Path, prompts: list[str], out: Path, concurrency: int, params: list[str]) -> dict:
-    """`sd-serve batch` through the demo server; its own summary line gives images/s."""
+    """`sd-serve prompts` through the demo server; its own summary line gives images/s."""
     prompts_file = out / "prompts.txt"
     prompts_file.write_text("".join(p.replace("\n", " ") + "\n" for p in prompts))
     with serve_server(config, out / "logs") as server:
-        command = [sys.executable, "-m", "serve_app.cli", "--url", server.url, "batch", str(prompts_file)]
+        command = [sys.executable, "-m", "serve_app.cli", "--url", server.url, "prompts", str(prompts_file)]
         command += ["--out-dir", str(out / "http-images"), "--concurrency", str(concurrency), "-q", *params]
         done = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
-        raise RuntimeError(f"sd-serve batch exited with {done.returncode}:\n{done.stderr[-2000:]}")
+        raise RuntimeError(f"sd-serve prompts exited with {done.returncode}:\n{done.stderr[-2000:]}")
     match = re.search(r"(\d+) images? written .* in ([\d.]+) s \(([\d.]+) images/s\)", done.stdout)
     if not match:
-        raise RuntimeError(f"no summary in sd-serve batch's output:\n{done.stdout[-2000:]}")
+        raise RuntimeError(f"no summary in sd-serve prompts's output:\n{done.stdout[-2000:]}")
     return {"images": int(match[1]), "seconds": float(match[2]), "images_per_s": float(match[3])}
 
 
@@ -134,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1, help="runs of each engine, alternated (default 1)")
     parser.add_argument("--batch-sizes", type=parse_levels, default=[1, 2, 4, 8, 16], help="raw engine batch sizes")
     parser.add_argument("--seconds", type=float, default=4.0, help="raw engine: seconds per batch size")
-    parser.add_argument("--concurrency", type=int, default=16, help="sd-serve batch: requests in flight")
-    parser.add_argument("--no-http", action="store_true", help="leave out sd-serve batch through the server")
+    parser.add_argument("--concurrency", type=int, default=16, help="sd-serve prompts: requests in flight")
+    parser.add_argument("--no-http", action="store_true", help="leave out sd-serve prompts through the server")
     parser.add_argument("--bulk-args", default="", help="more options for serve_app.bulk, e.g. '--no-sort'")
     parser.add_argument("--out", type=Path, default=Path("results") / time.strftime("bulk-benchmark-%Y%m%d-%H%M%S"))
     add_mix_arguments(parser)
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     http = None
     uniform = len(mix.sizes.choices) == 1 and len(mix.steps.choices) == 1
     if not args.no_http and uniform:
-        print(f"sd-serve batch through the server, concurrency {args.concurrency} ...", flush=True)
+        print(f"sd-serve prompts through the server, concurrency {args.concurrency} ...", flush=True)
         params = []
         if mix.sizes.choices[0] != DEFAULT:
             params += ["--size", mix.sizes.choices[0]]
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     if http:
         table.append(
             [
-                f"sd-serve batch (HTTP, concurrency {args.concurrency})",
+                f"sd-serve prompts (HTTP, concurrency {args.concurrency})",
                 http["images_per_s"],
                 round(http["images_per_s"] / ceiling, 3),
                 http["images_per_s"],
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         if http:
             lines.append(
-                f"bulk ({r['engine']}) / sd-serve batch: {r['steady_images_per_s'] / http['images_per_s']:.2f}"
+                f"bulk ({r['engine']}) / sd-serve prompts: {r['steady_images_per_s'] / http['images_per_s']:.2f}"
             )
     text = "\n".join(lines) + "\n"
     (args.out / "report.md").write_text(text)

@@ -52,7 +52,9 @@ class GeneratorMetrics:
         self.admitted_mid_flight = Counter(
             "sd_admitted_mid_flight", description="Images that joined the running batch while others were denoised."
         )
-        self.cancelled = Counter("sd_cancelled", description="Images whose caller gave up, by when.", tag_keys=("when",))
+        self.cancelled = Counter(
+            "sd_cancelled", description="Images whose caller gave up, by when.", tag_keys=("when",)
+        )
         self.errors = Counter(
             "sd_generation_errors", description="Images that failed, by error kind.", tag_keys=("kind",)
         )

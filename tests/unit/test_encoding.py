@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve_app.service.encoding import encode_image, parameters_text
 from serve_app.pipeline.params import ImageParams
 from serve_app.pipeline.tasks import ImageResult
+from serve_app.service.encoding import encode_image, parameters_text
 
 PARAMS = ImageParams(
     prompt="a cat",

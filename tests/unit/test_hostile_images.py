@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve_app.service.encoding import decode_init_image
 from serve_app.api.errors import ApiError
 from serve_app.config import RequestLimits
+from serve_app.service.encoding import decode_init_image
 
 LIMITS = RequestLimits(min_size=64, max_width=256, max_height=256, max_pixels=65536, max_upload_pixels=1024 * 1024)
 
