@@ -383,8 +383,8 @@ class RequestEngine(Engine):
 
 
 class StepEngine(Engine):
-    """Each tick: admit, one UNet call over the active images of one size (sizes take turns), decode
-    those that finished. `stepper` is a `stepping.UNetStepper`; `engine` the `LoadedModel` it serves."""
+    """Each tick: admit, one denoiser call over the active images of one group (groups take turns), decode
+    those that finished. `stepper` is its family's stepper (`steppers/`); `model` the `LoadedModel` it serves."""
 
     kind = "step"
 
@@ -401,6 +401,11 @@ class StepEngine(Engine):
         self._last_size: tuple | None = None
 
     def _group_of(self, task: ImageTask) -> tuple:
+        """Tasks of different groups never share a denoiser call: the stepper's key (size, and whatever else its
+        family's calls must share), else the size (and adapter set when the stepper keeps them apart)."""
+        group_key = getattr(self.stepper, "group_key", None)
+        if group_key is not None:
+            return group_key(task)
         if getattr(self.stepper, "group_by_adapters", False):
             return (*_size(task), task.params.adapter_key)
         return _size(task)
@@ -595,18 +600,13 @@ def _request_ids(group) -> list[str]:
 
 
 def make_engine(model, kind: Literal["step", "request"], limits: EngineLimits, counters: LoopCounters) -> Engine:
-    """The step engine where the model's pipeline can be stepped, whole pipeline calls otherwise (logged)."""
+    """The step engine where a stepper of the model's family can step its pipeline (`steppers.make_stepper`),
+    whole pipeline calls otherwise (logged, with the reason)."""
     if kind == "step":
-        from .steppers.unet import UNetStepper
+        from .steppers import make_stepper
 
-        reason = UNetStepper.unsupported_reason(model.pipe)
-        if reason is None:
-            stepper = UNetStepper(
-                model.pipe,
-                model.schedulers,
-                adapters=model.adapters,
-                group_by_adapters=model.adapter_settings.batching == "grouped",
-            )
+        stepper, reason = make_stepper(model)
+        if stepper is not None:
             return StepEngine(model, stepper, limits, counters)
         logger.warning("%s runs whole pipeline calls (engine: request): %s", model.source, reason)
     return RequestEngine(model, limits, counters)

@@ -78,10 +78,35 @@ class PipelineOptions(BaseModel):
     cache_dir: str | None = Field(None, description="Hugging Face cache directory for hub models")
     local_files_only: bool = Field(False, description="never reach the Hub; load only what is cached")
     variant: str | None = Field(None, description="weights variant to load from the Hub, e.g. fp16")
-    channels_last: bool = Field(False, description="UNet in channels-last memory format (faster convs on some GPUs)")
-    compile: bool = Field(False, description="torch.compile the UNet (GPU; first calls per batch size are slow)")
+    channels_last: bool = Field(
+        False, description="UNet in channels-last memory format (faster convs on some GPUs); UNet models only"
+    )
+    compile: bool = Field(
+        False, description="torch.compile the denoiser (UNet or transformer; GPU; first calls per batch size are slow)"
+    )
     vae_slicing: bool = Field(False, description="decode a batch one image at a time (less peak memory)")
     vae_tiling: bool = Field(False, description="decode large images in tiles (less peak memory)")
+    max_sequence_length: int | None = Field(
+        None,
+        ge=1,
+        le=512,
+        description="T5 tokens every prompt is read as, for models that read prompts through T5 (SD3, FLUX.1). One "
+        "per model: images in one transformer call share one text length (the pipelines pass no attention mask, "
+        "so padding to a common length would change images), and text tokens cost as much as image tokens. "
+        "Unset: the synthetic preset's, else the pipeline's own (SD3 256, FLUX.1 [dev] 512, [schnell] 256)",
+    )
+    drop_t5: bool = Field(
+        False,
+        description="SD3 only: load without the T5-XXL text encoder (4.7B parameters, 9.5 GB in float16); prompts "
+        "are then read by the two CLIP encoders alone (T5's share of the text embedding is zeros: some prompt "
+        "adherence lost). FLUX.1 cannot: T5 is its main text conditioning",
+    )
+    cpu_offload: Literal["none", "model", "sequential"] = Field(
+        "none",
+        description="keep weights in CPU memory, moving them to the GPU when used (accelerate; CUDA devices only). "
+        "model: one whole module at a time (text encoders, denoiser, VAE; each switch costs a transfer), "
+        "sequential: layer by layer (least GPU memory, many times slower)",
+    )
     seed: int = Field(0, description="weight seed for synthetic models")
     engine: Literal["step", "request"] = Field(
         "step",
@@ -116,7 +141,8 @@ def resolve_dtype(dtype: str, device: str):
 
 
 def load_pipeline(source: ModelSource, options: PipelineOptions):
-    """Load, place and optimise the text-to-image pipeline named by `source`."""
+    """Load, place and optimise the text-to-image pipeline named by `source`. Options that cannot apply to
+    this model or machine are a ValueError naming the option."""
     import torch
 
     if options.torch_threads:
@@ -125,14 +151,28 @@ def load_pipeline(source: ModelSource, options: PipelineOptions):
     dtype = resolve_dtype(options.dtype, device)
     if options.attention == "xformers":
         _check_xformers(device)
+    if options.cpu_offload != "none":
+        _check_cpu_offload(options, device)
+    if options.drop_t5:
+        _check_drop_t5(_pipeline_class_name(source, options))
 
+    # Offloaded weights are loaded into CPU memory; accelerate's hooks move them to the device when used.
+    load_device = "cpu" if options.cpu_offload != "none" else device
     if source.kind == "synthetic":
         from .synthetic import build_pipeline
 
-        pipe = build_pipeline(source.location, seed=options.seed, device=device, dtype=dtype)
+        pipe = build_pipeline(
+            source.location, seed=options.seed, device=load_device, dtype=dtype, without_t5=options.drop_t5
+        )
     else:
         pipe = _from_pretrained(source, options, dtype)
-    pipe = pipe.to(device)
+    _check_options_fit(pipe, options)
+    if options.cpu_offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif options.cpu_offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     _apply_optimisations(pipe, options)
     return pipe
@@ -144,11 +184,67 @@ def _from_pretrained(source: ModelSource, options: PipelineOptions, dtype):
     kwargs = {"dtype": dtype, "cache_dir": options.cache_dir, "local_files_only": options.local_files_only}
     if options.variant:
         kwargs["variant"] = options.variant
+    if options.drop_t5:
+        kwargs.update(text_encoder_3=None, tokenizer_3=None)  # never read from disk
     try:
         return AutoPipelineForText2Image.from_pretrained(source.location, **kwargs)
     except OSError as exc:
         hint = " (offline: is it in the cache? set cache_dir)" if options.local_files_only else ""
         raise ModelSourceError(f"cannot load model {source}{hint}: {exc}") from exc
+
+
+def _pipeline_class_name(source: ModelSource, options: PipelineOptions) -> str:
+    """The pipeline class a model source holds, read from its preset or model_index.json (no weights loaded)."""
+    if source.kind == "synthetic":
+        from .synthetic import load_preset
+
+        return load_preset(source.location)["pipeline"]
+    from diffusers import DiffusionPipeline
+
+    try:
+        config = DiffusionPipeline.load_config(
+            source.location, cache_dir=options.cache_dir, local_files_only=options.local_files_only
+        )
+    except OSError as exc:
+        raise ModelSourceError(f"cannot load model {source}: {exc}") from exc
+    return config["_class_name"]
+
+
+def _check_drop_t5(pipeline_class: str) -> None:
+    if pipeline_class != "StableDiffusion3Pipeline":
+        raise ValueError(
+            f"drop_t5 applies to Stable Diffusion 3 models, whose T5 encoder is optional; this model is a "
+            f"{pipeline_class}" + (" (FLUX.1 reads prompts mainly through T5)" if "Flux" in pipeline_class else "")
+        )
+
+
+def _check_cpu_offload(options: PipelineOptions, device: str) -> None:
+    if not device.startswith("cuda"):
+        raise ValueError(
+            f"cpu_offload {options.cpu_offload!r} moves weights between CPU memory and a GPU: it needs a CUDA "
+            f"device, not {device!r}; set cpu_offload: none"
+        )
+    if importlib.util.find_spec("accelerate") is None:
+        raise ValueError(f"cpu_offload {options.cpu_offload!r} needs accelerate: pip install accelerate")
+    if options.compile:
+        raise ValueError("cpu_offload and compile do not mix (offload hooks move weights under the compiled graph)")
+
+
+def _check_options_fit(pipe, options: PipelineOptions) -> None:
+    """Options that depend on what the model is (known once its class is)."""
+    from .families import family_of
+
+    family = family_of(pipe)
+    if options.max_sequence_length is not None and not family.reads_t5:
+        raise ValueError(
+            f"max_sequence_length applies to models that read prompts through T5 (SD3, FLUX.1); "
+            f"{type(pipe).__name__} reads them through CLIP ({family.name} family): leave it unset"
+        )
+    if options.channels_last and getattr(pipe, "unet", None) is None:
+        raise ValueError(
+            f"channels_last applies to UNet models (convolutions); {type(pipe).__name__} has a transformer: "
+            "leave it unset"
+        )
 
 
 def _check_xformers(device: str) -> None:
@@ -170,7 +266,8 @@ def _apply_optimisations(pipe, options: PipelineOptions) -> None:
     if options.vae_tiling:
         pipe.vae.enable_tiling()
     if options.compile:
-        pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs")
+        name = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+        setattr(pipe, name, torch.compile(getattr(pipe, name), mode="max-autotune-no-cudagraphs"))
 
 
 def image_to_image(pipe):

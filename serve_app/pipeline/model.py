@@ -7,6 +7,15 @@ image, the call, uint8 pixels. A group that runs out of device memory is split i
 retried before any task fails (`memory.py`). The step engine uses the same loaded pipeline through
 a stepper (`steppers/`).
 
+Every model belongs to a family (`families.py`: unet, sd3, flux), which says which samplers it
+accepts, how large its images may be, how it reads prompts and how a request's guidance reaches
+its pipeline:
+  unet, sd3  `guidance_scale` > 1: classifier-free guidance with the negative prompt (empty if none).
+  flux       `guidance_scale` is [dev]'s guidance embedding ([schnell] ignores it); the negative prompt
+             is used only with `true_cfg_scale` > 1 (FluxPipeline's true CFG: a second transformer pass
+             per step, against the negative prompt or, if none is given, the empty one).
+SD3 and FLUX.1 read prompts through T5 at one `max_sequence_length` per model (PipelineOptions).
+
 Calls never overlap: a diffusers pipeline keeps per-call state, and the model serialises calls with
 a lock (the engine loop also runs them on a single worker thread).
 """
@@ -28,10 +37,20 @@ import torch
 
 from .adapters import AdapterSettings, LoraMixer
 from .errors import GenerationError, InvalidTaskError, PipelineUnavailableError
+from .families import (
+    FLUX,
+    check_task,
+    default_max_sequence_length,
+    fallback_defaults,
+    family_of,
+    native_size,
+    size_multiple,
+    uses_true_cfg,
+)
 from .loading import ModelSource, PipelineOptions, image_to_image, load_pipeline, load_refiner
 from .memory import image_does_not_fit, in_halves_while_out_of_memory
 from .params import REFINER_DENOISING_START, GenerationDefaults, ImageParams, RefinerParams
-from .schedulers import SCHEDULER_NAMES, SchedulerTemplates
+from .schedulers import SchedulerTemplates
 from .tasks import ImageResult, ImageTask, group_by_call_key, to_uint8
 
 logger = logging.getLogger(__name__)
@@ -65,19 +84,24 @@ class LoadedModel:
         self.source = source
         self.options = options
         self.defaults = defaults
-        self.device = torch.device(pipe.device)
+        self.family = family_of(pipe)
+        # Where the model computes (with CPU offload its weights live in CPU memory between uses).
+        self.device = torch.device(pipe._execution_device)
         self.model_scheduler = pipe.scheduler  # every call and every stepped image gets a fresh copy
+        self.max_sequence_length = resolve_max_sequence_length(pipe, source, options)
+        self.size_multiple = size_multiple(pipe, self.family)
         self._img2img = None
         self._lock = threading.Lock()
         self._fatal_error: str | None = None
         self.adapter_settings = adapters or AdapterSettings()
         self.adapters = LoraMixer(pipe, self.adapter_settings.catalog(), self.adapter_settings.max_loaded)
         self.calls_by_batch_size: Counter[int] = Counter()
-        self.schedulers = SchedulerTemplates(self.model_scheduler, self.device)
+        self.schedulers = SchedulerTemplates(self.model_scheduler, self.device, family=self.family.name)
         # Tasks are checked on the caller's thread while the engine thread encodes prompts: a fast tokenizer
         # sets its padding and truncation per call, so the two must never share one (prompts came out
-        # 10 tokens long instead of 77 under load).
-        self._counting_tokenizer = copy.deepcopy(pipe.tokenizer)
+        # 10 tokens long instead of 77 under load). Prompts are counted in the tokens that bound them:
+        # T5's where the model reads them through T5 (CLIP's 77 are only its pooled summary), else CLIP's.
+        self._counting_tokenizer = copy.deepcopy(t5_tokenizer(pipe) or pipe.tokenizer)
         self._counting_lock = threading.Lock()
         # SDXL encodes an empty negative prompt as zeros, a non-empty one through the
         # text encoders: the two cannot share a call without changing the image.
@@ -123,6 +147,8 @@ class LoadedModel:
 
     @property
     def max_prompt_tokens(self) -> int:
+        if t5_tokenizer(self.pipe) is not None:
+            return int(self.max_sequence_length)
         return int(self.pipe.tokenizer.model_max_length)
 
     # -- the public calls ---------------------------------------------------------
@@ -196,12 +222,14 @@ class LoadedModel:
         if params.refiner is not None:
             task = self._check_refiner(task)
             params = task.params
-        task.check_denoises()
+        check_task(task, self.family, self.schedulers, self.size_multiple)
         unknown = sorted({lora.name for lora in params.loras} - set(self.adapters.catalog.names()))
         if unknown:
             available = ", ".join(self.adapters.catalog.names()) or "none"
             raise InvalidTaskError(f"unknown LoRA adapter {', '.join(unknown)}; available: {available}", "loras")
         warnings = []
+        if self.family is FLUX and params.negative_prompt and not uses_true_cfg(params):
+            warnings.append("negative_prompt was ignored: FLUX.1 reads a negative prompt only with true_cfg_scale > 1")
         for name, text in (("prompt", params.prompt), ("negative_prompt", params.negative_prompt)):
             with self._counting_lock:
                 tokens = len(self._counting_tokenizer(text).input_ids)
@@ -266,10 +294,13 @@ class LoadedModel:
             "pipeline": type(self.pipe).__name__,
             "device": str(self.device),
             "dtype": str(self.pipe.dtype).removeprefix("torch."),
+            "family": self.family.name,
             "attention": self.options.attention,
             "defaults": self.defaults.model_dump(),
             "max_prompt_tokens": self.max_prompt_tokens,
-            "schedulers": list(SCHEDULER_NAMES),
+            "max_sequence_length": self.max_sequence_length,
+            "schedulers": list(self.schedulers.names()),
+            "image_to_image_schedulers": list(self.schedulers.names(image_to_image=True)),
             "default_scheduler": type(self.model_scheduler).__name__,
             "loras": self.adapters.describe(),
             "refiner": None
@@ -355,11 +386,24 @@ class LoadedModel:
             "generator": [torch.Generator("cpu").manual_seed(task.seed) for task in tasks],
             "output_type": "np",
         }
+        if self.family is FLUX:
+            # FluxPipeline runs true CFG whenever it gets a negative prompt and true_cfg_scale > 1: the negative
+            # goes only with the scale (an empty one stays "": true CFG against the empty prompt).
+            if uses_true_cfg(first):
+                kwargs.update(negative_prompt=negatives, true_cfg_scale=first.true_cfg_scale)
+            else:
+                kwargs["negative_prompt"] = None
+        if self.family.reads_t5:
+            kwargs["max_sequence_length"] = self.max_sequence_length
         if tasks[0].init_image is not None:
             from PIL import Image
 
             kwargs["image"] = [Image.fromarray(task.init_image) for task in tasks]
             kwargs["strength"] = first.strength
+            if self.family.reads_t5:
+                # The flow image-to-image pipelines resize the init image to width x height, by default
+                # (FLUX.1) to the model's native size: pass its own (the task's size, `with_defaults`).
+                kwargs.update(width=first.width, height=first.height)
         else:
             kwargs["width"] = first.width
             kwargs["height"] = first.height
@@ -377,16 +421,40 @@ def _step_callback(on_step: StepCallback):
     return callback
 
 
-# When neither the config nor a synthetic preset says otherwise.
-_FALLBACK_DEFAULTS = GenerationDefaults(num_inference_steps=25, guidance_scale=7.5, strength=0.75)
-
-
 def model_defaults(pipe, source: ModelSource) -> GenerationDefaults:
-    """What a task gets for parameters it leaves out, by the model: its preset, its native size, then fallbacks."""
-    native = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
-    defaults = GenerationDefaults(width=native, height=native).over(_FALLBACK_DEFAULTS)
+    """What a task gets for parameters it leaves out, by the model: its preset, its native size, then its
+    family's fallbacks (`families.fallback_defaults`)."""
+    native = native_size(pipe)
+    defaults = GenerationDefaults(width=native, height=native).over(fallback_defaults(pipe, family_of(pipe)))
     if source.kind == "synthetic":
         from .synthetic import load_preset
 
         defaults = GenerationDefaults(**load_preset(source.location).get("defaults", {})).over(defaults)
     return defaults
+
+
+def resolve_max_sequence_length(pipe, source: ModelSource, options: PipelineOptions) -> int | None:
+    """T5 tokens this model reads every prompt as: the options', else its synthetic preset's, else its
+    family's default; None for models that do not read prompts through T5."""
+    family = family_of(pipe)
+    if not family.reads_t5:
+        return None
+    if options.max_sequence_length is not None:
+        return options.max_sequence_length
+    if source.kind == "synthetic":
+        from .synthetic import load_preset
+
+        preset = load_preset(source.location).get("max_sequence_length")
+        if preset is not None:
+            return int(preset)
+    return default_max_sequence_length(pipe, family)
+
+
+def t5_tokenizer(pipe):
+    """The pipeline's T5 tokenizer (SD3: tokenizer_3, FLUX.1: tokenizer_2), or None (none loaded, or no T5)."""
+    for name in ("tokenizer_3", "tokenizer_2"):
+        tokenizer = getattr(pipe, name, None)
+        encoder = getattr(pipe, name.replace("tokenizer", "text_encoder"), None)
+        if tokenizer is not None and encoder is not None and type(encoder).__name__.startswith("T5"):
+            return tokenizer
+    return None

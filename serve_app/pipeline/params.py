@@ -18,7 +18,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .schedulers import SCHEDULER_NAMES
+from .schedulers import ALL_SCHEDULER_NAMES
 
 SEED_MAX = 2**32 - 1
 
@@ -34,14 +34,36 @@ def seed_at(base: int, offset: int) -> int:
 
 
 Prompt = Annotated[str, Field(min_length=1, description="what to draw")]
-NegativePrompt = Annotated[str, Field(description="what to steer away from (ignored when guidance_scale <= 1)")]
+NegativePrompt = Annotated[
+    str,
+    Field(
+        description="what to steer away from (ignored without guidance: guidance_scale <= 1; FLUX.1: true_cfg_scale unset)"
+    ),
+]
 ImageSide = Annotated[int, Field(ge=8, le=4096, multiple_of=8, description="pixels, a multiple of 8")]
 Steps = Annotated[int, Field(ge=1, le=1000, description="denoising steps")]
-GuidanceScale = Annotated[float, Field(ge=0, le=100, description="classifier-free guidance (<= 1: none)")]
+GuidanceScale = Annotated[
+    float,
+    Field(
+        ge=0,
+        le=100,
+        description="classifier-free guidance (<= 1: none); FLUX.1 [dev]: the guidance embedding's value, "
+        "[schnell]: ignored",
+    ),
+]
+TrueCfgScale = Annotated[
+    float,
+    Field(
+        ge=1,
+        le=100,
+        description="FLUX.1 only: real classifier-free guidance with the negative prompt (an empty one if none is "
+        "given) at this scale, as FluxPipeline's true_cfg_scale: a second transformer pass per step; 1: none",
+    ),
+]
 Seed = Annotated[int, Field(ge=0, le=SEED_MAX, description="the seed that reproduces the image")]
 Strength = Annotated[float, Field(gt=0, le=1, description="how far to move from the init image (1 = ignore it)")]
 ImageCount = Annotated[int, Field(ge=1, le=64, description="images of this prompt, image i with seed + i")]
-SchedulerName = Literal[SCHEDULER_NAMES]  # type: ignore[valid-type]
+SchedulerName = Literal[ALL_SCHEDULER_NAMES]  # type: ignore[valid-type]
 ModelId = Annotated[
     str,
     Field(
@@ -107,6 +129,7 @@ class ImageParams(BaseModel):
     height: ImageSide | None = None
     num_inference_steps: Steps | None = None
     guidance_scale: GuidanceScale | None = None
+    true_cfg_scale: TrueCfgScale | None = None
     scheduler: SchedulerName = "default"
     seed: Seed | None = None
     strength: Strength | None = Field(None, description="image-to-image only")

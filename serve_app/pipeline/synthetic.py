@@ -145,14 +145,17 @@ def _scheduler(diffusers, spec: dict):
     return scheduler_class.from_config(complete)
 
 
-def build_components(preset: str, *, seed: int = 0, device: str = "cpu") -> dict:
+def build_components(preset: str, *, seed: int = 0, device: str = "cpu", without_t5: bool = False) -> dict:
     """The preset's modules with weights drawn from `seed`, on `device` (float32, eval mode), with their
     tokenizers and scheduler: the keyword arguments of its pipeline class. `device="meta"` allocates nothing
-    (for counting parameters of full-size presets)."""
+    (for counting parameters of full-size presets). `without_t5`: its T5 encoder slot empty, never built
+    (SD3 runs without it; every other module gets the same weights as with it)."""
     import diffusers
     import torch
 
     spec = load_preset(preset)
+    if without_t5:
+        spec = {**spec, "text_encoders": [s for s in spec["text_encoders"] if not _is_t5(s)]}
     tokenizers = [_tokenizer_for(s) for s in spec["text_encoders"]]
     scheduler = _scheduler(diffusers, spec["scheduler"])
 
@@ -179,16 +182,19 @@ def build_components(preset: str, *, seed: int = 0, device: str = "cpu") -> dict
         components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     elif spec["pipeline"] in ("StableDiffusion3Pipeline", "FluxPipeline"):
         components.update(image_encoder=None, feature_extractor=None)  # IP-adapter slots, empty
+    if without_t5:
+        components.update(text_encoder_3=None, tokenizer_3=None)
     return components
 
 
-def build_pipeline(preset: str, *, seed: int = 0, device: str = "cpu", dtype=None):
-    """A pipeline of the preset's architecture with weights drawn from `seed` (float32 unless `dtype`)."""
+def build_pipeline(preset: str, *, seed: int = 0, device: str = "cpu", dtype=None, without_t5: bool = False):
+    """A pipeline of the preset's architecture with weights drawn from `seed` (float32 unless `dtype`);
+    `without_t5`: SD3 without its T5 encoder (see `build_components`)."""
     import diffusers
     import torch
 
     pipeline_class = getattr(diffusers, load_preset(preset)["pipeline"])
-    pipe = pipeline_class(**build_components(preset, seed=seed, device=device))
+    pipe = pipeline_class(**build_components(preset, seed=seed, device=device, without_t5=without_t5))
     pipe.set_progress_bar_config(disable=True)
     # Cast only when asked: diffusers warns about a no-op float32 cast.
     return pipe if dtype in (None, torch.float32) else pipe.to(dtype=dtype)

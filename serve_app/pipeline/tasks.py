@@ -99,6 +99,7 @@ def call_key(task: ImageTask, split_empty_negative: bool = False, split_adapters
         p.height,
         p.num_inference_steps,
         float(p.guidance_scale),
+        p.true_cfg_scale,
         p.scheduler,
         p.strength,
         split_empty_negative and not p.negative_prompt,

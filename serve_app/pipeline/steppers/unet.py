@@ -40,10 +40,8 @@ caller's policy; this module is the mechanics. No Ray, no HTTP.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
-import io
 import logging
 from dataclasses import dataclass
 
@@ -51,9 +49,21 @@ import numpy as np
 import torch
 
 from ..errors import GenerationError, InvalidTaskError
+from ..families import UNET, check_task
 from ..loading import image_to_image
-from ..schedulers import SCHEDULER_NAMES, SchedulerTemplates
+from ..schedulers import SchedulerTemplates
 from ..tasks import ImageTask, to_uint8
+from .common import (
+    GuidanceRows,
+    NoAdapters,
+    check_step_batch,
+    decode_by_key,
+    encode_each_alone_on_failure,
+    latent_preview_png,
+    mark_non_finite,
+    start_failure,
+    step_failure,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -259,13 +269,29 @@ class UNetStepper:
         self._img2img = img2img_pipe
         # LoRA adapters, applied per row (adapters.LoraMixer); group_by_adapters: only images with the
         # same adapters and scales share a UNet call (to measure what mixing them saves).
-        self.adapters = adapters if adapters is not None else _NoAdapters()
+        self.adapters = adapters if adapters is not None else NoAdapters()
         self.group_by_adapters = group_by_adapters
         self.is_sdxl = type(pipe).__name__ == "StableDiffusionXLPipeline"
         # diffusers' do_classifier_free_guidance is False for UNets distilled with a guidance
         # embedding (time_cond_proj_dim): they take the scale as conditioning instead.
         self.guidance_embedding_dim = pipe.unet.config.time_cond_proj_dim
         self._rows_cache: tuple[list[DenoisingState], dict] | None = None
+
+    @classmethod
+    def for_model(cls, model) -> UNetStepper:
+        """The stepper over a LoadedModel's pipeline, sharing its samplers and adapters."""
+        return cls(
+            model.pipe,
+            model.schedulers,
+            adapters=model.adapters,
+            group_by_adapters=model.adapter_settings.batching == "grouped",
+        )
+
+    def group_key(self, task: ImageTask) -> tuple:
+        """Tasks with different keys never share a UNet call: one latent shape (size) per call, and one adapter
+        set when adapter sets are kept apart."""
+        p = task.params
+        return (p.width, p.height, p.adapter_key) if self.group_by_adapters else (p.width, p.height)
 
     # -- what can be stepped ----------------------------------------------------------
 
@@ -341,25 +367,7 @@ class UNetStepper:
 
     def check_inputs(self, task: ImageTask) -> None:
         """What the pipeline's check_inputs (and the request-level engine) refuse, as a task error."""
-        p = task.params
-        needed = ("width", "height", "num_inference_steps", "guidance_scale", "seed")
-        unset = [name for name in needed if getattr(p, name) is None]
-        if task.init_image is not None and p.strength is None:
-            unset.append("strength")
-        if unset:
-            raise ValueError(f"task {task.request_id!r} has no {', '.join(unset)}: call task.with_defaults(...) first")
-        if p.height % 8 or p.width % 8:
-            raise InvalidTaskError(f"width and height must be multiples of 8, not {p.width}x{p.height}", "width")
-        if p.scheduler not in SCHEDULER_NAMES:
-            names = ", ".join(SCHEDULER_NAMES)
-            raise InvalidTaskError(f"unknown scheduler {p.scheduler!r}; choose one of {names}", "scheduler")
-        if task.init_image is not None:
-            image = task.init_image
-            if not (
-                isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
-            ):
-                raise InvalidTaskError("init_image must be an RGB uint8 array (height, width, 3)", "init_image")
-        task.check_denoises()
+        check_task(task, UNET, self.schedulers, int(self.pipe.vae_scale_factor))
 
     def uses_guidance(self, guidance_scale: float) -> bool:
         """Whether an image gets unconditional rows: diffusers' do_classifier_free_guidance."""
@@ -368,16 +376,7 @@ class UNetStepper:
     def encode_prompts(self, tasks: list[ImageTask]) -> list[_Conditioning | GenerationError]:
         """Prompt embeddings for every task from one encode_prompt call; if that fails, one call per task,
         so that only a task whose prompt cannot be encoded fails."""
-        if not tasks:
-            return []
-        try:
-            return self._encode_batch(tasks)
-        except Exception as exc:  # noqa: BLE001 - find the task that broke the batch
-            if len(tasks) == 1:
-                logger.warning("could not encode the prompt of task %r: %r", tasks[0].request_id, exc)
-                return [GenerationError(f"could not encode the prompt: {type(exc).__name__}: {exc}", "prompt")]
-            logger.warning("batched prompt encoding failed (%r); encoding %d tasks one by one", exc, len(tasks))
-            return [result for task in tasks for result in self.encode_prompts([task])]
+        return encode_each_alone_on_failure(tasks, self._encode_batch)
 
     def _encode_batch(self, tasks: list[ImageTask]) -> list[_Conditioning]:
         pipe = self.pipe
@@ -461,12 +460,8 @@ class UNetStepper:
                     self.prepare_added_conditioning(task, conditioning, image_latents.shape)
                 if self.guidance_embedding_dim is not None:
                     conditioning.timestep_cond = self.prepare_guidance_embedding(task.params.guidance_scale, dtype)
-            except GenerationError as exc:
-                results.append(exc)
-                continue
             except Exception as exc:  # noqa: BLE001 - one task's failure must not stop the others
-                logger.exception("could not start task %r", task.request_id)
-                results.append(GenerationError(f"image generation failed: {type(exc).__name__}: {exc}"))
+                results.append(start_failure(task, exc))
                 continue
             state = DenoisingState(task, generator, conditioning)
             if self.group_by_adapters:
@@ -577,7 +572,7 @@ class UNetStepper:
         States must be unfinished and share a `shape_key`. If the UNet call itself raises
         (out of memory, say) no state has advanced, and the caller may retry with fewer.
         """
-        self._check_batch(states)
+        check_step_batch(states)
         if not states:
             return []
         with torch.inference_mode():
@@ -587,15 +582,6 @@ class UNetStepper:
             errors = self._scheduler_steps(cohorts, noise_pred)
         by_state = {id(state): error for state, error in zip(ordered, errors)}
         return [by_state[id(state)] for state in states]
-
-    def _check_batch(self, states: list[DenoisingState]) -> None:
-        for state in states:
-            if state.done:
-                raise ValueError(f"{state!r} is done; take it out of the batch")
-        if len({state.shape_key for state in states}) > 1:
-            raise ValueError("states with different shape_key cannot share a UNet call; step them apart")
-        if len({id(state) for state in states}) != len(states):
-            raise ValueError("a state appears twice in one step")
 
     def _cohorts_of(self, states: list[DenoisingState]) -> list[_Cohort]:
         """The cohorts to step, in order of first appearance; a cohort only partly here splits."""
@@ -615,16 +601,17 @@ class UNetStepper:
         scaled = [cohort.scheduler.scale_model_input(cohort.latents, cohort.timestep) for cohort in cohorts]
         scaled = scaled[0] if len(scaled) == 1 else torch.cat(scaled)
         values = [cohort.timestep_value for cohort in cohorts for _ in cohort.members]
+        guidance: GuidanceRows = rows["guidance"]
         # Rows: the unconditional ones of guided states, then the conditional ones of all states,
         # as the pipeline lays out cat([latents] * 2) beside cat([negative_embeds, prompt_embeds]).
-        if rows["guided_count"]:
-            model_input = torch.cat([scaled[rows["guided"]], scaled])
-            values = [values[i] for i in rows["guided_positions"]] + values
+        if guidance.count:
+            model_input = torch.cat([scaled[guidance.index], scaled])
+            values = [values[i] for i in guidance.positions] + values
         else:
             model_input = scaled
         t = torch.tensor(values, dtype=torch.float32, device=self.device)
         adapters = [state.task.params.adapter_key for state in ordered]
-        with self.adapters.applied(adapters, row_tasks=rows["guided_positions"] + list(range(len(ordered)))):
+        with self.adapters.applied(adapters, row_tasks=guidance.positions + list(range(len(ordered)))):
             out = self.pipe.unet(
                 model_input,
                 t,
@@ -634,20 +621,7 @@ class UNetStepper:
                 added_cond_kwargs=rows["added_cond_kwargs"],
                 return_dict=False,
             )[0]
-        k = rows["guided_count"]
-        uncond_out, cond_out = out[:k], out[k:]
-        groups = rows["guidance_groups"]
-        if len(groups) == 1 and isinstance(groups[0][2], slice) and groups[0][2] == slice(0, len(ordered)):
-            scale, uncond_rows, _ = groups[0]
-            u = uncond_out[uncond_rows]
-            return u + scale * (cond_out - u)  # everyone guided alike: the pipeline's expression, whole
-        noise_pred = cond_out.clone() if groups else cond_out
-        for scale, uncond_rows, cond_rows in groups:
-            # One expression per guidance value, the scale a Python float as the pipeline writes it
-            # (a tensor of scales would round differently in half precision).
-            u = uncond_out[uncond_rows]
-            noise_pred[cond_rows] = u + scale * (cond_out[cond_rows] - u)
-        return noise_pred
+        return guidance.combine(out[: guidance.count], out[guidance.count :])
 
     def _conditioning_rows(self, ordered: list[DenoisingState]) -> dict:
         """Embeddings and added conditioning for the rows of these states, kept while the set is unchanged."""
@@ -655,12 +629,10 @@ class UNetStepper:
             cached_states, cached = self._rows_cache
             if len(cached_states) == len(ordered) and all(a is b for a, b in zip(cached_states, ordered)):
                 return cached
-        guided_positions = [i for i, state in enumerate(ordered) if state.uses_guidance]
-        guided_states = [ordered[i] for i in guided_positions]
+        guidance = GuidanceRows([s.guidance_scale if s.uses_guidance else None for s in ordered], self.device)
+        guided_states = [ordered[i] for i in guidance.positions]
         rows: dict = {
-            "guided": _as_index(guided_positions, self.device) if guided_positions else None,
-            "guided_positions": guided_positions,
-            "guided_count": len(guided_positions),
+            "guidance": guidance,
             "encoder_hidden_states": torch.cat([s.uncond for s in guided_states] + [s.cond for s in ordered]),
             "added_cond_kwargs": None,
             "timestep_cond": None,
@@ -674,17 +646,6 @@ class UNetStepper:
             }
         if self.guidance_embedding_dim is not None:
             rows["timestep_cond"] = torch.cat([s.timestep_cond for s in ordered])  # no guided rows here
-        by_scale: dict[float, list[tuple[int, int]]] = {}
-        for uncond_row, position in enumerate(guided_positions):
-            by_scale.setdefault(ordered[position].guidance_scale, []).append((uncond_row, position))
-        rows["guidance_groups"] = [
-            (
-                scale,
-                _as_index([u for u, _ in pairs], self.device),
-                _as_index([p for _, p in pairs], self.device),
-            )
-            for scale, pairs in by_scale.items()
-        ]
         self._rows_cache = (list(ordered), rows)
         return rows
 
@@ -704,31 +665,20 @@ class UNetStepper:
                     return_dict=False,
                 )[0]
             except Exception as exc:  # noqa: BLE001 - one scheduler failing must not stop the others
-                logger.exception("scheduler step failed for %s", cohort.members)
-                error = GenerationError(f"denoising failed: {type(exc).__name__}: {exc}")
-                for state in cohort.members:
-                    state.error = error
-                errors.extend([error] * n)
+                errors.extend([step_failure(cohort.members, exc)] * n)
             else:
                 stepped.append((cohort, latents, len(errors)))
                 errors.extend([None] * n)
             offset += n
-        if not stepped:
-            return errors
-        # One reduction and one device sync for the whole batch, not one per image.
-        new = [latents for _, latents, _ in stepped]
-        finite = torch.isfinite(new[0] if len(new) == 1 else torch.cat(new)).flatten(1).all(1).tolist()
-        checked = 0
-        for cohort, latents, first in stepped:
+        for cohort, latents, _ in stepped:
             cohort.latents = latents
             cohort.step_index += 1
-            for row, state in enumerate(cohort.members):
-                if not finite[checked + row]:
-                    state.error = errors[first + row] = GenerationError(
-                        f"the latents became non-finite at step {cohort.step_index} of {cohort.total_steps} "
-                        "(numerical overflow); try another seed, scheduler or guidance scale"
-                    )
-            checked += len(cohort.members)
+        mark_non_finite(
+            [state for cohort, _, _ in stepped for state in cohort.members],
+            [latents for _, latents, _ in stepped],
+            errors,
+            [first + row for cohort, _, first in stepped for row in range(len(cohort.members))],
+        )
         return errors
 
     # -- preview ------------------------------------------------------------------------
@@ -740,33 +690,13 @@ class UNetStepper:
         factors = _PREVIEW_FACTORS.get((self.is_sdxl, int(self.pipe.unet.config.in_channels)))
         if factors is None:
             return None
-        from PIL import Image
-
-        with torch.inference_mode():
-            latents = state.latents[0].float().cpu()  # (C, h, w)
-            rgb = torch.einsum("chw,cr->hwr", latents, torch.tensor(factors))
-            pixels = ((rgb + 1) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
-        return buffer.getvalue()
+        return latent_preview_png(state.latents[0], factors)
 
     # -- decode -------------------------------------------------------------------------
 
     def decode(self, states: list[DenoisingState]) -> list[np.ndarray]:
         """uint8 (height, width, 3) images of finished states: one VAE decode per latent shape."""
-        for state in states:
-            if not state.denoised:
-                raise ValueError(f"{state!r} is not finished; decode only finished states")
-        images: list[np.ndarray | None] = [None] * len(states)
-        groups: dict[tuple, list[int]] = {}
-        for index, state in enumerate(states):
-            groups.setdefault(state.shape_key, []).append(index)
-        with torch.inference_mode():
-            for indices in groups.values():
-                latents = _stacked_latents([states[i] for i in indices])
-                for i, image in zip(indices, self.decode_latents(latents)):
-                    images[i] = image
-        return images  # type: ignore[return-value]
+        return decode_by_key(states, lambda group: self.decode_latents(_stacked_latents(group)))
 
     def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
         """The pipeline's decode (safety checker and watermark included), then the engine's uint8 conversion."""
@@ -857,13 +787,6 @@ def _per_image_tensors(scheduler, latents_shape: torch.Size, n: int) -> list[tor
     return found
 
 
-def _as_index(indices: list[int], device) -> slice | torch.Tensor:
-    """A slice when the rows are contiguous (a view, no copy), else an index tensor."""
-    if indices == list(range(indices[0], indices[0] + len(indices))):
-        return slice(indices[0], indices[0] + len(indices))
-    return torch.tensor(indices, device=device)
-
-
 _STEP_PARAMETERS: dict[type, frozenset[str]] = {}
 
 
@@ -871,14 +794,3 @@ def _step_parameters(scheduler_class: type) -> frozenset[str]:
     if scheduler_class not in _STEP_PARAMETERS:
         _STEP_PARAMETERS[scheduler_class] = frozenset(inspect.signature(scheduler_class.step).parameters)
     return _STEP_PARAMETERS[scheduler_class]
-
-
-class _NoAdapters:
-    """A pipeline served without LoRA adapters: a request naming one fails at admission."""
-
-    def load(self, names) -> None:
-        if names:
-            raise InvalidTaskError("this model serves no LoRA adapters", "loras")
-
-    def applied(self, per_task, row_tasks=None):
-        return contextlib.nullcontext()
