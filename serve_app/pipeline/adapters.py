@@ -1,9 +1,10 @@
 """LoRA adapters: where they come from (`AdapterCatalog`) and how they apply per image (`LoraMixer`).
 
 An adapter is a `.safetensors` file that diffusers' `load_lora_weights` reads (diffusers/PEFT or
-kohya format), named by its file stem, from a configured directory; or, for tests and the
-offline demo, a synthetic adapter: random low-rank weights for a synthetic model, written once as
-a real adapter file and loaded like any other.
+kohya format; kohya files for SD3, which diffusers 0.42 cannot read, are converted here:
+`kohya_sd3_to_diffusers`), named by its file stem, from a configured directory; or, for tests and the offline demo, a synthetic adapter: random
+low-rank weights for a synthetic model (its UNet, or its transformer's attention), written once as a
+real adapter file and loaded like any other.
 
 `LoraMixer` loads adapters into one pipeline once (least recently used out past a cap) and
 applies them **per row of a model call**: every adapter any row needs is active, and a forward
@@ -11,7 +12,8 @@ hook on each adapter's down-projection (`lora_A`) multiplies its output by that 
 that adapter (0 where the row does not use it). LoRA's up-projection is linear without bias, so
 this is exactly the adapter at that scale for that row, and nothing for the others: images with
 different adapter sets and scales share one UNet call, and a row without adapters gets the base
-model's output unchanged.
+model's output unchanged. The same holds for SD3 and FLUX.1 transformers: every LoRA linear in them
+sees batch-first tensors (rows, tokens, features).
 
 Torch-free at import: the ingress lists the catalog on CPU-only nodes.
 """
@@ -41,7 +43,8 @@ AdapterKey = tuple[tuple[str, float], ...]  # ImageParams.adapter_key: (name, sc
 
 
 class SyntheticAdapter(BaseModel):
-    """Random low-rank weights for a synthetic model's UNet, written as a real adapter file."""
+    """Random low-rank weights for a synthetic model's denoiser (UNet, or SD3 / FLUX.1 transformer), written as a
+    real adapter file."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -130,29 +133,38 @@ def write_synthetic_adapter(adapter: SyntheticAdapter, directory: str | Path | N
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from .synthetic import load_preset
+    from .synthetic import build_denoiser, load_preset
 
     spec = load_preset(adapter.preset)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(adapter.seed)
-        unet = diffusers.UNet2DConditionModel(**spec["unet"])
-        unet.add_adapter(
+        name, denoiser = build_denoiser(spec)
+        denoiser.add_adapter(
             LoraConfig(
                 r=adapter.rank,
                 lora_alpha=adapter.rank,
-                target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                target_modules=_SYNTHETIC_TARGETS[name],
                 init_lora_weights=False,  # random down AND up projections: the adapter changes images
             )
         )
-    layers = get_peft_model_state_dict(unet)
+    layers = get_peft_model_state_dict(denoiser)
     folder.mkdir(parents=True, exist_ok=True)
     # Written beside and renamed: replicas that write the same adapter at once never read half a file.
     with tempfile.TemporaryDirectory(dir=folder) as scratch:
         getattr(diffusers, spec["pipeline"]).save_lora_weights(
-            scratch, unet_lora_layers=layers, weight_name="a.safetensors"
+            scratch, **{f"{name}_lora_layers": layers}, weight_name="a.safetensors"
         )
         os.replace(Path(scratch) / "a.safetensors", path)
     return path
+
+
+# What a synthetic adapter adapts: a UNet's attention projections; a transformer's joint attention in its
+# (double-stream) transformer blocks, image and text sides, as LoRA trainers commonly target them (FLUX.1's
+# single-stream blocks are left out: kohya fuses their projections with the MLP's, at full-size widths).
+_SYNTHETIC_TARGETS = {
+    "unet": ["to_q", "to_k", "to_v", "to_out.0"],
+    "transformer": r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)",
+}
 
 
 class LoraMixer:
@@ -169,7 +181,7 @@ class LoraMixer:
         self._scales: dict[str, object] = {}  # adapter -> per-row scale tensor during a call
         self._row_tasks = None  # which task each row of the next calls belongs to (None: rows are tasks, repeated)
         self._shaped: dict[tuple, object] = {}  # (adapter, rows, dims) -> its scales as that layer multiplies them
-        self._device = None  # the UNet's (asking the pipeline walks every module)
+        self._device = None  # the denoiser's (asking the pipeline walks every module)
         self._hooked: weakref.WeakSet = weakref.WeakSet()
 
     def describe(self) -> dict:
@@ -192,7 +204,12 @@ class LoraMixer:
             try:
                 # Inference mode throughout: adapter weights made in it can only be switched in it.
                 with _inference_mode():
-                    self.pipe.load_lora_weights(str(path), adapter_name=name)
+                    self.pipe.load_lora_weights(self._readable(path), adapter_name=name)
+                if not self._registered(name):
+                    raise ValueError(
+                        "none of its weights fit this model's modules (a LoRA for another architecture, or a format "
+                        "diffusers does not read for this model)"
+                    )
             except Exception as exc:  # noqa: BLE001 - any failure means this adapter cannot serve here
                 self._forget(name)
                 raise InvalidTaskError(
@@ -203,6 +220,23 @@ class LoraMixer:
             self._active = None  # loading changes which adapters the layers hold active
             self._hook_new_layers()
             logger.info("loaded LoRA adapter %s in %.2fs", name, self.loaded[name])
+
+    def _readable(self, path: Path):
+        """What load_lora_weights is given: the file, or for SD3 a kohya file converted to diffusers' keys."""
+        if type(self.pipe).__name__ != "StableDiffusion3Pipeline":
+            return str(path)
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as file:
+            if not any(key.startswith("lora_unet_") for key in file.keys()):
+                return str(path)
+        from safetensors.torch import load_file
+
+        return kohya_sd3_to_diffusers(load_file(str(path)), self.pipe.transformer.config.num_layers)
+
+    def _registered(self, name: str) -> bool:
+        """Whether any module took the adapter: diffusers loads a file whose keys fit nothing without a word."""
+        return any(name in adapters for adapters in self.pipe.get_list_adapters().values())
 
     def _unload(self, name: str) -> None:
         self.loaded.pop(name, None)
@@ -230,7 +264,8 @@ class LoraMixer:
                         self._hooked.add(down)
 
     def _components(self) -> list:
-        return [c for c in (getattr(self.pipe, n, None) for n in ("unet", "text_encoder", "text_encoder_2")) if c]
+        names = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+        return [c for c in (getattr(self.pipe, n, None) for n in names) if c is not None]
 
     def _scale_rows(self, name: str, module, inputs, output):
         # Every LoRA layer of a call sees the same rows: shape each adapter's scales once per call.
@@ -278,7 +313,7 @@ class LoraMixer:
                 self.pipe.set_adapters(active, [1.0] * len(active))  # the scale comes per row, from the hooks
             self._active = tuple(active)
         if self._device is None:
-            self._device = self.pipe.unet.device
+            self._device = self._components()[0].device  # the denoiser's
         device = self._device
         self._scales = {
             name: torch.tensor([dict(key).get(name, 0.0) for key in per_task], dtype=torch.float32, device=device)
@@ -295,3 +330,62 @@ def _inference_mode():
     import torch
 
     return torch.inference_mode()
+
+
+# kohya (sd-scripts) names SD3 LoRA modules after the original MMDiT: per joint block, an image side (`x_block`)
+# and a text side (`context_block`), each with a fused qkv projection. Their diffusers modules:
+_KOHYA_SD3_MODULES = {
+    ("x", "attn_qkv"): ("attn.to_q", "attn.to_k", "attn.to_v"),
+    ("x", "attn_proj"): ("attn.to_out.0",),
+    ("x", "attn2_qkv"): ("attn2.to_q", "attn2.to_k", "attn2.to_v"),  # SD3.5 Medium's dual attention
+    ("x", "attn2_proj"): ("attn2.to_out.0",),
+    ("x", "mlp_fc1"): ("ff.net.0.proj",),
+    ("x", "mlp_fc2"): ("ff.net.2",),
+    ("x", "adaLN_modulation_1"): ("norm1.linear",),
+    ("context", "attn_qkv"): ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    ("context", "attn_proj"): ("attn.to_add_out",),
+    ("context", "mlp_fc1"): ("ff_context.net.0.proj",),
+    ("context", "mlp_fc2"): ("ff_context.net.2",),
+    ("context", "adaLN_modulation_1"): ("norm1_context.linear",),
+}
+
+
+def kohya_sd3_to_diffusers(state_dict: dict, num_layers: int) -> dict:
+    """An SD3 LoRA in kohya's naming (`lora_unet_joint_blocks_<i>_<x|context>_block_<module>.lora_down/lora_up`,
+    `.alpha`) as diffusers' (`transformer.transformer_blocks.<i>.<module>.lora_A/lora_B`), exactly: each
+    alpha / rank folded into the down projection, a fused qkv's down projection shared by q, k and v and its up
+    projection split in three. A key it does not know is a ValueError (never an adapter silently half applied)."""
+    import re
+
+    import torch
+
+    pattern = re.compile(
+        r"lora_unet_joint_blocks_(\d+)_(x|context)_block_(\w+?)\.(lora_down\.weight|lora_up\.weight|alpha)$"
+    )
+    modules: dict[tuple[int, str, str], dict] = {}
+    unknown = []
+    for key, value in state_dict.items():
+        match = pattern.match(key)
+        if match is None or (match.group(2), match.group(3)) not in _KOHYA_SD3_MODULES:
+            unknown.append(key)
+            continue
+        modules.setdefault((int(match.group(1)), match.group(2), match.group(3)), {})[match.group(4)] = value
+    if unknown:
+        shown = ", ".join(sorted(unknown)[:3]) + (" ..." if len(unknown) > 3 else "")
+        raise ValueError(f"{len(unknown)} kohya keys this server cannot map to SD3 modules: {shown}")
+    converted = {}
+    for (block, side, module), weights in modules.items():
+        down, up = weights["lora_down.weight"], weights["lora_up.weight"]
+        rank = down.shape[0]
+        alpha = float(weights["alpha"]) if "alpha" in weights else float(rank)
+        down = down * (alpha / rank)
+        if side == "context" and module == "adaLN_modulation_1" and block == num_layers - 1:
+            # The last block's text side keeps (shift, scale) where diffusers' continuous norm has (scale, shift).
+            shift, scale = up.chunk(2, dim=0)
+            up = torch.cat([scale, shift])
+        targets = _KOHYA_SD3_MODULES[(side, module)]
+        for target, part in zip(targets, up.chunk(len(targets), dim=0)):
+            prefix = f"transformer.transformer_blocks.{block}.{target}"
+            converted[f"{prefix}.lora_A.weight"] = down.contiguous()
+            converted[f"{prefix}.lora_B.weight"] = part.contiguous()
+    return converted

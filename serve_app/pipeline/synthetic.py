@@ -121,8 +121,11 @@ def _text_encoder(spec: dict, tokenizer):
     return model_class(config)
 
 
-def _denoiser(diffusers, spec: dict):
-    """The preset's UNet (`unet`) or diffusion transformer (`transformer`, with its `class`): (name, module)."""
+def build_denoiser(spec: dict):
+    """The preset's UNet (`unet`) or diffusion transformer (`transformer`, with its `class`), drawn from torch's
+    current random state: (its pipeline component name, the module)."""
+    import diffusers
+
     if "unet" in spec:
         return "unet", diffusers.UNet2DConditionModel(**spec["unet"])
     config = dict(spec["transformer"])
@@ -163,7 +166,7 @@ def build_components(preset: str, *, seed: int = 0, device: str = "cpu", without
     with torch.random.fork_rng(devices=devices), torch.device(device):
         # Built on the target device: random init of a full-size UNet on CPU takes minutes.
         torch.manual_seed(seed)
-        denoiser_name, denoiser = _denoiser(diffusers, spec)
+        denoiser_name, denoiser = build_denoiser(spec)
         vae = diffusers.AutoencoderKL(**spec["vae"])
         encoders = [_text_encoder(s, t) for s, t in zip(spec["text_encoders"], tokenizers)]
     for module in (denoiser, vae, *encoders):
