@@ -31,18 +31,8 @@ def load(preset: str, **settings) -> LoadedModel:
 
 
 @pytest.fixture(scope="module")
-def sd3():
-    return load("tiny-sd3")
-
-
-@pytest.fixture(scope="module")
-def dev():
-    return load("tiny-flux-dev")
-
-
-@pytest.fixture
-def models(sd3, dev):
-    return {"sd3": sd3, "flux-dev": dev}
+def models():
+    return {"sd3": load("tiny-sd3"), "flux-dev": load("tiny-flux-dev")}
 
 
 def job(seed: int, *loras: tuple[str, float], steps: int = 3, **params) -> ImageTask:
@@ -189,10 +179,11 @@ def test_kohya_files_make_the_same_image_as_the_diffusers_file(tmp_path, family,
     assert diff <= 1
 
 
-def test_an_adapter_for_another_architecture_is_refused_not_silently_ignored(sd3, tmp_path):
+def test_an_adapter_for_another_architecture_is_refused_not_silently_ignored(models, tmp_path):
     """diffusers loads a LoRA whose keys fit no module of the model without a word; here it is an error."""
     from serve_app.pipeline.adapters import AdapterCatalog
 
+    sd3 = models["sd3"]
     written = write_synthetic_adapter(SyntheticAdapter(name="unet-ink", preset="tiny"), tmp_path)
     written.rename(tmp_path / "unet-ink.safetensors")
     sd3.adapters.catalog = AdapterCatalog(str(tmp_path), adapters_for("tiny-sd3"))

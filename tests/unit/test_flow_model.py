@@ -27,13 +27,18 @@ def load(preset: str) -> LoadedModel:
 
 
 @pytest.fixture(scope="module")
-def sd3():
-    return load("tiny-sd3")
+def models():
+    return {"sd3": load("tiny-sd3"), "dev": load("tiny-flux-dev")}
 
 
-@pytest.fixture(scope="module")
-def dev():
-    return load("tiny-flux-dev")
+@pytest.fixture
+def sd3(models):
+    return models["sd3"]
+
+
+@pytest.fixture
+def dev(models):
+    return models["dev"]
 
 
 def pixels(result) -> np.ndarray:

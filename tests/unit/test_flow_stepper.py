@@ -94,24 +94,27 @@ class FlowModel:
         return self.finish(*self.start(job))[0]
 
 
-@pytest.fixture(scope="module")
-def sd3():
-    return FlowModel("tiny-sd3")
+PRESETS = {"sd3": "tiny-sd3", "flux-schnell": "tiny-flux-schnell", "flux-dev": "tiny-flux-dev"}
 
 
 @pytest.fixture(scope="module")
-def schnell():
-    return FlowModel("tiny-flux-schnell")
-
-
-@pytest.fixture(scope="module")
-def dev():
-    return FlowModel("tiny-flux-dev")
+def models():
+    return {family: FlowModel(preset) for family, preset in PRESETS.items()}
 
 
 @pytest.fixture
-def models(sd3, schnell, dev):
-    return {"sd3": sd3, "flux-schnell": schnell, "flux-dev": dev}
+def sd3(models):
+    return models["sd3"]
+
+
+@pytest.fixture
+def schnell(models):
+    return models["flux-schnell"]
+
+
+@pytest.fixture
+def dev(models):
+    return models["flux-dev"]
 
 
 def max_diff(a: np.ndarray, b: np.ndarray) -> int:

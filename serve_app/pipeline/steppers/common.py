@@ -24,12 +24,97 @@ import numpy as np
 import torch
 
 from ..errors import GenerationError, InvalidTaskError
+from ..loading import image_to_image
 from ..tasks import ImageTask
 
 logger = logging.getLogger(__name__)
 
 State = TypeVar("State")
 Encoded = TypeVar("Encoded")
+
+
+# -- what every stepper and state share --------------------------------------------------------
+
+
+class SteppedImage:
+    """What every stepper's state says of itself, from its `task`, `error`, `step_index` and `total_steps`."""
+
+    def __repr__(self) -> str:
+        status = "failed" if self.error else f"{self.step_index}/{self.total_steps}"
+        return f"{type(self).__name__}(request_id={self.task.request_id!r}, {self.task.params.scheduler}, {status})"
+
+    @property
+    def denoised(self) -> bool:
+        """Every step taken without error: ready to decode."""
+        return self.error is None and self.step_index >= self.total_steps
+
+    @property
+    def done(self) -> bool:
+        """Finished or failed: either way it takes no more steps."""
+        return self.error is not None or self.step_index >= self.total_steps
+
+
+class Stepper:
+    """What every stepper does alike. A subclass sets `pipe`, `adapters`, `group_by_adapters`, `_img2img` and
+    `_rows_cache`, and has `check_inputs(task)`, `encode_prompts(tasks)` and `start_encoded(tasks, encoded,
+    results)`."""
+
+    @classmethod
+    def for_model(cls, model):
+        """The stepper over a LoadedModel's pipeline, sharing its samplers and adapters (and `model_options`)."""
+        return cls(
+            model.pipe,
+            model.schedulers,
+            adapters=model.adapters,
+            group_by_adapters=model.adapter_settings.batching == "grouped",
+            **cls.model_options(model),
+        )
+
+    @classmethod
+    def model_options(cls, model) -> dict:
+        """Further constructor arguments a family's stepper takes from the model."""
+        return {}
+
+    @property
+    def img2img(self):
+        """The image-to-image pipeline over the same modules (its helpers only; never called whole here)."""
+        if self._img2img is None:
+            self._img2img = image_to_image(self.pipe)
+        return self._img2img
+
+    def start(self, tasks: list[ImageTask]) -> list:
+        """A state ready for its first step, or the error that stopped it, for every task, in order: each task
+        checked (`check_inputs`) and its adapters loaded, the prompts of the others encoded together
+        (`encode_prompts`), then their states made (`start_encoded`, the family's own part).
+
+        `tasks` must have their defaults filled in (`ImageTask.with_defaults`).
+        """
+        results: list = [None] * len(tasks)
+        valid: list[int] = []
+        for index, task in enumerate(tasks):
+            try:
+                self.check_inputs(task)
+                self.adapters.load({name for name, _ in task.params.adapter_key})
+                valid.append(index)
+            except GenerationError as exc:
+                results[index] = exc
+        with torch.inference_mode():
+            admitted = [tasks[i] for i in valid]
+            started: list = [None] * len(admitted)
+            self.start_encoded(admitted, self.encode_prompts(admitted), started)
+        for index, result in zip(valid, started):
+            results[index] = result
+        return results
+
+    def rows_for(self, states: list, build: Callable[[list], dict]) -> dict:
+        """`build(states)`: the conditioning rows of a call, kept while the same states are stepped together."""
+        if self._rows_cache is not None:
+            cached_states, cached = self._rows_cache
+            if len(cached_states) == len(states) and all(a is b for a, b in zip(cached_states, states)):
+                return cached
+        rows = build(states)
+        self._rows_cache = (list(states), rows)
+        return rows
 
 
 # -- start --------------------------------------------------------------------------------------

@@ -47,12 +47,13 @@ import torch
 
 from ..errors import GenerationError
 from ..families import FLUX, check_task, family_of, size_multiple, uses_true_cfg
-from ..loading import image_to_image
 from ..schedulers import SchedulerTemplates
 from ..tasks import ImageTask, to_uint8
 from .common import (
     GuidanceRows,
     NoAdapters,
+    SteppedImage,
+    Stepper,
     as_index,
     check_step_batch,
     decode_by_key,
@@ -80,7 +81,7 @@ class _Text:
     uncond_pooled: torch.Tensor | None = None
 
 
-class FlowState:
+class FlowState(SteppedImage):
     """One image in flight on a flow-matching transformer. Created by `FlowStepper.start`, advanced by `step`."""
 
     def __init__(self, task: ImageTask, generator: torch.Generator, text: _Text, scale: float | None):
@@ -101,10 +102,6 @@ class FlowState:
         self.shape_key: tuple = ()
         self._timestep_values: list[float] = []
 
-    def __repr__(self) -> str:
-        status = "failed" if self.error else f"{self.step_index}/{self.total_steps}"
-        return f"FlowState(request_id={self.task.request_id!r}, {self.task.params.scheduler}, {status})"
-
     @property
     def total_steps(self) -> int:
         """Transformer evaluations it needs: len(timesteps) (flow Heun 2N-1)."""
@@ -124,16 +121,6 @@ class FlowState:
         """Transformer rows it takes in a tick."""
         return 2 if self.uses_guidance else 1
 
-    @property
-    def denoised(self) -> bool:
-        """Every step taken without error: ready to decode."""
-        return self.error is None and self.step_index >= self.total_steps
-
-    @property
-    def done(self) -> bool:
-        """Finished or failed: either way it takes no more steps."""
-        return self.error is not None or self.step_index >= self.total_steps
-
     def set_schedule(self, timesteps: torch.Tensor, sigmas: torch.Tensor, first_sigma: int, scheduler=None) -> None:
         """Its timesteps, the sigma table they index from `first_sigma` on, and its own sampler instance (None:
         the flow Euler step, from the table)."""
@@ -146,7 +133,7 @@ class FlowState:
         return self.first_sigma + self.step_index
 
 
-class FlowStepper:
+class FlowStepper(Stepper):
     """The mechanics of step-level batching over one loaded SD3 or FLUX.1 pipeline.
 
     Not thread-safe (neither is the pipeline): call from one thread at a time.
@@ -183,15 +170,8 @@ class FlowStepper:
         self._image_ids: dict[tuple[int, int], torch.Tensor] = {}  # FLUX.1: (height, width) -> its ids grid
 
     @classmethod
-    def for_model(cls, model) -> FlowStepper:
-        """The stepper over a LoadedModel's pipeline, sharing its samplers, adapters and text length."""
-        return cls(
-            model.pipe,
-            model.schedulers,
-            adapters=model.adapters,
-            group_by_adapters=model.adapter_settings.batching == "grouped",
-            max_sequence_length=model.max_sequence_length,
-        )
+    def model_options(cls, model) -> dict:
+        return {"max_sequence_length": model.max_sequence_length}  # one text length per model
 
     def group_key(self, task: ImageTask) -> tuple:
         """Tasks with different keys never share a transformer call: one width AND height per call (FLUX.1's
@@ -225,34 +205,16 @@ class FlowStepper:
             return "a transformer cache (first-block or similar) is enabled, and it assumes one trajectory per call"
         return None
 
-    @property
-    def img2img(self):
-        """The image-to-image pipeline over the same modules (its helpers only; never called whole here)."""
-        if self._img2img is None:
-            self._img2img = image_to_image(self.pipe)
-        return self._img2img
-
     # -- start --------------------------------------------------------------------------
 
-    def start(self, tasks: list[ImageTask]) -> list[FlowState | GenerationError]:
-        """A state ready for its first step, or the error that stopped it, for every task, in order.
+    def start_encoded(self, tasks: list[ImageTask], encoded: list, results: list) -> None:
+        """States for checked tasks with their prompts encoded (`Stepper.start`): no cohorts, one state each."""
+        for index, (task, text) in enumerate(zip(tasks, encoded)):
+            results[index] = text if isinstance(text, GenerationError) else self._start_one(task, text)
 
-        `tasks` must have their defaults filled in (`ImageTask.with_defaults`).
-        """
-        results: list[FlowState | GenerationError | None] = [None] * len(tasks)
-        valid: list[int] = []
-        for index, task in enumerate(tasks):
-            try:
-                check_task(task, self.family, self.schedulers, self.size_multiple)
-                self.adapters.load({name for name, _ in task.params.adapter_key})
-                valid.append(index)
-            except GenerationError as exc:
-                results[index] = exc
-        with torch.inference_mode():
-            encoded = self.encode_prompts([tasks[i] for i in valid])
-            for index, text in zip(valid, encoded):
-                results[index] = text if isinstance(text, GenerationError) else self._start_one(tasks[index], text)
-        return results  # type: ignore[return-value]
+    def check_inputs(self, task: ImageTask) -> None:
+        """What the pipelines' check_inputs (and the request-level engine) refuse, as a task error."""
+        check_task(task, self.family, self.schedulers, self.size_multiple)
 
     def guidance_scale(self, task: ImageTask) -> float | None:
         """Its classifier-free guidance scale, or None when it takes no unconditional row: SD3's
@@ -413,7 +375,7 @@ class FlowStepper:
 
     def predict_velocity(self, states: list[FlowState], latents: torch.Tensor) -> torch.Tensor:
         """The guided velocity for every row of `latents` (one row per state, in order)."""
-        rows = self._conditioning_rows(states)
+        rows = self.rows_for(states, self._conditioning_rows)
         guidance: GuidanceRows = rows["guidance"]
         values = [state.timestep_value for state in states]
         keys = [state.task.params.adapter_key for state in states]
@@ -460,11 +422,7 @@ class FlowStepper:
         return guidance.combine(uncond_out, cond_out)
 
     def _conditioning_rows(self, states: list[FlowState]) -> dict:
-        """Embeddings and guidance for the rows of these states, kept while the set of states is unchanged."""
-        if self._rows_cache is not None:
-            cached_states, cached = self._rows_cache
-            if len(cached_states) == len(states) and all(a is b for a, b in zip(cached_states, states)):
-                return cached
+        """Embeddings and guidance for the rows of these states (`rows_for` keeps them)."""
         guidance = GuidanceRows([state.guidance_scale for state in states], self.device)
         guided = [states[i] for i in guidance.positions]
         rows: dict = {"guidance": guidance}
@@ -483,7 +441,6 @@ class FlowStepper:
                 if self.guidance_embeds
                 else None
             )
-        self._rows_cache = (list(states), rows)
         return rows
 
     def _text_dtype(self):

@@ -50,12 +50,13 @@ import torch
 
 from ..errors import GenerationError, InvalidTaskError
 from ..families import UNET, check_task
-from ..loading import image_to_image
 from ..schedulers import SchedulerTemplates
 from ..tasks import ImageTask, to_uint8
 from .common import (
     GuidanceRows,
     NoAdapters,
+    SteppedImage,
+    Stepper,
     check_step_batch,
     decode_by_key,
     encode_each_alone_on_failure,
@@ -88,7 +89,7 @@ COHORT_SCHEDULERS = frozenset(
 )
 
 
-class DenoisingState:
+class DenoisingState(SteppedImage):
     """One image in flight. Created by `UNetStepper.start`, advanced by `UNetStepper.step`.
 
     Its latents, scheduler, timesteps and step index live in its cohort (see the
@@ -113,10 +114,6 @@ class DenoisingState:
         self.adapter_group: tuple = ()
         self._cohort: _Cohort | None = None
         self._row = 0
-
-    def __repr__(self) -> str:
-        status = "failed" if self.error else f"{self.step_index}/{self.total_steps}"
-        return f"DenoisingState(request_id={self.task.request_id!r}, {self.task.params.scheduler}, {status})"
 
     @property
     def scheduler(self):
@@ -166,16 +163,6 @@ class DenoisingState:
         """Only states with equal keys may share a UNet call."""
         latents = self._cohort.latents
         return (*latents.shape[1:], latents.dtype, latents.device, self.adapter_group)
-
-    @property
-    def denoised(self) -> bool:
-        """Every step taken without error: ready to decode."""
-        return self.error is None and self.step_index >= self.total_steps
-
-    @property
-    def done(self) -> bool:
-        """Finished or failed: either way it takes no more steps."""
-        return self.error is not None or self.step_index >= self.total_steps
 
 
 @dataclass
@@ -252,7 +239,7 @@ class _Cohort:
         return cohort
 
 
-class UNetStepper:
+class UNetStepper(Stepper):
     """The mechanics of step-level batching over one loaded diffusers pipeline.
 
     Not thread-safe (neither is the pipeline): call from one thread at a time.
@@ -276,16 +263,6 @@ class UNetStepper:
         # embedding (time_cond_proj_dim): they take the scale as conditioning instead.
         self.guidance_embedding_dim = pipe.unet.config.time_cond_proj_dim
         self._rows_cache: tuple[list[DenoisingState], dict] | None = None
-
-    @classmethod
-    def for_model(cls, model) -> UNetStepper:
-        """The stepper over a LoadedModel's pipeline, sharing its samplers and adapters."""
-        return cls(
-            model.pipe,
-            model.schedulers,
-            adapters=model.adapters,
-            group_by_adapters=model.adapter_settings.batching == "grouped",
-        )
 
     def group_key(self, task: ImageTask) -> tuple:
         """Tasks with different keys never share a UNet call: one latent shape (size) per call, and one adapter
@@ -324,46 +301,25 @@ class UNetStepper:
             return f"{type(scheduler).__name__} has no {', '.join(missing)}"
         return None
 
-    @property
-    def img2img(self):
-        """The image-to-image pipeline over the same modules (its helpers only; never called whole here)."""
-        if self._img2img is None:
-            self._img2img = image_to_image(self.pipe)
-        return self._img2img
-
     # -- start --------------------------------------------------------------------------
 
-    def start(self, tasks: list[ImageTask]) -> list[DenoisingState | GenerationError]:
-        """A state ready for its first step, or the error that stopped it, for every task, in order.
-
-        `tasks` must have their defaults filled in (`ImageTask.with_defaults`).
-        """
-        results: list[DenoisingState | GenerationError | None] = [None] * len(tasks)
-        valid: list[int] = []
-        for index, task in enumerate(tasks):
+    def start_encoded(self, tasks: list[ImageTask], encoded: list, results: list) -> None:
+        """States for checked tasks with their prompts encoded (`Stepper.start`), in cohorts: tasks in lockstep
+        share a scheduler."""
+        cohorts: dict[tuple, list[tuple[int, ImageTask, _Conditioning]]] = {}
+        for index, (task, conditioning) in enumerate(zip(tasks, encoded)):
+            if isinstance(conditioning, GenerationError):
+                results[index] = conditioning
+                continue
             try:
-                self.check_inputs(task)
-                self.adapters.load({name for name, _ in task.params.adapter_key})
-                valid.append(index)
+                key = self._cohort_key(task, index)
             except GenerationError as exc:
                 results[index] = exc
-        with torch.inference_mode():
-            encoded = self.encode_prompts([tasks[i] for i in valid])
-            cohorts: dict[tuple, list[tuple[int, ImageTask, _Conditioning]]] = {}
-            for index, conditioning in zip(valid, encoded):
-                if isinstance(conditioning, GenerationError):
-                    results[index] = conditioning
-                    continue
-                try:
-                    key = self._cohort_key(tasks[index], index)
-                except GenerationError as exc:
-                    results[index] = exc
-                    continue
-                cohorts.setdefault(key, []).append((index, tasks[index], conditioning))
-            for members in cohorts.values():
-                for index, result in zip([m[0] for m in members], self._start_cohort(members)):
-                    results[index] = result
-        return results  # type: ignore[return-value]
+                continue
+            cohorts.setdefault(key, []).append((index, task, conditioning))
+        for members in cohorts.values():
+            for index, result in zip([m[0] for m in members], self._start_cohort(members)):
+                results[index] = result
 
     def check_inputs(self, task: ImageTask) -> None:
         """What the pipeline's check_inputs (and the request-level engine) refuse, as a task error."""
@@ -597,7 +553,7 @@ class UNetStepper:
 
     def predict_noise(self, cohorts: list[_Cohort], ordered: list[DenoisingState]) -> torch.Tensor:
         """One UNet call; the guided noise prediction for each row of `ordered` (the cohorts' members)."""
-        rows = self._conditioning_rows(ordered)
+        rows = self.rows_for(ordered, self._conditioning_rows)
         scaled = [cohort.scheduler.scale_model_input(cohort.latents, cohort.timestep) for cohort in cohorts]
         scaled = scaled[0] if len(scaled) == 1 else torch.cat(scaled)
         values = [cohort.timestep_value for cohort in cohorts for _ in cohort.members]
@@ -624,11 +580,7 @@ class UNetStepper:
         return guidance.combine(out[: guidance.count], out[guidance.count :])
 
     def _conditioning_rows(self, ordered: list[DenoisingState]) -> dict:
-        """Embeddings and added conditioning for the rows of these states, kept while the set is unchanged."""
-        if self._rows_cache is not None:
-            cached_states, cached = self._rows_cache
-            if len(cached_states) == len(ordered) and all(a is b for a, b in zip(cached_states, ordered)):
-                return cached
+        """Embeddings and added conditioning for the rows of these states (`rows_for` keeps them)."""
         guidance = GuidanceRows([s.guidance_scale if s.uses_guidance else None for s in ordered], self.device)
         guided_states = [ordered[i] for i in guidance.positions]
         rows: dict = {
@@ -646,7 +598,6 @@ class UNetStepper:
             }
         if self.guidance_embedding_dim is not None:
             rows["timestep_cond"] = torch.cat([s.timestep_cond for s in ordered])  # no guided rows here
-        self._rows_cache = (list(ordered), rows)
         return rows
 
     def _scheduler_steps(self, cohorts: list[_Cohort], noise_pred: torch.Tensor) -> list[GenerationError | None]:
