@@ -8,8 +8,8 @@ FROM ${CUDA_BASE}
 # Same torch as the Makefile's TORCH_VERSION, same Ray as deploy/kuberay/rayservice.yaml's rayVersion (tests check).
 ARG TORCH_VERSION=2.13.0
 ARG RAY_VERSION=2.60.0
-# Extras of the project to install: gpu adds xformers (build with EXTRAS= to leave it out).
-ARG EXTRAS=gpu
+# Extras of the project to install: gpu adds xformers, s3 the S3 job store (s3fs) (build with EXTRAS= for neither).
+ARG EXTRAS=gpu,s3
 # A Hugging Face repo id to download into the image; empty: replicas download the weights when they start.
 ARG PRELOAD_MODEL=
 ARG PRELOAD_VARIANT=fp16

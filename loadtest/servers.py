@@ -151,3 +151,22 @@ def baseline_server(
         command += ["--threads", str(threads)]
         env["OMP_NUM_THREADS"] = str(threads)  # as Ray does for a replica with num_cpus: threads
     return ServerProcess("baseline", command, port, "/healthz", log_dir / "baseline.log", env)
+
+
+def s3_server(log_dir: Path, port: int | None = None) -> ServerProcess:
+    """An S3-protocol server on 127.0.0.1 (moto's, `pip install 'moto[server]'`): a local object store for the
+    tests and the store benchmark. Clients find it through `s3_env(server)`; buckets are made on demand."""
+    port = port or free_port()
+    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    return ServerProcess("s3", command, port, "/moto-api/", log_dir / "s3.log")
+
+
+def s3_env(server: ServerProcess) -> dict[str, str]:
+    """The standard AWS variables that point boto (s3fs, boto3) at `server`: endpoint, region, test credentials."""
+    return {
+        "AWS_ENDPOINT_URL": server.url,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }

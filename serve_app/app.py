@@ -9,6 +9,7 @@ from .config import AppArgs, format_validation_error
 from .generator import ImageGenerator
 from .ingress import Ingress
 from .job_queue.manager import JobManager
+from .job_queue.store import StoreUnavailable, open_store
 
 
 def build_app(args: dict | None = None) -> Application:
@@ -16,6 +17,11 @@ def build_app(args: dict | None = None) -> Application:
         settings = AppArgs.model_validate(args or {})
     except ValidationError as exc:
         raise ValueError(format_validation_error(exc, "args")) from None
+    if "://" in settings.jobs.store:  # an object store or remote filesystem: it must answer now, not in a crash loop
+        try:
+            open_store(settings.jobs.store)
+        except StoreUnavailable as exc:
+            raise ValueError(f"args.jobs.store: {exc}") from None
     generator = ImageGenerator.bind(settings.served_models(), settings.max_models_per_replica, settings.loras)
     manager = JobManager.bind(generator, settings)
     return Ingress.bind(generator, manager, settings)

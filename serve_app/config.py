@@ -156,12 +156,46 @@ class JobsConfig(_Strict):
     webhook_timeout_s: float = Field(10, gt=0)
     webhook_retries: int = Field(3, ge=0)
     webhook_backoff_s: float = Field(1.0, ge=0, description="wait before the first retry; doubles each time")
+    presign_s: float | None = Field(
+        None,
+        gt=0,
+        le=7 * 86400,
+        description="image URLs in answers are presigned object-store URLs valid this long (an object store only); "
+        "unset: URLs of this server (/jobs/{id}/images/{n}), which check the caller's key",
+    )
+    public_url: str | None = Field(
+        None,
+        description="this server's base URL as clients reach it (https://images.example.com behind a proxy): "
+        "image URLs in answers start with it; unset: jobs' URLs are paths, OpenAI's the request's own base URL",
+    )
 
     @field_validator("store")
     @classmethod
     def _absolute(cls, value: str) -> str:
+        from .job_queue.store import missing_backend
+
+        problem = missing_backend(value)  # no network: only whether its filesystem's package is here
+        if problem is not None:
+            raise ValueError(problem)
         # Replicas may start in another directory than the builder: pin a local path now.
         return value if "://" in value else str(Path(value).expanduser().resolve())
+
+    @field_validator("public_url")
+    @classmethod
+    def _http_base(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"must be an http(s) URL (got {value!r})")
+        return value if value is None else value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _presign_needs_an_object_store(self) -> JobsConfig:
+        local = "://" not in self.store or self.store.startswith(("file://", "local://"))
+        if self.presign_s is not None and local:
+            raise ValueError(
+                f"presign_s needs an object store that signs URLs (s3://...); {self.store} is a directory: "
+                "leave presign_s unset and images are served by /jobs/{id}/images/{n}"
+            )
+        return self
 
 
 class ModelConfig(_Strict):

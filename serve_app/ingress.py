@@ -7,7 +7,8 @@ from ray.serve.handle import DeploymentHandle
 
 from .api.asgi import create_api
 from .config import INGRESS_MAX_ONGOING_REQUESTS, AppArgs
-from .job_queue.store import JobStore
+from .job_queue.metrics import StoreMetrics
+from .job_queue.store import JobStore, protocol_of
 from .service.generation import GenerationService
 from .service.jobs import JobService
 
@@ -25,7 +26,8 @@ class Ingress:
         self.api_keys = settings.auth.load_keys() if settings.auth.enabled else None
         context = serve.get_replica_context()
         self.service = GenerationService(generator, settings, context.app_name, context.replica_id.unique_id)
-        self.jobs = JobService(manager, JobStore(settings.jobs.store), self.service)
+        store = JobStore(settings.jobs.store, observe=StoreMetrics(protocol_of(settings.jobs.store)))
+        self.jobs = JobService(manager, store, self.service)
 
     def __serve_build_asgi_app__(self):
         return create_api(self.service, self.api_keys, self.jobs)

@@ -1,5 +1,6 @@
 import os
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,36 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("measurements")
         for test, name, value in measured:
             terminalreporter.write_line(f"{name}: {value}    [{test}]")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A local S3-protocol server (moto, `loadtest/servers.py`) on 127.0.0.1 for the session, stopped by its PID.
+    Its AWS variables (endpoint, region, test credentials) are set in this process while it runs, as a deployment
+    sets them: anything that talks to S3 here finds it, a Ray started after it too (others: `s3_env`)."""
+    from loadtest.servers import s3_env
+    from loadtest.servers import s3_server as s3_process
+
+    server = s3_process(tmp_path_factory.mktemp("s3-server")).start(timeout_s=120)
+    env = s3_env(server)
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield server
+    finally:
+        server.stop()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A new, empty bucket on the session's S3 server: its URL, s3://<name>."""
+    import fsspec
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    fsspec.filesystem("s3").mkdir(name)
+    return f"s3://{name}"

@@ -22,12 +22,15 @@ async def healthz():
 
 @router.get(
     "/readyz",
-    summary="Readiness: a Generator replica can take work",
+    summary="Readiness: a Generator replica can take work; whether the job store answers",
     responses={503: {"description": "no Generator replica is running yet (Retry-After says when to ask again)"}},
 )
-async def readyz(service: Service):
+async def readyz(service: Service, jobs: Jobs):
     status = await service.generator_status()
     body = {"status": "ready" if is_ready(status) else "not_ready", "generator": status}
+    store = await jobs.store_status()
+    if store is not None:  # reported, not required: generation answers without the store, jobs do not
+        body["store"] = store
     if not is_ready(status):
         return JSONResponse(body, status_code=503, headers={"Retry-After": str(service.published_limits.retry_after_s)})
     return body

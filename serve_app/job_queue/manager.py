@@ -33,8 +33,9 @@ from ..config import AppArgs
 from ..pipeline.errors import GenerationError
 from ..pipeline.tasks import ImageResult, ImageTask
 from ..service.generation import stream_images
-from .records import JobError, JobImage, JobRecord, JobStatus, created_at
-from .store import JobStore
+from .metrics import StoreMetrics
+from .records import JobError, JobRecord, JobStatus
+from .store import open_store, protocol_of, store_results
 
 logger = logging.getLogger("ray.serve")
 
@@ -71,7 +72,11 @@ class JobManager:
         self._by_model = len(settings.served_models()) > 1  # route each image to a replica holding its model
         self.config = settings.jobs
         self.model = settings.model
-        self.store = JobStore(self.config.store)
+        # One line naming the URL and the error when the store cannot be reached (the builder checked it too).
+        self.store = open_store(self.config.store, observe=StoreMetrics(protocol_of(self.config.store)))
+        indexed = self.store.ensure_layout()
+        if indexed:
+            logger.info("JobManager: indexed %d records of a store written by an older version", indexed)
         self._queue: deque[str] = deque()  # ids waiting to run, in order
         self._records: dict[str, JobRecord] = {}  # every unfinished job (queued or running)
         self._progress: dict[str, dict] = {}  # running jobs: step, total_steps, images_done
@@ -230,7 +235,7 @@ class JobManager:
             logger.exception("job %s failed", job_id)
             await self._finish(record, JobStatus.failed, JobError(code="internal_error", message=type(exc).__name__))
             return
-        record.images = await run_in_threadpool(self._store_images, record, results)
+        record.images = await run_in_threadpool(store_results, self.store, record, results)
         await self._finish(record, JobStatus.succeeded)
 
     async def _generate(self, record: JobRecord) -> list[ImageResult]:
@@ -265,22 +270,6 @@ class JobManager:
         if data is None:
             raise GenerationError(f"the init image of job {job_id} is missing from the store")
         return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-
-    def _store_images(self, record: JobRecord, results: list[ImageResult]) -> list[JobImage]:
-        from ..service.encoding import encode_image, parameters_text
-
-        images = []
-        for index, result in enumerate(results):
-            png = encode_image(result.pixels, "png", parameters=parameters_text(result.params, record.model))
-            name = self.store.put_image(record.id, index, png)
-            metadata = {
-                **result.params.model_dump(),
-                "batch_size": result.batch_size,
-                "generation_time_s": round(result.generation_time_s, 4),
-                "warnings": result.warnings,
-            }
-            images.append(JobImage(index=index, seed=result.seed, file=name, metadata=metadata))
-        return images
 
     async def _finish(self, record: JobRecord, status: JobStatus, error: JobError | None = None) -> None:
         record.status, record.error, record.finished_at = status, error, time.time()
@@ -341,26 +330,19 @@ class JobManager:
                 logger.exception("JobManager: sweeping the store failed")
 
     def sweep(self) -> int:
-        """Delete finished jobs past the retention, then the oldest finished ones while over the byte cap."""
+        """Delete finished jobs past the retention, then the oldest finished ones while the store is over the byte
+        cap. The retention's listing stops at the first job younger than it; the byte cap lists the store once."""
         deleted = 0
-        oldest_first = list(reversed(self.store.ids()))
-        horizon = time.time() - self.config.retention_s
-        kept = []
-        for job_id in oldest_first:
-            if job_id in self._records:
-                continue
-            if created_at(job_id) < horizon:
-                self.store.delete(job_id)
+        for job_id in self.store.ids_before(time.time() - self.config.retention_s):  # oldest first
+            if job_id not in self._records and self.store.delete(job_id, only_final=True):
                 deleted += 1
-            else:
-                kept.append(job_id)
         if self.config.max_store_bytes is not None:
-            sizes = {job_id: self.store.size_bytes(job_id) for job_id in kept}
+            sizes = self.store.usage()
             total = sum(sizes.values())
-            for job_id in kept:
+            for job_id in sorted(sizes):  # oldest first
                 if total <= self.config.max_store_bytes:
                     break
-                self.store.delete(job_id)
-                total -= sizes[job_id]
-                deleted += 1
+                if job_id not in self._records and self.store.delete(job_id, only_final=True):
+                    total -= sizes[job_id]
+                    deleted += 1
         return deleted

@@ -18,9 +18,10 @@ from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from ..job_queue.records import JobRecord, JobStatus, Webhook, created_at, is_job_id, new_job_id, owner_of
-from ..job_queue.store import JobStore
+from ..job_queue.store import JobStore, describe_error, store_results
 from ..pipeline.errors import GenerationError
 from ..pipeline.params import ImageParams, RefinerParams
+from ..pipeline.tasks import ImageResult
 from .encoding import decode_init_image, encode_image
 from .errors import ApiError
 from .generation import GenerationService
@@ -32,6 +33,7 @@ class JobService:
         self.store = store  # job records and images, read directly by every ingress replica
         self.generation = generation
         self.settings = generation.settings
+        self._store_status: tuple[float, dict] | None = None  # (when, status): probes are answered from it
 
     # -- who and which ---------------------------------------------------------------------------
 
@@ -73,6 +75,80 @@ class JobService:
         if data is None:
             raise ApiError(410, "job_expired", f"the images of job {record.id} were deleted")
         return data
+
+    # -- links to images ---------------------------------------------------------------------------
+
+    async def links(self, record: JobRecord, base: str = "", fmt: str = "png") -> list[tuple[str, float | None]]:
+        """`image_links`, off the event loop (signing may have to fetch credentials first)."""
+        if not record.images:
+            return []
+        return await asyncio.to_thread(self.image_links, record, base, fmt)
+
+    def image_links(self, record: JobRecord, base: str = "", fmt: str = "png") -> list[tuple[str, float | None]]:
+        """Each image's URL and when it stops working (None: while the job is kept). With `jobs.presign_s`, a
+        presigned object-store URL; otherwise this server's `/jobs/{id}/images/{n}` (which checks the caller's
+        key) under `jobs.public_url`, else under `base` (a path when empty)."""
+        config = self.settings.jobs
+        if config.presign_s is not None and self.store is not None and self.store.can_presign:
+            expires = time.time() + config.presign_s
+            return [
+                (self.store.presigned_url(record.id, image.index, config.presign_s, fmt), expires)
+                for image in record.images
+            ]
+        prefix = config.public_url or base.rstrip("/")
+        query = "" if fmt == "png" else f"?format={fmt}"
+        return [(f"{prefix}/jobs/{record.id}/images/{image.index}{query}", None) for image in record.images]
+
+    async def store_answer(
+        self, results: list[ImageResult], request_id: str, owner: str | None, kind: str, output: tuple[str, int]
+    ) -> JobRecord:
+        """Images of a synchronous request, stored as a job that has succeeded, owned by the caller and kept
+        as long as any job (`jobs.retention_s`, `jobs.max_store_bytes`): what an answer that links to its images
+        (OpenAI's `response_format: "url"`) points at. Written here, by the ingress: the record is born final,
+        so the JobManager (the writer of unfinished records) has nothing to take over."""
+        if self.store is None:
+            raise ApiError(503, "store_unavailable", "this server has no job store to keep linked images in")
+        now = time.time()
+        first = results[0].params
+        record = JobRecord(
+            id=new_job_id(),
+            status=JobStatus.succeeded,
+            created_at=now,
+            started_at=now - max(r.generation_time_s for r in results),
+            finished_at=now,
+            owner=owner,
+            request_id=request_id,
+            model=first.model or self.generation.models.default,
+            kind=kind,
+            params=first,
+            seeds=[r.seed for r in results],
+            attempts=1,
+        )
+        also_as = output if self.settings.jobs.presign_s is not None else None  # a presigned link names one file
+
+        def write() -> None:
+            record.images = store_results(self.store, record, results, also_as)
+            self.store.put(record)
+
+        await asyncio.to_thread(write)
+        return record
+
+    async def store_status(self, max_age_s: float = 5.0) -> dict | None:
+        """Whether the store answers (one cheap listing, at most every `max_age_s`), and how fast; None without one."""
+        if self.store is None:
+            return None
+        now = time.monotonic()
+        if self._store_status is not None and now - self._store_status[0] < max_age_s:
+            return self._store_status[1]
+        started = time.perf_counter()
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self.store.probe), timeout=10)
+            status = {"url": self.store.url, "reachable": True}
+        except Exception as exc:  # noqa: BLE001 - any failure is "not reachable", said in one line
+            status = {"url": self.store.url, "reachable": False, "error": describe_error(exc)}
+        status["latency_ms"] = round((time.perf_counter() - started) * 1000, 1)
+        self._store_status = (now, status)
+        return status
 
     # -- changes, through the JobManager ---------------------------------------------------------
 

@@ -68,7 +68,10 @@ class JobProgress(BaseModel):
 class JobImageView(BaseModel):
     index: int
     seed: int
-    url: str
+    url: str = Field(
+        ..., description="this server's /jobs/{id}/images/{n} (send your key), or a presigned object-store URL"
+    )
+    url_expires_at: float | None = Field(None, description="a presigned URL works until then (seconds since epoch)")
     metadata: dict
 
 
@@ -96,9 +99,13 @@ class JobView(BaseModel):
     urls: dict[str, str]
 
     @classmethod
-    def of(cls, record: JobRecord, live: dict | None = None) -> JobView:
+    def of(
+        cls, record: JobRecord, live: dict | None = None, links: list[tuple[str, float | None]] | None = None
+    ) -> JobView:
+        """`links`: each image's URL and expiry (the jobs service's `links`); default: this server's paths."""
         base = f"/jobs/{record.id}"
         live = live or {}
+        links = links or [(f"{base}/images/{i.index}", None) for i in record.images]
         return cls(
             **record.model_dump(
                 include={"id", "created_at", "started_at", "finished_at", "kind", "model", "seeds", "attempts"}
@@ -110,8 +117,8 @@ class JobView(BaseModel):
             preview=live.get("preview"),
             error=record.error,
             images=[
-                JobImageView(index=i.index, seed=i.seed, url=f"{base}/images/{i.index}", metadata=i.metadata)
-                for i in record.images
+                JobImageView(index=i.index, seed=i.seed, url=url, url_expires_at=expires, metadata=i.metadata)
+                for i, (url, expires) in zip(record.images, links)
             ],
             refined_from=record.refined_from,
             urls={"self": base, "events": f"{base}/events", "cancel": base},

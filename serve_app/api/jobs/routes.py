@@ -48,13 +48,14 @@ async def list_jobs(
     cursor: str | None = Query(None, description="next_cursor of the previous page"),
 ):
     page, next_cursor = await jobs.list(status, owner, limit, cursor)
-    return JobList(jobs=[JobView.of(record, live) for record, live in page], next_cursor=next_cursor)
+    views = [JobView.of(record, live, await jobs.links(record)) for record, live in page]
+    return JobList(jobs=views, next_cursor=next_cursor)
 
 
 @router.get("/jobs/{job_id}", response_model=JobView, summary="A job's state, progress and images")
 async def get_job(job_id: str, jobs: Jobs, owner: Owner):
     record = await jobs.find(job_id, owner)
-    return JobView.of(record, await jobs.live_state(record))
+    return JobView.of(record, await jobs.live_state(record), await jobs.links(record))
 
 
 @router.get(

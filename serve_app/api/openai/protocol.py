@@ -38,7 +38,11 @@ class ImageGenerationRequest(BaseModel):
     )
     n: int = Field(1, ge=1, le=10)
     size: str | None = Field(None, description="'WIDTHxHEIGHT' (multiples of 8) or 'auto' (the model's default)")
-    response_format: Literal["b64_json", "url"] | None = Field(None, description="only b64_json is supported")
+    response_format: Literal["b64_json", "url"] | None = Field(
+        None,
+        description="b64_json (the default): the images in the answer; url: links to them, kept as a job of the "
+        "caller's (this server's /jobs/{id}/images/{n}, or presigned object-store URLs with jobs.presign_s)",
+    )
     output_format: Literal["png", "jpeg", "webp"] = "png"
     output_compression: int | None = Field(None, ge=0, le=100, description="jpeg/webp quality")
     quality: str | None = None
@@ -52,10 +56,6 @@ class ImageGenerationRequest(BaseModel):
     scheduler: SchedulerName = "default"
 
     def image_params(self, strength: float | None = None) -> ImageParams:
-        if self.response_format == "url":
-            raise ApiError.invalid(
-                "response_format", "'url' is not supported: images are returned inline; use 'b64_json'"
-            )
         width, height = self._size()
         return ImageParams(
             prompt=self.prompt,
@@ -100,9 +100,19 @@ class ImageObject(BaseModel):
     seed: int
 
 
+class ImageLink(BaseModel):
+    """An image answered as a link (`response_format: "url"`); `job_id` and `expires_at` are extensions."""
+
+    url: str
+    revised_prompt: str | None = None
+    seed: int
+    job_id: str = Field(..., description="the job holding the image: GET /jobs/{id}, POST /jobs/{id}/refine")
+    expires_at: float | None = Field(None, description="a presigned URL works until then; else kept as a job is")
+
+
 class ImagesResponse(BaseModel):
     created: int
-    data: list[ImageObject]
+    data: list[ImageObject | ImageLink]
     output_format: str
     size: str
 
