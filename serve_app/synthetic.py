@@ -3,6 +3,9 @@
     python -m serve_app.synthetic tiny ./tiny-sd      (or: sd-serve synth tiny ./tiny-sd)
     python -c "from diffusers import DiffusionPipeline; DiffusionPipeline.from_pretrained('./tiny-sd')"
 
+Presets: tiny, tiny-xl, tiny-xl-refiner, tiny-sd3, tiny-flux-schnell, tiny-flux-dev (tests, CPU demo) and the
+full-size sd15, sd-turbo, sdxl, sd3.5-large, sd3.5-medium, flux.1-schnell (capacity planning on a GPU).
+
 Anyone can then benchmark the same weights with or without this project.
 """
 
