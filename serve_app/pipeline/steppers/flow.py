@@ -14,7 +14,7 @@ cancellation work unchanged. `StableDiffusion3Pipeline`, `FluxPipeline` and thei
   decode  one VAE decode per size, with the VAE's scaling and shift factors (FLUX.1: unpacked first)
 
 A row's state is an index into its own sigma table. The flow Euler step keeps no history, so images
-need no cohorts: rows at any steps, step counts, sizes' schedules and guidance share one call, and each
+need no cohorts: rows at any step, with any step count, sampler and guidance, share one call, and each
 advances by `x + (sigma_next - sigma) * v`, computed as `FlowMatchEulerDiscreteScheduler.step` computes
 it (in float32 from a 0-dim sigma difference, per distinct difference: bit-identical to one scheduler per
 image on any device and dtype). The multistep flow samplers (flow_heun, flow_dpmpp_2m, flow_unipc) keep
