@@ -61,6 +61,7 @@ async def models(service: Service):
             {
                 "id": model.id,
                 "source": model.source,
+                "family": service.models.family(model.id),
                 "refiner": model.refiner,
                 "defaults": model.defaults.model_dump(exclude_none=True),
                 "limits": model.limits.model_dump(include=set(ModelLimits.model_fields)),

@@ -93,6 +93,39 @@ def family_of(pipe) -> Family:
     return UNET if getattr(pipe, "unet", None) is not None else OTHER
 
 
+def samples_by_flow(family_name: str | None) -> bool:
+    """Whether models of this family (by name) take the flow-matching samplers."""
+    family = FAMILIES.get(family_name or "")
+    return family is not None and family.samplers == FLOW_SCHEDULER_NAMES
+
+
+def family_of_source(source: str, cache_dir: str | None = None) -> str | None:
+    """The family name of a model source, read without loading it (torch-free, for the HTTP side): a
+    synthetic preset's pipeline, a directory's or a cached Hub repo's model_index.json; None when that
+    cannot be known before the model loads (a Hub repo not in the cache)."""
+    import json
+    from pathlib import Path
+
+    from .loading import ModelSource
+
+    parsed = ModelSource.parse(source)
+    if parsed.kind == "synthetic":
+        from .synthetic import load_preset
+
+        class_name = load_preset(parsed.location)["pipeline"]
+    else:
+        index: str | Path | None = Path(parsed.location) / "model_index.json"
+        if parsed.kind == "hub":
+            from huggingface_hub import try_to_load_from_cache
+
+            index = try_to_load_from_cache(parsed.location, "model_index.json", cache_dir=cache_dir)
+        if not isinstance(index, (str, Path)) or not Path(index).is_file():
+            return None
+        class_name = json.loads(Path(index).read_text()).get("_class_name", "")
+    family = _BY_PIPELINE.get(class_name)
+    return family.name if family is not None else (UNET.name if "StableDiffusion" in class_name else OTHER.name)
+
+
 def fallback_defaults(pipe, family: Family) -> GenerationDefaults:
     """The family's fallbacks, refined by what the model says of itself: FLUX.1 [schnell] (no guidance
     embedding) is distilled to 4 steps without guidance."""

@@ -81,6 +81,8 @@ FLOW_SCHEDULER_NAMES: tuple[str, ...] = (DEFAULT, *(name for name, spec in SCHED
 # Every name a request may give; each model accepts its family's (`SchedulerTemplates.check`).
 ALL_SCHEDULER_NAMES: tuple[str, ...] = (DEFAULT, *SCHEDULERS)
 _BY_A1111_NAME = {spec.a1111_name.lower(): name for name, spec in SCHEDULERS.items()}
+# What AUTOMATIC1111's forks (Forge) mean by a sampler's plain name on a flow-matching model: its flow twin.
+FLOW_TWINS = {"euler": "flow_euler", "heun": "flow_heun", "dpmpp_2m": "flow_dpmpp_2m", "unipc": "flow_unipc"}
 
 
 def a1111_name(name: str) -> str:

@@ -24,6 +24,7 @@ from ray.serve.handle import DeploymentHandle
 
 from ..config import AppArgs, RequestLimits
 from ..pipeline.errors import GenerationError
+from ..pipeline.families import family_of_source
 from ..pipeline.params import ImageParams, new_seed, seed_at, split_lora_tags
 from ..pipeline.tasks import ImageResult, ImageTask
 from .encoding import decode_init_image
@@ -105,6 +106,8 @@ class ModelTable:
         self.ids = [model.id for model in served]
         self.limits = {model.id: model.limits for model in served}
         self.with_refiner = [model.id for model in served if model.refiner]
+        # unet / sd3 / flux, read from each source without loading it; None until a Hub model is cached.
+        self.families = {model.id: family_of_source(model.source, model.pipeline.cache_dir) for model in served}
         self.default = settings.default_model_id
         self.adapters = settings.loras.catalog()
 
@@ -112,6 +115,9 @@ class ModelTable:
     def several(self) -> bool:
         """Requests are routed by model (Serve's multiplexing) only when there is more than one."""
         return len(self.ids) > 1
+
+    def family(self, model: str | None) -> str | None:
+        return self.families.get(model or self.default)
 
     def limits_for(self, model: str | None) -> RequestLimits:
         """The limits of `model` (the default's when unnamed, or unknown: `resolve` refuses that one)."""

@@ -19,13 +19,14 @@ router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 compatible"])
 
 @router.post("/txt2img", response_model=A1111GenerationResult, summary="AUTOMATIC1111: text to image")
 async def txt2img(body: A1111Txt2ImgRequest, request: Request, service: Service):
-    tasks = service.tasks_for(body.image_params(), body.num_images, request_id_of(request), names=FIELD_NAMES)
+    params = body.image_params(family=service.models.family(body.model_name))
+    tasks = service.tasks_for(params, body.num_images, request_id_of(request), names=FIELD_NAMES)
     return await _result(await service.generate(tasks), body, service.model)
 
 
 @router.post("/img2img", response_model=A1111GenerationResult, summary="AUTOMATIC1111: image to image")
 async def img2img(body: A1111Img2ImgRequest, request: Request, service: Service):
-    params = body.image_params()
+    params = body.image_params(family=service.models.family(body.model_name))
     init_image = await service.init_image(body.init_images[0], params, "init_images.0")
     tasks = service.tasks_for(params, body.num_images, request_id_of(request), init_image=init_image, names=FIELD_NAMES)
     return await _result(await service.generate(tasks), body, service.model)
@@ -77,7 +78,15 @@ async def samplers():
 @router.get("/sd-models", summary="AUTOMATIC1111: the served models (override_settings.sd_model_checkpoint)")
 async def sd_models(service: Service):
     return [
-        {"title": model, "model_name": model, "hash": None, "sha256": None, "filename": model, "config": None}
+        {
+            "title": model,
+            "model_name": model,
+            "hash": None,
+            "sha256": None,
+            "filename": model,
+            "config": None,
+            "family": service.models.family(model),
+        }
         for model in service.models.ids
     ]
 

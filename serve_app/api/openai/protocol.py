@@ -2,7 +2,7 @@
 
 Fields OpenAI defines that mean nothing here (quality, style, user, ...) are accepted and
 ignored (`extra="ignore"`: new OpenAI fields must not break old servers). `seed`,
-`negative_prompt`, `num_inference_steps`, `guidance_scale`, `scheduler` (and `strength` for
+`negative_prompt`, `num_inference_steps`, `guidance_scale`, `true_cfg_scale` (FLUX.1), `scheduler` (and `strength` for
 edits) are extensions, sent with the openai package's `extra_body`.
 """
 
@@ -13,7 +13,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ...pipeline.params import GuidanceScale, ImageParams, Prompt, SchedulerName, Seed, Steps, Strength
+from ...pipeline.params import (
+    GuidanceScale,
+    ImageParams,
+    Prompt,
+    SchedulerName,
+    Seed,
+    Steps,
+    Strength,
+    TrueCfgScale,
+)
 from ..errors import ApiError
 
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
@@ -53,6 +62,7 @@ class ImageGenerationRequest(BaseModel):
     negative_prompt: str = ""
     num_inference_steps: Steps | None = None
     guidance_scale: GuidanceScale | None = None
+    true_cfg_scale: TrueCfgScale | None = None
     scheduler: SchedulerName = "default"
 
     def image_params(self, strength: float | None = None) -> ImageParams:
@@ -64,6 +74,7 @@ class ImageGenerationRequest(BaseModel):
             height=height,
             num_inference_steps=self.num_inference_steps,
             guidance_scale=self.guidance_scale,
+            true_cfg_scale=self.true_cfg_scale,
             scheduler=self.scheduler,
             seed=self.seed,
             strength=strength,
