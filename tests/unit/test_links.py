@@ -11,7 +11,7 @@ import openai
 import pytest
 from fake_generation import FakeGenerationService
 from harness import load_config
-from helpers import decode, pixels
+from helpers import decode, pixels, png_bytes
 from starlette.testclient import TestClient
 
 from serve_app.api.asgi import create_api
@@ -69,8 +69,6 @@ def test_a_linked_jpeg_is_served_as_jpeg(client):
 
 
 def test_an_edit_answered_with_a_link_is_an_image_to_image_job(client):
-    from helpers import png_bytes
-
     result = official(client).images.edit(
         image=("in.png", png_bytes((64, 64)), "image/png"), prompt="at night", response_format="url"
     )
