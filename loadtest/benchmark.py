@@ -33,7 +33,7 @@ import yaml
 
 from . import report
 from .raw_pipeline import RawResult, measure
-from .servers import REPO, baseline_server, serve_server
+from .servers import REPO, baseline_server, serve_server, with_one_model
 from .sweep import (
     LevelResult,
     add_mix_arguments,
@@ -82,10 +82,8 @@ class ServedModel:
 
 def served_config(path: Path, model: str | None, device: str | None) -> dict:
     """The config file with --model / --device applied to its args."""
-    config = copy.deepcopy(yaml.safe_load(path.read_text()))
-    args = config["applications"][0].setdefault("args", {})
-    if model:
-        args["model"] = model
+    config = with_one_model(copy.deepcopy(yaml.safe_load(path.read_text())), model)
+    args = config["applications"][0]["args"]
     if device:
         args.setdefault("pipeline", {})["device"] = device
     return config

@@ -2,6 +2,7 @@
 
     python -m loadtest.mixed_traffic                    # configs/cpu-demo.yaml, both engines, ~4 min
     python -m loadtest.mixed_traffic --duration 20 --short-clients 2 --long-clients 4
+    python -m loadtest.mixed_traffic --model synthetic:tiny-flux-schnell   # one of the config's models, or a source
 
 For each engine (`pipeline.engine: step`, then `request`), the same config is served on a fresh
 local Ray instance and driven, closed loop, through four phases:
@@ -30,7 +31,7 @@ import aiohttp
 import httpx
 import yaml
 
-from .servers import REPO, serve_server
+from .servers import REPO, serve_server, with_one_model
 from .sweep import LevelResult, make_session, run_level, send
 from .traffic import RequestMix, RequestStream
 
@@ -135,7 +136,7 @@ def markdown(results: dict, args, machine: str) -> str:
     lines = [
         f"Mixed traffic on {machine}: {args.short_clients} clients x {args.short_steps}-step requests, "
         f"{args.long_clients} clients x {args.long_steps}-step requests, {args.duration:g} s per phase, "
-        f"config {args.config.name}.",
+        f"config {args.config.name}, model {args.model or 'its default'}.",
         "",
         "| engine | short alone p50 / p95 | short with long p50 / p95 | long p50 / p95 | mixed images/s "
         f"| uniform ({args.uniform_clients} clients) images/s | cancelled in flight | model calls after cancel |",
@@ -158,6 +159,7 @@ def markdown(results: dict, args, machine: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.mixed_traffic", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=DEMO_CONFIG)
+    parser.add_argument("--model", default=None, help="serve only this model (an id of the config's or a source)")
     parser.add_argument("--duration", type=float, default=20, help="seconds per phase")
     parser.add_argument("--short-steps", type=int, default=2)
     parser.add_argument("--long-steps", type=int, default=30)
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = args.out or REPO / "results" / time.strftime("mixed-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
-    base = yaml.safe_load(args.config.read_text())
+    base = with_one_model(yaml.safe_load(args.config.read_text()), args.model)
     machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, {__import__('os').cpu_count()} cores"
 
     results = {}

@@ -22,6 +22,28 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 
 
+def with_one_model(config: dict, model: str | None = None) -> dict:
+    """`config` (edited in place, and returned) serving one model: `model` as an id of its `models` (with that
+    entry's own pipeline options, defaults and limits), else as a model source with the shared options;
+    None: the config's default model. The benchmarks compare one model's engines or families."""
+    args = config["applications"][0].setdefault("args", {})
+    entries = args.pop("models", None) or []
+    default_id = args.pop("default_model", None)
+    args.pop("max_models_per_replica", None)
+    wanted = model or default_id or (entries[0]["id"] if entries else args.get("model"))
+    entry = next((e for e in entries if e["id"] == wanted), None)
+    if entry is None:
+        args["model"] = wanted or "synthetic:tiny"
+        return config
+    args["model"] = entry["model"]
+    for key in ("pipeline", "defaults", "limits"):
+        if entry.get(key):
+            args[key] = {**args.get(key, {}), **entry[key]}
+    if entry.get("refiner"):
+        args["refiner"] = entry["refiner"]
+    return config
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -27,7 +27,6 @@ def test_a_serve_config_gives_the_model_its_options_limits_and_batching():
 def test_a_config_with_several_models_runs_its_default_or_the_one_named_with_that_models_options(tmp_path):
     config = yaml.safe_load(DEMO_CONFIG.read_text())
     args = config["applications"][0]["args"]
-    args.pop("model")
     args["models"] = [
         {"id": "tiny", "model": "synthetic:tiny"},
         {"id": "xl", "model": "synthetic:tiny-xl", "pipeline": {"seed": 3}, "limits": {"max_width": 512}},

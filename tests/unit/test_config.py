@@ -45,7 +45,8 @@ def test_production_config_serves_a_real_model_on_autoscaled_gpus():
 def test_demo_config_stays_on_loopback_and_offline():
     raw = yaml.safe_load((REPO / "configs" / "cpu-demo.yaml").read_text())
     assert raw["http_options"]["host"] == "127.0.0.1"
-    assert raw["applications"][0]["args"]["model"] == "synthetic:tiny"
+    sources = [model["model"] for model in raw["applications"][0]["args"]["models"]]
+    assert sources == ["synthetic:tiny", "synthetic:tiny-flux-schnell"]  # random weights only: no download
 
 
 def test_unknown_keys_are_rejected_with_their_path():

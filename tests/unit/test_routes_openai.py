@@ -88,9 +88,9 @@ def test_edit_with_a_mask_is_refused(oai, generator):
     assert generator.jobs == []
 
 
-def test_models_lists_and_retrieves_the_served_model(oai, service):
+def test_models_lists_and_retrieves_the_served_models(oai, service):
     models = oai.models.list()
-    assert [m.id for m in models.data] == ["synthetic:tiny"]
+    assert [m.id for m in models.data] == ["synthetic:tiny", "synthetic:tiny-flux-schnell"]
     served = oai.models.retrieve("synthetic:tiny")
     assert served.id == "synthetic:tiny" and served.created == service.started_at
     with pytest.raises(openai.NotFoundError) as info:
