@@ -109,10 +109,19 @@ class LocalRayCluster:
         self.gcs_address = f"127.0.0.1:{gcs_port}"
         self.dashboard_url = f"http://127.0.0.1:{dashboard_port}"
 
-    def add_worker(self, name: str, num_cpus: int) -> None:
+    def add_worker(self, name: str, num_cpus: int, labels: dict[str, str] | None = None) -> int:
+        """Start a worker node (`labels`: Ray node labels, for `label_selector` in ray_actor_options); returns
+        its process group, which `kill_node` takes."""
+        extra = ["--labels", ",".join(f"{k}={v}" for k, v in labels.items())] if labels else []
         self._ray_start(
-            name, [f"--address={self.gcs_address}", f"--num-cpus={num_cpus}", "--num-gpus=0", *self._node_ports()]
+            name,
+            [f"--address={self.gcs_address}", f"--num-cpus={num_cpus}", "--num-gpus=0", *extra, *self._node_ports()],
         )
+        return self.process_groups[-1]
+
+    def kill_node(self, group: int) -> None:
+        """SIGKILL every process of one node (raylet, agents, its workers and replicas), as a lost machine."""
+        os.killpg(group, signal.SIGKILL)
 
     def nodes(self) -> list[dict]:
         """Alive nodes from Ray's state API: node_id, is_head_node, resources_total."""
