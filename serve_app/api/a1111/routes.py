@@ -125,7 +125,7 @@ async def _result(images: list[ImageResult], body: A1111Txt2ImgRequest, model: s
         "batch_size": body.batch_size,
         "n_iter": body.n_iter,
         "denoising_strength": first.strength,
-        "sd_model_name": model,
+        "sd_model_name": first.model or model,
         "sd_model_hash": None,
         "restore_faces": False,
         "extra_generation_params": {},
