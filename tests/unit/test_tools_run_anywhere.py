@@ -9,7 +9,17 @@ import pytest
 
 pytestmark = pytest.mark.slow  # a Python process per tool, each importing its dependencies
 
-TOOLS = ["benchmark", "bulk_benchmark", "jobs_burst", "mixed_traffic", "overload", "run_locust", "soak", "sweep"]
+TOOLS = [
+    "benchmark",
+    "bulk_benchmark",
+    "jobs_burst",
+    "mixed_traffic",
+    "overload",
+    "run_locust",
+    "soak",
+    "store_benchmark",
+    "sweep",
+]
 
 
 @pytest.mark.parametrize("tool", TOOLS)
