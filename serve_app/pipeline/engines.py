@@ -17,6 +17,10 @@ and one place decides what runs next.
   guidance, sampler, strength). For pipelines the step engine does not know. Progress comes from
   the pipeline's step callback; a call whose tasks were all cancelled stops at the next step.
 
+Both engines pick what joins next with one policy (`fairness.FairQueue`): weighted fair share across tenants
+(deficit round-robin on denoiser rows x steps), then priority, then arrival (or fewest steps first). An
+admission that refuses by expected wait counts only the work ahead of the task under that policy.
+
 No Ray and no asyncio here: the Generator adapts the callbacks to its event loop.
 """
 
@@ -33,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .errors import GenerationError, OverloadedError
+from .fairness import FairQueue, Tally
 from .tasks import ImageResult, ImageTask
 
 logger = logging.getLogger(__name__)
@@ -114,6 +119,7 @@ class LoopCounters:
         self.cancelled_in_flight = 0
         self.succeeded = 0
         self.failed = 0
+        self.admitted_by_tenant: Counter[str] = Counter()  # hashed tenant ids: fair admission at work
         self.busy_s = 0.0  # wall time in model calls (UNet steps, decodes, whole pipeline calls)
         self.refused = 0  # tasks refused at admission: they could not finish before their deadline
         # Image-steps per second the model delivers (an image advanced by one denoising step), smoothed:
@@ -149,13 +155,34 @@ class Engine:
     def __init__(self, limits: EngineLimits, counters: LoopCounters):
         self.limits = limits
         self.counters = counters
-        self.waiting: deque[Ticket] = deque()
-        # Denoising steps still to run, over every image it holds: refreshed by the worker after each tick,
-        # read by submitters on other threads (a float: no lock needed to read it whole).
-        self.backlog_steps = 0.0
+        self.waiting: FairQueue[Ticket] = FairQueue(_claim_of)
+        # Refreshed by the worker after each tick (`publish`), read by submitters on other threads (each a
+        # whole value, replaced, never changed in place: no lock needed to read it).
+        self.backlog_steps = 0.0  # denoising steps still to run, over every image it holds
+        self.active_steps = 0.0  # ... over the images already admitted
+        self.waiting_tally = Tally()  # the waiting work per tenant and priority
+        self.by_tenant: dict[str, dict[str, int]] = {}  # images waiting and running per tenant
 
     def measure_backlog(self) -> float:
-        return sum(t.task.denoising_steps for t in self.waiting)
+        return sum(t.task.denoising_steps for t in self.waiting) + self.measure_active()
+
+    def measure_active(self) -> float:
+        return 0.0
+
+    def running_tickets(self) -> list[Ticket]:
+        return []
+
+    def publish(self) -> None:
+        """What submitters on other threads read: the backlog, and what waits and runs per tenant."""
+        self.active_steps = self.measure_active()
+        self.waiting_tally = self.waiting.tally()
+        self.backlog_steps = self.active_steps + sum(self.waiting_tally.counts().values())
+        counts: dict[str, dict[str, int]] = {}
+        for tenant, waiting in self.waiting.waiting_by_tenant().items():
+            counts.setdefault(tenant, {"waiting": 0, "running": 0})["waiting"] = waiting
+        for ticket in self.running_tickets():
+            counts.setdefault(ticket.task.tenant, {"waiting": 0, "running": 0})["running"] += 1
+        self.by_tenant = counts
 
     def has_work(self) -> bool:
         return bool(self.waiting)
@@ -172,14 +199,13 @@ class Engine:
         raise NotImplementedError
 
     def _drop_cancelled_waiting(self) -> None:
-        kept = deque()
-        for ticket in self.waiting:
-            if ticket.cancelled:
-                self.counters.cancelled_before_start += 1
-                ticket.finish(TaskCancelled())
-            else:
-                kept.append(ticket)
-        self.waiting = kept
+        for ticket in self.waiting.remove_if(lambda t: t.cancelled):
+            self.counters.cancelled_before_start += 1
+            ticket.finish(TaskCancelled())
+
+    def _count_admitted(self, tickets: list[Ticket]) -> None:
+        self.counters.admitted += len(tickets)
+        self.counters.admitted_by_tenant.update(t.task.tenant for t in tickets)
 
     def _finish(self, ticket: Ticket, result: ImageResult | Exception) -> None:
         if isinstance(result, Exception):
@@ -227,6 +253,7 @@ class EngineLoop:
         self._prepare = prepare
         self._incoming: deque[Ticket] = deque()
         self._incoming_steps = 0.0
+        self._incoming_tally = Tally()  # what _incoming holds, per tenant and priority
         self._wake = threading.Condition()
         self._stopped = False
         self._draining = False
@@ -240,6 +267,17 @@ class EngineLoop:
     @property
     def active(self) -> int:
         return self.engine.active
+
+    def tenants(self) -> dict[str, dict[str, int]]:
+        """Per tenant (hashed ids): images waiting and running now (as of the last tick), admitted since start."""
+        counts = {tenant: dict(now) for tenant, now in self.engine.by_tenant.items()}
+        with self._wake:
+            incoming = list(self._incoming)
+        for ticket in incoming:
+            counts.setdefault(ticket.task.tenant, {"waiting": 0, "running": 0})["waiting"] += 1
+        for tenant, admitted in dict(self.counters.admitted_by_tenant).items():
+            counts.setdefault(tenant, {"waiting": 0, "running": 0})["admitted"] = admitted
+        return counts
 
     def submit(
         self,
@@ -264,17 +302,22 @@ class EngineLoop:
                 return ticket
             self._incoming.append(ticket)
             self._incoming_steps += prepared.denoising_steps
+            self._incoming_tally = self._incoming_tally.with_claim(prepared.claim())
             self._wake.notify()
         return ticket
 
     def expected_wait_s(self, task: ImageTask | None = None) -> float | None:
-        """Seconds until everything held now (and `task`) would be done, at the measured rate; None before
-        the first measurement."""
+        """Seconds until `task` would be done, at the measured rate: the images admitted, then the waiting work
+        ahead of it under fair admission (its tenant's, at its priority or higher, and each other tenant's up
+        to that tenant's weighted share). Without a task: until everything held now is done. None before the
+        first measurement."""
         rate = self.counters.step_rate
         if rate is None:
             return None
-        steps = self.engine.backlog_steps + self._incoming_steps + (task.denoising_steps if task else 0)
-        return steps / rate
+        if task is None:
+            return (self.engine.backlog_steps + self._incoming_steps) / rate
+        waiting = self.engine.waiting_tally.plus(self._incoming_tally)
+        return (self.engine.active_steps + waiting.steps_ahead(task.claim())) / rate
 
     def _admission(self, task: ImageTask) -> OverloadedError | None:
         """Refuse at once a task that could not be done before its deadline: better than a late 504."""
@@ -324,15 +367,16 @@ class EngineLoop:
                     return
                 self.engine.waiting.extend(self._incoming)
                 self._incoming.clear()
-                self.engine.backlog_steps = self.engine.measure_backlog()
+                self.engine.publish()
                 self._incoming_steps = 0.0
+                self._incoming_tally = Tally()
             try:
                 self.engine.tick()
             except Exception as exc:  # noqa: BLE001 - the loop must outlive any one tick
                 logger.exception("engine tick failed")
                 # Whatever that tick held ends with an error rather than never.
                 self.engine.abandon(GenerationError(f"image generation failed: {type(exc).__name__}"))
-            self.engine.backlog_steps = self.engine.measure_backlog()
+            self.engine.publish()
 
 
 # -- whole pipeline calls -----------------------------------------------------------------------
@@ -352,18 +396,20 @@ class RequestEngine(Engine):
     def active(self) -> int:
         return len(self._running)
 
-    def measure_backlog(self) -> float:
-        return super().measure_backlog() + sum(t.task.denoising_steps for t in self._running)
+    def measure_active(self) -> float:
+        return sum(t.task.denoising_steps for t in self._running)
+
+    def running_tickets(self) -> list[Ticket]:
+        return list(self._running)
 
     def tick(self) -> None:
         self._drop_cancelled_waiting()
-        taken = []
-        while self.waiting and len(taken) < self.limits.max_batch_size:
-            taken.append(self.waiting.popleft())
+        taken = self.waiting.take(self.limits.max_batch_size)  # fair share across tenants, then priority
         if not taken:
             return
         self._running = taken
-        self.counters.admitted += len(taken)
+        self._count_admitted(taken)
+        self.publish()  # what runs, for those who ask while the call computes
         now = time.monotonic()
         for ticket in taken:
             ticket.started_at = now
@@ -417,9 +463,11 @@ class StepEngine(Engine):
     def has_work(self) -> bool:
         return bool(self.waiting) or self.active > 0
 
-    def measure_backlog(self) -> float:
-        remaining = sum(s.total_steps - s.step_index for group in self._active.values() for _, s in group)
-        return super().measure_backlog() + remaining
+    def measure_active(self) -> float:
+        return sum(s.total_steps - s.step_index for group in self._active.values() for _, s in group)
+
+    def running_tickets(self) -> list[Ticket]:
+        return [ticket for group in self._active.values() for ticket, _ in group]
 
     def tick(self) -> None:
         started = time.perf_counter()
@@ -447,17 +495,21 @@ class StepEngine(Engine):
         if room <= 0 or not self.waiting:
             return
         in_flight = self.active > 0
-        taken: list[Ticket] = []
         per_size = {size: len(group) for size, group in self._active.items()}
-        for ticket in self._admission_order():
+
+        def fits(ticket: Ticket) -> bool:  # its size has room: taken
             size = self._group_of(ticket.task)
-            if len(taken) < room and per_size.get(size, 0) < self.limits.max_batch_size:
-                taken.append(ticket)
-                per_size[size] = per_size.get(size, 0) + 1
+            if per_size.get(size, 0) >= self.limits.max_batch_size:
+                return False
+            per_size[size] = per_size.get(size, 0) + 1
+            return True
+
+        # Fair share across tenants (deficit round-robin on denoiser rows x steps), then priority, then
+        # `admission` within a tenant; an image whose size is full waits while others pass.
+        order = (lambda t: t.task.denoising_steps) if self.limits.admission == "fewest_steps" else None
+        taken = self.waiting.take(room, fits, order)
         if not taken:
             return
-        chosen = set(map(id, taken))
-        self.waiting = deque(t for t in self.waiting if id(t) not in chosen)
         now = time.monotonic()
         started = time.perf_counter()
         states = self.stepper.start([t.task for t in taken])  # prompts encoded together
@@ -467,10 +519,11 @@ class StepEngine(Engine):
             if isinstance(state, Exception):
                 self._finish(ticket, state)
                 continue
-            self.counters.admitted += 1
+            self._count_admitted([ticket])
             self.counters.admitted_mid_flight += in_flight
             self._active.setdefault(self._group_of(ticket.task), []).append((ticket, state))
             ticket.progress(0, state.total_steps)
+        self.publish()  # what runs, for those who ask while the step computes
 
     def _run_refiner_tasks(self) -> None:
         """Tasks for a refiner (two pipelines, one after the other) are not stepped: they run as whole calls,
@@ -479,19 +532,13 @@ class StepEngine(Engine):
         if not refined:
             return
         chosen = set(map(id, refined))
-        self.waiting = deque(t for t in self.waiting if id(t) not in chosen)
-        self.counters.admitted += len(refined)
+        self.waiting.remove_if(lambda t: id(t) in chosen)
+        self._count_admitted(refined)
         now = time.monotonic()
         for ticket in refined:
             ticket.started_at = now
         for group in self.model.groups([t.task for t in refined]):
             self._run_whole_call([refined[i] for i in group])
-
-    def _admission_order(self) -> list[Ticket]:
-        if self.limits.admission == "fewest_steps":
-            # Short tasks first (ties in arrival order): lower mean latency; sustained short traffic delays long tasks.
-            return sorted(self.waiting, key=lambda t: t.task.denoising_steps)
-        return list(self.waiting)
 
     def _drop_cancelled_active(self) -> None:
         for size, group in list(self._active.items()):
@@ -589,6 +636,10 @@ class StepEngine(Engine):
         self.counters.busy_s += time.perf_counter() - started
         for (ticket, _), pixels in zip(done, images):
             self._finish(ticket, ticket.result(pixels))
+
+
+def _claim_of(ticket: Ticket):
+    return ticket.task.claim()
 
 
 def _size(task: ImageTask) -> tuple[int, int]:

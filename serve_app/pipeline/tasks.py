@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import InvalidTaskError
+from .fairness import DEFAULT_PRIORITY, SHARED_TENANT, Claim, Priority
 from .params import GenerationDefaults, ImageParams
 
 
@@ -30,6 +31,11 @@ class ImageTask:
     deadline: float | None = field(default=None, compare=False)
     # A small preview of the latents with the progress every this many steps (0: none; step engine only).
     preview_every: int = field(default=0, compare=False)
+    # Who asked (a hashed id, never a key), at what priority, and that tenant's weight: the engines admit
+    # waiting tasks by weighted fair share across tenants, then priority, then arrival (`fairness.py`).
+    tenant: str = field(default=SHARED_TENANT, compare=False)
+    priority: Priority = field(default=DEFAULT_PRIORITY, compare=False)
+    weight: float = field(default=1.0, compare=False)
 
     @property
     def kind(self) -> str:
@@ -44,6 +50,19 @@ class ImageTask:
         """The denoising steps it runs (defaults filled): image-to-image runs only its strength's share."""
         params = self.params
         return params.num_inference_steps * (params.strength if self.init_image is not None else 1.0)
+
+    @property
+    def denoiser_rows(self) -> int:
+        """Rows it takes in each denoiser call: two with classifier-free guidance (guidance_scale > 1, or FLUX.1's
+        true_cfg_scale > 1), else one. Counted from its parameters, the same way for every tenant."""
+        params = self.params
+        guided = (params.guidance_scale or 0) > 1 or (params.true_cfg_scale or 0) > 1
+        return 2 if guided else 1
+
+    def claim(self) -> Claim:
+        """What the fair admission weighs: its tenant, priority, weight and cost (denoiser rows x steps)."""
+        steps = self.denoising_steps
+        return Claim(self.tenant, self.priority, self.denoiser_rows * steps, self.weight, steps)
 
     def check_denoises(self) -> None:
         """Refuse image-to-image whose strength x steps leaves no step (diffusers would return the input)."""
