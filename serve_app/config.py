@@ -8,7 +8,9 @@ falls back to a default.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -16,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .pipeline.adapters import AdapterSettings
 from .pipeline.engines import EngineLimits
+from .pipeline.fairness import Priority
 from .pipeline.loading import ModelSource, ModelSourceError, PipelineOptions
 from .pipeline.params import GenerationDefaults
 
@@ -100,10 +103,18 @@ def widest(limits: list[RequestLimits]) -> RequestLimits:
 
 
 class AuthConfig(_Strict):
-    """Optional API keys. The keys never sit in the Serve config: it names where to read them."""
+    """Optional API keys. The keys never sit in the Serve config: it names where to read them.
 
-    api_keys_env: str | None = Field(None, description="environment variable holding keys, comma-separated")
-    api_keys_file: str | None = Field(None, description="file holding keys, one per line (# comments allowed)")
+    Each entry is a key, or a name and a key separated by white space (`alice sk-...`): the name is what
+    `tenants.keys` configures. A key without a name is named `key-` and the first 8 hex digits of its hash
+    (`GET /usage` shows a caller its name)."""
+
+    api_keys_env: str | None = Field(
+        None, description="environment variable holding keys, comma-separated (each `key` or `name key`)"
+    )
+    api_keys_file: str | None = Field(
+        None, description="file holding keys, one per line (`key` or `name key`; # comments allowed)"
+    )
 
     @property
     def enabled(self) -> bool:
@@ -111,13 +122,17 @@ class AuthConfig(_Strict):
 
     def load_keys(self) -> list[str]:
         """Read the keys; a source that is named but empty is an error, never an open door."""
-        keys: list[str] = []
+        return list(self.load_named_keys().values())
+
+    def load_named_keys(self) -> dict[str, str]:
+        """The keys by name (unnamed ones named from their hash); the same name twice is an error."""
+        entries: list[str] = []
         if self.api_keys_env:
             value = os.environ.get(self.api_keys_env, "")
             found = [k.strip() for k in value.split(",") if k.strip()]
             if not found:
                 raise ValueError(f"auth.api_keys_env names {self.api_keys_env!r}, but that variable is unset or empty")
-            keys += found
+            entries += found
         if self.api_keys_file:
             path = Path(self.api_keys_file).expanduser()
             if not path.is_file():
@@ -126,8 +141,84 @@ class AuthConfig(_Strict):
             found = [line for line in lines if line]
             if not found:
                 raise ValueError(f"auth.api_keys_file {self.api_keys_file!r} holds no keys")
-            keys += found
+            entries += found
+        keys: dict[str, str] = {}
+        for entry in entries:
+            name, key = _named_key(entry)
+            if name in keys and keys[name] != key:
+                raise ValueError(f"auth: two different keys are named {name!r}; give each key its own name")
+            keys[name] = key
         return keys
+
+
+KEY_NAME = re.compile(r"^[\w.@+-]{1,64}$")
+
+
+def _named_key(entry: str) -> tuple[str, str]:
+    """`name key` -> (name, key); a lone `key` -> (key-<8 hex of its hash>, key)."""
+    parts = entry.split()
+    if len(parts) == 2 and KEY_NAME.match(parts[0]):
+        return parts[0], parts[1]
+    return "key-" + hashlib.sha256(entry.encode()).hexdigest()[:8], entry
+
+
+class TenantPolicy(_Strict):
+    """What one tenant (an API key; with keys off an `X-Tenant` name, else everyone together) may do."""
+
+    weight: float = Field(
+        1.0, gt=0, le=1000, description="share of a busy replica against other busy tenants (fair admission)"
+    )
+    max_priority: Priority = Field(
+        "normal", description="the highest `priority` its requests may ask for (above it: 403 naming the field)"
+    )
+    rate: float | None = Field(None, gt=0, description="images per minute (token bucket; 429 past it); none: no limit")
+    burst: int | None = Field(
+        None, ge=1, description="images it may ask for at once after a pause (the bucket's size); default: `rate`"
+    )
+    max_concurrent: int | None = Field(
+        None, ge=1, description="images of its synchronous requests in flight at once (429 past it); none: no limit"
+    )
+    quota: int | None = Field(
+        None, ge=1, description="images per day (UTC), counted in the job store (429 quota_exceeded past it)"
+    )
+
+    @property
+    def bucket_size(self) -> float | None:
+        return None if self.rate is None else float(self.burst or max(1.0, self.rate))
+
+
+class TenantsConfig(_Strict):
+    """Who gets what: `default` for every tenant, `keys` (by API key name; with keys off, by `X-Tenant` name)
+    changing some of its values for one tenant."""
+
+    default: TenantPolicy = Field(default_factory=TenantPolicy)
+    keys: dict[str, TenantPolicy] = Field(
+        default_factory=dict, description="per key name: the keys of `default` to change for that tenant"
+    )
+
+    @field_validator("keys")
+    @classmethod
+    def _names(cls, keys: dict[str, TenantPolicy]) -> dict[str, TenantPolicy]:
+        for name in keys:
+            if not KEY_NAME.match(name):
+                raise ValueError(f"{name!r} is not a key name (letters, digits, . _ @ + -; at most 64)")
+        return keys
+
+    def policy_for(self, name: str | None) -> TenantPolicy:
+        """`default`, with what `keys[name]` sets over it."""
+        entry = self.keys.get(name) if name is not None else None
+        if entry is None:
+            return self.default
+        return TenantPolicy.model_validate({**self.default.model_dump(), **entry.model_dump(exclude_unset=True)})
+
+    def check_names(self, key_names: list[str]) -> None:
+        """Every name under `keys` must name a key (read at start): a typo would silently give the default."""
+        unknown = sorted(set(self.keys) - set(key_names))
+        if unknown:
+            raise ValueError(
+                f"tenants.keys: no API key is named {', '.join(unknown)}; the keys are named "
+                f"{', '.join(sorted(key_names)) or '(none)'} (a key file line is `name key`)"
+            )
 
 
 class CorsConfig(_Strict):
@@ -256,6 +347,9 @@ class AppArgs(_Strict):
     )
     limits: RequestLimits = Field(default_factory=RequestLimits)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    tenants: TenantsConfig = Field(
+        default_factory=TenantsConfig, description="fair share, priorities, rate limits and quotas per tenant"
+    )
     cors: CorsConfig = Field(default_factory=CorsConfig)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
 
@@ -372,6 +466,7 @@ def check_serve_config(config: dict) -> list[str]:
             continue
         deployments = {d.get("name"): d for d in app.get("deployments", [])}
         problems += _overload_problems(where, args.limits, deployments, serve_timeout)
+        problems += _admission_order_problems(where, args, deployments)
         generator = deployments.get("ImageGenerator", {})
         max_ongoing = generator.get("max_ongoing_requests", GENERATOR_MAX_ONGOING_REQUESTS)
         try:
@@ -419,6 +514,14 @@ def _overload_problems(where: str, limits: RequestLimits, deployments: dict, ser
             f"Ingress's max_ongoing_requests ({ingress_ongoing}), or it can never fire (and probes and job reads "
             f"find no room); e.g. set it to {ingress_ongoing * 3 // 4}"
         )
+    elif ingress_ongoing < 2 * limits.max_concurrent_requests:
+        problems.append(
+            f"{where}.Ingress: max_ongoing_requests ({ingress_ongoing}) must be at least twice "
+            f"args.limits.max_concurrent_requests ({limits.max_concurrent_requests}): as many again for job "
+            "submissions, reads, probes and requests on their way to be refused, so that they reach the ingress's "
+            "own admission (a 503 or 429 with Retry-After in well under a millisecond) instead of waiting in "
+            f"Serve's proxy; e.g. set it to {4 * limits.max_concurrent_requests}"
+        )
     for name in ("Ingress", "ImageGenerator"):
         if deployments.get(name, {}).get("max_queued_requests") is None:
             problems.append(
@@ -428,8 +531,37 @@ def _overload_problems(where: str, limits: RequestLimits, deployments: dict, ser
     return problems
 
 
+def _admission_order_problems(where: str, args: AppArgs, deployments: dict) -> list[str]:
+    """Serve's own bounds must sit above the project's admission, so that ours (a 503 or 429 with Retry-After,
+    by expected wait, per tenant) fires first; and Serve's own refusals, when they fire, say when to retry."""
+    problems = []
+    for name, deployment in deployments.items():
+        backpressure = deployment.get("backpressure_config")
+        if backpressure is not None and backpressure.get("retry_after_s") is None:
+            problems.append(
+                f"{where}.{name}.backpressure_config: set retry_after_s (e.g. {args.limits.retry_after_s}); "
+                "without it Serve's own 503 carries no Retry-After"
+            )
+    generator = deployments.get("ImageGenerator", {})
+    queued = generator.get("max_queued_requests")
+    images = args.published_limits().max_num_images
+    # Each image is one Generator call: what one caller (an ingress replica, the JobManager) may have in flight.
+    in_flight = max(args.limits.max_concurrent_requests, args.jobs.max_running) * images
+    if queued is not None and queued != -1 and queued < in_flight:
+        problems.append(
+            f"{where}.ImageGenerator: max_queued_requests ({queued}) is below the images one caller may have in "
+            f"flight (max_concurrent_requests {args.limits.max_concurrent_requests} or jobs.max_running "
+            f"{args.jobs.max_running}, x max_num_images {images} = {in_flight}): Serve's plain backpressure would "
+            "refuse before the ingress's own admission (by expected wait, per tenant) can; set it to at least "
+            f"{in_flight}"
+        )
+    return problems
+
+
 # What the deployments declare when a config does not override them (ingress.py, generator.py).
 INGRESS_MAX_ONGOING_REQUESTS = 256
+# Serve's own 503 (a deployment's max_queued_requests reached) says when to come back, as ours do.
+SERVE_BACKPRESSURE = {"status_code": 503, "retry_after_s": RequestLimits().retry_after_s}
 GENERATOR_MAX_ONGOING_REQUESTS = 8 * BatchingConfig().max_batch_size
 
 

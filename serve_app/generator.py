@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator
 import ray
 from ray import serve
 
-from .config import GENERATOR_MAX_ONGOING_REQUESTS, BatchingConfig, ServedModel
+from .config import GENERATOR_MAX_ONGOING_REQUESTS, SERVE_BACKPRESSURE, BatchingConfig, ServedModel
 from .metrics import GeneratorMetrics
 from .pipeline.adapters import AdapterSettings
 from .pipeline.engines import Progress
@@ -41,6 +41,7 @@ _DEFAULT_BATCHING = BatchingConfig()
     # Well above the batch: requests queue here, where the engine loop takes them at its next tick,
     # rather than in the callers' routers, whose retries back off while the model idles.
     max_ongoing_requests=GENERATOR_MAX_ONGOING_REQUESTS,
+    backpressure_config=SERVE_BACKPRESSURE,
     user_config=_DEFAULT_BATCHING.model_dump(),
     health_check_period_s=2,
     health_check_timeout_s=30,

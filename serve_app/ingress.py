@@ -6,7 +6,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from .api.asgi import create_api
-from .config import INGRESS_MAX_ONGOING_REQUESTS, AppArgs
+from .config import INGRESS_MAX_ONGOING_REQUESTS, SERVE_BACKPRESSURE, AppArgs
 from .job_queue.metrics import StoreMetrics
 from .job_queue.store import JobStore, protocol_of
 from .service.generation import GenerationService
@@ -18,6 +18,7 @@ from .service.jobs import JobService
     ray_actor_options={"num_cpus": 0},
     # Serve's default of 5 would cap the whole service (and every batch) at 5 requests.
     max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS,
+    backpressure_config=SERVE_BACKPRESSURE,
 )
 @serve.ingress()
 class Ingress:

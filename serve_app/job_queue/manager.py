@@ -29,7 +29,7 @@ from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.concurrency import run_in_threadpool
 
-from ..config import AppArgs
+from ..config import SERVE_BACKPRESSURE, AppArgs
 from ..pipeline.errors import GenerationError
 from ..pipeline.tasks import ImageResult, ImageTask
 from ..service.generation import stream_images
@@ -64,6 +64,7 @@ class JobFinished(GenerationError):
     num_replicas=1,
     ray_actor_options={"num_cpus": 0},
     max_ongoing_requests=4096,  # watchers hold a call open for a job's whole life
+    backpressure_config=SERVE_BACKPRESSURE,
     health_check_period_s=5,
 )
 class JobManager:

@@ -62,12 +62,12 @@ def test_bad_model_source_is_rejected_at_build_time():
 
 
 def serve_config(batch: int, max_ongoing: int | None, target: float | None, args: dict | None = None) -> dict:
-    generator = {"name": "ImageGenerator", "user_config": {"max_batch_size": batch}, "max_queued_requests": 64}
+    generator = {"name": "ImageGenerator", "user_config": {"max_batch_size": batch}, "max_queued_requests": 1024}
     if max_ongoing is not None:
         generator["max_ongoing_requests"] = max_ongoing
     if target is not None:
         generator["autoscaling_config"] = {"target_ongoing_requests": target}
-    ingress = {"name": "Ingress", "max_ongoing_requests": 256, "max_queued_requests": 64}
+    ingress = {"name": "Ingress", "max_ongoing_requests": 512, "max_queued_requests": 64}
     return {"applications": [{"name": "sd", "args": args or {}, "deployments": [ingress, generator]}]}
 
 
@@ -114,12 +114,12 @@ def test_limits_must_be_consistent():
 
 
 def test_config_check_refuses_limits_that_cannot_fire_or_fire_in_the_wrong_order():
-    config = serve_config(8, 32, None, {"limits": {"request_timeout_s": 60, "max_concurrent_requests": 300}})
+    config = serve_config(8, 32, None, {"limits": {"request_timeout_s": 60, "max_concurrent_requests": 600}})
     config["http_options"] = {"request_timeout_s": 60}
     del config["applications"][0]["deployments"][1]["max_queued_requests"]
     problems = "\n".join(check_serve_config(config))
     assert "request_timeout_s (60) must be below http_options.request_timeout_s (60)" in problems
-    assert "max_concurrent_requests (300) must be below the Ingress's max_ongoing_requests (256)" in problems
+    assert "max_concurrent_requests (600) must be below the Ingress's max_ongoing_requests (512)" in problems
     assert "ImageGenerator: set max_queued_requests" in problems
     assert "Ingress: set max_queued_requests" not in problems
 
