@@ -52,6 +52,18 @@ def wait_until(predicate: Callable[[], T], timeout_s: float, what: str, interval
         time.sleep(interval_s)
 
 
+FINAL_JOB_STATES = ("succeeded", "failed", "canceled")
+
+
+def job_when_final(http: httpx.Client, job_id: str, timeout_s: float = 120) -> dict:
+    """GET /jobs/{id} until the job has ended (succeeded, failed or canceled); its view then."""
+    return wait_until(
+        lambda: (job := http.get(f"/jobs/{job_id}").json())["status"] in FINAL_JOB_STATES and job,
+        timeout_s,
+        f"job {job_id} ends",
+    )
+
+
 def generator_jobs(http: httpx.Client) -> dict:
     """The Generator's job counters from /info: received, succeeded, failed, cancelled_before_start, ...
     (counts since that replica started; `waiting` and `running` are now). Serve routes /info to one

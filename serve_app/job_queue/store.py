@@ -8,6 +8,8 @@
     <root>/by_status/<owner>/<status>/<~id>    finished jobs by final status (empty marker, written as they end)
     <root>/unfinished/<~id>                    jobs queued or running (empty marker, removed as they end)
     <root>/layout.json                         which layout this is (the markers exist for every record)
+    <root>/quota/<day>/<tenant>/<writer>.json  images a tenant was granted that UTC day, as one ingress replica
+                                               counted them (`{"images": n}`; the day's total is their sum)
 
 `~id` is the id with every hex digit inverted (0<->f): names sort newest first, so a page of a listing
 is one ordered listing call that starts after the cursor (S3's ListObjectsV2 `StartAfter`) and reads
@@ -246,12 +248,13 @@ class JobStore:
 
     @_measured("put_record")
     def put(self, record: JobRecord) -> None:
-        """Store the record. A new job (queued, never run) is indexed with it; a finished one is indexed by
-        its final status and leaves the unfinished jobs. The record is written in the same round."""
+        """Store the record. A new job (queued, never run) is indexed in the same round of writes; a finished
+        one is indexed by its final status first, so whoever reads the final record finds it listed, and leaves
+        the unfinished jobs last (a crash in between leaves a marker the next queue holder drops)."""
         files = {self._record_path(record.id): record.model_dump_json().encode()}
         markers = self._markers(record)
         if record.status.final:
-            files.update({markers["owner"]: b"", markers["status"]: b""})
+            self._write_many({markers["owner"]: b"", markers["status"]: b""})
             self._write_many(files)
             self._remove([markers["unfinished"]])
         elif record.status == JobStatus.queued and record.attempts == 0:
@@ -428,6 +431,39 @@ class JobStore:
                 if is_job_id(job_id):
                     sizes[job_id] = sizes.get(job_id, 0) + size
         return sizes
+
+    # -- daily quotas ---------------------------------------------------------------------------------
+
+    @_measured("put_quota")
+    def put_quota_count(self, day: str, tenant: str, writer: str, images: int) -> None:
+        """The images `writer` (one ingress replica) granted `tenant` on `day` (YYYY-MM-DD, UTC), replaced whole."""
+        self._write(self._path("quota", day, tenant, f"{writer}.json"), json.dumps({"images": images}).encode())
+
+    @_measured("get_quota")
+    def quota_counts(self, day: str) -> dict[str, dict[str, int]]:
+        """Every writer's count of `day`, by tenant: {tenant: {writer: images}} (one listing, then the files)."""
+        folder = self._path("quota", day)
+        paths = [path for path in self._sizes(folder) if path.endswith(".json")]
+        counts: dict[str, dict[str, int]] = {}
+        for path, data in self._read_many(paths).items():
+            tenant, writer = path[len(folder) + 1 :].removesuffix(".json").split("/", 1)
+            counts.setdefault(tenant, {})[writer] = int(json.loads(data).get("images", 0))
+        return counts
+
+    def drop_quota_days_before(self, day: str) -> None:
+        """Forget the counts of days before `day` (they no longer limit anyone)."""
+        for name in self._names_under("quota"):
+            if name < day:
+                self._remove_tree(self._path("quota", name))
+
+    def _names_under(self, folder: str) -> list[str]:
+        path = self._path(folder)
+        if not self.is_local:
+            self.fs.invalidate_cache(path)
+        try:
+            return sorted(posixpath.basename(e.rstrip("/")) for e in self.fs.ls(path, detail=False))
+        except FileNotFoundError:
+            return []
 
     # -- health and layout ----------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ import fsspec
 import httpx
 import pytest
 import yaml
-from harness import DEMO_CONFIG, REPO, wait_until
+from harness import DEMO_CONFIG, FINAL_JOB_STATES, REPO, wait_until
 from helpers import decode
 
 from loadtest.servers import s3_env
@@ -44,7 +44,6 @@ from local_cluster import LocalRayCluster, free_port, two_replica_config  # noqa
 
 JOBS_NODE = {"sd-role": "jobs"}
 ELSEWHERE = {"sd-role": "!jobs"}
-FINAL = ("succeeded", "failed", "canceled")
 BUCKET = "node-loss"
 JOB = {"num_images": 2, "num_inference_steps": 30, "width": 64, "height": 64}
 
@@ -177,7 +176,7 @@ def test_killing_the_node_of_the_job_manager_and_a_generator_mid_burst_loses_no_
 
         ids = accepted + during
         jobs = wait_until(
-            lambda: (jobs := jobs_of(http, ids)) and all(j["status"] in FINAL for j in jobs) and jobs,
+            lambda: (jobs := jobs_of(http, ids)) and all(j["status"] in FINAL_JOB_STATES for j in jobs) and jobs,
             420,
             f"{len(ids)} accepted jobs end",
             interval_s=1,

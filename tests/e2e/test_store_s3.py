@@ -10,12 +10,11 @@ import fsspec
 import httpx
 import openai
 import pytest
+from harness import job_when_final as final
 from harness import load_config, wait_until
 from helpers import decode, max_diff, png
 
 from loadtest.servers import s3_env
-
-FINAL = ("succeeded", "failed", "canceled")
 
 
 def on_s3(config: dict, s3_server, **jobs) -> None:
@@ -39,12 +38,6 @@ def server(deployed_variant, s3_server, bucket) -> str:
 def http(server):
     with httpx.Client(base_url=server, timeout=60) as client:
         yield client
-
-
-def final(http: httpx.Client, job_id: str, timeout_s: float = 120) -> dict:
-    return wait_until(
-        lambda: (job := http.get(f"/jobs/{job_id}").json())["status"] in FINAL and job, timeout_s, f"{job_id} ends"
-    )
 
 
 def stored_files(prefix: str) -> list[str]:
