@@ -66,6 +66,10 @@ class Ticket:
     submitted_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
     batch_size: int = 0  # images in the largest model call it took part in
+    # Hires fix in the step engine: denoiser evaluations of the phases before the current one and of those
+    # still to come, so that progress runs once over the whole image.
+    steps_before: int = 0
+    steps_after: int = 0
     cancelled: bool = False
     delivered: bool = False  # its outcome went to on_done (once)
 
@@ -464,7 +468,7 @@ class StepEngine(Engine):
         return bool(self.waiting) or self.active > 0
 
     def measure_active(self) -> float:
-        return sum(s.total_steps - s.step_index for group in self._active.values() for _, s in group)
+        return sum(t.steps_after + s.total_steps - s.step_index for group in self._active.values() for t, s in group)
 
     def running_tickets(self) -> list[Ticket]:
         return [ticket for group in self._active.values() for ticket, _ in group]
@@ -521,8 +525,10 @@ class StepEngine(Engine):
                 continue
             self._count_admitted([ticket])
             self.counters.admitted_mid_flight += in_flight
+            if ticket.task.params.hires is not None:
+                ticket.steps_after = self.stepper.second_phase_steps(ticket.task)
             self._active.setdefault(self._group_of(ticket.task), []).append((ticket, state))
-            ticket.progress(0, state.total_steps)
+            ticket.progress(0, state.total_steps + ticket.steps_after)
         self.publish()  # what runs, for those who ask while the step computes
 
     def _run_refiner_tasks(self) -> None:
@@ -588,10 +594,34 @@ class StepEngine(Engine):
                 preview = None
                 if every and state.step_index % every == 0 and not state.done and ticket.on_progress is not None:
                     preview = self.stepper.preview(state)
-                ticket.progress(state.step_index, state.total_steps, preview)
+                before = ticket.steps_before
+                ticket.progress(before + state.step_index, before + state.total_steps + ticket.steps_after, preview)
         self._set_group(size, running)
+        first_phases = [(t, s) for t, s in done if t.task.params.hires is not None and not t.steps_before]
+        if first_phases:
+            done = [member for member in done if member not in first_phases]
+            self._next_phase(first_phases)
         if done:
             self._decode(done)
+
+    def _next_phase(self, finished: list[tuple[Ticket, object]]) -> None:
+        """Hires fix: first passes that finished start their second pass (upscaled, image to image at the new size)
+        as new states of the same tickets, in the groups of their new size: progress and cancel span both."""
+        started = time.perf_counter()
+        try:
+            states = self.stepper.second_phase([state for _, state in finished])
+        except Exception as exc:  # noqa: BLE001 - fail these images, keep the loop
+            logger.exception("hires fix's second pass failed to start (requests %s)", _request_ids(finished))
+            self.model.note_failure(exc)
+            states = [GenerationError(f"hires fix failed: {type(exc).__name__}")] * len(finished)
+        self.counters.busy_s += time.perf_counter() - started
+        for (ticket, first), state in zip(finished, states):
+            if isinstance(state, Exception):
+                self._finish(ticket, state)
+                continue
+            ticket.steps_before += first.total_steps
+            ticket.steps_after = 0
+            self._active.setdefault(self._group_of(state.task), []).append((ticket, state))
 
     def _step_splitting_on_oom(self, group: list[tuple[Ticket, object]]) -> dict[int, Exception]:
         """One denoiser call over `group`, in halves while the device runs out of memory; failures by ticket id."""

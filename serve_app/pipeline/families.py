@@ -169,12 +169,14 @@ def uses_true_cfg(params: ImageParams) -> bool:
     return params.true_cfg_scale is not None and params.true_cfg_scale > 1
 
 
-def check_task(task: ImageTask, family: Family, schedulers, multiple: int) -> None:
+def check_task(task: ImageTask, family: Family, schedulers, multiple: int, inpainting_model: bool = False) -> None:
     """What a model of `family` refuses of a task (defaults filled in), as an InvalidTaskError naming the field:
     what its pipeline's check_inputs refuses, samplers of another family or that cannot do this kind of task on
     this model (`schedulers`: its SchedulerTemplates), sizes that are not multiples of `multiple`
-    (`size_multiple`), another family's parameters, image-to-image that would run no step. A task whose
-    defaults were never filled in is a ValueError (the caller's bug, not the request's)."""
+    (`size_multiple`), another family's parameters, image-to-image that would run no step, masks that repaint
+    nothing, a mask or hires fix where they cannot apply; an inpainting model (`inpainting_model`: its denoiser
+    reads the mask) takes only tasks with a mask. A task whose defaults were never filled in is a ValueError
+    (the caller's bug, not the request's)."""
     p = task.params
     needed = ("width", "height", "num_inference_steps", "guidance_scale", "seed")
     unset = [name for name in needed if getattr(p, name) is None]
@@ -202,3 +204,38 @@ def check_task(task: ImageTask, family: Family, schedulers, multiple: int) -> No
     if not family.reads_t5:
         # SD3's and FLUX.1's image-to-image run n - int(n - n * strength) steps: at least one at any strength.
         task.check_denoises()
+    check_edits(task, schedulers, multiple, inpainting_model)
+
+
+def check_edits(task: ImageTask, schedulers, multiple: int, inpainting_model: bool) -> None:
+    """Masks, outpainting and hires fix: where they apply, and that they do something."""
+    from .masks import check_mask
+
+    p = task.params
+    if task.mask is not None:
+        if task.init_image is None:
+            raise InvalidTaskError("a mask needs an init image to repaint", "mask")
+        check_mask(task.mask, task.init_image.shape, p.inpaint)
+    elif p.inpaint is not None:
+        raise InvalidTaskError("inpainting options apply with a mask: send one", "mask")
+    if inpainting_model and task.mask is None:
+        raise InvalidTaskError(
+            "this is an inpainting model (its denoiser reads the mask): send an init image and a mask", "mask"
+        )
+    if p.refiner is not None and (task.mask is not None or p.hires is not None):
+        raise InvalidTaskError("the refiner does not take a mask or hires fix", "refiner")
+    if p.hires is None:
+        return
+    if task.init_image is not None:
+        raise InvalidTaskError("hires fix applies to text to image", "hires")
+    width, height = p.hires.target_size(p.width, p.height)
+    if width % multiple or height % multiple:
+        raise InvalidTaskError(
+            f"hires fix would make {width}x{height}; this model needs multiples of {multiple}", "hires"
+        )
+    if (width, height) == (p.width, p.height):
+        raise InvalidTaskError(f"hires fix to {width}x{height} does not enlarge the image; raise its scale", "hires")
+    schedulers.check(p.hires.scheduler or p.scheduler, image_to_image=True)
+    length, _ = p.hires.second_pass(p.num_inference_steps)
+    if length > 1000:
+        raise InvalidTaskError("hires fix's second pass would take over 1000 steps; raise its strength", "hires")

@@ -279,6 +279,25 @@ def image_to_image(pipe):
     return img2img
 
 
+def inpainting(pipe):
+    """The inpaint pipeline over `pipe`'s modules (its own, if `pipe` already is one): no weights copied."""
+    from diffusers import AutoPipelineForInpainting
+
+    inpaint = AutoPipelineForInpainting.from_pipe(pipe)
+    inpaint.set_progress_bar_config(disable=True)
+    return inpaint
+
+
+def reads_mask(pipe) -> bool:
+    """Whether the denoiser is an inpainting model's: its input is the latents, the mask and the masked image's
+    latents concatenated (a 9-channel UNet), not the latents alone."""
+    unet = getattr(pipe, "unet", None)
+    if unet is None:
+        return False
+    latent = pipe.vae.config.latent_channels
+    return unet.config.in_channels == 2 * latent + 1
+
+
 def load_refiner(source: ModelSource, options: PipelineOptions, base):
     """The image-to-image pipeline of a refiner (SDXL's), sharing the base pipeline's second text encoder
     and VAE where the architectures match (the refiner's own are never loaded then)."""

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .adapters import AdapterSettings, LoraMixer
 from .errors import GenerationError, InvalidTaskError, PipelineUnavailableError
@@ -47,7 +48,9 @@ from .families import (
     size_multiple,
     uses_true_cfg,
 )
-from .loading import ModelSource, PipelineOptions, image_to_image, load_pipeline, load_refiner
+from .hires import second_phase_task, upscale_latents, upscale_pixels, upscales_latents
+from .loading import ModelSource, PipelineOptions, image_to_image, inpainting, load_pipeline, load_refiner, reads_mask
+from .masks import masked_inputs, overlay
 from .memory import image_does_not_fit, in_halves_while_out_of_memory
 from .params import REFINER_DENOISING_START, GenerationDefaults, ImageParams, RefinerParams
 from .schedulers import SchedulerTemplates
@@ -91,6 +94,9 @@ class LoadedModel:
         self.max_sequence_length = resolve_max_sequence_length(pipe, source, options)
         self.size_multiple = size_multiple(pipe, self.family)
         self._img2img = None
+        self._inpaint = None
+        # An inpainting model (its UNet reads the mask): it takes image to image with a mask only.
+        self.reads_mask = reads_mask(pipe)
         self._lock = threading.Lock()
         self._fatal_error: str | None = None
         self.adapter_settings = adapters or AdapterSettings()
@@ -134,6 +140,13 @@ class LoadedModel:
         if self._img2img is None:
             self._img2img = image_to_image(self.pipe)
         return self._img2img
+
+    @property
+    def inpaint(self):
+        """The inpaint pipeline, sharing every module with text-to-image (the model's own for inpainting models)."""
+        if self._inpaint is None:
+            self._inpaint = inpainting(self.pipe)
+        return self._inpaint
 
     @property
     def refiner(self):
@@ -222,7 +235,7 @@ class LoadedModel:
         if params.refiner is not None:
             task = self._check_refiner(task)
             params = task.params
-        check_task(task, self.family, self.schedulers, self.size_multiple)
+        check_task(task, self.family, self.schedulers, self.size_multiple, inpainting_model=self.reads_mask)
         unknown = sorted({lora.name for lora in params.loras} - set(self.adapters.catalog.names()))
         if unknown:
             available = ", ".join(self.adapters.catalog.names()) or "none"
@@ -269,6 +282,11 @@ class LoadedModel:
         started = time.perf_counter()
         steps = min(2, self.defaults.num_inference_steps)
         task = ImageTask(ImageParams(prompt="warm-up", seed=0, num_inference_steps=steps))
+        if self.reads_mask:  # an inpainting model takes only tasks with a mask
+            side = int(self.defaults.width or native_size(self.pipe))
+            mask = np.zeros((side, side), dtype=np.uint8)
+            mask[side // 4 : 3 * side // 4, side // 4 : 3 * side // 4] = 255
+            task = dataclasses.replace(task, init_image=np.full((side, side, 3), 128, dtype=np.uint8), mask=mask)
         result = self.generate([task])[0]
         if isinstance(result, Exception):
             raise result
@@ -329,18 +347,89 @@ class LoadedModel:
         first = tasks[0]
         if first.params.refiner is not None:
             return self._run_refined(tasks, on_step)
+        if first.params.hires is not None:
+            return self._run_hires(tasks, on_step)
+        if first.mask is not None:
+            return self._run_inpaint(tasks, on_step)
         pipe = self.img2img if first.init_image is not None else self.pipe
         kwargs = self._call_arguments(tasks)
         if on_step is not None:
             kwargs["callback_on_step_end"] = _step_callback(on_step)
+        started = time.perf_counter()
+        output = self._call(pipe, kwargs, tasks, first.params.scheduler)
+        return GroupRun(images=list(to_uint8(output.images)), seconds=time.perf_counter() - started)
+
+    def _call(self, pipe, kwargs: dict, tasks: list[ImageTask], scheduler: str):
+        """One whole pipeline call with a fresh `scheduler`, the tasks' adapters applied, never two at once."""
         with self._lock:
-            pipe.scheduler = self.schedulers.fresh(first.params.scheduler)
-            started = time.perf_counter()
+            pipe.scheduler = self.schedulers.fresh(scheduler)
             with torch.inference_mode(), self.adapters.applied([task.params.adapter_key for task in tasks]):
                 output = pipe(**kwargs)
-            seconds = time.perf_counter() - started
             self.calls_by_batch_size[len(tasks)] += 1
-        return GroupRun(images=list(to_uint8(output.images)), seconds=seconds)
+        return output
+
+    def _run_inpaint(self, tasks: list[ImageTask], on_step: StepCallback | None) -> GroupRun:
+        """One inpaint pipeline call (`masks`: the filled image, the blurred mask, "only masked" as the pipeline's
+        padding_mask_crop, one image per call), then paste-back over the input where asked."""
+        first = tasks[0].params
+        inputs = [masked_inputs(task) for task in tasks]
+        kwargs = self._call_arguments(tasks)
+        kwargs.update(
+            image=[i.image for i in inputs], mask_image=[i.mask for i in inputs], width=first.width, height=first.height
+        )
+        cropped = inputs[0].crop is not None
+        if cropped:  # the pipeline crops, repaints and pastes back itself (PIL images in, PIL images out)
+            kwargs.update(image=inputs[0].image, mask_image=inputs[0].mask, padding_mask_crop=inputs[0].padding)
+            kwargs["output_type"] = "pil"
+        if on_step is not None:
+            kwargs["callback_on_step_end"] = _step_callback(on_step)
+        started = time.perf_counter()
+        output = self._call(self.inpaint, kwargs, tasks, first.scheduler)
+        if cropped:
+            images = [np.asarray(image.convert("RGB")) for image in output.images]
+        else:
+            images = [
+                overlay(i, pixels, self.inpaint.image_processor) if i.paste_back else pixels
+                for i, pixels in zip(inputs, to_uint8(output.images))
+            ]
+        return GroupRun(images=images, seconds=time.perf_counter() - started)
+
+    def _run_hires(self, tasks: list[ImageTask], on_step: StepCallback | None) -> GroupRun:
+        """Hires fix as two plain pipeline calls (`hires.py`): text to image (latents, or pixels for the pixel
+        upscalers), the upscale, image to image at the new size from the same seeds."""
+        first = tasks[0].params
+        hires = first.hires
+        width, height = hires.target_size(first.width, first.height)
+        latent = upscales_latents(hires)
+        flow = self.family.reads_t5
+        seconds = [second_phase_task(task, flow) for task in tasks]
+        total = first.num_inference_steps + hires.second_pass(first.num_inference_steps)[1]
+        done = [0]
+
+        def progress(pipe, step_index: int, timestep, callback_kwargs: dict) -> dict:
+            done[0] += 1
+            if on_step is not None and on_step(done[0], total):
+                pipe._interrupt = True
+            return callback_kwargs
+
+        started = time.perf_counter()
+        kwargs = {**self._call_arguments(tasks), "callback_on_step_end": progress}
+        kwargs["output_type"] = "latent" if latent else "np"
+        output = self._call(self.pipe, kwargs, tasks, first.scheduler)
+        if latent:
+            latents = output.images
+            if self.family is FLUX:
+                latents = self.pipe._unpack_latents(latents, first.height, first.width, self.pipe.vae_scale_factor)
+            image = upscale_latents(latents, hires, width, height, int(self.pipe.vae_scale_factor))
+        else:
+            image = [upscale_pixels(pixels, hires, width, height) for pixels in to_uint8(output.images)]
+            image = [Image.fromarray(pixels) for pixels in image]
+        kwargs = {**self._call_arguments(seconds), "callback_on_step_end": progress}
+        kwargs.update(image=image, strength=seconds[0].params.strength, width=width, height=height)
+        if not flow:
+            kwargs.pop("width"), kwargs.pop("height")  # the UNet image-to-image pipelines take the image's size
+        output = self._call(self.img2img, kwargs, seconds, seconds[0].params.scheduler)
+        return GroupRun(images=list(to_uint8(output.images)), seconds=time.perf_counter() - started)
 
     def _run_refined(self, tasks: list[ImageTask], on_step: StepCallback | None) -> GroupRun:
         """With the refiner: image to image by the refiner alone, or text to image as an ensemble of experts
@@ -396,8 +485,6 @@ class LoadedModel:
         if self.family.reads_t5:
             kwargs["max_sequence_length"] = self.max_sequence_length
         if tasks[0].init_image is not None:
-            from PIL import Image
-
             kwargs["image"] = [Image.fromarray(task.init_image) for task in tasks]
             kwargs["strength"] = first.strength
             if self.family.reads_t5:

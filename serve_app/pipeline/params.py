@@ -16,7 +16,7 @@ import re
 import secrets
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .schedulers import ALL_SCHEDULER_NAMES
 
@@ -102,6 +102,116 @@ class RefinerParams(BaseModel):
     )
 
 
+FillMode = Literal["original", "noise", "blurred"]
+MaskBlur = Annotated[
+    int,
+    Field(
+        ge=0,
+        le=64,
+        description="Gaussian blur radius in pixels of the mask's edge (0: a hard edge); the blurred mask is what "
+        "the model reads (at >= 50%) and what paste_back blends with",
+    ),
+]
+
+
+class InpaintParams(BaseModel):
+    """How an image with a mask is repainted. The mask itself (white = repaint) travels with the task; inverting
+    it and outpainting's border are applied before it gets there (`service.encoding.prepare_mask`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mask_blur: MaskBlur = 4
+    invert_mask: bool = Field(False, description="repaint the black of the mask instead of the white")
+    fill: FillMode = Field(
+        "original",
+        description="what the masked area starts from: original (the image), noise (random pixels drawn from the "
+        "seed), blurred (the colours around it, blurred in: AUTOMATIC1111's 'fill')",
+    )
+    paste_back: bool = Field(
+        True,
+        description="pixels outside the mask are the input's exactly (the model's VAE round trip would move them); "
+        "with mask_blur, blended along the blurred edge",
+    )
+    only_masked: bool = Field(
+        False,
+        description="repaint only the masked region at full resolution: crop around it (plus only_masked_padding), "
+        "repaint at the output size, paste it back (AUTOMATIC1111's inpaint_full_res)",
+    )
+    only_masked_padding: int = Field(32, ge=0, le=1024, description="pixels kept around the masked region's box")
+
+
+class Outpaint(BaseModel):
+    """Pixels added on each side of the image (multiples of 8); the new border is the area to paint."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    left: int = Field(0, ge=0, le=2048, multiple_of=8)
+    right: int = Field(0, ge=0, le=2048, multiple_of=8)
+    top: int = Field(0, ge=0, le=2048, multiple_of=8)
+    bottom: int = Field(0, ge=0, le=2048, multiple_of=8)
+
+    @model_validator(mode="after")
+    def _some_margin(self) -> Outpaint:
+        if not (self.left or self.right or self.top or self.bottom):
+            raise ValueError("give at least one of left, right, top, bottom (pixels, multiples of 8)")
+        return self
+
+
+LATENT_UPSCALERS = {
+    # AUTOMATIC1111's latent upscale modes: torch.nn.functional.interpolate(mode, antialias) of the latents.
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+# Pixel upscalers built in: the first pass decoded, resized with PIL, encoded again. "None" is A1111's plain resize.
+PIXEL_UPSCALERS = {"Lanczos": "LANCZOS", "Nearest": "NEAREST", "None": "LANCZOS"}
+UPSCALER_NAMES: tuple[str, ...] = (*LATENT_UPSCALERS, *PIXEL_UPSCALERS)
+UpscalerName = Literal[UPSCALER_NAMES]  # type: ignore[valid-type]
+
+
+class HiresParams(BaseModel):
+    """Hires fix (AUTOMATIC1111's): make the image at width x height, upscale it (its latents or its pixels), then
+    an image-to-image second pass at the new size, as a second phase of the same image."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scale: float = Field(2.0, ge=1, le=8, description="the second pass's size: width and height times this")
+    width: ImageSide | None = Field(None, description="the second pass's width instead of scale (height follows)")
+    height: ImageSide | None = Field(None, description="the second pass's height instead of scale (width follows)")
+    upscaler: UpscalerName = Field(
+        "Latent", description="Latent* modes resize the latents; Lanczos, Nearest, None resize the decoded pixels"
+    )
+    steps: Steps | None = Field(None, description="second-pass steps (unset: the first pass's num_inference_steps)")
+    denoising_strength: Strength = Field(0.7, description="how far the second pass moves from the upscaled image")
+    prompt: str | None = Field(None, description="the second pass's prompt (unset: the image's)")
+    negative_prompt: str | None = Field(None, description="the second pass's negative prompt (unset: the image's)")
+    scheduler: SchedulerName | None = Field(None, description="the second pass's sampler (unset: the image's)")
+
+    def target_size(self, width: int, height: int) -> tuple[int, int]:
+        """The second pass's (width, height) for a first pass of width x height, in multiples of 8: scaled, or the
+        width or height asked for with the aspect ratio kept (both: they must keep it)."""
+        if self.width is None and self.height is None:
+            return _multiple_of_8(width * self.scale), _multiple_of_8(height * self.scale)
+        if self.height is None:
+            return self.width, _multiple_of_8(self.width * height / width)
+        if self.width is None:
+            return _multiple_of_8(self.height * width / height), self.height
+        return self.width, self.height
+
+    def second_pass(self, steps: int) -> tuple[int, int]:
+        """(schedule length, steps run) of the second pass, as AUTOMATIC1111 counts them: exactly `self.steps` (or
+        the first pass's `steps`) steps, the tail of a schedule of int(steps / min(denoising_strength, 0.999))."""
+        run = self.steps or steps
+        return max(run, int(run / min(self.denoising_strength, 0.999))), run
+
+
+def _multiple_of_8(value: float) -> int:
+    return max(8, int(value) // 8 * 8)
+
+
 class GenerationDefaults(BaseModel):
     """What an image gets for parameters its request leaves out (config `args.defaults`; unset: the model's)."""
 
@@ -139,6 +249,11 @@ class ImageParams(BaseModel):
     )
 
     refiner: RefinerParams | None = Field(None, description="use the model's refiner (GET /models says which have one)")
+    inpaint: InpaintParams | None = Field(
+        None, description="image-to-image with a mask: how the masked area is repainted"
+    )
+    outpaint: Outpaint | None = Field(None, description="image-to-image: pixels added around the image, to be painted")
+    hires: HiresParams | None = Field(None, description="text-to-image: a second, upscaled pass (hires fix)")
 
     @field_validator("loras")
     @classmethod

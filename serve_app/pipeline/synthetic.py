@@ -181,7 +181,7 @@ def build_components(preset: str, *, seed: int = 0, device: str = "cpu", without
     for index, (encoder, tokenizer) in enumerate(zip(encoders, tokenizers)):
         suffix = "" if index == 0 else f"_{index + 1}"
         components.update({f"text_encoder{suffix}": encoder, f"tokenizer{suffix}": tokenizer})
-    if spec["pipeline"] == "StableDiffusionPipeline":
+    if spec["pipeline"] in ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline"):
         components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     elif spec["pipeline"] in ("StableDiffusion3Pipeline", "FluxPipeline"):
         components.update(image_encoder=None, feature_extractor=None)  # IP-adapter slots, empty

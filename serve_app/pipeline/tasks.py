@@ -14,7 +14,7 @@ import numpy as np
 
 from .errors import InvalidTaskError
 from .fairness import DEFAULT_PRIORITY, SHARED_TENANT, Claim, Priority
-from .params import GenerationDefaults, ImageParams
+from .params import GenerationDefaults, ImageParams, InpaintParams
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,12 @@ class ImageTask:
     params: ImageParams
     # Image-to-image: an RGB uint8 array (height, width, 3) already at the output size.
     init_image: np.ndarray | None = field(default=None, repr=False, compare=False)
+    # Inpainting: a uint8 array (height, width) the init image's size; >= 128 (white) is repainted. Inverted and
+    # outpainting's border added already; `params.inpaint` says how (blur, fill, paste back, only masked).
+    mask: np.ndarray | None = field(default=None, repr=False, compare=False)
+    # Engine-internal: latents an image-to-image start takes instead of an init image (hires fix's second phase
+    # from upscaled latents). A torch tensor; typed loosely to keep this module torch-free.
+    init_latents: object | None = field(default=None, repr=False, compare=False)
     request_id: str = ""
     # Wall-clock time (time.time()) the ingress handed the task on: queue wait is measured from here.
     submitted_at: float | None = field(default=None, compare=False)
@@ -39,7 +45,9 @@ class ImageTask:
 
     @property
     def kind(self) -> str:
-        return "img2img" if self.init_image is not None else "txt2img"
+        if self.mask is not None:
+            return "inpaint"
+        return "img2img" if self.init_image is not None or self.init_latents is not None else "txt2img"
 
     @property
     def seed(self) -> int:
@@ -49,7 +57,10 @@ class ImageTask:
     def denoising_steps(self) -> float:
         """The denoising steps it runs (defaults filled): image-to-image runs only its strength's share."""
         params = self.params
-        return params.num_inference_steps * (params.strength if self.init_image is not None else 1.0)
+        steps = params.num_inference_steps * (params.strength if self.init_image is not None else 1.0)
+        if params.hires is not None:
+            steps += params.hires.second_pass(params.num_inference_steps)[1]
+        return steps
 
     @property
     def denoiser_rows(self) -> int:
@@ -77,7 +88,10 @@ class ImageTask:
     def with_defaults(self, defaults: GenerationDefaults) -> ImageTask:
         """The task with every unset parameter filled from `defaults` (an init image fixes the size)."""
         init_size = None if self.init_image is None else (self.init_image.shape[1], self.init_image.shape[0])
-        return dataclasses.replace(self, params=self.params.with_defaults(defaults, init_size))
+        params = self.params.with_defaults(defaults, init_size)
+        if self.mask is not None and params.inpaint is None:
+            params = params.model_copy(update={"inpaint": InpaintParams()})
+        return dataclasses.replace(self, params=params)
 
 
 @dataclass
@@ -124,6 +138,10 @@ def call_key(task: ImageTask, split_empty_negative: bool = False, split_adapters
         split_empty_negative and not p.negative_prompt,
         p.adapter_key if split_adapters else (),
         p.refiner,
+        p.inpaint,
+        # "Only masked" crops around each image's own mask: a call of its own.
+        id(task) if p.inpaint is not None and p.inpaint.only_masked else None,
+        p.hires,
     )
 
 

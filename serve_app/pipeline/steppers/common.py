@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import GenerationError, InvalidTaskError
-from ..loading import image_to_image
+from ..loading import image_to_image, inpainting
 from ..tasks import ImageTask
 
 logger = logging.getLogger(__name__)
@@ -81,6 +81,14 @@ class Stepper:
         if self._img2img is None:
             self._img2img = image_to_image(self.pipe)
         return self._img2img
+
+    @property
+    def inpaint(self):
+        """The inpaint pipeline over the same modules (its helpers only; never called whole here). Its helpers
+        noise with the pipeline's `scheduler`: set it to the image's before calling them."""
+        if getattr(self, "_inpaint", None) is None:
+            self._inpaint = inpainting(self.pipe)
+        return self._inpaint
 
     def start(self, tasks: list[ImageTask]) -> list:
         """A state ready for its first step, or the error that stopped it, for every task, in order: each task
@@ -245,6 +253,18 @@ def decode_by_key(
             for i, image in zip(indices, decode_group([states[i] for i in indices])):
                 images[i] = image
     return images  # type: ignore[return-value]
+
+
+def pasted_back(states: Sequence, images: list[np.ndarray], image_processor: Callable[[], object]) -> list[np.ndarray]:
+    """The decoded images of masked states pasted over their inputs where `paste_back` or "only masked" asks
+    (`masks.overlay`, the pipelines' `apply_overlay`); `image_processor()` gives the inpaint pipeline's."""
+    from ..masks import overlay
+
+    for index, state in enumerate(states):
+        masked = getattr(state, "masked", None)
+        if masked is not None and masked.inputs.paste_back:
+            images[index] = overlay(masked.inputs, images[index], image_processor())
+    return images
 
 
 def latent_preview_png(latents: torch.Tensor, factors: list[list[float]], bias: list[float] | None = None) -> bytes:

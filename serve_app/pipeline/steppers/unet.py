@@ -50,6 +50,9 @@ import torch
 
 from ..errors import GenerationError, InvalidTaskError
 from ..families import UNET, check_task
+from ..hires import second_phase_task
+from ..loading import reads_mask
+from ..masks import MaskedInputs, masked_inputs
 from ..schedulers import SchedulerTemplates
 from ..tasks import ImageTask, to_uint8
 from .common import (
@@ -62,14 +65,21 @@ from .common import (
     encode_each_alone_on_failure,
     latent_preview_png,
     mark_non_finite,
+    pasted_back,
     start_failure,
     step_failure,
 )
 
 logger = logging.getLogger(__name__)
 
-# Pipeline classes whose __call__ this module replicates step by step (with their img2img variants).
-STEPPABLE_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+# Pipeline classes whose __call__ this module replicates step by step (with their img2img and inpaint variants;
+# the inpaint classes as loaded for inpainting models, whose UNet reads the mask).
+STEPPABLE_PIPELINES = (
+    "StableDiffusionPipeline",
+    "StableDiffusionXLPipeline",
+    "StableDiffusionInpaintPipeline",
+    "StableDiffusionXLInpaintPipeline",
+)
 
 # Scheduler classes whose per-image state is exactly their tensors shaped like the latents
 # (verified for each, see tests/unit/test_unet_stepper.py): a cohort of them splits exactly.
@@ -112,6 +122,9 @@ class DenoisingState(SteppedImage):
         self.error: GenerationError | None = None
         # Its LoRA adapters when images group by adapter set (`UNetStepper(group_by_adapters=True)`); else ().
         self.adapter_group: tuple = ()
+        # Inpainting: its mask, image latents and start noise at latent resolution (and the masked image's
+        # latents for models that read them); None for images without a mask.
+        self.masked: MaskedRows | None = None
         self._cohort: _Cohort | None = None
         self._row = 0
 
@@ -166,6 +179,19 @@ class DenoisingState(SteppedImage):
 
 
 @dataclass
+class MaskedRows:
+    """One masked image's rows, as its inpaint pipeline prepares them: the mask at latent resolution (binarised,
+    nearest-downsampled), the (filled) image's latents and the start noise, the masked image's latents, and
+    what the result is pasted back over."""
+
+    mask: torch.Tensor
+    image_latents: torch.Tensor | None
+    noise: torch.Tensor
+    masked_image_latents: torch.Tensor
+    inputs: MaskedInputs
+
+
+@dataclass
 class _Conditioning:
     cond: torch.Tensor
     uncond: torch.Tensor | None
@@ -197,6 +223,35 @@ class _Cohort:
         for row, state in enumerate(self.members):
             state._cohort, state._row = self, row
         self.step_kwargs = prepare_extra_step_kwargs(self.scheduler, [state.generator for state in self.members])
+        self._blend_rows: tuple | None = None
+
+    @property
+    def blends(self) -> bool:
+        """Whether its images are masked and the UNet does not read masks: the unmasked area is put back after
+        each step (every member of a cohort is masked or none is: the cohort key holds the kind)."""
+        first = self.members[0].masked
+        return first is not None and first.image_latents is not None
+
+    def blend(self, latents: torch.Tensor) -> torch.Tensor:
+        """After the scheduler step of step `step_index`: the unmasked area replaced by the image latents noised
+        to the next timestep (the image latents themselves after the last), as the inpaint pipelines do with a
+        UNet that does not read the mask. Before anything else touches the scheduler: Euler-family `add_noise`
+        reads the step index that `step()` just advanced."""
+        if self._blend_rows is None:
+            rows = [state.masked for state in self.members]
+            stacked = (
+                [rows[0].mask, rows[0].image_latents, rows[0].noise]
+                if len(rows) == 1
+                else [torch.cat([getattr(r, name) for r in rows]) for name in ("mask", "image_latents", "noise")]
+            )
+            self._blend_rows = tuple(stacked)
+        mask, image_latents, noise = self._blend_rows
+        init = image_latents
+        if self.step_index < self.total_steps - 1:
+            init = self.scheduler.add_noise(
+                image_latents, noise, torch.tensor([self._timestep_list[self.step_index + 1]])
+            )
+        return (1 - mask) * init + mask * latents
 
     @property
     def total_steps(self) -> int:
@@ -258,7 +313,11 @@ class UNetStepper(Stepper):
         # same adapters and scales share a UNet call (to measure what mixing them saves).
         self.adapters = adapters if adapters is not None else NoAdapters()
         self.group_by_adapters = group_by_adapters
-        self.is_sdxl = type(pipe).__name__ == "StableDiffusionXLPipeline"
+        self.is_sdxl = type(pipe).__name__ in ("StableDiffusionXLPipeline", "StableDiffusionXLInpaintPipeline")
+        # An inpainting model's UNet reads the mask and the masked image's latents beside the latents (9 channels).
+        self.reads_mask = reads_mask(pipe)
+        self.latent_channels = int(pipe.vae.config.latent_channels)
+        self._inpaint = None
         # diffusers' do_classifier_free_guidance is False for UNets distilled with a guidance
         # embedding (time_cond_proj_dim): they take the scale as conditioning instead.
         self.guidance_embedding_dim = pipe.unet.config.time_cond_proj_dim
@@ -284,10 +343,10 @@ class UNetStepper(Stepper):
         unet = getattr(pipe, "unet", None)
         if unet is None or not hasattr(unet, "config") or not hasattr(unet.config, "time_cond_proj_dim"):
             return "its denoiser is not a UNet2DConditionModel"
-        if unet.config.in_channels != pipe.vae.config.latent_channels:
+        if unet.config.in_channels != pipe.vae.config.latent_channels and not reads_mask(pipe):
             return (
-                f"its UNet takes {unet.config.in_channels} input channels, not the VAE's "
-                f"{pipe.vae.config.latent_channels} (an inpainting or depth model)"
+                f"its UNet takes {unet.config.in_channels} input channels, neither the VAE's "
+                f"{pipe.vae.config.latent_channels} nor an inpainting model's (a depth or other conditioned model)"
             )
         if getattr(unet, "encoder_hid_proj", None) is not None:
             return "an IP-adapter is loaded, and its image embeddings are not replicated here"
@@ -323,7 +382,7 @@ class UNetStepper(Stepper):
 
     def check_inputs(self, task: ImageTask) -> None:
         """What the pipeline's check_inputs (and the request-level engine) refuse, as a task error."""
-        check_task(task, UNET, self.schedulers, int(self.pipe.vae_scale_factor))
+        check_task(task, UNET, self.schedulers, int(self.pipe.vae_scale_factor), inpainting_model=self.reads_mask)
 
     def uses_guidance(self, guidance_scale: float) -> bool:
         """Whether an image gets unconditional rows: diffusers' do_classifier_free_guidance."""
@@ -376,8 +435,12 @@ class UNetStepper(Stepper):
     def _cohort_key(self, task: ImageTask, index: int) -> tuple:
         """Tasks with equal keys start in lockstep and may share a scheduler."""
         p = task.params
-        if task.init_image is None:
-            kind: tuple = ("txt2img", p.width, p.height)
+        if task.mask is not None:
+            kind: tuple = ("inpaint", p.width, p.height, p.strength)
+        elif task.init_latents is not None:
+            kind = ("latents", tuple(task.init_latents.shape), p.strength)
+        elif task.init_image is None:
+            kind = ("txt2img", p.width, p.height)
         else:
             kind = ("img2img", task.init_image.shape, p.strength)
         scheduler_class = self._template(p.scheduler, p.num_inference_steps).__class__.__name__
@@ -406,7 +469,12 @@ class UNetStepper(Stepper):
             try:
                 generator = torch.Generator("cpu").manual_seed(task.params.seed)
                 dtype = conditioning.cond.dtype
-                if task.init_image is None:
+                masked = None
+                if task.mask is not None:
+                    image_latents, masked = self.prepare_masked_latents(scheduler, task, timesteps, dtype, generator)
+                elif task.init_latents is not None:
+                    image_latents = self.noise_latents(scheduler, task.init_latents, timesteps, dtype, generator)
+                elif task.init_image is None:
                     image_latents = self.prepare_latents(
                         scheduler, task.params.width, task.params.height, dtype, generator
                     )
@@ -420,13 +488,14 @@ class UNetStepper(Stepper):
                 results.append(start_failure(task, exc))
                 continue
             state = DenoisingState(task, generator, conditioning)
+            state.masked = masked
             if self.group_by_adapters:
                 state.adapter_group = task.params.adapter_key
             states.append(state)
             latents.append(image_latents)
             results.append(state)
         if states:
-            if self.is_sdxl and first.init_image is None and hasattr(scheduler, "set_begin_index"):
+            if self.is_sdxl and first.kind == "txt2img" and hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(0)  # StableDiffusionXLPipeline does this; StableDiffusionPipeline does not
             _Cohort(scheduler, timesteps, states, torch.cat(latents) if len(latents) > 1 else latents[0])
         return results
@@ -435,10 +504,8 @@ class UNetStepper(Stepper):
         """The scheduler's timesteps (set by the template); for img2img, get_timesteps: start
         t_start * order steps in, with the scheduler's begin index set there."""
         timesteps = scheduler.timesteps
-        if task.init_image is not None:
-            steps = task.params.num_inference_steps
-            init_timestep = min(int(steps * task.params.strength), steps)
-            t_start = max(steps - init_timestep, 0)
+        if task.kind != "txt2img":
+            t_start = image_to_image_start(task.params.num_inference_steps, task.params.strength)
             timesteps = timesteps[t_start * scheduler.order :]
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(t_start * scheduler.order)
@@ -489,6 +556,52 @@ class UNetStepper(Stepper):
         noise = randn_tensor(init_latents.shape, generator=generator, device=self.device, dtype=dtype)
         return scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(1))
 
+    def prepare_masked_latents(
+        self, scheduler, task: ImageTask, timesteps, dtype, generator
+    ) -> tuple[torch.Tensor, MaskedRows]:
+        """Inpainting: the inpaint pipeline's own helpers in its order (the generator draws: the image encoded,
+        the noise, the masked image encoded): the image and mask preprocessed (cropped around the mask for
+        "only masked"), the start latents (pure noise at strength 1), the mask at latent resolution, the
+        image latents and the noise the unmasked area is re-noised from, the masked image's latents."""
+        pipe, p = self.inpaint, task.params
+        inputs = masked_inputs(task)
+        resize_mode = "default" if inputs.crop is None else "fill"
+        shape = {"height": p.height, "width": p.width, "crops_coords": inputs.crop, "resize_mode": resize_mode}
+        init_image = pipe.image_processor.preprocess(inputs.image, **shape).to(dtype=torch.float32)
+        pipe.scheduler = scheduler  # prepare_latents noises with the pipeline's scheduler
+        blend = not self.reads_mask
+        latents, noise, *image_latents = pipe.prepare_latents(
+            1,
+            self.latent_channels,
+            p.height,
+            p.width,
+            dtype,
+            self.device,
+            generator,
+            None,
+            image=init_image,
+            timestep=timesteps[:1].repeat(1),
+            is_strength_max=p.strength == 1.0,
+            return_noise=True,
+            return_image_latents=blend,
+        )
+        mask_condition = pipe.mask_processor.preprocess(inputs.mask, **shape)
+        masked_image = init_image * (mask_condition < 0.5)
+        mask, masked_image_latents = pipe.prepare_mask_latents(
+            mask_condition, masked_image, 1, p.height, p.width, dtype, self.device, generator, False
+        )
+        rows = MaskedRows(mask, image_latents[0] if blend else None, noise, masked_image_latents, inputs)
+        return latents, rows
+
+    def noise_latents(self, scheduler, latents: torch.Tensor, timesteps, dtype, generator) -> torch.Tensor:
+        """Image-to-image from latents (hires fix's second phase from upscaled latents): the image-to-image
+        pipelines take 4-channel latents as they are, then noise them to the first timestep."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        latents = latents.to(device=self.device, dtype=dtype)
+        noise = randn_tensor(latents.shape, generator=generator, device=self.device, dtype=dtype)
+        return scheduler.add_noise(latents, noise, timesteps[:1].repeat(1))
+
     def prepare_added_conditioning(self, task: ImageTask, conditioning: _Conditioning, latents_shape) -> None:
         """SDXL: pooled text embeddings and size conditioning (img2img: its aesthetic-score variant)."""
         pipe = self.pipe
@@ -500,12 +613,13 @@ class UNetStepper(Stepper):
         factor = pipe.vae_scale_factor
         size = (latents_shape[-2] * factor, latents_shape[-1] * factor)  # (height, width), as the pipelines derive it
         crop = (0, 0)
-        if task.init_image is None:
+        if task.kind == "txt2img":
             time_ids = pipe._get_add_time_ids(size, crop, size, dtype=dtype, text_encoder_projection_dim=projection_dim)
             uncond_time_ids = time_ids
         else:
-            # The img2img pipeline's defaults: aesthetic_score 6.0, negative 2.5 (when the model asks for them).
-            time_ids, uncond_time_ids = self.img2img._get_add_time_ids(
+            # The img2img and inpaint pipelines' defaults: aesthetic_score 6.0, negative 2.5 (when the model asks).
+            twin = self.inpaint if task.kind == "inpaint" else self.img2img
+            time_ids, uncond_time_ids = twin._get_add_time_ids(
                 size, crop, size, 6.0, 2.5, size, crop, size, dtype=dtype, text_encoder_projection_dim=projection_dim
             )
         conditioning.text_embeds = conditioning.pooled.to(self.device)
@@ -565,6 +679,9 @@ class UNetStepper(Stepper):
             values = [values[i] for i in guidance.positions] + values
         else:
             model_input = scaled
+        if self.reads_mask:
+            # An inpainting UNet reads cat([scaled latents, mask, masked image latents]) per row.
+            model_input = torch.cat([model_input, rows["mask_channels"]], dim=1)
         t = torch.tensor(values, dtype=torch.float32, device=self.device)
         adapters = [state.task.params.adapter_key for state in ordered]
         with self.adapters.applied(adapters, row_tasks=guidance.positions + list(range(len(ordered)))):
@@ -598,6 +715,10 @@ class UNetStepper(Stepper):
             }
         if self.guidance_embedding_dim is not None:
             rows["timestep_cond"] = torch.cat([s.timestep_cond for s in ordered])  # no guided rows here
+        if self.reads_mask:
+            extra = [torch.cat([s.masked.mask, s.masked.masked_image_latents], dim=1) for s in ordered]
+            extra = extra[0] if len(extra) == 1 else torch.cat(extra)
+            rows["mask_channels"] = torch.cat([extra[guidance.index], extra]) if guidance.count else extra
         return rows
 
     def _scheduler_steps(self, cohorts: list[_Cohort], noise_pred: torch.Tensor) -> list[GenerationError | None]:
@@ -615,6 +736,8 @@ class UNetStepper(Stepper):
                     **cohort.step_kwargs,
                     return_dict=False,
                 )[0]
+                if cohort.blends:
+                    latents = cohort.blend(latents)
             except Exception as exc:  # noqa: BLE001 - one scheduler failing must not stop the others
                 errors.extend([step_failure(cohort.members, exc)] * n)
             else:
@@ -632,13 +755,46 @@ class UNetStepper(Stepper):
         )
         return errors
 
+    # -- hires fix: the second phase ----------------------------------------------------
+
+    def second_phase_steps(self, task: ImageTask) -> int:
+        """UNet evaluations of a hires task's second pass (the image's progress counts both phases)."""
+        second = second_phase_task(task, flow=False)
+        p = second.params
+        template = self._template(p.scheduler, p.num_inference_steps)
+        return len(template.timesteps) - image_to_image_start(p.num_inference_steps, p.strength) * template.order
+
+    def second_phase(self, states: list[DenoisingState]) -> list:
+        """Hires fix: finished first passes upscaled (latents resized, or decoded, resized and encoded again by the
+        start) and started again as image to image at the new size; per state its new state or its error."""
+        from ..hires import upscale_latents, upscale_pixels, upscales_latents
+
+        factor = int(self.pipe.vae_scale_factor)
+        tasks: list[ImageTask | None] = [None] * len(states)
+        by_pixels = [i for i, s in enumerate(states) if not upscales_latents(s.task.params.hires)]
+        with torch.inference_mode():
+            for i, state in enumerate(states):
+                if i not in by_pixels:
+                    p = state.task.params
+                    width, height = p.hires.target_size(p.width, p.height)
+                    latents = upscale_latents(state.latents, p.hires, width, height, factor)
+                    tasks[i] = second_phase_task(state.task, flow=False, init_latents=latents)
+        if by_pixels:
+            images = self.decode([states[i] for i in by_pixels])
+            for i, pixels in zip(by_pixels, images):
+                p = states[i].task.params
+                width, height = p.hires.target_size(p.width, p.height)
+                upscaled = upscale_pixels(pixels, p.hires, width, height)
+                tasks[i] = second_phase_task(states[i].task, flow=False, init_image=upscaled)
+        return self.start(tasks)
+
     # -- preview ------------------------------------------------------------------------
 
     def preview(self, state: DenoisingState) -> bytes | None:
         """A PNG of the image's current latents at latent resolution (one eighth of the image's side),
         through a fixed linear map from latent channels to RGB: cheap (no VAE), roughly what the
         image is becoming. None for latent spaces the map does not know."""
-        factors = _PREVIEW_FACTORS.get((self.is_sdxl, int(self.pipe.unet.config.in_channels)))
+        factors = _PREVIEW_FACTORS.get((self.is_sdxl, self.latent_channels))
         if factors is None:
             return None
         return latent_preview_png(state.latents[0], factors)
@@ -647,7 +803,8 @@ class UNetStepper(Stepper):
 
     def decode(self, states: list[DenoisingState]) -> list[np.ndarray]:
         """uint8 (height, width, 3) images of finished states: one VAE decode per latent shape."""
-        return decode_by_key(states, lambda group: self.decode_latents(_stacked_latents(group)))
+        images = decode_by_key(states, lambda group: self.decode_latents(_stacked_latents(group)))
+        return pasted_back(states, images, lambda: self.inpaint.image_processor)
 
     def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
         """The pipeline's decode (safety checker and watermark included), then the engine's uint8 conversion."""
@@ -689,6 +846,12 @@ _PREVIEW_FACTORS = {
         [-0.3165, -0.2492, -0.2188],
     ],
 }
+
+
+def image_to_image_start(steps: int, strength: float) -> int:
+    """The UNet image-to-image pipelines' get_timesteps: steps skipped (times the scheduler's order) at `strength`."""
+    init_timestep = min(int(steps * strength), steps)
+    return max(steps - init_timestep, 0)
 
 
 def prepare_extra_step_kwargs(scheduler, generators: list[torch.Generator]) -> dict:
