@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import InvalidTaskError
-from .params import GenerationDefaults, ImageParams
+from .params import LATENT_UPSCALERS, PIXEL_UPSCALERS, GenerationDefaults, ImageParams
 from .schedulers import FLOW_SCHEDULER_NAMES, UNET_SCHEDULER_NAMES
 from .tasks import ImageTask
 
@@ -204,10 +204,10 @@ def check_task(task: ImageTask, family: Family, schedulers, multiple: int, inpai
     if not family.reads_t5:
         # SD3's and FLUX.1's image-to-image run n - int(n - n * strength) steps: at least one at any strength.
         task.check_denoises()
-    check_edits(task, schedulers, multiple, inpainting_model)
+    check_edits(task, family, schedulers, multiple, inpainting_model)
 
 
-def check_edits(task: ImageTask, schedulers, multiple: int, inpainting_model: bool) -> None:
+def check_edits(task: ImageTask, family: Family, schedulers, multiple: int, inpainting_model: bool) -> None:
     """Masks, outpainting and hires fix: where they apply, and that they do something."""
     from .masks import check_mask
 
@@ -228,6 +228,12 @@ def check_edits(task: ImageTask, schedulers, multiple: int, inpainting_model: bo
         return
     if task.init_image is not None:
         raise InvalidTaskError("hires fix applies to text to image", "hires")
+    if family.reads_t5 and p.hires.upscaler in LATENT_UPSCALERS:
+        raise InvalidTaskError(
+            f"{p.hires.upscaler!r} resizes latents, which this model's ({family.name} family) image-to-image pipeline "
+            f"does not take back; choose one of {', '.join(PIXEL_UPSCALERS)}",
+            "hires.upscaler",
+        )
     width, height = p.hires.target_size(p.width, p.height)
     if width % multiple or height % multiple:
         raise InvalidTaskError(
@@ -235,7 +241,11 @@ def check_edits(task: ImageTask, schedulers, multiple: int, inpainting_model: bo
         )
     if (width, height) == (p.width, p.height):
         raise InvalidTaskError(f"hires fix to {width}x{height} does not enlarge the image; raise its scale", "hires")
-    schedulers.check(p.hires.scheduler or p.scheduler, image_to_image=True)
+    try:
+        schedulers.check(p.hires.scheduler or p.scheduler, image_to_image=True)
+    except InvalidTaskError as exc:
+        field = "hires.scheduler" if p.hires.scheduler else "scheduler"
+        raise InvalidTaskError(f"the second pass: {exc.message}", field) from None
     length, _ = p.hires.second_pass(p.num_inference_steps)
     if length > 1000:
         raise InvalidTaskError("hires fix's second pass would take over 1000 steps; raise its strength", "hires")

@@ -42,10 +42,10 @@ def check_mask(mask, image_shape: tuple[int, ...], inpaint: InpaintParams | None
     """Refuse a mask that is not the image's size or that repaints nothing (all black once inverted and blurred,
     or smaller than one latent cell), as an InvalidTaskError naming `field`."""
     if not (isinstance(mask, np.ndarray) and mask.dtype == np.uint8 and mask.ndim == 2):
-        raise InvalidTaskError("the mask must be a greyscale uint8 array (height, width)", field)
+        raise InvalidTaskError(f"{field}: must be a greyscale uint8 array (height, width)", field)
     if mask.shape != tuple(image_shape[:2]):
         raise InvalidTaskError(
-            f"is {mask.shape[1]}x{mask.shape[0]} pixels and the image {image_shape[1]}x{image_shape[0]}: "
+            f"{field}: is {mask.shape[1]}x{mask.shape[0]} pixels and the image {image_shape[1]}x{image_shape[0]}: "
             "send a mask of the image's size",
             field,
         )
@@ -53,13 +53,15 @@ def check_mask(mask, image_shape: tuple[int, ...], inpaint: InpaintParams | None
     read = np.asarray(model_mask(mask, inpaint.mask_blur)) >= 128
     if not read.any():
         raise InvalidTaskError(
-            "selects no pixel to repaint (all black" + (" once inverted" if inpaint.invert_mask else "") + "); "
+            f"{field}: selects no pixel to repaint (all black"
+            + (" once inverted" if inpaint.invert_mask else "")
+            + "); "
             "white marks the area to repaint",
             field,
         )
     if not inpaint.only_masked and not read[::LATENT_CELL, ::LATENT_CELL].any():
         raise InvalidTaskError(
-            f"covers too little to repaint: the model reads masks in {LATENT_CELL}x{LATENT_CELL} cells; paint a "
+            f"{field}: covers too little to repaint: the model reads masks in {LATENT_CELL}x{LATENT_CELL} cells; paint a "
             "larger area (or set only_masked)",
             field,
         )

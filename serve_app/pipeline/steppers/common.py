@@ -18,6 +18,7 @@ import contextlib
 import io
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
@@ -25,6 +26,7 @@ import torch
 
 from ..errors import GenerationError, InvalidTaskError
 from ..loading import image_to_image, inpainting
+from ..masks import MaskedInputs
 from ..tasks import ImageTask
 
 logger = logging.getLogger(__name__)
@@ -123,6 +125,20 @@ class Stepper:
         rows = build(states)
         self._rows_cache = (list(states), rows)
         return rows
+
+
+@dataclass
+class MaskedRows:
+    """One masked image's rows, as its inpaint pipeline prepares them: the mask at latent resolution (binarised,
+    nearest-downsampled; FLUX.1: packed), the (filled) image's latents and the start noise the unmasked area is
+    re-noised from (None for models whose denoiser reads the mask), the masked image's latents, and what the
+    result is pasted back over."""
+
+    mask: torch.Tensor
+    image_latents: torch.Tensor | None
+    noise: torch.Tensor
+    masked_image_latents: torch.Tensor
+    inputs: MaskedInputs
 
 
 # -- start --------------------------------------------------------------------------------------

@@ -47,10 +47,13 @@ import torch
 
 from ..errors import GenerationError
 from ..families import FLUX, check_task, family_of, size_multiple, uses_true_cfg
+from ..hires import second_phase_task
+from ..masks import masked_inputs
 from ..schedulers import SchedulerTemplates
 from ..tasks import ImageTask, to_uint8
 from .common import (
     GuidanceRows,
+    MaskedRows,
     NoAdapters,
     SteppedImage,
     Stepper,
@@ -60,6 +63,7 @@ from .common import (
     encode_each_alone_on_failure,
     latent_preview_png,
     mark_non_finite,
+    pasted_back,
     start_failure,
     step_failure,
 )
@@ -100,6 +104,8 @@ class FlowState(SteppedImage):
         self.step_index = 0
         self.error: GenerationError | None = None
         self.shape_key: tuple = ()
+        # Inpainting: its mask, image latents and start noise (packed for FLUX.1); None without a mask.
+        self.masked: MaskedRows | None = None
         self._timestep_values: list[float] = []
 
     @property
@@ -301,7 +307,12 @@ class FlowStepper(Stepper):
                 scheduler = copy.deepcopy(template)  # its begin index places scale_noise's sigma
                 timesteps, first = self.image_to_image_timesteps(scheduler, p.num_inference_steps, p.strength)
                 state.set_schedule(timesteps, template.sigmas, first, None if euler else scheduler)
-                state.latents = self.prepare_image_latents(scheduler, task.init_image, timesteps, dtype, generator)
+                if task.mask is not None:
+                    state.latents, state.masked = self.prepare_masked_latents(
+                        scheduler, task, timesteps, dtype, generator
+                    )
+                else:
+                    state.latents = self.prepare_image_latents(scheduler, task.init_image, timesteps, dtype, generator)
         except Exception as exc:  # noqa: BLE001 - one task's failure must not stop the others
             return start_failure(task, exc)
         adapters = p.adapter_key if self.group_by_adapters else ()
@@ -355,6 +366,39 @@ class FlowStepper(Stepper):
             return latents.to(device=self.device, dtype=dtype)
         _, channels, h, w = latents.shape
         return self.pipe._pack_latents(latents, 1, channels, h, w)
+
+    def prepare_masked_latents(self, scheduler, task: ImageTask, timesteps, dtype, generator) -> tuple:
+        """Inpainting: the inpaint pipeline's own helpers in its order (the image encoded, the noise, the masked
+        image encoded; FLUX.1 packs all three): the start latents, the mask at latent resolution, the image
+        latents and noise the unmasked area is re-noised from after each step."""
+        pipe, p = self.inpaint, task.params
+        inputs = masked_inputs(task)
+        shape = {"height": p.height, "width": p.width, "crops_coords": inputs.crop}
+        shape["resize_mode"] = "default" if inputs.crop is None else "fill"
+        init_image = pipe.image_processor.preprocess(inputs.image, **shape).to(dtype=torch.float32)
+        pipe.scheduler = scheduler  # the pipelines' prepare_latents noise with it (scale_noise at its begin index)
+        first = timesteps[:1].repeat(1)
+        channels = int(self.pipe.vae.config.latent_channels)
+        if self.is_flux:
+            latents, noise, image_latents, _ = pipe.prepare_latents(
+                init_image, first, 1, channels, p.height, p.width, dtype, self.device, generator
+            )
+        else:
+            latents, noise, image_latents = pipe.prepare_latents(
+                1, channels, p.height, p.width, dtype, self.device, generator, None, image=init_image, timestep=first,
+                is_strength_max=p.strength == 1.0, return_noise=True, return_image_latents=True,
+            )  # fmt: skip
+        mask_condition = pipe.mask_processor.preprocess(inputs.mask, **shape)
+        masked_image = init_image * (mask_condition < 0.5)
+        if self.is_flux:
+            mask, masked_image_latents = pipe.prepare_mask_latents(
+                mask_condition, masked_image, 1, channels, 1, p.height, p.width, dtype, self.device, generator
+            )
+        else:
+            mask, masked_image_latents = pipe.prepare_mask_latents(
+                mask_condition, masked_image, 1, 1, p.height, p.width, dtype, self.device, generator, False
+            )
+        return latents, MaskedRows(mask, image_latents, noise, masked_image_latents, inputs)
 
     # -- step ---------------------------------------------------------------------------
 
@@ -485,12 +529,57 @@ class FlowStepper(Stepper):
             index = as_index(rows, latents.device)
             v = velocity[index]
             new[index] = (latents[index].to(torch.float32) + dt * v).to(v.dtype)
+        for row, state in enumerate(states):
+            if state.masked is not None and errors[row] is None:
+                new[row : row + 1] = self._blend(state, new[row : row + 1])
         stepped = [row for row in range(len(states)) if errors[row] is None]
         for row in stepped:
             states[row].latents = new[row : row + 1]
             states[row].step_index += 1
         mark_non_finite([states[r] for r in stepped], [new[r : r + 1] for r in stepped], errors, stepped)
         return errors
+
+    # -- hires fix: the second phase ----------------------------------------------------
+
+    def second_phase_steps(self, task: ImageTask) -> int:
+        """Transformer evaluations of a hires task's second pass (the image's progress counts both phases)."""
+        p = second_phase_task(task, flow=True).params
+        template = self.schedulers.template(p.scheduler, p.num_inference_steps, self.image_seq_len(p))
+        t_start = int(max(p.num_inference_steps - p.num_inference_steps * p.strength, 0))
+        return len(template.timesteps) - t_start * template.order
+
+    def second_phase(self, states: list[FlowState]) -> list:
+        """Hires fix (pixel upscalers; `check_inputs` refuses the latent ones here): finished first passes decoded,
+        resized and started again as image to image at the new size; per state its new state or its error."""
+        from ..hires import upscale_pixels
+
+        tasks = []
+        for state, pixels in zip(states, self.decode(states)):
+            p = state.task.params
+            width, height = p.hires.target_size(p.width, p.height)
+            upscaled = upscale_pixels(pixels, p.hires, width, height)
+            tasks.append(second_phase_task(state.task, flow=True, init_image=upscaled))
+        return self.start(tasks)
+
+    @staticmethod
+    def _blend(state: FlowState, latents: torch.Tensor) -> torch.Tensor:
+        """After step `step_index`: the unmasked area replaced by the image latents noised to the next sigma
+        (the image latents themselves after the last step), as the flow inpaint pipelines do: their
+        `scale_noise` at the step index `step()` just advanced, here the image's own sampler's or, for the
+        flow Euler step, the same expression over its sigma table."""
+        rows = state.masked
+        init = rows.image_latents
+        if state.step_index < state.total_steps - 1:
+            if state.scheduler is not None:
+                t = state.timesteps[state.step_index + 1]
+                init = state.scheduler.scale_noise(init, torch.tensor([t]), rows.noise)
+            else:
+                sigmas = state.sigmas.to(device=init.device, dtype=init.dtype)
+                sigma = sigmas[[state.sigma_index + 1]].flatten()
+                while len(sigma.shape) < len(init.shape):
+                    sigma = sigma.unsqueeze(-1)
+                init = sigma * rows.noise + (1.0 - sigma) * init
+        return (1 - rows.mask) * init + rows.mask * latents
 
     # -- preview ------------------------------------------------------------------------
 
@@ -510,20 +599,37 @@ class FlowStepper(Stepper):
     # -- decode -------------------------------------------------------------------------
 
     def decode(self, states: list[FlowState]) -> list[np.ndarray]:
-        """uint8 (height, width, 3) images of finished states: one VAE decode per size."""
-        return decode_by_key(states, self._decode_group)
+        """uint8 (height, width, 3) images of finished states: one VAE decode per size (and, for SD3, per way
+        of decoding), pasted back over their inputs where asked."""
+        images = decode_by_key(states, self._decode_group)
+        return pasted_back(states, images, lambda: self.inpaint.image_processor)
 
-    def _decode_group(self, states: list[FlowState]) -> np.ndarray:
-        latents = torch.cat([state.latents for state in states]) if len(states) > 1 else states[0].latents
+    def _decode_group(self, states: list[FlowState]) -> list[np.ndarray]:
         p = states[0].task.params
-        return self.decode_latents(latents, p.width, p.height)
+        images: list = [None] * len(states)
+        # StableDiffusion3InpaintPipeline (diffusers 0.42) decodes without the VAE's shift factor: its masked
+        # images are decoded as it decodes them, apart from the others.
+        for shifted in (True, False):
+            part = [i for i, s in enumerate(states) if self._decode_shifts(s) == shifted]
+            if not part:
+                continue
+            latents = torch.cat([states[i].latents for i in part]) if len(part) > 1 else states[part[0]].latents
+            for i, image in zip(part, self.decode_latents(latents, p.width, p.height, shift=shifted)):
+                images[i] = image
+        return images
 
-    def decode_latents(self, latents: torch.Tensor, width: int, height: int) -> np.ndarray:
-        """The pipeline's decode (FLUX.1: unpacked first), then the engine's uint8 conversion."""
+    def _decode_shifts(self, state: FlowState) -> bool:
+        return self.is_flux or state.masked is None
+
+    def decode_latents(self, latents: torch.Tensor, width: int, height: int, shift: bool = True) -> np.ndarray:
+        """The pipeline's decode (FLUX.1: unpacked first), then the engine's uint8 conversion. `shift`: add the
+        VAE's shift factor (every pipeline but SD3's inpaint pipeline does)."""
         pipe, vae = self.pipe, self.pipe.vae
         if self.is_flux:
             latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
-        latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
+        latents = latents / vae.config.scaling_factor
+        if shift:
+            latents = latents + vae.config.shift_factor
         if self.is_flux:
             from diffusers.utils.torch_utils import get_module_execution_device
 

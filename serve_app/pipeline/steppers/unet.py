@@ -52,11 +52,12 @@ from ..errors import GenerationError, InvalidTaskError
 from ..families import UNET, check_task
 from ..hires import second_phase_task
 from ..loading import reads_mask
-from ..masks import MaskedInputs, masked_inputs
+from ..masks import masked_inputs
 from ..schedulers import SchedulerTemplates
 from ..tasks import ImageTask, to_uint8
 from .common import (
     GuidanceRows,
+    MaskedRows,
     NoAdapters,
     SteppedImage,
     Stepper,
@@ -176,19 +177,6 @@ class DenoisingState(SteppedImage):
         """Only states with equal keys may share a UNet call."""
         latents = self._cohort.latents
         return (*latents.shape[1:], latents.dtype, latents.device, self.adapter_group)
-
-
-@dataclass
-class MaskedRows:
-    """One masked image's rows, as its inpaint pipeline prepares them: the mask at latent resolution (binarised,
-    nearest-downsampled), the (filled) image's latents and the start noise, the masked image's latents, and
-    what the result is pasted back over."""
-
-    mask: torch.Tensor
-    image_latents: torch.Tensor | None
-    noise: torch.Tensor
-    masked_image_latents: torch.Tensor
-    inputs: MaskedInputs
 
 
 @dataclass
