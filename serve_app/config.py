@@ -142,16 +142,21 @@ class AuthConfig(_Strict):
             if not found:
                 raise ValueError(f"auth.api_keys_file {self.api_keys_file!r} holds no keys")
             entries += found
-        keys: dict[str, str] = {}
-        for entry in entries:
-            name, key = _named_key(entry)
-            if name in keys and keys[name] != key:
-                raise ValueError(f"auth: two different keys are named {name!r}; give each key its own name")
-            keys[name] = key
-        return keys
+        return named_keys(entries)
 
 
 KEY_NAME = re.compile(r"^[\w.@+-]{1,64}$")
+
+
+def named_keys(entries: list[str]) -> dict[str, str]:
+    """Keys by name from entries `key` or `name key`; the same name for two keys is an error."""
+    keys: dict[str, str] = {}
+    for entry in entries:
+        name, key = _named_key(entry)
+        if name in keys and keys[name] != key:
+            raise ValueError(f"auth: two different keys are named {name!r}; give each key its own name")
+        keys[name] = key
+    return keys
 
 
 def _named_key(entry: str) -> tuple[str, str]:

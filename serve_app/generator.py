@@ -264,6 +264,9 @@ class ImageGenerator:
                 "waiting": sum(r.loop.waiting for r in runtimes),
                 "running": sum(r.loop.active for r in runtimes),
             },
+            # Per tenant (hashed ids), every model's loop together: images waiting and running now, admitted
+            # since start. Fair admission is per replica: these are this replica's.
+            "tenants": _tenant_counts([r.loop.tenants() for r in runtimes]),
         }
 
     def check_health(self) -> None:
@@ -336,6 +339,14 @@ class ModelRuntime:
 
     # Serve's multiplexing calls __del__ when it unloads a model (least recently used past the cap).
     __del__ = unload
+
+
+def _tenant_counts(per_loop: list[dict[str, dict[str, int]]]) -> dict[str, dict[str, int]]:
+    totals: dict[str, Counter] = {}
+    for loop in per_loop:
+        for tenant, counts in loop.items():
+            totals.setdefault(tenant, Counter({"waiting": 0, "running": 0, "admitted": 0})).update(counts)
+    return {tenant: dict(counts) for tenant, counts in sorted(totals.items())}
 
 
 def _plain_function(method):

@@ -24,7 +24,7 @@ from .service.jobs import JobService
 class Ingress:
     def __init__(self, generator: DeploymentHandle, manager: DeploymentHandle, settings: AppArgs):
         # Keys are read here, on the replica, from the environment or file the config names.
-        self.api_keys = settings.auth.load_keys() if settings.auth.enabled else None
+        self.api_keys = settings.auth.load_named_keys() if settings.auth.enabled else None
         context = serve.get_replica_context()
         self.service = GenerationService(generator, settings, context.app_name, context.replica_id.unique_id)
         store = JobStore(settings.jobs.store, observe=StoreMetrics(protocol_of(settings.jobs.store)))

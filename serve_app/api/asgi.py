@@ -6,9 +6,11 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from .. import __version__
+from ..config import named_keys
 from ..service.generation import GenerationService
 from ..service.jobs import JobService
-from . import health
+from ..service.tenants import TenantAdmission, TenantDirectory
+from . import health, usage
 from .a1111 import routes as a1111_routes
 from .errors import install_error_handlers
 from .guides import routes as guide_routes
@@ -21,6 +23,7 @@ from .middleware import (
     DeadlineMiddleware,
     OutcomeCounterMiddleware,
     RequestIdMiddleware,
+    TenantMiddleware,
 )
 from .native import protocol as native_protocol
 from .native import routes as native_routes
@@ -53,10 +56,10 @@ NATIVE_FIELDS = frozenset(
 
 
 def create_api(
-    service: GenerationService, api_keys: list[str] | None = None, jobs: JobService | None = None
+    service: GenerationService, api_keys: list[str] | dict[str, str] | None = None, jobs: JobService | None = None
 ) -> FastAPI:
-    """The app for `service` (and `jobs`: without one, the jobs API has no queue to talk to); with `api_keys`,
-    every route but probes, docs and the page needs one."""
+    """The app for `service` (and `jobs`: without one, the jobs API has no queue to talk to); with `api_keys`
+    (by name, or a list: named from their hashes), every route but probes, docs and the page needs one."""
     app = FastAPI(
         title="Stable Diffusion on Ray Serve",
         version=__version__,
@@ -68,6 +71,14 @@ def create_api(
     app.state.jobs = jobs or JobService(None, None, service)
     install_error_handlers(app, known_fields=NATIVE_FIELDS)
     limits = service.published_limits
+    keys = named_keys(api_keys) if isinstance(api_keys, list) else api_keys
+    # Who asks and what they may (tenants: fair share, priorities, rate limits, daily quotas in the job store).
+    app.state.tenants = TenantAdmission(
+        TenantDirectory(service.settings.tenants, keys or None),
+        store=app.state.jobs.store,
+        writer=service.replica or None,
+        retry_after_s=limits.retry_after_s,
+    )
     # add_middleware puts each layer outside the previous one: read these bottom-up for the request path.
     app.add_middleware(DeadlineMiddleware, default_s=limits.request_timeout_s)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=limits.max_body_bytes)
@@ -77,21 +88,32 @@ def create_api(
         retry_after_s=limits.retry_after_s,
         default_deadline_s=limits.request_timeout_s,
     )
-    if api_keys:
-        app.add_middleware(ApiKeyMiddleware, keys=api_keys)
+    app.add_middleware(TenantMiddleware, admission=app.state.tenants)
+    if keys:
+        app.add_middleware(ApiKeyMiddleware, keys=list(keys.values()))
     if service.settings.cors.allow_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=service.settings.cors.allow_origins,
             allow_methods=["GET", "POST", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type", "X-Request-Id", "X-Request-Timeout"],
-            expose_headers=["X-Request-Id", "X-Seed", "X-Batch-Size", "X-Generation-Time-S", "Retry-After"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Id", "X-Request-Timeout", "X-Tenant"],
+            expose_headers=[
+                "X-Request-Id",
+                "X-Seed",
+                "X-Batch-Size",
+                "X-Generation-Time-S",
+                "Retry-After",
+                "RateLimit-Limit",
+                "RateLimit-Remaining",
+                "RateLimit-Reset",
+            ],
         )
     app.add_middleware(OutcomeCounterMiddleware, counter=service.responses_by_status)
     app.add_middleware(RequestIdMiddleware, replica=service.replica)
     app.include_router(native_routes.router)
     app.include_router(job_routes.router)
     app.include_router(health.router)
+    app.include_router(usage.router)
     app.include_router(openai_routes.router)
     app.include_router(a1111_routes.router)
     app.include_router(guide_routes.router)

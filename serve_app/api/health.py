@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from ..config import ModelLimits
@@ -37,7 +37,7 @@ async def readyz(service: Service, jobs: Jobs):
 
 
 @router.get("/info", summary="Model, device, replicas, batching, model calls by batch size, responses by status")
-async def info(service: Service, jobs: Jobs):
+async def info(request: Request, service: Service, jobs: Jobs):
     return {
         "model": service.model,
         "uptime_s": int(time.time()) - service.started_at,
@@ -48,6 +48,9 @@ async def info(service: Service, jobs: Jobs):
         "generator_deployment": await service.generator_status(),
         "generator": await service.generator_info(),
         "job_manager": await jobs.manager_info(),
+        # Per tenant (hashed ids) on this ingress replica: requests and images admitted, in flight, refused by
+        # reason, today's images. The Generator's and the JobManager's own per-tenant counts are in theirs.
+        "tenants": request.app.state.tenants.snapshot(),
     }
 
 

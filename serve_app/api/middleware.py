@@ -1,5 +1,5 @@
 """ASGI layers around the FastAPI app: request ids and last-resort 500s, outcome counts,
-API keys, admission control, body size limit, deadlines.
+API keys, tenants and their limits, admission control, body size limit, deadlines.
 
 Plain ASGI rather than Starlette's BaseHTTPMiddleware: they run on every request,
 and answering early (401, 413, 503) must not read the body first.
@@ -18,7 +18,11 @@ from collections import Counter, deque
 
 from starlette.exceptions import HTTPException
 
-from ..service.generation import REQUEST_DEADLINE
+from ..config import KEY_NAME
+from ..pipeline.fairness import SHARED_TENANT, Claim, Tally
+from ..service.errors import ApiError
+from ..service.generation import REQUEST_ADMISSION, REQUEST_DEADLINE
+from ..service.tenants import TENANT_HEADER, Tenant, TenantAdmission
 from .errors import error_body
 
 logger = logging.getLogger("ray.serve")
@@ -182,16 +186,69 @@ class ApiKeyMiddleware:
         return scope.get("method") == "OPTIONS" or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
 
+class TenantMiddleware:
+    """Who asks (`service.tenants`): the API key's tenant, or with keys off the `X-Tenant` name (422 when it is
+    not a name), else the shared one. For requests that make images, the tenant's limits that need no body
+    (quota used up, bucket empty, images in flight at the cap) answer 429 at once, before the body is read; the
+    request's admission goes with it to the generation service (which charges its images) and closes with the
+    answer. Answers to a tenant with a rate or quota carry RateLimit-Limit/-Remaining/-Reset."""
+
+    def __init__(self, app, admission: TenantAdmission):
+        self.app = app
+        self.admission = admission
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or ApiKeyMiddleware._is_open(scope):
+            return await self.app(scope, receive, send)
+        _, _, key = (_header(scope, b"authorization") or "").partition(" ")
+        name = None if self.admission.directory.auth else _header(scope, TENANT_HEADER.lower().encode())
+        if name is not None and not KEY_NAME.match(name):
+            message = f"{TENANT_HEADER}: a tenant name is 1 to 64 letters, digits or . _ @ + - (got {name[:80]!r})"
+            return await _send_error(scope, send, 422, "invalid_request", message, field=TENANT_HEADER)
+        tenant = self.admission.tenant_for(key.strip() or None, name)
+        makes_images = _makes_images(scope)
+        try:
+            admission = await self.admission.begin(tenant, synchronous=not _is_job(scope), makes_images=makes_images)
+        except ApiError as exc:
+            return await _send_error(scope, send, exc.status, exc.code, exc.message, _raw(exc.headers))
+        scope.setdefault("state", {})["tenant"] = tenant
+        status = 500
+
+        async def send_with_limits(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                present = {key for key, _ in message.get("headers", [])}
+                extra = [h for h in _raw(admission.headers()) if h[0] not in present] if makes_images else []
+                if extra:
+                    message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        token = REQUEST_ADMISSION.set(admission)
+        try:
+            await self.app(scope, receive, send_with_limits)
+        finally:
+            REQUEST_ADMISSION.reset(token)
+            admission.finish(status)
+
+
+def _raw(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(name.lower().encode(), value.encode()) for name, value in headers.items()]
+
+
 class ConcurrencyLimitMiddleware:
     """The ingress's own bounds on synchronous generation, answered at once with 503 and Retry-After
     (before reading a possibly large body), instead of queueing what cannot be served in time:
-    - at most `limit` generation requests in flight;
-    - admission by expected wait (Little's law): with `active` requests in flight and answers coming
-      back at `rate` per second (measured over the last RATE_WINDOW_S), a new request would be answered
-      in about (active + 1) / rate seconds. Past DEADLINE_SHARE of its deadline (`default_deadline_s`,
-      or a shorter X-Request-Timeout) it is refused now, cheaply, rather than answered 504 later after holding a
-      place in every queue. The Generator refuses by its own, finer estimate what gets past this.
-    Jobs (`/jobs`, `Prefer: respond-async`) are answered 202 at once and queue in the JobManager."""
+    - at most `limit` synchronous generation requests in flight;
+    - admission by expected wait (Little's law): with answers coming back at `rate` per second (measured
+      over the last RATE_WINDOW_S), a new request would be answered once the requests ahead of it are: its
+      tenant's in flight, and each other tenant's up to that tenant's weighted share (the engines admit by
+      fair share, `pipeline/fairness.py`), so about (ahead + 1) / rate seconds. Past DEADLINE_SHARE of its
+      deadline (`default_deadline_s`, or a shorter X-Request-Timeout) it is refused now, cheaply, rather than
+      answered 504 later after holding a place in every queue. The Generator refuses by its own, finer
+      estimate what gets past this.
+    Jobs (`/jobs`, `Prefer: respond-async`) are neither counted nor limited here: they are answered 202 in
+    milliseconds and queue in the JobManager, up to its own bounds (`jobs.max_queued`, per key)."""
 
     RATE_WINDOW_S = 10.0
     MIN_ANSWERS = 8  # fewer answers in the window than this: no estimate (idle, or just started)
@@ -204,6 +261,7 @@ class ConcurrencyLimitMiddleware:
         self.retry_after_s = retry_after_s
         self.default_deadline_s = default_deadline_s
         self.active = 0
+        self.active_by_tenant: dict[str, tuple[float, int]] = {}  # tenant id: (weight, requests in flight)
         self.answered: deque[float] = deque()  # monotonic times of recent 200 answers
         self.refused_by_wait = 0
 
@@ -213,27 +271,40 @@ class ConcurrencyLimitMiddleware:
             self.answered.popleft()
         return len(self.answered) / self.RATE_WINDOW_S if len(self.answered) >= self.MIN_ANSWERS else None
 
+    def ahead_of(self, tenant: Tenant | None) -> float:
+        """Requests in flight that a new request of `tenant` waits for under fair share, itself included."""
+        tenant_id, weight = (tenant.id, tenant.policy.weight) if tenant else (SHARED_TENANT, 1.0)
+        claim = Claim(tenant_id, cost=1.0, weight=weight, steps=1.0)
+        waiting = Tally(
+            {
+                t: (weight, (0.0, float(n), 0.0), (0.0, float(n), 0.0))
+                for t, (weight, n) in self.active_by_tenant.items()
+            }
+        )
+        return waiting.steps_ahead(claim)
+
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not _makes_images(scope):
+        if scope["type"] != "http" or not _makes_images(scope) or _is_job(scope):
             return await self.app(scope, receive, send)
         if self.active >= self.limit:
             message = f"server busy: {self.active} requests in flight; retry after {self.retry_after_s}s"
             return await _send_error(
                 scope, send, 503, "overloaded", message, [(b"retry-after", str(self.retry_after_s).encode())]
             )
-        synchronous = not _is_job(scope)
-        if synchronous and self.default_deadline_s is not None:
+        tenant: Tenant | None = scope.get("state", {}).get("tenant")
+        if self.default_deadline_s is not None:
             now = time.monotonic()
             rate = self.answer_rate(now)
             try:
                 deadline_s = request_timeout_s(scope, self.default_deadline_s)
             except ValueError:  # DeadlineMiddleware answers it with 422
                 deadline_s = self.default_deadline_s
-            if rate is not None and (expected_s := (self.active + 1) / rate) > self.DEADLINE_SHARE * deadline_s:
+            ahead = self.ahead_of(tenant)  # this one included
+            if rate is not None and (expected_s := ahead / rate) > self.DEADLINE_SHARE * deadline_s:
                 self.refused_by_wait += 1
                 retry_after = max(1, math.ceil(expected_s - self.DEADLINE_SHARE * deadline_s))
                 message = (
-                    f"server busy: {self.active} requests ahead, about {expected_s:.0f}s to answer, too close to "
+                    f"server busy: {ahead - 1:.0f} requests ahead, about {expected_s:.0f}s to answer, too close to "
                     f"this request's {deadline_s:g}s deadline; retry after {retry_after}s"
                 )
                 return await _send_error(
@@ -247,12 +318,19 @@ class ConcurrencyLimitMiddleware:
                 status = message["status"]
             await send(message)
 
+        key, weight = (tenant.id, tenant.policy.weight) if tenant else (SHARED_TENANT, 1.0)
         self.active += 1
+        self.active_by_tenant[key] = (weight, self.active_by_tenant.get(key, (weight, 0))[1] + 1)
         try:
             await self.app(scope, receive, status_send)
         finally:
             self.active -= 1
-            if synchronous and status == 200:
+            remaining = self.active_by_tenant[key][1] - 1
+            if remaining:
+                self.active_by_tenant[key] = (weight, remaining)
+            else:
+                del self.active_by_tenant[key]
+            if status == 200:
                 self.answered.append(time.monotonic())
 
 

@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from ..pipeline.tasks import ImageResult, ImageTask
 from ..service.encoding import encode_image, parameters_text
-from ..service.generation import image_tasks
+from ..service.generation import image_tasks, stamp
 from .manifest import DONE, FAILED, Output, entries_table
 from .rows import BulkRequest, image_path
 from .settings import BulkSettings
@@ -62,6 +62,7 @@ class ImageMaker:
         owners: list[int] = []
         for index, (row, request) in enumerate(zip(rows, requests)):
             made = image_tasks(request.image_params(), request.num_images, self.settings.limits, f"row-{row['row']}")
+            made = stamp(made, request.priority, default="low")  # a row's priority orders it among the run's rows
             tasks.extend(made)
             owners.extend([index] * len(made))
         results = self._generate(tasks)

@@ -9,16 +9,20 @@ What survives what:
 * this replica dies: Serve starts a new one, which reads every unfinished job from the store and
   runs it again from the start (queued first, oldest first). Progress of the lost attempt is lost.
 Only one replica of this deployment may run (num_replicas 1): it is the single writer of records.
+
+Which queued job runs next is the engines' rule (`pipeline/fairness.py`): weighted fair share across tenants
+(deficit round-robin on each job's denoiser rows x steps x images), then priority, then arrival. A tenant's
+burst of jobs waits its turn beside everyone else's instead of in front of it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import logging
 import os
 import time
-from collections import deque
 from collections.abc import AsyncIterator
 
 import httpx
@@ -31,6 +35,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..config import SERVE_BACKPRESSURE, AppArgs
 from ..pipeline.errors import GenerationError
+from ..pipeline.fairness import Claim, FairQueue
 from ..pipeline.tasks import ImageResult, ImageTask
 from ..service.generation import stream_images
 from .metrics import StoreMetrics
@@ -38,6 +43,7 @@ from .records import JobError, JobRecord, JobStatus
 from .store import open_store, protocol_of, store_results
 
 logger = logging.getLogger("ray.serve")
+DEFAULT_STEPS = 25  # a job's steps for fair dispatch when neither it nor its model's configured defaults say
 
 
 class JobRefused(GenerationError):
@@ -78,7 +84,9 @@ class JobManager:
         indexed = self.store.ensure_layout()
         if indexed:
             logger.info("JobManager: indexed %d records of a store written by an older version", indexed)
-        self._queue: deque[str] = deque()  # ids waiting to run, in order
+        # Ids waiting to run; the next by fair share (tenant, then priority, then arrival).
+        self._queue: FairQueue[str] = FairQueue(self._claim)
+        self._default_steps = {m.id: m.defaults.num_inference_steps for m in settings.served_models()}
         self._records: dict[str, JobRecord] = {}  # every unfinished job (queued or running)
         self._progress: dict[str, dict] = {}  # running jobs: step, total_steps, images_done
         self._previews: dict[str, str] = {}  # running jobs that asked for previews: the latest (base64 PNG)
@@ -143,7 +151,7 @@ class JobManager:
         if record.status.final:  # ended a moment ago; its final state is being stored
             raise JobFinished(f"job {job_id} already ended: {record.status.value}")
         if record.status == JobStatus.queued:
-            self._queue.remove(job_id)
+            self._queue.remove_if(lambda queued: queued == job_id)
             self._queue_moved()
         else:
             self._runs[job_id].cancel()  # its Generator calls are cancelled: rows leave at the next step
@@ -180,6 +188,10 @@ class JobManager:
 
     async def info(self) -> dict:
         queued = sum(1 for r in self._records.values() if r.status == JobStatus.queued)
+        tenants: dict[str, dict[str, int]] = {}
+        for record in self._records.values():
+            counts = tenants.setdefault(record.tenant, {"queued": 0, "running": 0})
+            counts["queued" if record.status == JobStatus.queued else "running"] += 1
         return {
             "replica": serve.get_replica_context().replica_id.unique_id,
             "pid": os.getpid(),
@@ -187,20 +199,32 @@ class JobManager:
             "queued": queued,
             "running": len(self._records) - queued,
             "watchers": sum(len(w) for w in self._watchers.values()),
+            "tenants": dict(sorted(tenants.items())),  # unfinished jobs per tenant (hashed ids)
         }
 
     # -- running jobs ---------------------------------------------------------------------------
 
     async def _dispatch(self) -> None:
         while True:
-            while self._queue and len(self._runs) < self.config.max_running:
-                job_id = self._queue.popleft()
-                self._queue_moved()
+            taken = self._queue.take(self.config.max_running - len(self._runs))  # fair share, then priority
+            for job_id in taken:
                 task = asyncio.get_running_loop().create_task(self._run(job_id))
                 self._runs[job_id] = task
                 task.add_done_callback(lambda _, job_id=job_id: self._run_done(job_id))
+            if taken:
+                self._queue_moved()
             self._wake.clear()
             await self._wake.wait()
+
+    def _claim(self, job_id: str) -> Claim:
+        """What fair dispatch weighs of a job: its tenant, priority and weight, and its images' cost (denoiser rows
+        x steps, the model's default steps where it names none)."""
+        record = self._records[job_id]
+        steps = record.params.num_inference_steps or self._default_steps.get(record.model) or DEFAULT_STEPS
+        params = record.params.model_copy(update={"num_inference_steps": steps})
+        one = ImageTask(params, tenant=record.tenant, priority=record.priority, weight=record.weight).claim()
+        images = len(record.seeds)
+        return dataclasses.replace(one, cost=one.cost * images, steps=one.steps * images)
 
     def _run_done(self, job_id: str) -> None:
         self._runs.pop(job_id, None)
@@ -249,6 +273,9 @@ class JobManager:
                 init_image,
                 record.request_id,
                 preview_every=record.preview_every or 0,
+                tenant=record.tenant,
+                priority=record.priority,
+                weight=record.weight,
             )
             for seed in record.seeds
         ]
@@ -289,15 +316,16 @@ class JobManager:
             watcher.put_nowait({"event": event, "data": data})
 
     def _queue_moved(self) -> None:
-        """A job left or re-entered the queue: tell the watchers of those behind it their new position."""
-        for position, job_id in enumerate(self._queue, 1):
+        """A job left or re-entered the queue: tell the watchers of queued jobs their new position."""
+        if not self._watchers:
+            return
+        for job_id, position in self._queue.positions().items():
             self._notify(job_id, "queued", {"id": job_id, "position": position})
 
     def _position(self, job_id: str) -> int | None:
-        try:
-            return self._queue.index(job_id) + 1
-        except ValueError:
-            return None
+        """Its place among its own tenant's queued jobs (1 = that tenant's next): other tenants' jobs take turns
+        with it rather than go before it."""
+        return self._queue.positions().get(job_id)
 
     def _retry_after(self) -> int:
         return max(1, min(60, len(self._records) // max(1, self.config.max_running)))

@@ -15,6 +15,7 @@ from enum import Enum
 
 from pydantic import BaseModel, Field
 
+from ..pipeline.fairness import SHARED_TENANT, Priority
 from ..pipeline.params import ImageParams
 
 JOB_ID = re.compile(r"^[0-9a-f]{36}$")
@@ -99,3 +100,8 @@ class JobRecord(BaseModel):
     webhook: Webhook | None = None
     refined_from: str | None = Field(None, description="'<job id>/<image index>' this job refines")
     preview_every: int | None = Field(None, description="a latent preview event every this many steps")
+    # Fair dispatch (the same rule as the engines'): who submitted it (a hashed id), at what priority, and
+    # that tenant's weight when it was submitted.
+    tenant: str = SHARED_TENANT
+    priority: Priority = "normal"
+    weight: float = 1.0

@@ -24,6 +24,7 @@ from ray.serve.handle import DeploymentHandle
 
 from ..config import AppArgs, RequestLimits
 from ..pipeline.errors import GenerationError
+from ..pipeline.fairness import DEFAULT_PRIORITY, Priority
 from ..pipeline.families import family_of_source
 from ..pipeline.params import ImageParams, new_seed, seed_at, split_lora_tags
 from ..pipeline.tasks import ImageResult, ImageTask
@@ -37,6 +38,9 @@ _STATUS_CACHE_S = 1.0
 # When the caller of the request being served needs its answer (wall-clock time.time()); set per request
 # by the HTTP layer's deadline middleware, read when tasks are handed to the Generator.
 REQUEST_DEADLINE: ContextVar[float | None] = ContextVar("request_deadline", default=None)
+# The request being served's dealings with its tenant's limits (`service.tenants.Admission`): opened by the HTTP
+# layer's tenant middleware, used when the request's tasks are made (`stamp`).
+REQUEST_ADMISSION: ContextVar = ContextVar("request_admission", default=None)
 
 
 # -- from parameters to image tasks ------------------------------------------------------------
@@ -189,6 +193,7 @@ class GenerationService:
         self.started_at = int(time.time())
         self.responses_by_status: Counter[str] = Counter()
         self._status: tuple[float, dict] | None = None
+        self._status_read: asyncio.Future | None = None
 
     def tasks_for(
         self,
@@ -198,12 +203,15 @@ class GenerationService:
         *,
         init_image: np.ndarray | None = None,
         names: dict[str, str] | None = None,
+        priority: Priority | None = None,
     ) -> list[ImageTask]:
-        """The model and adapters resolved, then `image_tasks` within that model's limits."""
+        """The model and adapters resolved, then `image_tasks` within that model's limits, stamped with the caller's
+        tenant and `priority` (`stamp`)."""
         params = self.models.resolve(params, names)
         limits = self.models.limits_for(params.model)
         own = params.model if limits != self.published_limits else None  # narrower than published: say whose
-        return image_tasks(params, num_images, limits, request_id, init_image=init_image, names=names, model=own)
+        tasks = image_tasks(params, num_images, limits, request_id, init_image=init_image, names=names, model=own)
+        return stamp(tasks, priority, (names or {}).get("priority", "priority"))
 
     async def init_image(
         self, data: bytes | str, params: ImageParams, field: str = "init_image", media_type: str | None = None
@@ -266,11 +274,16 @@ class GenerationService:
         return await asyncio.wait_for(self.generator.info.remote(), timeout=10)
 
     async def generator_status(self) -> dict:
-        """Replica counts and state of the Generator deployment, from Serve's controller (cached briefly)."""
+        """Replica counts and state of the Generator deployment, from Serve's controller (cached briefly; callers
+        that come while it is being read share that one read, so a burst of probes costs one)."""
         now = time.monotonic()
-        if self._status is None or now - self._status[0] > _STATUS_CACHE_S:
-            self._status = (now, await asyncio.to_thread(self._read_status))
-        return self._status[1]
+        if self._status is not None and now - self._status[0] <= _STATUS_CACHE_S:
+            return self._status[1]
+        if self._status_read is None or self._status_read.done():
+            self._status_read = asyncio.ensure_future(asyncio.to_thread(self._read_status))
+        status = await asyncio.shield(self._status_read)
+        self._status = (time.monotonic(), status)
+        return status
 
     def _read_status(self) -> dict:
         from ray import serve
@@ -291,6 +304,18 @@ class GenerationService:
         """A 503 that says when to come back."""
         retry_after = max(1, round(retry_after_s)) if retry_after_s else self.published_limits.retry_after_s
         return ApiError(503, code, message, headers={"Retry-After": str(retry_after)})
+
+
+def stamp(
+    tasks: list[ImageTask], priority: Priority | None, field: str = "priority", default: Priority = DEFAULT_PRIORITY
+) -> list[ImageTask]:
+    """A request's tasks as the engines see them: through its tenant's admission when it has one (its tenant,
+    weight and priority stamped; 403 naming `field` above the tenant's max_priority, 429 past a limit, its images
+    charged: `service.tenants`), else with the priority only."""
+    admission = REQUEST_ADMISSION.get()
+    if admission is not None:
+        return admission.admit(tasks, priority or default, field)
+    return [dataclasses.replace(t, priority=priority or default) for t in tasks]
 
 
 def routed(generator: DeploymentHandle, task: ImageTask, by_model: bool) -> DeploymentHandle:

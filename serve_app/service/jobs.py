@@ -20,6 +20,7 @@ from ray.serve.handle import DeploymentHandle
 from ..job_queue.records import JobRecord, JobStatus, Webhook, created_at, is_job_id, new_job_id, owner_of
 from ..job_queue.store import JobStore, describe_error, store_results
 from ..pipeline.errors import GenerationError
+from ..pipeline.fairness import Priority
 from ..pipeline.params import ImageParams, RefinerParams
 from ..pipeline.tasks import ImageResult
 from .encoding import decode_init_image, encode_image
@@ -163,11 +164,13 @@ class JobService:
         webhook: Webhook | None = None,
         refined_from: str | None = None,
         preview_every: int | None = None,
+        priority: Priority | None = None,
     ) -> JobRecord:
-        """Check, seed and hand a job to the JobManager, which stores it before answering."""
+        """Check, seed and hand a job to the JobManager, which stores it before answering; it runs by fair share
+        (its tenant and priority, as the caller's admission stamped them)."""
         if webhook is not None:
             check_webhook(webhook, self.settings.jobs.webhook_hosts)
-        tasks = self.generation.tasks_for(params, num_images, request_id)
+        tasks = self.generation.tasks_for(params, num_images, request_id, priority=priority)
         record = JobRecord(
             id=new_job_id(),
             created_at=time.time(),
@@ -180,6 +183,9 @@ class JobService:
             webhook=webhook,
             refined_from=refined_from,
             preview_every=preview_every,
+            tenant=tasks[0].tenant,
+            priority=tasks[0].priority,
+            weight=tasks[0].weight,
         )
         init_png = None if init_image is None else await asyncio.to_thread(encode_image, init_image, "png")
         return await self.call_manager(self.manager.submit.remote(record, init_png))

@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..pipeline.fairness import Priority
 from ..pipeline.params import ImageCount, ImageParams
 
 OutputFormat = Literal["png", "jpeg", "webp"]
@@ -26,9 +27,14 @@ class OutputOptions(BaseModel):
 
 
 class ImageRequest(ImageParams):
-    """One prompt's parameters and how many images of it to make."""
+    """One prompt's parameters, how many images of it to make, and how urgently."""
 
     num_images: ImageCount = 1
+    priority: Priority | None = Field(
+        None,
+        description="high, normal or low: which of the caller's own waiting images go first (other callers keep "
+        "their fair share); default normal (bulk runs: low); above the caller's max_priority: 403",
+    )
 
     def image_params(self) -> ImageParams:
         return ImageParams.model_validate(self.model_dump(include=set(ImageParams.model_fields)))

@@ -35,6 +35,7 @@ async def submit(body: JobRequest, request: Request, service: Service, jobs: Job
         init_image=init_image,
         webhook=body.webhook,
         preview_every=body.preview_every,
+        priority=body.priority,
     )
     return accepted(record)
 

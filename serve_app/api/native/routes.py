@@ -67,10 +67,14 @@ async def _generate(
     """What /generate and /img2img share once the request is read: a job, an event stream, or the images."""
     request_id = request_id_of(request)
     if "respond-async" in request.headers.get("prefer", ""):
-        record = await jobs.submit(body.image_params(), body.num_images, request_id, owner, init_image=init_image)
+        record = await jobs.submit(
+            body.image_params(), body.num_images, request_id, owner, init_image=init_image, priority=body.priority
+        )
         return accepted(record)
     accept = request.headers.get("accept", "")
-    tasks = service.tasks_for(body.image_params(), body.num_images, request_id, init_image=init_image)
+    tasks = service.tasks_for(
+        body.image_params(), body.num_images, request_id, init_image=init_image, priority=body.priority
+    )
     if "text/event-stream" in accept:
         return event_stream(_events(service, tasks, body, request_id))
     form = choose_response_format(body.response_format, body.num_images, accept)
@@ -140,6 +144,7 @@ async def generate_prompts(body: MultiPromptRequest, request: Request, service: 
             entry.num_images,
             request_id,
             names={f: f"{body.list_field}.{i}.{f}" for f in type(entry).model_fields},
+            priority=entry.priority,
         )
         for i, entry in enumerate(entries)
     ]
