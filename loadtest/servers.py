@@ -148,11 +148,14 @@ def session_cpu_seconds(session_id: int) -> dict[str, float]:
     return totals
 
 
-def serve_server(config: Path, log_dir: Path, port: int | None = None) -> ServerProcess:
-    """This project on Ray Serve, from a Serve config; ready once /info answers from a generator replica."""
+def serve_server(
+    config: Path, log_dir: Path, port: int | None = None, ready_path: str = "/info", env: dict | None = None
+) -> ServerProcess:
+    """This project on Ray Serve, from a Serve config; ready once /info answers from a generator replica (with API
+    keys on, /info needs one: wait for /readyz instead). `env`: more variables for it (a keys variable, say)."""
     port = port or free_port()
     command = [sys.executable, "-m", "loadtest.serve_local", str(config), "--port", str(port)]
-    return ServerProcess("serve", command, port, "/info", log_dir / "serve.log")
+    return ServerProcess("serve", command, port, ready_path, log_dir / "serve.log", env)
 
 
 def baseline_server(
