@@ -109,7 +109,7 @@ def create_api(
             ],
         )
     app.add_middleware(OutcomeCounterMiddleware, counter=service.responses_by_status)
-    app.add_middleware(RequestIdMiddleware, replica=service.replica)
+    app.add_middleware(RequestIdMiddleware, replica=service.replica, retry_after_s=limits.retry_after_s)
     app.include_router(native_routes.router)
     app.include_router(job_routes.router)
     app.include_router(health.router)

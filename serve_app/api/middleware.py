@@ -45,11 +45,14 @@ class RequestIdMiddleware:
     or one the proxy made) and the proxy stamps it on the response; only without a
     proxy in front does this layer make one and stamp it itself. `replica` (this ingress
     replica's id) goes out as X-Ingress-Replica: which replica answered, seen from outside.
+    A 429 or 503 always says when to come back: one that no layer gave a Retry-After gets
+    `retry_after_s`.
     """
 
-    def __init__(self, app, replica: str = ""):
+    def __init__(self, app, replica: str = "", retry_after_s: int = 2):
         self.app = app
         self.replica_header = [(b"x-ingress-replica", replica.encode())] if replica else []
+        self.retry_after = [(b"retry-after", str(retry_after_s).encode())]
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -65,7 +68,10 @@ class RequestIdMiddleware:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                message = {**message, "headers": [*message.get("headers", []), *extra_headers]}
+                headers = [*message.get("headers", []), *extra_headers]
+                if message["status"] in (429, 503) and not any(k.lower() == b"retry-after" for k, _ in headers):
+                    headers += self.retry_after
+                message = {**message, "headers": headers}
             await send(message)
 
         try:

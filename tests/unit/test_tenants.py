@@ -272,3 +272,26 @@ def test_refusals_happen_before_the_body_is_read():
     with pytest.raises(ApiError) as refused:
         asyncio.run(admission.begin(tenant, synchronous=True, makes_images=True))
     assert refused.value.status == 429 and refused.value.headers["Retry-After"] == "60"
+
+
+def test_every_429_and_503_says_when_to_retry():
+    """Whatever layer refused, the answer carries Retry-After: the outermost layer adds it where none did."""
+    from starlette.applications import Starlette
+    from starlette.responses import Response
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from serve_app.api.middleware import RequestIdMiddleware
+
+    def bare(request):
+        return Response(status_code=int(request.query_params["status"]))
+
+    def told(request):
+        return Response(status_code=503, headers={"Retry-After": "7"})
+
+    app = RequestIdMiddleware(Starlette(routes=[Route("/bare", bare), Route("/told", told)]), retry_after_s=3)
+    with TestClient(app) as client:
+        assert client.get("/bare?status=503").headers["retry-after"] == "3"
+        assert client.get("/bare?status=429").headers["retry-after"] == "3"
+        assert client.get("/told").headers.get_list("retry-after") == ["7"]
+        assert "retry-after" not in client.get("/bare?status=500").headers
