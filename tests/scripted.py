@@ -6,6 +6,8 @@ through `Harness`: every denoiser call, prompt encoding and decode is recorded b
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 
@@ -76,6 +78,20 @@ class FakeStepper:
     def decode(self, states):
         self.decoded.append([s.job.params.prompt for s in states])
         return [np.full((s.job.params.height, s.job.params.width, 3), s.job.seed % 256, np.uint8) for s in states]
+
+
+class GatedStepper(FakeStepper):
+    """A stepper whose denoiser call waits until `release` is set (`entered` says it is inside one): what the loop
+    holds stays put while a test looks."""
+
+    def __init__(self):
+        super().__init__()
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def step(self, states):
+        self.entered.set()
+        self.release.wait(10)
+        return super().step(states)
 
 
 class FakeModel:

@@ -5,14 +5,13 @@ loop's expected-wait refusal. No model, no sleeps."""
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 from collections import Counter
 
 import numpy as np
 import pytest
 from helpers import Collector
-from scripted import FakeModel, FakeStepper, Harness, job
+from scripted import FakeModel, GatedStepper, Harness, job
 
 from serve_app.pipeline.engines import EngineLimits, EngineLoop, LoopCounters, RequestEngine, StepEngine, Ticket
 from serve_app.pipeline.errors import OverloadedError
@@ -242,56 +241,43 @@ def test_the_request_engine_fills_each_call_by_the_same_rule():
 # -- refusing by expected wait ------------------------------------------------------------------------
 
 
-class GatedStepper(FakeStepper):
-    def __init__(self):
-        super().__init__()
-        self.entered, self.release = threading.Event(), threading.Event()
-
-    def step(self, states):
-        self.entered.set()
-        self.release.wait(10)
-        return super().step(states)
-
-
-def test_the_expected_wait_counts_only_the_work_ahead_of_this_task():
+@pytest.fixture
+def gated():
+    """A loop (one image per call) whose stepper holds each denoiser call until released; stopped after the test."""
     stepper = GatedStepper()
     loop = EngineLoop(
         StepEngine(FakeModel(), stepper, EngineLimits(max_batch_size=1), LoopCounters()), lambda t: (t, [])
     )
-    try:
-        done = Collector(11)
-        loop.submit_all([job(f"heavy{i}", steps=10, tenant="heavy") for i in range(11)], done)
-        assert stepper.entered.wait(10)  # one heavy image runs; ten wait: 100 steps
-        loop.counters.step_rate = 10.0  # image-steps per second, as if measured
-        deadline = time.time() + 5  # 5 s: the whole backlog (11 s) would not fit; its fair share (3 s) does
-        light: list = []
-        loop.submit(dataclasses.replace(job("light", steps=10, tenant="light"), deadline=deadline), light.append)
-        late: list = []
-        loop.submit(dataclasses.replace(job("more", steps=10, tenant="heavy"), deadline=deadline), late.append)
-        assert not light and loop.counters.refused == 1  # the light one queued
-        assert isinstance(late[0], OverloadedError) and "deadline" in late[0].message  # behind its own backlog
-        stepper.release.set()
-        assert done.all_done.wait(10)
-    finally:
-        stepper.release.set()
-        loop.stop()
+    yield loop, stepper
+    stepper.release.set()
+    loop.stop()
 
 
-def test_the_loop_reports_images_per_tenant():
-    stepper = GatedStepper()
-    loop = EngineLoop(
-        StepEngine(FakeModel(), stepper, EngineLimits(max_batch_size=1), LoopCounters()), lambda t: (t, [])
-    )
-    try:
-        done = Collector(3)
-        loop.submit_all([job("a0", tenant="a"), job("a1", tenant="a"), job("b0", tenant="b")], done)
-        assert stepper.entered.wait(10)
-        tenants = loop.tenants()
-        assert tenants["a"]["running"] + tenants["b"]["running"] == 1
-        assert tenants["a"]["waiting"] + tenants["b"]["waiting"] == 2
-        stepper.release.set()
-        assert done.all_done.wait(10)
-    finally:
-        stepper.release.set()
-        loop.stop()
+def test_the_expected_wait_counts_only_the_work_ahead_of_this_task(gated):
+    loop, stepper = gated
+    done = Collector(11)
+    loop.submit_all([job(f"heavy{i}", steps=10, tenant="heavy") for i in range(11)], done)
+    assert stepper.entered.wait(10)  # one heavy image runs; ten wait: 100 steps
+    loop.counters.step_rate = 10.0  # image-steps per second, as if measured
+    deadline = time.time() + 5  # 5 s: the whole backlog (11 s) would not fit; its fair share (3 s) does
+    light: list = []
+    loop.submit(dataclasses.replace(job("light", steps=10, tenant="light"), deadline=deadline), light.append)
+    late: list = []
+    loop.submit(dataclasses.replace(job("more", steps=10, tenant="heavy"), deadline=deadline), late.append)
+    assert not light and loop.counters.refused == 1  # the light one queued
+    assert isinstance(late[0], OverloadedError) and "deadline" in late[0].message  # behind its own backlog
+    stepper.release.set()
+    assert done.all_done.wait(10)
+
+
+def test_the_loop_reports_images_per_tenant(gated):
+    loop, stepper = gated
+    done = Collector(3)
+    loop.submit_all([job("a0", tenant="a"), job("a1", tenant="a"), job("b0", tenant="b")], done)
+    assert stepper.entered.wait(10)
+    tenants = loop.tenants()
+    assert tenants["a"]["running"] + tenants["b"]["running"] == 1
+    assert tenants["a"]["waiting"] + tenants["b"]["waiting"] == 2
+    stepper.release.set()
+    assert done.all_done.wait(10)
     assert {tenant: counts["admitted"] for tenant, counts in loop.tenants().items()} == {"a": 2, "b": 1}

@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 from helpers import Collector, run_through_loop
-from scripted import FakeModel, FakeStepper, Harness, job
+from scripted import FakeModel, FakeStepper, GatedStepper, Harness, job
 
 from serve_app.pipeline.engines import (
     EngineLimits,
@@ -277,16 +277,6 @@ def test_a_job_that_could_not_finish_before_its_deadline_is_refused_at_once():
     import time
 
     from serve_app.pipeline.errors import OverloadedError
-
-    class GatedStepper(FakeStepper):
-        def __init__(self):
-            super().__init__()
-            self.entered, self.release = threading.Event(), threading.Event()
-
-        def step(self, states):
-            self.entered.set()
-            self.release.wait(10)
-            return super().step(states)
 
     stepper = GatedStepper()
     engine = StepEngine(FakeModel(), stepper, EngineLimits(), LoopCounters())
