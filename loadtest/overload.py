@@ -56,6 +56,21 @@ async def capacity(session: aiohttp.ClientSession, clients: int, seconds: float)
     return done / seconds
 
 
+async def post_generate(
+    session: aiohttp.ClientSession, index: int, deadline_s: float
+) -> tuple[int, float, dict, bytes]:
+    """One POST /generate asking for `deadline_s`: status (0: no answer), seconds, headers, body."""
+    started = time.perf_counter()
+    try:
+        async with session.post(
+            "/generate", json={**BODY, "seed": index}, headers={"X-Request-Timeout": str(deadline_s)}
+        ) as response:
+            body = await response.read()
+            return response.status, time.perf_counter() - started, response.headers, body
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        return 0, time.perf_counter() - started, {}, b""
+
+
 async def open_loop(session: aiohttp.ClientSession, rate: float, seconds: float, deadline_s: float) -> dict:
     outcomes: list[tuple[int, float, int]] = []  # status, seconds, batch size
     probes: list[float] = []
@@ -63,17 +78,8 @@ async def open_loop(session: aiohttp.ClientSession, rate: float, seconds: float,
     stop = time.perf_counter() + seconds
 
     async def one(index: int) -> None:
-        started = time.perf_counter()
-        try:
-            async with session.post(
-                "/generate", json={**BODY, "seed": index}, headers={"X-Request-Timeout": str(deadline_s)}
-            ) as response:
-                await response.read()
-                outcomes.append(
-                    (response.status, time.perf_counter() - started, int(response.headers.get("X-Batch-Size", 0)))
-                )
-        except (aiohttp.ClientError, asyncio.TimeoutError):
-            outcomes.append((0, time.perf_counter() - started, 0))
+        status, seconds, headers, _ = await post_generate(session, index, deadline_s)
+        outcomes.append((status, seconds, int(headers.get("X-Batch-Size", 0))))
 
     async def probe() -> None:
         while time.perf_counter() < stop:
@@ -125,22 +131,8 @@ async def burst(session: aiohttp.ClientSession, count: int, deadline_s: float) -
     started = time.perf_counter()
 
     async def one(index: int) -> None:
-        begun = time.perf_counter()
-        try:
-            async with session.post(
-                "/generate", json={**BODY, "seed": index}, headers={"X-Request-Timeout": str(deadline_s)}
-            ) as response:
-                body = await response.read()
-                outcomes.append(
-                    (
-                        response.status,
-                        time.perf_counter() - begun,
-                        "Retry-After" in response.headers,
-                        body.startswith(b"{"),
-                    )
-                )
-        except (aiohttp.ClientError, asyncio.TimeoutError):
-            outcomes.append((0, time.perf_counter() - begun, False, False))
+        status, seconds, headers, body = await post_generate(session, index, deadline_s)
+        outcomes.append((status, seconds, "Retry-After" in headers, body.startswith(b"{")))
 
     async def probe() -> None:
         while not finished.is_set():
