@@ -89,6 +89,7 @@ class FakeGenerator:
         self.routed_to: list[str] = []
         self._batch: list[ImageTask] | None = None
         self.generate = _Method(self._submit)
+        self.generate_stream = _Method(self._stream)
         self.info = _Method(self._info)
 
     def options(self, multiplexed_model_id: str = "", **_) -> FakeGenerator:
@@ -131,8 +132,48 @@ class FakeGenerator:
             fake_pixels(job), job.params, batch_size=len(batch), generation_time_s=0.0125, replica="fake-replica"
         )
 
+    def _stream(self, job: ImageTask) -> FakeStream:
+        self.jobs.append(job)
+        return FakeStream(self, job)
+
     async def _info(self) -> dict:
         return {"replica": "fake-replica", "images": {"received": len(self.jobs), "cancelled": len(self.cancelled)}}
+
+
+class FakeStream:
+    """Like the streaming handle's response of `generate_stream`: progress each step (with an 8x8 preview every
+    `preview_every` steps, as the step engine's latent previews of a 64x64 image), then the image."""
+
+    def __init__(self, generator: FakeGenerator, job: ImageTask):
+        self._generator, self._job = generator, job
+
+    def __aiter__(self):
+        return self._items()
+
+    async def _items(self):
+        job = self._job.with_defaults(self._generator.defaults)
+        steps = job.params.num_inference_steps
+        for step in range(steps + 1):
+            update = {"step": step, "total_steps": steps}
+            if job.preview_every and step % job.preview_every == 0 and step < steps:
+                update["preview"] = _preview_png(step)
+            yield update
+            await asyncio.sleep(0)
+        yield await self._generator._run(self._job, [self._job])
+
+    def cancel(self) -> None:
+        self._generator.note_cancelled(self._job)
+
+
+def _preview_png(step: int) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (step * 40 % 256, 0, 0)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 class FakeGenerationService(GenerationService):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import io
 import logging
 import os
 import time
@@ -37,6 +36,7 @@ from ..config import SERVE_BACKPRESSURE, AppArgs
 from ..pipeline.errors import GenerationError
 from ..pipeline.fairness import Claim, FairQueue
 from ..pipeline.tasks import ImageResult, ImageTask
+from ..service.encoding import decode_input
 from ..service.generation import stream_images
 from .metrics import StoreMetrics
 from .records import JobError, JobRecord, JobStatus
@@ -264,14 +264,15 @@ class JobManager:
         await self._finish(record, JobStatus.succeeded)
 
     async def _generate(self, record: JobRecord) -> list[ImageResult]:
-        init_image = None
+        init_image = mask = None
         if record.kind == "img2img":
-            init_image = await run_in_threadpool(self._load_input, record.id)
+            init_image, mask = await run_in_threadpool(self._load_input, record.id)
         tasks = [
             ImageTask(
                 record.params.model_copy(update={"seed": seed}),
                 init_image,
-                record.request_id,
+                request_id=record.request_id,
+                mask=mask,
                 preview_every=record.preview_every or 0,
                 tenant=record.tenant,
                 priority=record.priority,
@@ -291,13 +292,12 @@ class JobManager:
             self._previews[job_id] = preview
             self._notify(job_id, "preview", {"id": job_id, "step": progress["step"], "image": preview})
 
-    def _load_input(self, job_id: str) -> np.ndarray:
-        from PIL import Image
-
+    def _load_input(self, job_id: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """The job's init image and its mask (stored as the image's alpha channel), or None."""
         data = self.store.get_input(job_id)
         if data is None:
             raise GenerationError(f"the init image of job {job_id} is missing from the store")
-        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        return decode_input(data)
 
     async def _finish(self, record: JobRecord, status: JobStatus, error: JobError | None = None) -> None:
         record.status, record.error, record.finished_at = status, error, time.time()

@@ -235,6 +235,8 @@ def check_edits(task: ImageTask, family: Family, schedulers, multiple: int, inpa
             "hires.upscaler",
         )
     width, height = p.hires.target_size(p.width, p.height)
+    if max(width, height) > 4096:
+        raise InvalidTaskError(f"hires fix would make {width}x{height}; at most 4096 pixels a side", "hires")
     if width % multiple or height % multiple:
         raise InvalidTaskError(
             f"hires fix would make {width}x{height}; this model needs multiples of {multiple}", "hires"

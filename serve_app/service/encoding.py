@@ -7,12 +7,15 @@ import base64
 import binascii
 import io
 import zipfile
+from typing import Literal
 
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from ..config import RequestLimits
-from ..pipeline.params import ImageParams
+from ..pipeline.errors import InvalidTaskError
+from ..pipeline.masks import check_mask
+from ..pipeline.params import ImageParams, Outpaint
 from ..pipeline.schedulers import a1111_name
 from ..pipeline.tasks import ImageResult
 from .errors import ApiError
@@ -60,6 +63,24 @@ def encode_image(pixels: np.ndarray, output_format: str = "png", quality: int = 
     return buffer.getvalue()
 
 
+def encode_input(image: np.ndarray, mask: np.ndarray | None = None) -> bytes:
+    """A job's init image as stored: a PNG, with its mask (white = repaint) as the alpha channel."""
+    if mask is None:
+        return encode_image(image, "png")
+    buffer = io.BytesIO()
+    Image.fromarray(np.dstack([image, mask]), mode="RGBA").save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buffer.getvalue()
+
+
+def decode_input(png: bytes) -> tuple[np.ndarray, np.ndarray | None]:
+    """A stored init image and its mask (`encode_input`)."""
+    picture = Image.open(io.BytesIO(png))
+    if picture.mode == "RGBA":
+        pixels = np.asarray(picture)
+        return np.ascontiguousarray(pixels[..., :3]), np.ascontiguousarray(pixels[..., 3])
+    return np.asarray(picture.convert("RGB")), None
+
+
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
@@ -85,6 +106,23 @@ def decode_init_image(
     `limits.max_upload_pixels`, so a small file that expands to gigapixels costs nothing), one
     frame, 8 bits per channel. Truncated or corrupt data is a 422 naming the field, never a 500.
     """
+    return _fitted(_open_upload(data, limits, field, media_type), limits, width, height, field)
+
+
+def _fitted(picture: Image.Image, limits: RequestLimits, width: int | None, height: int | None, field: str):
+    """An opened upload decoded as RGB at the output size."""
+    try:
+        picture = picture.convert("RGB")
+    except (OSError, Image.DecompressionBombError, SyntaxError, ValueError):
+        raise ApiError.invalid(field, "could not be decoded (truncated or corrupt)") from None
+    size = output_size(picture.width, picture.height, width, height, limits)
+    if size != picture.size:
+        picture = picture.resize(size, Image.Resampling.LANCZOS)
+    return np.asarray(picture)
+
+
+def _open_upload(data: bytes | str, limits: RequestLimits, field: str, media_type: str | None) -> Image.Image:
+    """An upload opened and checked from its header (format, declared type, pixels, frames, mode), undecoded."""
     if isinstance(data, str):
         data = _base64_payload(data, field)
     try:
@@ -104,14 +142,91 @@ def decode_init_image(
         raise ApiError.invalid(field, f"has {picture.n_frames} frames; send a still image")
     if picture.mode not in _ACCEPTED_MODES:
         raise ApiError.invalid(field, f"has pixel mode {picture.mode}; send 8 bits per channel (RGB, RGBA or grey)")
+    return picture
+
+
+MaskMeaning = Literal["white", "transparent"]
+
+
+def decode_edit(
+    image: bytes | str,
+    mask: bytes | str | None,
+    params: ImageParams,
+    limits: RequestLimits,
+    *,
+    fields: tuple[str, str] = ("init_image", "mask"),
+    media_types: tuple[str | None, str | None] = (None, None),
+    meaning: MaskMeaning = "white",
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """An image to edit and its mask, as the engines take them: the image as `decode_init_image` gives it, the
+    mask (checked like an image; the image's size, else 422 saying so) resized with it, inverted if
+    `params.inpaint.invert_mask`, then outpainting's margins added to both (the image's edge pixels repeated, the
+    mask white there). `meaning`: white pixels repaint (AUTOMATIC1111 and native; a mask with transparency is read
+    by its alpha, opaque = repaint, as A1111 reads it), or transparent ones do (OpenAI's edits). 422 for a mask
+    that repaints nothing, 422 naming outpaint when the padded image passes the limits."""
+    image_field, mask_field = fields
+    picture = _open_upload(image, limits, image_field, media_types[0])
+    original = picture.size
+    init = _fitted(picture, limits, params.width, params.height, image_field)
+    size = (init.shape[1], init.shape[0])
+    mask_array = None
+    if mask is not None:
+        mask_picture = _open_upload(mask, limits, mask_field, media_types[1])
+        if mask_picture.size != original:
+            raise ApiError.invalid(
+                mask_field,
+                f"is {mask_picture.width}x{mask_picture.height} pixels and the image {original[0]}x{original[1]}: "
+                "send a mask of the image's size",
+            )
+        grey = _mask_pixels(mask_picture, mask_field, meaning)
+        if grey.size != size:
+            grey = grey.resize(size, Image.Resampling.LANCZOS)
+        mask_array = np.asarray(grey)
+        if params.inpaint is not None and params.inpaint.invert_mask:
+            mask_array = 255 - mask_array
+    if params.outpaint is not None:
+        init, mask_array = outpainted(init, mask_array, params.outpaint)
+        if init.shape[1] > limits.max_width or init.shape[0] > limits.max_height or init.size // 3 > limits.max_pixels:
+            raise ApiError.invalid(
+                "outpaint",
+                f"makes the image {init.shape[1]}x{init.shape[0]}: at most {limits.max_width}x{limits.max_height} and "
+                f"{limits.max_pixels} pixels; make the image or the margins smaller",
+            )
+    if mask_array is not None:
+        try:
+            check_mask(mask_array, init.shape, params.inpaint, mask_field if params.outpaint is None else "mask")
+        except InvalidTaskError as exc:
+            raise ApiError.of(exc) from None
+    return init, mask_array
+
+
+def _mask_pixels(picture: Image.Image, field: str, meaning: MaskMeaning) -> Image.Image:
+    """A mask upload as greyscale, white = repaint."""
+    has_alpha = picture.mode in ("RGBA", "LA", "PA") or (picture.mode == "P" and "transparency" in picture.info)
     try:
-        picture = picture.convert("RGB")
+        if meaning == "transparent":
+            if not has_alpha:
+                raise ApiError.invalid(
+                    field,
+                    f"has no alpha channel (mode {picture.mode}); send a PNG whose transparent pixels mark the area to edit",
+                )
+            alpha = picture.convert("RGBA").getchannel("A")
+            return alpha.point(lambda a: 255 if a == 0 else 0)
+        if has_alpha:
+            alpha = picture.convert("RGBA").getchannel("A")
+            if alpha.getextrema() != (255, 255):  # a mask drawn on a transparent layer: opaque = repaint
+                return alpha.point(lambda a: 255 if a > 128 else 0)
+        return picture.convert("L")
     except (OSError, Image.DecompressionBombError, SyntaxError, ValueError):
         raise ApiError.invalid(field, "could not be decoded (truncated or corrupt)") from None
-    size = output_size(picture.width, picture.height, width, height, limits)
-    if size != picture.size:
-        picture = picture.resize(size, Image.Resampling.LANCZOS)
-    return np.asarray(picture)
+
+
+def outpainted(image: np.ndarray, mask: np.ndarray | None, margins: Outpaint) -> tuple[np.ndarray, np.ndarray]:
+    """The image padded by the margins (its edge pixels repeated) and its mask with the new border white."""
+    pad = ((margins.top, margins.bottom), (margins.left, margins.right))
+    padded = np.pad(image, (*pad, (0, 0)), mode="edge")
+    inside = np.zeros(image.shape[:2], dtype=np.uint8) if mask is None else mask
+    return padded, np.pad(inside, pad, mode="constant", constant_values=255)
 
 
 def _too_many_pixels(field: str, what: str, limits: RequestLimits) -> ApiError:

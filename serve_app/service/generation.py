@@ -28,7 +28,7 @@ from ..pipeline.fairness import DEFAULT_PRIORITY, Priority
 from ..pipeline.families import family_of_source
 from ..pipeline.params import ImageParams, new_seed, seed_at, split_lora_tags
 from ..pipeline.tasks import ImageResult, ImageTask
-from .encoding import decode_init_image
+from .encoding import MaskMeaning, decode_edit, decode_init_image
 from .errors import ApiError
 from .streams import latest_then_outcome
 
@@ -76,6 +76,14 @@ def check_limits(
         length = len(getattr(params, field))
         if length > limits.max_prompt_chars:
             raise invalid(field, f"must be at most {limits.max_prompt_chars} characters{scope} (got {length})")
+    if params.hires is not None and params.width and params.height:
+        width, height = params.hires.target_size(params.width, params.height)
+        if width > limits.max_width or height > limits.max_height or width * height > limits.max_pixels:
+            raise invalid(
+                "hires",
+                f"would make {width}x{height}: at most {limits.max_width}x{limits.max_height} and {limits.max_pixels} "
+                f"pixels{scope}",
+            )
 
 
 def image_tasks(
@@ -85,17 +93,19 @@ def image_tasks(
     request_id: str,
     *,
     init_image: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
     names: dict[str, str] | None = None,
     model: str | None = None,
 ) -> list[ImageTask]:
     """One task per image, within `limits` (`model`'s, named in errors); image i gets seed + i (the base seed
-    is drawn when left out)."""
+    is drawn when left out). `mask` (white = repaint) goes with `init_image`."""
     check_limits(params, num_images, limits, names, model)
     base_seed = params.seed if params.seed is not None else new_seed()
     return [
         ImageTask(
             params=params.model_copy(update={"seed": seed_at(base_seed, i)}),
             init_image=init_image,
+            mask=mask,
             request_id=request_id,
         )
         for i in range(num_images)
@@ -202,6 +212,7 @@ class GenerationService:
         request_id: str,
         *,
         init_image: np.ndarray | None = None,
+        mask: np.ndarray | None = None,
         names: dict[str, str] | None = None,
         priority: Priority | None = None,
     ) -> list[ImageTask]:
@@ -210,8 +221,27 @@ class GenerationService:
         params = self.models.resolve(params, names)
         limits = self.models.limits_for(params.model)
         own = params.model if limits != self.published_limits else None  # narrower than published: say whose
-        tasks = image_tasks(params, num_images, limits, request_id, init_image=init_image, names=names, model=own)
+        tasks = image_tasks(
+            params, num_images, limits, request_id, init_image=init_image, mask=mask, names=names, model=own
+        )
         return stamp(tasks, priority, (names or {}).get("priority", "priority"))
+
+    async def edit(
+        self,
+        image: bytes | str,
+        mask: bytes | str | None,
+        params: ImageParams,
+        *,
+        fields: tuple[str, str] = ("init_image", "mask"),
+        media_types: tuple[str | None, str | None] = (None, None),
+        meaning: MaskMeaning = "white",
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """An image to edit and its mask (`encoding.decode_edit`: resized, inverted, outpainted, checked), decoded
+        off the event loop within the model's limits."""
+        limits = self.models.limits_for(params.model)
+        return await asyncio.to_thread(
+            decode_edit, image, mask, params, limits, fields=fields, media_types=media_types, meaning=meaning
+        )
 
     async def init_image(
         self, data: bytes | str, params: ImageParams, field: str = "init_image", media_type: str | None = None
@@ -253,7 +283,7 @@ class GenerationService:
             self._mapped(stream_images(streaming, handed, updates.put_nowait, self.models.several))
         )
         try:
-            async for item in latest_then_outcome(running, updates):
+            async for item in latest_then_outcome(running, updates, merge=_keep_preview):
                 yield item
         finally:
             running.cancel()  # the caller gave up: its images leave the engine at their next step
@@ -362,6 +392,13 @@ async def stream_images(
     finally:
         for one_image in running:
             one_image.cancel()
+
+
+def _keep_preview(older: dict, newer: dict) -> dict:
+    """Progress updates that waited together: the newer, keeping the older's preview when it brings none."""
+    if "preview" in newer or "preview" not in older:
+        return newer
+    return {**newer, "preview": older["preview"]}
 
 
 def handed_on(task: ImageTask) -> ImageTask:

@@ -21,9 +21,9 @@ from ..job_queue.records import JobRecord, JobStatus, Webhook, created_at, is_jo
 from ..job_queue.store import JobStore, describe_error, store_results
 from ..pipeline.errors import GenerationError
 from ..pipeline.fairness import Priority
-from ..pipeline.params import ImageParams, RefinerParams
+from ..pipeline.params import ImageParams, InpaintParams, RefinerParams
 from ..pipeline.tasks import ImageResult
-from .encoding import decode_init_image, encode_image
+from .encoding import encode_input
 from .errors import ApiError
 from .generation import GenerationService
 
@@ -161,6 +161,7 @@ class JobService:
         owner: str | None,
         *,
         init_image: np.ndarray | None = None,
+        mask: np.ndarray | None = None,
         webhook: Webhook | None = None,
         refined_from: str | None = None,
         preview_every: int | None = None,
@@ -187,7 +188,8 @@ class JobService:
             priority=tasks[0].priority,
             weight=tasks[0].weight,
         )
-        init_png = None if init_image is None else await asyncio.to_thread(encode_image, init_image, "png")
+        # A mask travels as the init image's alpha channel (white = repaint): one stored input, one PNG.
+        init_png = None if init_image is None else await asyncio.to_thread(encode_input, init_image, mask)
         return await self.call_manager(self.manager.submit.remote(record, init_png))
 
     async def refine(
@@ -203,16 +205,17 @@ class JobService:
         num_inference_steps: int | None = None,
         seed: int | None = None,
         refiner: bool | None = None,
+        mask: str | None = None,
+        inpaint: InpaintParams | None = None,
         webhook: Webhook | None = None,
     ) -> JobRecord:
-        """A new job: image-to-image on image `image` of `source`, its parameters unless given."""
+        """A new job: image-to-image on image `image` of `source`, its parameters unless given; with `mask` (base64,
+        white = repaint, the stored image's size) inpainting of it, as `inpaint` says (never with the refiner)."""
         if source.status != JobStatus.succeeded or image >= len(source.images):
             raise ApiError.invalid(
                 "image", f"job {source.id} has no stored image {image} (it is {source.status.value})"
             )
         png = await self.image(source, image)
-        limits = self.generation.models.limits_for(source.params.model)
-        init_image = await asyncio.to_thread(decode_init_image, png, limits, None, None)
         stored = source.images[image]
         # By default the steps the image was made with, and never so few that the strength leaves none.
         steps = num_inference_steps or max(stored.metadata.get("num_inference_steps") or 1, math.ceil(1 / strength))
@@ -227,10 +230,19 @@ class JobService:
             strength=strength,
             model=source.params.model,
             loras=source.params.loras,
-            refiner=RefinerParams() if (with_refiner if refiner is None else refiner) else None,
+            refiner=RefinerParams() if (with_refiner and mask is None if refiner is None else refiner) else None,
+            inpaint=inpaint if mask is not None else None,
         )
+        init_image, mask_array = await self.generation.edit(png, mask, params, fields=("image", "mask"))
         return await self.submit(
-            params, 1, request_id, owner, init_image=init_image, webhook=webhook, refined_from=f"{source.id}/{image}"
+            params,
+            1,
+            request_id,
+            owner,
+            init_image=init_image,
+            mask=mask_array,
+            webhook=webhook,
+            refined_from=f"{source.id}/{image}",
         )
 
     async def cancel(self, job_id: str, owner: str | None) -> JobRecord:

@@ -12,7 +12,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..pipeline.fairness import Priority
-from ..pipeline.params import ImageCount, ImageParams
+from ..pipeline.params import FillMode, ImageCount, ImageParams, InpaintParams, MaskBlur
+from .errors import ApiError
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 
@@ -41,9 +42,52 @@ class ImageRequest(ImageParams):
 
 
 class TextToImageRequest(ImageRequest):
-    @field_validator("strength")
+    @field_validator("strength", "outpaint")
     @classmethod
-    def _no_strength(cls, strength: float | None) -> None:
-        if strength is not None:
+    def _no_strength(cls, value: object) -> None:
+        if value is not None:
             raise ValueError("applies to image-to-image only (POST /img2img)")
+        return None
+
+    @field_validator("inpaint")
+    @classmethod
+    def _no_inpaint(cls, inpaint: InpaintParams | None) -> None:
+        if inpaint is not None:
+            raise ValueError("applies to image-to-image with a mask only (POST /img2img with mask)")
+        return None
+
+
+class EditFields(BaseModel):
+    """How an image-to-image request with a `mask` repaints it, as flat fields (a multipart form has no nesting);
+    `inpaint_params` turns them into the shared record's `inpaint`."""
+
+    mask_blur: MaskBlur | None = Field(None, description="with mask: blur radius of its edge in pixels (default 4)")
+    invert_mask: bool | None = Field(None, description="with mask: repaint its black instead of its white")
+    fill: FillMode | None = Field(
+        None, description="with mask: what the masked area starts from: original (default), noise, blurred"
+    )
+    paste_back: bool | None = Field(
+        None, description="with mask: keep every pixel outside the (blurred) mask exactly the input's (default true)"
+    )
+    only_masked: bool | None = Field(
+        None, description="with mask: repaint only its region, cropped and at full resolution, then paste it back"
+    )
+    only_masked_padding: int | None = Field(None, ge=0, le=1024, description="with only_masked: pixels around it")
+
+    def inpaint_params(self, has_mask: bool, outpaint: bool = False) -> InpaintParams | None:
+        """The `inpaint` record of a request with a mask (or outpainting, which makes one); without: None, and
+        any of these fields is a 422 naming it."""
+        given = {name: getattr(self, name) for name in EditFields.model_fields if getattr(self, name) is not None}
+        if has_mask or outpaint:
+            return InpaintParams(**given)
+        if given:
+            field = next(iter(given))
+            raise ApiError.invalid(field, "applies with a mask: send one (white = repaint)")
+        return None
+
+    @field_validator("inpaint", check_fields=False)
+    @classmethod
+    def _flat_fields_only(cls, inpaint: InpaintParams | None) -> None:
+        if inpaint is not None:
+            raise ValueError("send the flat fields mask_blur, invert_mask, fill, paste_back, only_masked instead")
         return None

@@ -25,11 +25,18 @@ async def latest_then_outcome(
             if not waiting.done():
                 waiting.cancel()
                 continue
-            latest = waiting.result()
-            while not updates.empty():
-                newer = updates.get_nowait()
-                latest = newer if merge is None else merge(latest, newer)
-            yield latest
+            yield _latest(waiting.result(), updates, merge)
+        if not updates.empty():  # what came with the outcome: the last progress (and preview) first
+            yield _latest(updates.get_nowait(), updates, merge)
         yield outcome.result()
     finally:
         outcome.cancel()
+
+
+def _latest(first: Any, updates: asyncio.Queue, merge: Callable[[Any, Any], Any] | None) -> Any:
+    """`first` and every update waiting after it, merged (the latest when there is no `merge`)."""
+    latest = first
+    while not updates.empty():
+        newer = updates.get_nowait()
+        latest = newer if merge is None else merge(latest, newer)
+    return latest

@@ -1,4 +1,4 @@
-"""AUTOMATIC1111 web UI API models (/sdapi/v1/txt2img, /sdapi/v1/img2img).
+"""AUTOMATIC1111 web UI API models (/sdapi/v1/txt2img, /sdapi/v1/img2img, /sdapi/v1/extra-single-image).
 
 Supported: prompt, negative_prompt, steps, cfg_scale, width, height, seed (-1 = random),
 batch_size, n_iter, sampler_name (+ scheduler "Karras"), denoising_strength, init_images.
@@ -6,19 +6,39 @@ batch_size, n_iter, sampler_name (+ scheduler "Karras"), denoising_strength, ini
 `<lora:name:scale>` in the prompt applies an adapter (GET /sdapi/v1/loras). On FLUX.1, Forge's
 fields: `distilled_cfg_scale` is [dev]'s guidance embedding and `cfg_scale` above 1 real
 (negative-prompt) guidance; on SD3 and FLUX.1 a plain sampler name means its flow twin ("Euler" is
-flow Euler), as in Forge. Anything else A1111
-accepts (hires fix, face restoration, scripts, other override_settings) is ignored, except `mask`,
-which is refused: silently ignoring a mask would return the wrong picture.
+flow Euler), as in Forge.
+
+Hires fix (txt2img): enable_hr, hr_scale or hr_resize_x/y, hr_upscaler (the built-in ones of GET
+/sdapi/v1/upscalers), hr_second_pass_steps, denoising_strength, hr_prompt, hr_negative_prompt,
+hr_sampler_name (+ hr_scheduler). Inpainting (img2img): mask, mask_blur, inpainting_mask_invert,
+inpainting_fill (0 fill = blurred, 1 original, 2 latent noise = noise; 3 latent nothing is refused),
+inpaint_full_res (+ inpaint_full_res_padding). A1111's upscaler models, face restoration, tiling,
+subseeds, styles, scripts (ControlNet's units included), sigma/eta overrides, other override_settings and
+img2img resize modes other than "just resize" change the picture and are not offered: sent with anything
+but their neutral value (what `webuiapi` sends by default) they are a 422 naming the field, never ignored.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ...pipeline.families import samples_by_flow
-from ...pipeline.params import GuidanceScale, ImageCount, ImageParams, ImageSide, Prompt, Seed, Steps, Strength
+from ...pipeline.params import (
+    PIXEL_UPSCALERS,
+    UPSCALER_NAMES,
+    GuidanceScale,
+    HiresParams,
+    ImageCount,
+    ImageParams,
+    ImageSide,
+    InpaintParams,
+    Prompt,
+    Seed,
+    Steps,
+    Strength,
+)
 from ...pipeline.schedulers import FLOW_TWINS, SCHEDULERS, from_a1111_name
 from ..errors import ApiError
 
@@ -31,12 +51,63 @@ FIELD_NAMES = {
     "strength": "denoising_strength",
     "model": "override_settings.sd_model_checkpoint",
     "true_cfg_scale": "cfg_scale",
+    "hires": "enable_hr",
+    "outpaint": "mask",
 }
+# A1111's inpainting_fill: 0 fill (the colours around, blurred in), 1 original, 2 latent noise, 3 latent nothing.
+INPAINTING_FILL = {0: "blurred", 1: "original", 2: "noise"}
+# Fields that change the picture in A1111 and are not offered here, with the values that leave it unchanged
+# (what A1111 and webuiapi send by default): anything else is refused by name.
+NEUTRAL = {
+    "restore_faces": (None, False),
+    "tiling": (None, False),
+    "subseed_strength": (None, 0, 0.0),
+    "seed_resize_from_h": (None, 0, -1),
+    "seed_resize_from_w": (None, 0, -1),
+    "eta": (None, 1, 1.0),
+    "s_churn": (None, 0, 0.0),
+    "s_tmax": (None, 0, 0.0),
+    "s_tmin": (None, 0, 0.0),
+    "s_noise": (None, 1, 1.0),
+    "styles": (None, []),
+    "script_name": (None, ""),
+    "firstphase_width": (None, 0),
+    "firstphase_height": (None, 0),
+    "hr_checkpoint_name": (None, "", "Use same checkpoint"),
+    "refiner_checkpoint": (None, ""),
+    "initial_noise_multiplier": (None, 1, 1.0),
+    "resize_mode": (None, 0),
+    "latent_mask": (None, ""),
+}
+_NOT_OFFERED = {
+    "restore_faces": "face restoration is not offered",
+    "tiling": "tiling is not offered",
+    "subseed_strength": "variation seeds (subseeds) are not offered",
+    "seed_resize_from_h": "seed resizing is not offered",
+    "seed_resize_from_w": "seed resizing is not offered",
+    "eta": "the samplers run with their own noise (eta 1 for ancestral samplers)",
+    "s_churn": "sigma churn is not offered",
+    "s_tmax": "sigma churn is not offered",
+    "s_tmin": "sigma churn is not offered",
+    "s_noise": "the sampler's noise multiplier is not offered",
+    "styles": "styles are not stored on this server; put their text in the prompt",
+    "script_name": "scripts are not offered",
+    "firstphase_width": "the old hires fix fields are not offered; use hr_scale or hr_resize_x/y",
+    "firstphase_height": "the old hires fix fields are not offered; use hr_scale or hr_resize_x/y",
+    "hr_checkpoint_name": "the second pass runs on the same model",
+    "refiner_checkpoint": "A1111's refiner switch is not offered (models with a refiner: native `refiner`)",
+    "initial_noise_multiplier": "the initial noise multiplier is not offered",
+    "resize_mode": "only 0 (just resize) is offered",
+    "latent_mask": "a separate latent mask is not offered",
+}
+# Settings that change nothing about the picture, accepted in override_settings beside the model.
+_HARMLESS_SETTINGS = {"sd_model_checkpoint", "samples_format", "save_images", "grid_save", "samples_save"}
 
 
 class A1111Txt2ImgRequest(BaseModel):
+    # Extra fields are kept to be checked: one that changes the picture is refused by name, never dropped.
     model_config = ConfigDict(
-        extra="ignore",
+        extra="allow",
         json_schema_extra={
             "examples": [{"prompt": "a castle", "steps": 20, "cfg_scale": 7, "seed": -1, "batch_size": 2}]
         },
@@ -60,17 +131,35 @@ class A1111Txt2ImgRequest(BaseModel):
     override_settings: dict[str, Any] = Field(
         default_factory=dict, description="sd_model_checkpoint: the model (title or name from /sdapi/v1/sd-models)"
     )
+    # Hires fix
+    enable_hr: bool = Field(False, description="hires fix: a second, upscaled image-to-image pass")
+    hr_scale: float = Field(2.0, ge=1, le=8, description="hires fix: the second pass's size, times this")
+    hr_resize_x: int = Field(0, ge=0, le=4096, description="hires fix: the second pass's width instead (0: scale)")
+    hr_resize_y: int = Field(0, ge=0, le=4096, description="hires fix: the second pass's height instead (0: scale)")
+    hr_upscaler: str | None = Field(None, description=f"hires fix: one of {', '.join(UPSCALER_NAMES)} (Latent)")
+    hr_second_pass_steps: int = Field(0, ge=0, le=1000, description="hires fix: its steps (0: steps)")
+    hr_prompt: str = Field("", description="hires fix: the second pass's prompt (empty: prompt)")
+    hr_negative_prompt: str = Field("", description="hires fix: its negative prompt (empty: negative_prompt)")
+    hr_sampler_name: str | None = Field(None, description="hires fix: its sampler (unset: sampler_name)")
+    hr_scheduler: str | None = Field(None, description="hires fix: 'Karras' for its sampler's Karras variant")
+    denoising_strength: Strength | None = Field(None, description="hires fix: the second pass's strength (0.7)")
+    alwayson_scripts: dict[str, Any] = Field(
+        default_factory=dict, description="scripts are not offered: an entry with arguments is refused by name"
+    )
 
     @property
     def num_images(self) -> int:
         return self.batch_size * self.n_iter
 
     def image_params(self, strength: float | None = None, family: str | None = None) -> ImageParams:
-        """Our parameters; `family`: the family of the model asked for (GET /models), where names differ."""
+        """Our parameters; `family`: the family of the model asked for (GET /models), where names differ. Fields
+        that change the picture and are not offered are refused by name (`NEUTRAL`)."""
+        self._refuse_what_is_not_offered()
         guidance, true_cfg = self.cfg_scale, None
         if self.distilled_cfg_scale is not None:
             guidance = self.distilled_cfg_scale
             true_cfg = self.cfg_scale if self.cfg_scale is not None and self.cfg_scale > 1 else None
+        flow = samples_by_flow(family)
         return ImageParams(
             prompt=self.prompt,
             negative_prompt=self.negative_prompt,
@@ -80,10 +169,63 @@ class A1111Txt2ImgRequest(BaseModel):
             guidance_scale=guidance,
             true_cfg_scale=true_cfg,
             seed=None if self.seed == -1 else self.seed,
-            scheduler=self._scheduler(samples_by_flow(family)),
+            scheduler=self._scheduler(flow),
             strength=strength,
             model=self.model_name,
+            hires=self._hires(flow) if strength is None else None,
         )
+
+    def _refuse_what_is_not_offered(self) -> None:
+        extra = self.model_extra or {}
+        for name, neutral in NEUTRAL.items():
+            value = extra.get(name)
+            if value not in neutral:
+                raise ApiError.invalid(name, f"{_NOT_OFFERED[name]} (got {value!r})")
+        for name, script in self.alwayson_scripts.items():
+            args = script.get("args") if isinstance(script, dict) else script
+            if not args or args == [False] or all(isinstance(a, dict) and a.get("enabled") is False for a in args):
+                continue  # an empty or disabled entry, as webuiapi sends for extensions it saw installed
+            if name.lower() == "controlnet":
+                raise ApiError.invalid("alwayson_scripts.ControlNet", "ControlNet units are not offered yet; send none")
+            raise ApiError.invalid(f"alwayson_scripts.{name}", "scripts are not offered on this server")
+        unknown = sorted(set(self.override_settings) - _HARMLESS_SETTINGS)
+        if unknown:
+            raise ApiError.invalid(
+                f"override_settings.{unknown[0]}",
+                "only sd_model_checkpoint is taken from override_settings; other settings change the picture",
+            )
+
+    def _hires(self, flow: bool) -> HiresParams | None:
+        """Hires fix's record from the hr_* fields (None when enable_hr is off)."""
+        if not self.enable_hr:
+            return None
+        upscaler = self.hr_upscaler or "Latent"
+        if upscaler not in UPSCALER_NAMES:
+            raise ApiError.invalid(
+                "hr_upscaler",
+                f"unknown upscaler {upscaler!r}; built in: {', '.join(UPSCALER_NAMES)} (GET /sdapi/v1/upscalers)",
+            )
+        scheduler = None
+        if self.hr_sampler_name not in (None, "", "Use same sampler"):
+            scheduler = self._sampler(self.hr_sampler_name, self.hr_scheduler, "hr_sampler_name", flow)
+        for name in ("hr_resize_x", "hr_resize_y"):
+            if getattr(self, name) % 8:
+                raise ApiError.invalid(name, f"must be a multiple of 8 (got {getattr(self, name)})")
+        try:
+            return HiresParams(
+                scale=self.hr_scale,
+                width=self.hr_resize_x or None,
+                height=self.hr_resize_y or None,
+                upscaler=upscaler,
+                steps=self.hr_second_pass_steps or None,
+                denoising_strength=0.7 if self.denoising_strength is None else self.denoising_strength,
+                prompt=self.hr_prompt or None,
+                negative_prompt=self.hr_negative_prompt or None,
+                scheduler=scheduler,
+            )
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            raise ApiError.invalid("enable_hr", f"{'.'.join(map(str, error['loc']))}: {error['msg']}") from None
 
     @property
     def model_name(self) -> str | None:
@@ -103,23 +245,96 @@ class A1111Txt2ImgRequest(BaseModel):
         sampler = self.sampler_name or self.sampler_index
         if not sampler:
             return "default"
-        karras = (self.scheduler or "").strip().lower() == "karras"
-        name = from_a1111_name(sampler, karras)
+        return self._sampler(sampler, self.scheduler, "sampler_name", flow)
+
+    @staticmethod
+    def _sampler(sampler: str, schedule: str | None, field: str, flow: bool) -> str:
+        """Our sampler for an A1111 sampler name and schedule type ("Karras" picks the Karras variant)."""
+        schedule_field = "hr_scheduler" if field.startswith("hr_") else "scheduler"
+        kind = (schedule or "").strip().lower()
+        if kind not in ("", "automatic", "karras"):
+            raise ApiError.invalid(
+                schedule_field, f"schedule type {schedule!r} is not offered; use Automatic or Karras"
+            )
+        name = from_a1111_name(sampler, kind == "karras")
         if name is None:
             known = ", ".join(spec.a1111_name for spec in SCHEDULERS.values())
-            raise ApiError.invalid("sampler_name", f"unknown sampler {sampler!r}; choose one of {known}")
-        return FLOW_TWINS.get(name, name) if flow else name
+            raise ApiError.invalid(field, f"unknown sampler {sampler!r}; choose one of {known}")
+        if flow:
+            name = FLOW_TWINS.get(name, name)
+            if kind == "karras" and f"{name}_karras" in SCHEDULERS:
+                name = f"{name}_karras"
+        if kind == "karras" and "karras" not in name:
+            raise ApiError.invalid(schedule_field, f"sampler {sampler!r} has no Karras schedule here")
+        return name
 
 
 class A1111Img2ImgRequest(A1111Txt2ImgRequest):
     init_images: list[str] = Field(..., min_length=1, description="base64 images; the first is used")
     denoising_strength: Strength = 0.75
-    mask: Any = None
+    mask: str | None = Field(None, description="inpainting: base64 image, white = repaint (alpha, if it has one)")
+    mask_blur: int = Field(4, ge=0, le=64, description="blur radius of the mask's edge")
+    inpainting_mask_invert: Literal[0, 1] | bool = Field(0, description="1: repaint the black of the mask")
+    inpainting_fill: int = Field(
+        0, ge=0, le=3, description="the masked area's start: 0 fill (blurred), 1 original, 2 latent noise"
+    )
+    inpaint_full_res: bool | Literal[0, 1] = Field(
+        True, description="'only masked': repaint the mask's region at full resolution, then paste it back"
+    )
+    inpaint_full_res_padding: int = Field(0, ge=0, le=1024, description="'only masked': pixels around the region")
 
     def image_params(self, family: str | None = None) -> ImageParams:  # type: ignore[override]
-        if self.mask:
-            raise ApiError.invalid("mask", "inpainting is not supported by this server")
-        return super().image_params(strength=self.denoising_strength, family=family)
+        params = super().image_params(strength=self.denoising_strength, family=family)
+        if self.enable_hr:
+            raise ApiError.invalid("enable_hr", "hires fix applies to txt2img")
+        if not self.mask:
+            return params
+        if self.inpainting_fill not in INPAINTING_FILL:
+            raise ApiError.invalid(
+                "inpainting_fill", "3 (latent nothing) is not offered; use 0 (fill), 1 (original) or 2 (latent noise)"
+            )
+        inpaint = InpaintParams(
+            mask_blur=self.mask_blur,
+            invert_mask=bool(self.inpainting_mask_invert),
+            fill=INPAINTING_FILL[self.inpainting_fill],
+            paste_back=True,  # A1111 always puts the unmasked pixels back
+            only_masked=bool(self.inpaint_full_res),
+            only_masked_padding=self.inpaint_full_res_padding,
+        )
+        return params.model_copy(update={"inpaint": inpaint})
+
+
+class A1111ExtraSingleImageRequest(BaseModel):
+    """POST /sdapi/v1/extra-single-image: upscale an image with a built-in upscaler (no model weights)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    image: str = Field(..., min_length=1, description="base64 image")
+    resize_mode: Literal[0, 1] = Field(0, description="0: by upscaling_resize, 1: to upscaling_resize_w x _h")
+    upscaling_resize: float = Field(2.0, gt=0, le=8)
+    upscaling_resize_w: int = Field(512, ge=1, le=8192)
+    upscaling_resize_h: int = Field(512, ge=1, le=8192)
+    upscaling_crop: bool = True
+    upscaler_1: str = Field("None", description="Lanczos, Nearest or None (plain Lanczos resize)")
+    upscaler_2: str = "None"
+    extras_upscaler_2_visibility: float = Field(0, ge=0, le=1)
+    gfpgan_visibility: float = Field(0, ge=0, le=1)
+    codeformer_visibility: float = Field(0, ge=0, le=1)
+    codeformer_weight: float = Field(0, ge=0, le=1)
+    upscale_first: bool = False
+    show_extras_results: bool = True
+
+    def refusals(self) -> None:
+        """What changes the picture and is not offered: face restorers, a second upscaler, weight-based ones."""
+        for name in ("gfpgan_visibility", "codeformer_visibility"):
+            if getattr(self, name):
+                raise ApiError.invalid(name, "face restoration is not offered")
+        if self.extras_upscaler_2_visibility and self.upscaler_2 != "None":
+            raise ApiError.invalid("upscaler_2", "a second upscaler is not offered")
+        if self.upscaler_1 not in PIXEL_UPSCALERS:
+            raise ApiError.invalid(
+                "upscaler_1", f"built in here: {', '.join(PIXEL_UPSCALERS)} (model-based upscalers are not configured)"
+            )
 
 
 class A1111GenerationResult(BaseModel):

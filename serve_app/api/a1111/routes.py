@@ -1,18 +1,28 @@
-"""AUTOMATIC1111 web UI API routes: /sdapi/v1/txt2img, /sdapi/v1/img2img and the probes tools call."""
+"""AUTOMATIC1111 web UI API routes: /sdapi/v1/txt2img, /sdapi/v1/img2img, /sdapi/v1/extra-single-image and the
+probes tools call."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
+import numpy as np
 from fastapi import APIRouter, Request
 
+from ...pipeline.params import LATENT_UPSCALERS, PIXEL_UPSCALERS
 from ...pipeline.schedulers import SCHEDULERS, a1111_name
 from ...pipeline.tasks import ImageResult
-from ...service.encoding import b64, encode_results, parameters_text
+from ...service.encoding import b64, decode_init_image, encode_image, encode_results, parameters_text
 from ..dependencies import Jobs, Owner, Service
-from ..errors import request_id_of
-from .protocol import FIELD_NAMES, A1111GenerationResult, A1111Img2ImgRequest, A1111Txt2ImgRequest
+from ..errors import ApiError, request_id_of
+from .protocol import (
+    FIELD_NAMES,
+    A1111ExtraSingleImageRequest,
+    A1111GenerationResult,
+    A1111Img2ImgRequest,
+    A1111Txt2ImgRequest,
+)
 
 router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 compatible"])
 
@@ -24,12 +34,65 @@ async def txt2img(body: A1111Txt2ImgRequest, request: Request, service: Service)
     return await _result(await service.generate(tasks), body, service.model)
 
 
-@router.post("/img2img", response_model=A1111GenerationResult, summary="AUTOMATIC1111: image to image")
+@router.post("/img2img", response_model=A1111GenerationResult, summary="AUTOMATIC1111: image to image, inpainting")
 async def img2img(body: A1111Img2ImgRequest, request: Request, service: Service):
     params = body.image_params(family=service.models.family(body.model_name))
-    init_image = await service.init_image(body.init_images[0], params, "init_images.0")
-    tasks = service.tasks_for(params, body.num_images, request_id_of(request), init_image=init_image, names=FIELD_NAMES)
+    init_image, mask = await service.edit(body.init_images[0], body.mask, params, fields=("init_images.0", "mask"))
+    tasks = service.tasks_for(
+        params, body.num_images, request_id_of(request), init_image=init_image, mask=mask, names=FIELD_NAMES
+    )
     return await _result(await service.generate(tasks), body, service.model)
+
+
+@router.get("/upscalers", summary="AUTOMATIC1111: the upscalers (built in; hr_upscaler, extra-single-image)")
+async def upscalers():
+    """A1111's built-in resizers; hires fix's latent modes are GET /latent-upscale-modes (hr_upscaler takes both)."""
+    return [
+        {"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+        for name in PIXEL_UPSCALERS
+    ]
+
+
+@router.get("/latent-upscale-modes", summary="AUTOMATIC1111: hires fix's latent upscale modes")
+async def latent_upscale_modes():
+    return [{"name": name} for name in LATENT_UPSCALERS]
+
+
+@router.get("/scripts", summary="AUTOMATIC1111: scripts (none are offered)")
+async def scripts():
+    return {"txt2img": [], "img2img": []}
+
+
+@router.post("/extra-single-image", summary="AUTOMATIC1111: upscale an image with a built-in upscaler")
+async def extra_single_image(body: A1111ExtraSingleImageRequest, service: Service):
+    body.refusals()
+    limits = service.published_limits
+    picture = await asyncio.to_thread(decode_init_image, body.image, limits, None, None, "image")
+    height, width = picture.shape[:2]
+    if body.resize_mode == 1:
+        size = (body.upscaling_resize_w, body.upscaling_resize_h)
+    else:
+        size = (round(width * body.upscaling_resize), round(height * body.upscaling_resize))
+    if size[0] * size[1] > limits.max_upload_pixels:
+        raise ApiError.invalid(
+            "upscaling_resize", f"would make {size[0]}x{size[1]}: at most {limits.max_upload_pixels} pixels"
+        )
+    upscaled = await asyncio.to_thread(_upscale, picture, body, size)
+    data = await asyncio.to_thread(encode_image, upscaled, "png")
+    return {"image": b64(data), "html_info": f"Upscaler: {body.upscaler_1}, Size: {size[0]}x{size[1]}"}
+
+
+def _upscale(picture, body: A1111ExtraSingleImageRequest, size: tuple[int, int]):
+    """A1111's extras resize: to the size with the upscaler's filter (resize_mode 1 with crop: fill, then crop)."""
+    from PIL import Image, ImageOps
+
+    resample = getattr(Image.Resampling, PIXEL_UPSCALERS[body.upscaler_1])
+    image = Image.fromarray(picture)
+    if body.resize_mode == 1 and body.upscaling_crop:
+        image = ImageOps.fit(image, size, method=resample)
+    else:
+        image = image.resize(size, resample=resample)
+    return np.asarray(image)
 
 
 @router.get("/progress", summary="AUTOMATIC1111: progress of the caller's running job")
@@ -128,13 +191,40 @@ async def _result(images: list[ImageResult], body: A1111Txt2ImgRequest, model: s
         "sd_model_name": first.model or model,
         "sd_model_hash": None,
         "restore_faces": False,
-        "extra_generation_params": {},
+        "extra_generation_params": _extra_generation_params(first),
         "index_of_first_image": 0,
         "infotexts": [parameters_text(i.params, model) for i in images],
         "styles": [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
         "clip_skip": 1,
-        "is_using_inpainting_conditioning": False,
+        "is_using_inpainting_conditioning": first.inpaint is not None,
     }
     parameters = body.model_dump(exclude={"init_images"})
     return A1111GenerationResult(images=[b64(data) for data in encoded], parameters=parameters, info=json.dumps(info))
+
+
+def _extra_generation_params(params) -> dict:
+    """What A1111's infotext adds for hires fix and inpainting."""
+    extra: dict = {}
+    if params.hires is not None:
+        hires = params.hires
+        width, height = hires.target_size(params.width, params.height)
+        extra.update(
+            {
+                "Hires upscale": hires.scale if hires.width is None and hires.height is None else None,
+                "Hires resize": f"{width}x{height}",
+                "Hires upscaler": hires.upscaler,
+                "Hires steps": hires.steps,
+                "Denoising strength": hires.denoising_strength,
+            }
+        )
+        if hires.prompt:
+            extra["Hires prompt"] = hires.prompt
+    if params.inpaint is not None:
+        extra.update(
+            {
+                "Mask blur": params.inpaint.mask_blur,
+                "Inpaint area": "Only masked" if params.inpaint.only_masked else "Whole picture",
+            }
+        )
+    return {k: v for k, v in extra.items() if v is not None}

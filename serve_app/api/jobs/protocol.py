@@ -9,13 +9,18 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ...job_queue.records import JobError, JobRecord, JobStatus, Webhook
 from ...pipeline.params import ImageParams, Prompt, Seed, Steps, Strength
+from ...service.requests import EditFields
 from ..native.protocol import ImageRequest
 
 
-class JobRequest(ImageRequest):
-    """POST /jobs: the fields of /generate, or of /img2img with `init_image`; plus an optional webhook."""
+class JobRequest(ImageRequest, EditFields):
+    """POST /jobs: the fields of /generate, or of /img2img with `init_image` (and `mask`); plus an optional
+    webhook."""
 
     init_image: str | None = Field(None, description="image-to-image: the starting image, base64 or a data: URL")
+    mask: str | None = Field(
+        None, description="inpainting: the area to repaint, white on black, the init image's size (base64)"
+    )
     webhook: Webhook | None = Field(None, description="POSTed the final job (hosts must be allowed by the server)")
     preview_every: int | None = Field(
         None, ge=1, le=1000, description="a `preview` event (small PNG of the latents) every this many steps"
@@ -32,13 +37,20 @@ class JobRequest(ImageRequest):
 
     @model_validator(mode="after")
     def _strength_needs_an_image(self) -> JobRequest:
-        if self.strength is not None and self.init_image is None:
-            raise ValueError("strength applies to image-to-image: send init_image too")
+        for name in ("strength", "mask", "outpaint"):
+            if getattr(self, name) is not None and self.init_image is None:
+                raise ValueError(f"{name} applies to image-to-image: send init_image too")
         return self
 
+    def image_params(self) -> ImageParams:
+        """The shared record, with `inpaint` from the flat fields when a mask (or outpainting) is sent."""
+        inpaint = self.inpaint_params(self.mask is not None, outpaint=self.outpaint is not None)
+        return super().image_params().model_copy(update={"inpaint": inpaint})
 
-class RefineRequest(BaseModel):
-    """POST /jobs/{id}/refine: image-to-image on a stored image (the refiner model when one is configured)."""
+
+class RefineRequest(EditFields):
+    """POST /jobs/{id}/refine: image-to-image on a stored image (the refiner model when one is configured); with
+    `mask`, inpainting of that image."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -49,6 +61,9 @@ class RefineRequest(BaseModel):
     num_inference_steps: Steps | None = None
     seed: Seed | None = None
     refiner: bool | None = Field(None, description="run the job's model's refiner (default: when it has one)")
+    mask: str | None = Field(
+        None, description="repaint only this area of the stored image: white on black, its size (base64)"
+    )
     webhook: Webhook | None = None
 
 

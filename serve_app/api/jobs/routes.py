@@ -26,13 +26,16 @@ _ACCEPTED = {202: {"description": "accepted: the job's id, status and URLs; Loca
 @router.post("/jobs", status_code=202, response_model=JobView, responses=_ACCEPTED, summary="Submit a job")
 async def submit(body: JobRequest, request: Request, service: Service, jobs: Jobs, owner: Owner):
     params = body.image_params()
-    init_image = None if body.init_image is None else await service.init_image(body.init_image, params)
+    init_image = mask = None
+    if body.init_image is not None:
+        init_image, mask = await service.edit(body.init_image, body.mask, params)
     record = await jobs.submit(
         params,
         body.num_images,
         request_id_of(request),
         owner,
         init_image=init_image,
+        mask=mask,
         webhook=body.webhook,
         preview_every=body.preview_every,
         priority=body.priority,
@@ -116,6 +119,8 @@ async def _refine(jobs: Jobs, request: Request, owner: str | None, job_id: str, 
         request_id_of(request),
         owner,
         **body.model_dump(include={"prompt", "negative_prompt", "strength", "num_inference_steps", "seed", "refiner"}),
+        mask=body.mask,
+        inpaint=body.inpaint_params(body.mask is not None),
         webhook=body.webhook,
     )
     return accepted(record)

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ...pipeline.params import SEED_MAX, ImageParams, Prompt, seed_at
-from ...service.requests import ImageRequest, OutputOptions, TextToImageRequest
+from ...service.requests import EditFields, ImageRequest, OutputOptions, TextToImageRequest
 
 
 class GenerateRequest(TextToImageRequest, OutputOptions):
@@ -41,10 +41,16 @@ class GenerateRequest(TextToImageRequest, OutputOptions):
     )
 
 
-class Img2ImgFields(ImageRequest, OutputOptions):
-    """/img2img's fields but the init image, whose type depends on the content type."""
+class Img2ImgFields(ImageRequest, EditFields, OutputOptions):
+    """/img2img's fields but the init image and the mask, whose types depend on the content type."""
 
     response_format: Literal["image", "json", "zip"] | None = GenerateRequest.model_fields["response_format"]
+
+    def image_params(self) -> ImageParams:
+        """The shared record, with `inpaint` from the flat fields when a mask (or outpainting) is sent."""
+        has_mask = getattr(self, "mask", None) is not None
+        inpaint = self.inpaint_params(has_mask, outpaint=self.outpaint is not None)
+        return super().image_params().model_copy(update={"inpaint": inpaint})
 
 
 class Img2ImgRequest(Img2ImgFields):
@@ -53,11 +59,19 @@ class Img2ImgRequest(Img2ImgFields):
     init_image: str = Field(
         ..., min_length=1, description="the starting image: base64 (PNG, JPEG or WebP), or a data: URL"
     )
+    mask: str | None = Field(
+        None,
+        min_length=1,
+        description="inpainting: the area to repaint, white on black, the image's size (base64 or a data: URL; "
+        "a PNG with transparency is read by its alpha: opaque = repaint)",
+    )
 
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
-                {"prompt": "the same scene at night", "init_image": "<base64 PNG>", "strength": 0.6, "seed": 1}
+                {"prompt": "the same scene at night", "init_image": "<base64 PNG>", "strength": 0.6, "seed": 1},
+                {"prompt": "a red door", "init_image": "<base64 PNG>", "mask": "<base64 PNG>", "mask_blur": 8},
+                {"prompt": "a wider beach", "init_image": "<base64 PNG>", "outpaint": {"left": 64, "right": 64}},
             ]
         }
     )

@@ -6,7 +6,7 @@ import json
 
 from fastapi import APIRouter, Request, UploadFile
 from fastapi.responses import Response
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ...pipeline.tasks import ImageResult
 from ...service.encoding import MEDIA_TYPES, b64, encode_results, zip_archive
@@ -32,6 +32,21 @@ class Img2ImgForm(Img2ImgFields):
     """/img2img as multipart/form-data: the init image as a file, the other fields as form fields."""
 
     init_image: UploadFile = Field(..., description="the starting image file (PNG, JPEG or WebP)")
+    mask: UploadFile | None = Field(None, description="inpainting: the area to repaint, white on black (a file)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nested_fields_as_json(cls, data):
+        """A form has no nesting: outpaint, loras and refiner come as JSON text."""
+        if isinstance(data, dict):
+            data = dict(data)
+            for name in ("outpaint", "loras", "refiner"):
+                if isinstance(data.get(name), str):
+                    try:
+                        data[name] = json.loads(data[name])
+                    except ValueError:
+                        pass  # validation names the field
+        return data
 
 
 _IMAGE_RESPONSE = {
@@ -63,18 +78,18 @@ async def _generate(
     owner: str | None,
     body: Img2ImgFields | GenerateRequest,
     init_image=None,
+    mask=None,
 ):
     """What /generate and /img2img share once the request is read: a job, an event stream, or the images."""
     request_id = request_id_of(request)
+    images = {"init_image": init_image, "mask": mask}
     if "respond-async" in request.headers.get("prefer", ""):
         record = await jobs.submit(
-            body.image_params(), body.num_images, request_id, owner, init_image=init_image, priority=body.priority
+            body.image_params(), body.num_images, request_id, owner, **images, priority=body.priority
         )
         return accepted(record)
     accept = request.headers.get("accept", "")
-    tasks = service.tasks_for(
-        body.image_params(), body.num_images, request_id, init_image=init_image, priority=body.priority
-    )
+    tasks = service.tasks_for(body.image_params(), body.num_images, request_id, **images, priority=body.priority)
     if "text/event-stream" in accept:
         return event_stream(_events(service, tasks, body, request_id))
     form = choose_response_format(body.response_format, body.num_images, accept)
@@ -114,9 +129,9 @@ async def _events(service: Service, tasks, options: OutputOptions, request_id: s
     },
 )
 async def img2img(request: Request, service: Service, jobs: Jobs, owner: Owner):
-    body, upload, media_type = await _read_img2img(request)
-    init_image = await service.init_image(upload, body.image_params(), "init_image", media_type)
-    return await _generate(request, service, jobs, owner, body, init_image)
+    body, (image, mask), media_types = await _read_img2img(request)
+    init_image, mask = await service.edit(image, mask, body.image_params(), media_types=media_types)
+    return await _generate(request, service, jobs, owner, body, init_image, mask)
 
 
 @router.post(
@@ -248,13 +263,19 @@ def metadata(images: list[ImageResult], model: str, request_id: str) -> Generati
     )
 
 
-async def _read_img2img(request: Request) -> tuple[Img2ImgFields, bytes | str, str | None]:
-    """The request from JSON (init_image as base64) or multipart (init_image as a file, with its declared type)."""
+async def _read_img2img(request: Request) -> tuple[Img2ImgFields, tuple, tuple]:
+    """The request from JSON (init_image and mask as base64) or multipart (files, with their declared types):
+    the fields, (image, mask or None) and their (media types)."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
-        form = await request.form(max_files=1, max_fields=64)
+        form = await request.form(max_files=2, max_fields=64)
+        repeated = sorted({key for key, _ in form.multi_items() if len(form.getlist(key)) > 1})
+        if repeated:
+            raise ApiError(400, "malformed_request", f"more than one {repeated[0]!r}: send one of each field and file")
         body = validate_or_422(Img2ImgForm, dict(form))
-        return body, await body.init_image.read(), body.init_image.content_type
+        mask = body.mask
+        images = (await body.init_image.read(), None if mask is None else await mask.read())
+        return body, images, (body.init_image.content_type, None if mask is None else mask.content_type)
     try:
         payload = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -262,4 +283,4 @@ async def _read_img2img(request: Request) -> tuple[Img2ImgFields, bytes | str, s
             400, "malformed_request", "request body must be a JSON object (or multipart/form-data)"
         ) from None
     body = validate_or_422(Img2ImgRequest, payload)
-    return body, body.init_image, None
+    return body, (body.init_image, body.mask), (None, None)

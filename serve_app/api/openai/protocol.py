@@ -2,20 +2,25 @@
 
 Fields OpenAI defines that mean nothing here (quality, style, user, ...) are accepted and
 ignored (`extra="ignore"`: new OpenAI fields must not break old servers). `seed`,
-`negative_prompt`, `num_inference_steps`, `guidance_scale`, `true_cfg_scale` (FLUX.1), `scheduler` (and `strength` for
-edits) are extensions, sent with the openai package's `extra_body`.
+`negative_prompt`, `num_inference_steps`, `guidance_scale`, `true_cfg_scale` (FLUX.1), `scheduler` (and `strength`,
+`mask_blur`, `fill`, `paste_back` for edits and variations) are extensions, sent with the openai package's
+`extra_body`. `stream` with `partial_images` (0-3) answers as OpenAI's server-sent events, the partial images
+from the engine's latent previews.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ...pipeline.params import (
+    FillMode,
     GuidanceScale,
     ImageParams,
+    InpaintParams,
+    MaskBlur,
     Prompt,
     SchedulerName,
     Seed,
@@ -54,6 +59,10 @@ class ImageGenerationRequest(BaseModel):
     )
     output_format: Literal["png", "jpeg", "webp"] = "png"
     output_compression: int | None = Field(None, ge=0, le=100, description="jpeg/webp quality")
+    stream: bool = Field(False, description="server-sent events: partial images, then each image when completed")
+    partial_images: int | None = Field(
+        None, ge=0, le=3, description="with stream: latent previews sent while the image is made (0-3)"
+    )
     quality: str | None = None
     style: str | None = None
     user: str | None = None
@@ -66,6 +75,8 @@ class ImageGenerationRequest(BaseModel):
     scheduler: SchedulerName = "default"
 
     def image_params(self, strength: float | None = None) -> ImageParams:
+        if self.stream and self.response_format == "url":
+            raise ApiError.invalid("response_format", "a stream carries the images themselves: use b64_json")
         width, height = self._size()
         return ImageParams(
             prompt=self.prompt,
@@ -93,16 +104,53 @@ class ImageGenerationRequest(BaseModel):
         return width, height
 
 
-class ImageEditFields(ImageGenerationRequest):
-    """POST /v1/images/edits (multipart/form-data) without the file: its routes add `image`."""
+class MaskExtensions(BaseModel):
+    """Extensions of edits with a mask (OpenAI's own edits keep the unmasked pixels and blend nothing)."""
+
+    mask_blur: MaskBlur = Field(0, description="extension, with mask: blur radius of its edge in pixels")
+    fill: FillMode = Field("original", description="extension, with mask: what the area to edit starts from")
+    paste_back: bool = Field(True, description="extension, with mask: keep every other pixel exactly the input's")
+
+    def inpaint_params(self) -> InpaintParams:
+        return InpaintParams(mask_blur=self.mask_blur, fill=self.fill, paste_back=self.paste_back)
+
+
+class ImageEditFields(ImageGenerationRequest, MaskExtensions):
+    """POST /v1/images/edits (multipart/form-data) without the files: its routes add `image` and `mask` (a PNG the
+    image's size whose fully transparent pixels mark the area to edit)."""
 
     strength: Strength | None = Field(None, description="extension: how far to move from the image (default 0.75)")
-    mask: Any = Field(None, description="not supported: sending one is an error, not a silently wrong picture")
 
-    def image_params(self) -> ImageParams:  # type: ignore[override]
-        if self.mask is not None:
-            raise ApiError.invalid("mask", "masks (inpainting) are not supported by this server")
-        return super().image_params(strength=self.strength)
+    def image_params(self, has_mask: bool = False) -> ImageParams:  # type: ignore[override]
+        params = super().image_params(strength=self.strength)
+        return params.model_copy(update={"inpaint": self.inpaint_params() if has_mask else None})
+
+
+class ImageVariationFields(BaseModel):
+    """POST /v1/images/variations (multipart/form-data) without the file: image to image of `image` with no prompt
+    of the caller's (extension `prompt`; else the prompt a PNG of this server's carries in its parameters; else
+    none), at `strength` (extension, default 0.6)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    n: int = Field(1, ge=1, le=10)
+    size: str | None = Field(None, description="'WIDTHxHEIGHT' (multiples of 8); unset: the image's own")
+    response_format: Literal["b64_json", "url"] | None = None
+    user: str | None = None
+    # Extensions
+    prompt: str | None = Field(None, description="extension: what the variations show")
+    strength: Strength = Field(0.6, description="extension: how far a variation moves from the image")
+    seed: Seed | None = None
+    negative_prompt: str = ""
+    num_inference_steps: Steps | None = None
+    guidance_scale: GuidanceScale | None = None
+    scheduler: SchedulerName = "default"
+
+    def generation_request(self, prompt: str) -> ImageGenerationRequest:
+        """The same fields as an image request of `prompt` (what the routes answer with)."""
+        fields = self.model_dump(exclude={"prompt", "strength"})
+        return ImageGenerationRequest.model_validate({**fields, "prompt": prompt})
 
 
 class ImageObject(BaseModel):
