@@ -37,23 +37,52 @@ class ImageOptions(TypedDict, total=False):
     num_images: int
 
 
+class HiresOptions(TypedDict, total=False):
+    """Hires fix: a second, upscaled image-to-image pass of a text-to-image image (AUTOMATIC1111's)."""
+
+    scale: float  # the second pass's size: width and height times this (default 2)
+    width: int  # or its width (height follows), or
+    height: int  # its height (width follows)
+    upscaler: str  # Latent (default), Latent (nearest), ..., Lanczos, Nearest, None (GET /sdapi/v1/upscalers)
+    steps: int  # second-pass steps (default: num_inference_steps)
+    denoising_strength: float  # default 0.7
+    prompt: str  # the second pass's prompt (default: the image's)
+    negative_prompt: str
+    scheduler: str
+
+
+class EditOptions(TypedDict, total=False):
+    """Image to image with a mask (inpainting) or new margins (outpainting)."""
+
+    mask: InitImage | None  # white = repaint, the init image's size (a path, bytes or a PIL image)
+    mask_blur: int | None  # blur radius of the mask's edge in pixels (default 4)
+    invert_mask: bool | None  # repaint the black instead
+    fill: Literal["original", "noise", "blurred"] | None  # what the masked area starts from (default original)
+    paste_back: bool | None  # pixels outside the mask exactly the input's (default True)
+    only_masked: bool | None  # repaint only the mask's region at full resolution, then paste it back
+    only_masked_padding: int | None
+    outpaint: Mapping[str, int] | None  # {"left": 64, "right": 64, "top": 0, "bottom": 0}: pixels added, painted
+
+
 class GenerateOptions(ImageOptions, total=False):
     """generate, stream and generate_prompts: the image options and how the images are encoded."""
 
     output_format: OutputFormat  # default: png (which embeds the generation parameters)
     quality: int | None  # jpeg/webp, 1-100
+    hires: HiresOptions | None  # text to image: hires fix
 
 
-class Img2ImgOptions(GenerateOptions, total=False):
+class Img2ImgOptions(GenerateOptions, EditOptions, total=False):
     strength: float | None  # 0-1: how far to move from the init image
 
 
-class JobOptions(ImageOptions, total=False):
-    """submit: the image options, an init image for image to image, and a webhook.
+class JobOptions(ImageOptions, EditOptions, total=False):
+    """submit: the image options, an init image for image to image (with a mask: inpainting), and a webhook.
     Jobs store PNGs; the format is chosen when an image is downloaded."""
 
     init_image: InitImage | None
     strength: float | None
+    hires: HiresOptions | None  # text to image: hires fix
     webhook: str | None  # a URL the server POSTs the final job to (its host must be allowed there)
 
 
@@ -83,6 +112,8 @@ def generate_streamed(prompt: str, options: Mapping[str, Any]) -> Request:
 
 def img2img(prompt: str, init_image: InitImage, options: Mapping[str, Any]) -> Request:
     body = {**_generation_body(prompt, options, Img2ImgOptions), "init_image": encode_init_image(init_image)}
+    if "mask" in body:
+        body["mask"] = encode_init_image(body["mask"])
     return Request("POST", "/img2img", {"json": body})
 
 
@@ -99,8 +130,9 @@ def generate_prompts(entries: Sequence[str | Mapping[str, Any]], shared: Mapping
 
 def submit(prompt: str, options: Mapping[str, Any]) -> Request:
     body = {"prompt": prompt, "num_images": 1, **_fields(options, JobOptions)}
-    if "init_image" in body:
-        body["init_image"] = encode_init_image(body["init_image"])
+    for name in ("init_image", "mask"):
+        if name in body:
+            body[name] = encode_init_image(body[name])
     if "webhook" in body:
         body["webhook"] = {"url": body["webhook"]}
     return Request("POST", "/jobs", {"json": body})
@@ -130,7 +162,7 @@ def job_events(job_id: str) -> Request:
 
 
 def encode_init_image(image: InitImage) -> str:
-    """A path, raw bytes or a PIL image as the base64 the /img2img JSON body takes."""
+    """A path, raw bytes or a PIL image as the base64 the /img2img JSON body takes (init images and masks)."""
     if isinstance(image, Image.Image):
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
