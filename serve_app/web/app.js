@@ -160,12 +160,110 @@ function requestBody() {
   const body = {};
   for (const [name, value] of data.entries()) {
     const text = String(value).trim();
-    if (text === "" || name === "output_format" || name === "preview") continue; // empty: the server's default
+    if (text === "" || ["output_format", "preview", "brush-mode"].includes(name)) continue; // empty: the default
     body[name] = NUMERIC_FIELDS.includes(name) ? Number(text) : text;
   }
   if ($("preview").checked) body.preview_every = 1;
   const loras = chosenLoras();
   if (loras.length) body.loras = loras;
+  Object.assign(body, editFields());
+  return body;
+}
+
+// -- image to image: the init image, a mask brush over it, outpaint margins ----------------------
+
+const editImage = $("edit-image");
+const maskCanvas = $("mask-canvas");
+const maskContext = maskCanvas.getContext("2d");
+let initDataUrl = null; // the init image as the file's own data: URL (sent as it is)
+let painting = null; // the last point of the stroke being drawn
+
+function loadInitImage(file) {
+  const reader = new FileReader();
+  reader.onload = () => {
+    const picture = new Image();
+    picture.onload = () => {
+      for (const canvas of [editImage, maskCanvas]) {
+        canvas.width = picture.naturalWidth;
+        canvas.height = picture.naturalHeight;
+      }
+      editImage.getContext("2d").drawImage(picture, 0, 0);
+      initDataUrl = reader.result;
+      $("edit-area").hidden = false;
+      $("canvas-stack").style.aspectRatio = `${picture.naturalWidth} / ${picture.naturalHeight}`;
+    };
+    picture.src = reader.result;
+  };
+  reader.readAsDataURL(file);
+}
+
+function removeInitImage() {
+  initDataUrl = null;
+  $("init-file").value = "";
+  maskContext.clearRect(0, 0, maskCanvas.width, maskCanvas.height);
+  $("edit-area").hidden = true;
+}
+
+function canvasPoint(event) {
+  const rect = maskCanvas.getBoundingClientRect();
+  return {
+    x: ((event.clientX - rect.left) * maskCanvas.width) / rect.width,
+    y: ((event.clientY - rect.top) * maskCanvas.height) / rect.height,
+  };
+}
+
+function brushTo(point) {
+  const rect = maskCanvas.getBoundingClientRect();
+  maskContext.globalCompositeOperation = $("brush-erase").checked ? "destination-out" : "source-over";
+  maskContext.strokeStyle = maskContext.fillStyle = "#ffffff";
+  maskContext.lineCap = maskContext.lineJoin = "round";
+  // The brush size is in screen pixels: the same stroke whatever the image's own size.
+  maskContext.lineWidth = (Number($("brush-size").value) * maskCanvas.width) / rect.width;
+  maskContext.beginPath();
+  maskContext.moveTo(painting.x, painting.y);
+  maskContext.lineTo(point.x, point.y);
+  maskContext.stroke();
+  painting = point;
+}
+
+function maskPainted() {
+  if (!maskCanvas.width) return false;
+  const alpha = maskContext.getImageData(0, 0, maskCanvas.width, maskCanvas.height).data;
+  for (let i = 3; i < alpha.length; i += 4) if (alpha[i]) return true;
+  return false;
+}
+
+// The mask as the API takes it: white where painted, black elsewhere, the image's size.
+function maskDataUrl() {
+  const out = document.createElement("canvas");
+  out.width = maskCanvas.width;
+  out.height = maskCanvas.height;
+  const context = out.getContext("2d");
+  context.fillStyle = "#000000";
+  context.fillRect(0, 0, out.width, out.height);
+  context.drawImage(maskCanvas, 0, 0);
+  return out.toDataURL("image/png");
+}
+
+function editFields() {
+  if (!initDataUrl) return {};
+  const body = { init_image: initDataUrl };
+  const strength = Number.parseFloat($("strength").value);
+  if (Number.isFinite(strength)) body.strength = strength;
+  const outpaint = {};
+  for (const side of ["left", "right", "top", "bottom"]) {
+    const pixels = Number.parseInt($(`outpaint-${side}`).value, 10);
+    if (pixels > 0) outpaint[side] = pixels;
+  }
+  if (Object.keys(outpaint).length) body.outpaint = outpaint;
+  const masked = maskPainted();
+  if (masked) body.mask = maskDataUrl();
+  if (masked || body.outpaint) {
+    const blur = Number.parseInt($("mask_blur").value, 10);
+    if (Number.isFinite(blur)) body.mask_blur = blur;
+    if ($("fill").value !== "original") body.fill = $("fill").value;
+    if (!$("paste_back").checked) body.paste_back = false;
+  }
   return body;
 }
 
@@ -416,6 +514,19 @@ apiKeyInput.addEventListener("change", () => {
   loadLoras();
 });
 $("model").addEventListener("change", applyModel);
+$("init-file").addEventListener("change", (event) => {
+  const [file] = event.target.files;
+  if (file) loadInitImage(file);
+});
+$("init-remove").addEventListener("click", removeInitImage);
+$("mask-clear").addEventListener("click", () => maskContext.clearRect(0, 0, maskCanvas.width, maskCanvas.height));
+maskCanvas.addEventListener("pointerdown", (event) => {
+  maskCanvas.setPointerCapture(event.pointerId);
+  painting = canvasPoint(event);
+  brushTo(painting); // a click paints a dot
+});
+maskCanvas.addEventListener("pointermove", (event) => { if (painting) brushTo(canvasPoint(event)); });
+for (const end of ["pointerup", "pointercancel"]) maskCanvas.addEventListener(end, () => { painting = null; });
 form.addEventListener("submit", generate);
 form.addEventListener("keydown", (event) => {
   if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) form.requestSubmit();
