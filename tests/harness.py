@@ -10,6 +10,7 @@ with the port swapped for a free one on 127.0.0.1.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import socket
 import tempfile
@@ -64,13 +65,59 @@ def job_when_final(http: httpx.Client, job_id: str, timeout_s: float = 120) -> d
     )
 
 
+def open_request(url: str, path: str, body: dict) -> socket.socket:
+    """POST `body` (JSON) to `path` on a connection of its own, and return the connection without reading the
+    answer: closing it is a caller hanging up (Serve's proxy then cancels the request and its calls)."""
+    host, port = url.removeprefix("http://").split(":")
+    data = json.dumps(body).encode()
+    caller = socket.create_connection((host, int(port)))
+    caller.sendall(
+        b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+        % (path.encode(), host.encode(), len(data), data)
+    )
+    return caller
+
+
 def generator_jobs(http: httpx.Client) -> dict:
-    """The Generator's job counters from /info: received, succeeded, failed, cancelled_before_start, ...
+    """The Generator's image counters from /info: received, succeeded, failed, cancelled_before_start, ...
     (counts since that replica started; `waiting` and `running` are now). Serve routes /info to one
     Generator replica: exact where the config runs one."""
     response = http.get("/info")
     assert response.status_code == 200, response.text
     return response.json()["generator"]["images"]
+
+
+# The longest image the demo config allows (configs/cpu-demo.yaml: 50 steps, 256x256), with a sampler that
+# calls the UNet twice per step (Heun: 99 calls): about a minute here, one torch thread on a busy 2-core box.
+# Work a test cancels, or needs running while it acts, is this long: it cannot end before the test's next
+# few calls land. Such a test ends it itself (cancels it), and never waits for it to finish.
+DEMO_LONGEST = {"num_inference_steps": 50, "width": 256, "height": 256, "scheduler": "heun"}
+
+
+def quiet(http: httpx.Client, timeout_s: float = 120) -> dict:
+    """Wait until the server holds no work (no unfinished job in the JobManager, no image waiting or being
+    denoised in the Generator) and return the Generator's image counters then: the baseline from which a
+    test counts what its own actions did (`counted_since`), whatever earlier tests left running."""
+
+    def idle() -> dict | None:
+        response = http.get("/info")
+        assert response.status_code == 200, response.text
+        info = response.json()
+        images, manager = info["generator"]["images"], info.get("job_manager") or {}
+        busy = images["waiting"] + images["running"] + manager.get("queued", 0) + manager.get("running", 0)
+        return None if busy else images
+
+    return wait_until(idle, timeout_s, "the server holds no work")
+
+
+def counted_since(before: dict, after: dict) -> dict:
+    """What each counter of `generator_jobs` / `quiet` gained from `before` to `after`."""
+    numbers = (int, float)
+    return {
+        key: value - before[key]
+        for key, value in after.items()
+        if isinstance(value, numbers) and isinstance(before.get(key), numbers)
+    }
 
 
 # Where the tests' servers keep jobs: one directory per test session, never the repository's ./outputs.

@@ -28,12 +28,14 @@ def test_replica_kill_during_a_burst(demo_server, client):
     responses = [f.result() for f in futures]  # raises if any request hung past the guard
     pool.shutdown()
     statuses = Counter(r.status_code for r in responses)
-    print(f"\nburst of 32 with the replica killed: {dict(statuses)}")
+    refused = [r for r in responses if r.status_code == 503]
+    by_code = Counter(r.json()["error"]["code"] for r in refused)
+    print(f"\nburst of 32 with the replica killed: {dict(statuses)}; 503s by code: {dict(by_code)}")
     assert set(statuses) <= {200, 503}, statuses
-    assert statuses[503] > 0  # the requests on the dead replica were told so
-    for failed in (r for r in responses if r.status_code == 503):
-        error = failed.json()["error"]
-        assert error["code"] == "generator_unavailable" and failed.headers["retry-after"].isdigit()
+    # The requests on the dead replica were told so. On a busy machine the back of the burst may be refused
+    # at admission instead (it could not finish before its deadline): an answer too, and it never ran.
+    assert by_code["generator_unavailable"] > 0 and set(by_code) <= {"generator_unavailable", "overloaded"}, by_code
+    assert all(r.headers["retry-after"].isdigit() for r in refused)
 
     # Recovery: Serve starts a new replica by itself; requests succeed again once it runs.
     wait_until(
@@ -47,8 +49,10 @@ def test_replica_kill_during_a_burst(demo_server, client):
     assert after["pid"] != victim["pid"]
 
     started = time.monotonic()
+    # 20 steps each: the images overlap in the step loop however far apart the ingress hands them on.
+    body = {"prompt": "full speed", "num_inference_steps": 20}
     with ThreadPoolExecutor(16) as burst:
-        again = list(burst.map(lambda i: http.post("/generate", json={"prompt": "full speed", "seed": i}), range(16)))
+        again = list(burst.map(lambda i: http.post("/generate", json={**body, "seed": i}), range(16)))
     elapsed = time.monotonic() - started
     assert all(r.status_code == 200 for r in again)
     assert max(int(r.headers["x-batch-size"]) for r in again) > 1  # batching again, at full throughput

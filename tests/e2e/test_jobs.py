@@ -3,6 +3,10 @@
 One variant of the demo config for the module: its own store in a temporary directory, one job
 sent to the Generator at a time (so a second job is reliably queued), webhooks allowed to a
 receiver on 127.0.0.1.
+
+Tests that need a job waiting, or cancel one, hold the queue with the longest job the config allows
+(`DEMO_LONGEST`), seen running before they act, and cancel it themselves; they count the Generator's
+work from a baseline taken once the server is quiet, never from its counters' totals.
 """
 
 from __future__ import annotations
@@ -10,16 +14,15 @@ from __future__ import annotations
 import base64
 import json
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import numpy as np
 import pytest
-from harness import free_port, wait_until
+from harness import DEMO_LONGEST, counted_since, free_port, job_when_final, quiet, wait_until
 from helpers import decode, png, png_bytes
-
-# About 2.5 s here (1 s at 128x128 was close to what a cancel test spends between its calls under load).
-SLOW = {"num_inference_steps": 50, "width": 256, "height": 256}
 
 
 class Receiver:
@@ -80,22 +83,28 @@ def http(server):
         yield client
 
 
-def final(http: httpx.Client, job_id: str, timeout_s: float = 60) -> dict:
+def running(http: httpx.Client, job_id: str) -> dict:
+    """The job once it reports progress: its image is in the Generator's step loop."""
     return wait_until(
-        lambda: (job := http.get(f"/jobs/{job_id}").json())["status"] in ("succeeded", "failed", "canceled") and job,
-        timeout_s,
-        f"job {job_id} ends",
+        lambda: (job := http.get(f"/jobs/{job_id}").json()).get("progress") and job, 60, f"job {job_id} runs"
     )
 
 
-def behind_a_slow_job(http: httpx.Client) -> str:
-    """Submit a slow job first, so that the next one is still queued when its events are opened
-    (one job runs at a time here): its events then start with `queued`, deterministically."""
-    return http.post("/jobs", json={"prompt": "ahead", **SLOW}).json()["id"]
+@contextmanager
+def queue_held(http: httpx.Client) -> Iterator[str]:
+    """A job that holds the queue (one job runs at a time here) while the block runs: seen running before
+    the block starts, too long to end by itself before the block does, cancelled when it ends. Jobs
+    submitted in the block are queued until then, deterministically."""
+    job_id = http.post("/jobs", json={"prompt": "ahead", **DEMO_LONGEST}).json()["id"]
+    running(http, job_id)
+    try:
+        yield job_id
+    finally:
+        assert http.delete(f"/jobs/{job_id}").json()["status"] == "canceled"
 
 
-def events_of(http: httpx.Client, job_id: str) -> list[tuple[str, dict]]:
-    events = []
+def job_events(http: httpx.Client, job_id: str) -> Iterator[tuple[str, dict]]:
+    """The job's events as they come, (kind, data), until its final one (the stream ends there)."""
     with http.stream("GET", f"/jobs/{job_id}/events") as stream:
         assert stream.headers["content-type"].startswith("text/event-stream")
         kind = None
@@ -103,19 +112,27 @@ def events_of(http: httpx.Client, job_id: str) -> list[tuple[str, dict]]:
             if line.startswith("event: "):
                 kind = line.removeprefix("event: ")
             elif line.startswith("data: "):
-                events.append((kind, json.loads(line.removeprefix("data: "))))
-    return events
+                yield kind, json.loads(line.removeprefix("data: "))
+
+
+def events_of_a_queued_job(http: httpx.Client, body: dict) -> tuple[dict, list[tuple[str, dict]]]:
+    """Submit `body` while the queue is held, open its events while it waits, let it run: the 202's job and
+    every event of it, from its first (`queued`) to its final one."""
+    with queue_held(http):
+        submitted = http.post("/jobs", json=body)
+        assert submitted.status_code == 202, submitted.text
+        events = job_events(http, submitted.json()["id"])
+        first = next(events)  # read while it waits: the stream is open before the job can run
+    return submitted, [first, *events]
 
 
 def test_submit_watch_and_download_make_the_same_image_as_a_synchronous_request(http, store_dir):
-    behind_a_slow_job(http)
-    submitted = http.post("/jobs", json={"prompt": "a harbour", "seed": 21, "num_images": 2, "num_inference_steps": 8})
-    assert submitted.status_code == 202, submitted.text
+    body = {"prompt": "a harbour", "seed": 21, "num_images": 2, "num_inference_steps": 8}
+    submitted, events = events_of_a_queued_job(http, body)
     job = submitted.json()
     assert submitted.headers["location"] == f"/jobs/{job['id']}" == job["urls"]["self"]
     assert job["status"] == "queued" and job["seeds"] == [21, 22]
 
-    events = events_of(http, job["id"])
     kinds = [kind for kind, _ in events]
     assert kinds[0] == "queued" and kinds[-1] == "succeeded" and "progress" in kinds, kinds
     steps = [data["step"] for kind, data in events if kind == "progress"]
@@ -143,45 +160,47 @@ def test_prefer_respond_async_turns_generate_and_img2img_into_jobs(http):
         headers={"Prefer": "respond-async"},
     )
     assert image.status_code == 202, image.text
-    edited = final(http, image.json()["id"])
+    edited = job_when_final(http, image.json()["id"])
     assert edited["status"] == "succeeded" and edited["kind"] == "img2img"
     assert edited["images"][0]["metadata"]["strength"] == 0.5
-    assert final(http, text.json()["id"])["status"] == "succeeded"
+    assert job_when_final(http, text.json()["id"])["status"] == "succeeded"
 
 
 def test_refine_runs_image_to_image_on_a_stored_image(http):
-    source = final(http, http.post("/jobs", json={"prompt": "a fox", "seed": 5}).json()["id"])
+    source = job_when_final(http, http.post("/jobs", json={"prompt": "a fox", "seed": 5}).json()["id"])
     refined = http.post(f"/jobs/{source['id']}/refine", json={"prompt": "a fox, sharper", "strength": 0.4})
     assert refined.status_code == 202, refined.text
-    job = final(http, refined.json()["id"])
+    job = job_when_final(http, refined.json()["id"])
     assert job["status"] == "succeeded", job["error"]
     assert job["kind"] == "img2img" and job["refined_from"] == f"{source['id']}/0"
     assert job["params"]["num_inference_steps"] == 3  # the source's 2 steps, raised so that 40% leaves one
     assert job["params"]["prompt"] == "a fox, sharper" and job["seeds"] == [5]
     by_body = http.post("/refine", json={"id": source["id"], "prompt": "again", "strength": 0.3})
-    assert by_body.status_code == 202 and final(http, by_body.json()["id"])["status"] == "succeeded"
+    assert by_body.status_code == 202 and job_when_final(http, by_body.json()["id"])["status"] == "succeeded"
     missing = http.post(f"/jobs/{source['id']}/refine", json={"image": 3})
     assert missing.status_code == 422 and missing.json()["error"]["field"] == "image"
 
 
 def test_cancel_a_queued_job_and_a_running_one(http):
-    running = http.post("/jobs", json={"prompt": "long", **SLOW}).json()
-    queued = http.post("/jobs", json={"prompt": "waits", **SLOW}).json()
-    wait_until(lambda: http.get(f"/jobs/{running['id']}").json().get("progress"), 30, "the first job runs")
+    before = quiet(http)
+    first = http.post("/jobs", json={"prompt": "long", **DEMO_LONGEST}).json()
+    queued = http.post("/jobs", json={"prompt": "waits", **DEMO_LONGEST}).json()
+    running(http, first["id"])
     assert http.get(f"/jobs/{queued['id']}").json()["position"] == 1
 
     cancelled = http.delete(f"/jobs/{queued['id']}")
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "canceled"
-    stopped = http.delete(f"/jobs/{running['id']}")
-    assert stopped.json()["status"] == "canceled"
-    # The running job's image left the engine at its next step; the queued one never reached it.
-    jobs = wait_until(
-        lambda: (j := http.get("/info").json()["generator"]["images"])["running"] == 0 and j, 30, "the engine is idle"
-    )
-    assert jobs["cancelled_in_flight"] >= 1
-    again = http.delete(f"/jobs/{running['id']}")
+    stopped = http.delete(f"/jobs/{first['id']}")
+    assert stopped.status_code == 200 and stopped.json()["status"] == "canceled"
+    # What cancelling guarantees: the running job's image left the engine at its next step, unfinished;
+    # the queued one never reached the Generator.
+    done = counted_since(before, quiet(http))
+    assert (done["received"], done["cancelled_in_flight"], done["succeeded"]) == (1, 1, 0), done
+    assert done["cancelled_before_start"] == 0 and done["failed"] == 0, done
+    again = http.delete(f"/jobs/{first['id']}")
     assert again.status_code == 409 and again.json()["error"]["code"] == "job_finished"
-    assert final(http, queued["id"])["started_at"] is None
+    assert job_when_final(http, queued["id"])["started_at"] is None
+    assert job_when_final(http, first["id"])["images"] == []
 
 
 def test_unknown_malformed_and_unfinished_jobs_answer_clearly(http):
@@ -189,10 +208,10 @@ def test_unknown_malformed_and_unfinished_jobs_answer_clearly(http):
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "job_not_found"
     assert http.get("/jobs/not-an-id").status_code == 404
     assert http.delete("/jobs/../../etc").status_code == 404
-    job = http.post("/jobs", json={"prompt": "later", **SLOW}).json()
+    job = http.post("/jobs", json={"prompt": "later", **DEMO_LONGEST}).json()
     early = http.get(f"/jobs/{job['id']}/images/0")
     assert early.status_code == 409 and early.json()["error"]["code"] == "job_not_finished"
-    http.delete(f"/jobs/{job['id']}")
+    assert http.delete(f"/jobs/{job['id']}").json()["status"] == "canceled"  # it had not ended: no image yet
     bad = http.post("/jobs", json={"prompt": "x", "strength": 0.5})
     assert bad.status_code == 422 and "init_image" in bad.json()["error"]["message"]
 
@@ -200,7 +219,7 @@ def test_unknown_malformed_and_unfinished_jobs_answer_clearly(http):
 def test_list_pages_newest_first_and_filters_by_status(http):
     ids = [http.post("/jobs", json={"prompt": f"list {i}"}).json()["id"] for i in range(3)]
     for job_id in ids:
-        final(http, job_id)
+        job_when_final(http, job_id)
     first = http.get("/jobs", params={"limit": 2}).json()
     assert [j["id"] for j in first["jobs"]] == ids[::-1][:2] and first["next_cursor"]
     second = http.get("/jobs", params={"limit": 2, "cursor": first["next_cursor"]}).json()
@@ -227,7 +246,8 @@ def test_generate_streams_progress_then_the_images_as_server_sent_events(http):
 
 
 def test_automatic1111_progress_and_interrupt_map_onto_the_running_job(http):
-    job = http.post("/jobs", json={"prompt": "a1111 watched", **SLOW}).json()
+    quiet(http)  # no other job of this caller runs: the progress and the interrupt are about this one
+    job = http.post("/jobs", json={"prompt": "a1111 watched", **DEMO_LONGEST}).json()
     progress = wait_until(
         lambda: (p := http.get("/sdapi/v1/progress").json())["state"]["sampling_step"] > 0 and p,
         30,
@@ -235,7 +255,7 @@ def test_automatic1111_progress_and_interrupt_map_onto_the_running_job(http):
     )
     assert progress["state"]["job"] == job["id"] and 0 < progress["progress"] < 1
     assert http.post("/sdapi/v1/interrupt").json()["interrupted"] == job["id"]
-    assert final(http, job["id"])["status"] == "canceled"
+    assert job_when_final(http, job["id"])["status"] == "canceled"
     assert http.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0
 
 
@@ -252,7 +272,7 @@ def test_webhooks_reach_allowed_hosts_and_are_retried_after_a_500(http, receiver
 def test_job_images_carry_the_init_image_through_json_too(http):
     init = base64.b64encode(png_bytes((64, 64), seed=9)).decode()
     job = http.post("/jobs", json={"prompt": "from json", "init_image": init, "strength": 0.6, "seed": 2}).json()
-    done = final(http, job["id"])
+    done = job_when_final(http, job["id"])
     assert done["kind"] == "img2img" and done["images"][0]["metadata"]["strength"] == 0.6
 
 
@@ -268,10 +288,10 @@ def test_the_python_client_submits_follows_downloads_cancels_and_streams(server)
         image = sd.download(job.id, 1, "jpeg")
         assert image.media_type == "image/jpeg" and image.seed == 13 and image.image.size == (64, 64)
         assert sd.jobs(limit=1)[0][0].id == job.id
-        slow = sd.submit("client slow", **SLOW)
-        assert sd.cancel(slow.id).status == "canceled"
+        long = sd.submit("client long", **DEMO_LONGEST)
+        assert sd.cancel(long.id).status == "canceled"  # queued or running: it cannot have ended yet
         with pytest.raises(SDServeError) as info:
-            sd.cancel(slow.id)
+            sd.cancel(long.id)
         assert info.value.status == 409 and info.value.code == "job_finished"
         events = list(sd.stream("client stream", seed=4, num_inference_steps=4))
         assert [kind for kind, _ in events][-1] == "succeeded" and events[-1][1].seeds == [4]
@@ -288,9 +308,10 @@ def test_the_python_client_submits_follows_downloads_cancels_and_streams(server)
 
 
 def test_a_job_can_ask_for_latent_previews_as_events(http):
-    behind_a_slow_job(http)
-    job = http.post("/jobs", json={"prompt": "previewed", "num_inference_steps": 6, "preview_every": 2}).json()
-    previews = [data for kind, data in events_of(http, job["id"]) if kind == "preview"]
+    # Watched from before it runs, so that its stream has its previews (the latest when several come at once).
+    _, events = events_of_a_queued_job(http, {"prompt": "previewed", "num_inference_steps": 6, "preview_every": 2})
+    previews = [data for kind, data in events if kind == "preview"]
     assert previews and all(decode(p["image"]).size == (8, 8) for p in previews)
+    assert events[-1][0] == "succeeded"
     invalid = http.post("/jobs", json={"prompt": "x", "preview_every": 0})
     assert invalid.status_code == 422 and invalid.json()["error"]["field"] == "preview_every"

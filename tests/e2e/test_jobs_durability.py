@@ -15,7 +15,8 @@ import pytest
 from harness import deployment, wait_until
 
 KEYS = ("alice-key", "bob-key")
-SLOW = {"num_inference_steps": 30, "width": 128, "height": 128}
+# The config's most steps: the kill lands while jobs still run (the next /info call is all that comes between).
+SLOW = {"num_inference_steps": 50, "width": 128, "height": 128}
 
 
 @pytest.fixture(scope="module")

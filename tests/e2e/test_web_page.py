@@ -6,17 +6,18 @@ import json
 
 import numpy as np
 import pytest
+from harness import DEMO_LONGEST, counted_since, generator_jobs, quiet, wait_until
 from helpers import decode, pixels
 from playwright.sync_api import Page, Route, expect
 
 
-def wait_until(page: Page, condition, attempts: int = 600) -> None:
+def page_until(page: Page, condition, what: str, timeout_s: float = 60) -> None:
     """Let Playwright deliver events (route handlers run then) until `condition()` holds."""
-    for _ in range(attempts):
+    for _ in range(int(timeout_s * 10)):
         if condition():
             return
         page.wait_for_timeout(100)
-    raise AssertionError("condition never held")
+    raise AssertionError(f"timed out after {timeout_s}s waiting until {what}")
 
 
 def answer_the_first(page: Page, pattern: str, method: str, **answer) -> list[str]:
@@ -56,7 +57,7 @@ def test_generate_runs_a_job_shows_its_images_with_seeds_and_errors_in_words(
     page.press("#api_key", "Tab")
     page.click("#generate")
     expect(page.locator("#generate")).to_have_attribute("aria-busy", "true")
-    wait_until(page, lambda: held)
+    page_until(page, lambda: held, "the page sends the job")
     request = held[0].request
     assert request.headers["authorization"] == "Bearer secret-key"
     assert json.loads(request.post_data) == {
@@ -64,6 +65,7 @@ def test_generate_runs_a_job_shows_its_images_with_seeds_and_errors_in_words(
         "seed": 42,
         "num_images": 2,
         "scheduler": "default",
+        "model": "synthetic:tiny",  # the demo serves two models: the chosen one (the default) is named
     }
     held[0].continue_()
     page.unroute("**/jobs")
@@ -118,10 +120,11 @@ def test_generate_runs_a_job_shows_its_images_with_seeds_and_errors_in_words(
 
 
 def test_lora_adapters_are_offered_applied_at_their_scale_and_shown_on_the_image(page: Page, client):
-    # The demo serves one model (nothing to choose: no model field, none sent) and two adapters.
+    # The demo serves two models (a field to choose, the default chosen and sent) and two adapters.
     expect(page.locator("#loras-field")).to_be_visible()
     expect(page.locator("#loras .lora .lora-name")).to_have_text(["ink", "neon"])
-    expect(page.locator("#model-field")).to_be_hidden()
+    expect(page.locator("#model-field")).to_be_visible()
+    expect(page.locator("#model")).to_have_value("synthetic:tiny")
 
     held: list[Route] = []
     page.route("**/jobs", lambda route: held.append(route) if route.request.method == "POST" else route.continue_())
@@ -130,9 +133,9 @@ def test_lora_adapters_are_offered_applied_at_their_scale_and_shown_on_the_image
     page.check("#loras .lora[data-lora='ink'] .lora-use")
     page.fill("#loras .lora[data-lora='ink'] .lora-scale", "0.8")
     page.click("#generate")
-    wait_until(page, lambda: held)
+    page_until(page, lambda: held, "the page sends the job")
     body = json.loads(held[0].request.post_data)
-    assert body["loras"] == [{"name": "ink", "scale": 0.8}] and "model" not in body
+    assert body["loras"] == [{"name": "ink", "scale": 0.8}] and body["model"] == "synthetic:tiny"
     held[0].continue_()
     page.unroute("**/jobs")
 
@@ -147,12 +150,14 @@ def test_lora_adapters_are_offered_applied_at_their_scale_and_shown_on_the_image
     assert np.array_equal(pixels(decode(stored)), pixels(decode(made.content)))
 
 
-def test_a_running_job_shows_its_progress_and_preview_and_can_be_cancelled(page: Page):
-    # The demo's largest job (4 images of 256x256, 50 steps: about 10 s here) outlasts the clicks below.
+def test_a_running_job_shows_its_progress_and_preview_and_can_be_cancelled(page: Page, client):
+    before = quiet(client)
+    # The longest job the demo allows (4 images of DEMO_LONGEST, minutes of work): it outlasts the clicks below.
     page.fill("#prompt", "a long job")
-    page.fill("#num_inference_steps", "50")
-    page.fill("#width", "256")
-    page.fill("#height", "256")
+    for field in ("num_inference_steps", "width", "height"):
+        page.fill(f"#{field}", str(DEMO_LONGEST[field]))
+    expect(page.locator(f"#scheduler option[value='{DEMO_LONGEST['scheduler']}']")).to_have_count(1)  # /info read
+    page.select_option("#scheduler", DEMO_LONGEST["scheduler"])
     page.fill("#num_images", "4")
     page.check("#preview")
     page.click("#generate")
@@ -160,9 +165,13 @@ def test_a_running_job_shows_its_progress_and_preview_and_can_be_cancelled(page:
     expect(job.locator(".job-state")).to_contain_text("step")
     expect(job.locator("progress")).to_be_visible()
     expect(job.locator(".job-preview")).to_be_visible()
+    wait_until(lambda: generator_jobs(client)["running"] == 4, 60, "the job's four images are being denoised")
     job.locator(".cancel").click()
     expect(job.locator(".job-state")).to_have_text("canceled")
     expect(job.locator(".card")).to_have_count(0)
+    # What cancelling guarantees: the four images left the engine at their next step, none finished.
+    done = counted_since(before, quiet(client))
+    assert (done["received"], done["cancelled_in_flight"], done["succeeded"]) == (4, 4, 0), done
 
 
 def test_a_busy_server_is_retried_as_retry_after_says(page: Page):
@@ -177,15 +186,17 @@ def test_a_busy_server_is_retried_as_retry_after_says(page: Page):
 
 
 def test_an_event_stream_that_ends_before_its_job_is_followed_again(page: Page):
-    # As a proxy's idle time-out would end it: one event, then the end.
+    # As a proxy's idle time-out would end it: one event, then the end; and the job, read then, still runs
+    # (as it would mid-job, whatever its real pace), so the page must open its stream again.
     one_event = 'event: running\ndata: {"id": "x"}\n\n'
     streams = answer_the_first(page, "**/jobs/*/events", "GET", content_type="text/event-stream", body=one_event)
+    reads = answer_the_first(page, "**/jobs/*", "GET", json={"status": "running"})
     page.fill("#prompt", "a short stream")
     page.fill("#seed", "9")
     page.click("#generate")
     expect(page.locator("#gallery .job").first.locator(".card:not(.pending) .seed")).to_have_text("seed 9")
     expect(page.locator("#gallery .job").first.locator(".job-state")).to_contain_text("done")
-    assert len(streams) >= 1
+    assert len(streams) == 2 and len(reads) == 1  # the cut stream, the read, the stream that saw it end
 
 
 @pytest.mark.parametrize(("path", "shows"), [("/docs", ".swagger-ui .info .title"), ("/redoc", "h1")])

@@ -50,7 +50,7 @@ def test_row_defaults_fill_what_a_row_leaves_out_and_the_row_wins():
 @pytest.mark.parametrize(
     ("fields", "field", "message"),
     [
-        ({"prompt": "a", "width": 30}, "width", "width: Input should be a multiple of 8"),
+        ({"prompt": "a", "width": 30}, "width", "width: must be a multiple of 8 from 64 to 1024 (got 30)"),
         ({"width": 64}, "prompt", "prompt: Field required"),
         ({"prompt": "a", "strength": 0.5}, "strength", "strength: applies to image-to-image only (POST /img2img)"),
         ({"prompt": "a", "colour": "red"}, "colour", "colour: unknown field"),

@@ -130,12 +130,26 @@ def manager_for(tmp_path, generator: ScriptedGenerator, **jobs) -> Manager:
     return Manager(generator, settings)
 
 
-async def until(predicate, timeout_s: float = 5.0):
+async def until(predicate, what: str, timeout_s: float = 10.0, interval_s: float = 0.005):
+    """Wait until `predicate()` holds, looking again every `interval_s` (a real pause: the manager's tasks
+    and the store writes it runs in threads go on meanwhile); AssertionError naming `what` past the deadline."""
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0)
+            raise AssertionError(f"timed out after {timeout_s}s waiting until {what}")
+        await asyncio.sleep(interval_s)
+
+
+async def ended(manager: Manager, job_id: str, timeout_s: float = 10.0) -> dict:
+    """The job's final event, from the manager's own event stream. The manager sends it once the final
+    state is stored and the job has left its unfinished records: after this, nothing of the job runs."""
+
+    async def every_event() -> list[dict]:
+        return [event async for event in manager.events(job_id)]
+
+    event = (await asyncio.wait_for(every_event(), timeout_s))[-1]
+    assert event["event"] in {s.value for s in JobStatus if s.final}, event
+    return event
 
 
 def run(scenario):
@@ -149,7 +163,7 @@ def test_a_job_is_stored_before_submit_returns_and_ends_with_its_images(tmp_path
         job = record(images=2)
         await manager.submit(job)
         assert manager.store.get(job.id).status in (JobStatus.queued, JobStatus.running)
-        await until(lambda: manager.store.get(job.id).status == JobStatus.succeeded)
+        assert (await ended(manager, job.id))["event"] == "succeeded"
         return manager.store.get(job.id), manager.store
 
     stored, store = run(scenario)
@@ -166,7 +180,7 @@ def test_events_start_with_the_current_state_and_end_with_the_final_one(tmp_path
         first, second = record(prompt="first"), record(prompt="second")
         await manager.submit(first)
         await manager.submit(second)
-        await until(lambda: manager._progress.get(first.id))
+        await until(lambda: manager._progress.get(first.id), "the first job reports progress")
         events = manager.events(second.id)
         seen = [await anext(events)]
         assert seen[0] == {"event": "queued", "data": {"id": second.id, "position": 1}}
@@ -198,7 +212,7 @@ def test_a_watcher_arriving_while_the_final_state_is_stored_still_gets_the_final
         manager.store.put = slow_final_put
         job = record()
         await manager.submit(job)
-        await until(storing_final.is_set)
+        await until(storing_final.is_set, "the final state is being stored")
         assert (await manager.live(job.id)) is None  # no longer reported as running
         with pytest.raises(JobFinished):
             await manager.cancel(job.id, None)
@@ -221,11 +235,11 @@ def test_cancelling_a_queued_job_means_it_never_runs_and_a_running_one_stops_its
         running, queued = record(prompt="running"), record(prompt="queued")
         await manager.submit(running)
         await manager.submit(queued)
-        await until(lambda: manager._progress.get(running.id))
+        await until(lambda: manager._progress.get(running.id), "the first job reports progress")
         assert (await manager.live(queued.id)) == {"status": "queued", "position": 1}
         await manager.cancel(queued.id, None)
         await manager.cancel(running.id, None)
-        await until(lambda: not manager._runs)
+        await until(lambda: not manager._runs, "the cancelled job's task has ended")
         with pytest.raises(JobFinished):
             await manager.cancel(running.id, None)
         with pytest.raises(JobNotFound):
@@ -278,11 +292,11 @@ def test_a_job_whose_generator_died_runs_again_and_a_job_error_fails_it(tmp_path
         manager = manager_for(tmp_path, generator)
         retried = record(prompt="retried")
         await manager.submit(retried)
-        await until(lambda: manager.store.get(retried.id).status.final)
+        await ended(manager, retried.id)
         generator.fail_with = [InvalidTaskError("strength leaves no step", "strength")]
         failed = record(prompt="failed")
         await manager.submit(failed)
-        await until(lambda: manager.store.get(failed.id).status.final)
+        await ended(manager, failed.id)
         return manager.store.get(retried.id), manager.store.get(failed.id)
 
     retried, failed = run(scenario)
@@ -299,13 +313,14 @@ def test_a_new_queue_holder_takes_over_every_unfinished_job_from_the_store(tmp_p
         jobs = [record(prompt=f"j{i}") for i in range(3)]
         for job in jobs:
             await first.submit(job)
-        await until(lambda: first._progress)
+        await until(lambda: first._progress, "the first job runs")
         first._dispatcher.cancel()  # the replica dies: its tasks and memory are gone
         for task in list(first._runs.values()):
             task.cancel()
         generator.gate.set()
         second = manager_for(tmp_path, generator)
-        await until(lambda: all(second.store.get(j.id).status == JobStatus.succeeded for j in jobs))
+        for job in jobs:
+            assert (await ended(second, job.id))["event"] == "succeeded"
         return [second.store.get(j.id) for j in jobs]
 
     records = run(scenario)
@@ -326,7 +341,7 @@ def test_webhooks_are_retried_until_the_receiver_accepts(tmp_path):
         manager._http = httpx.AsyncClient(transport=httpx.MockTransport(receiver))
         job = record(webhook=Webhook(url="http://hooks.example/done"))
         await manager.submit(job)
-        await until(lambda: len(calls) == 2)
+        await until(lambda: len(calls) == 2, "the webhook is delivered a second time")
         return job
 
     job = run(scenario)
@@ -343,10 +358,11 @@ def test_sweeping_deletes_jobs_past_retention_and_the_oldest_over_the_byte_cap(t
         manager.store.put(old.model_copy(update={"status": JobStatus.succeeded}))
         kept = record()
         await manager.submit(kept)
-        await until(lambda: manager.store.get(kept.id).status.final)
+        # Its final event, not its stored state: the manager stores the final state first and lets the job
+        # leave its unfinished records after, and a sweep rightly skips every job still among those.
+        await ended(manager, kept.id)
         unfinished = record()
-        generator_gate = manager.generator.gate
-        generator_gate.clear()
+        manager.generator.gate.clear()
         await manager.submit(unfinished)
         deleted = manager.sweep()
         return deleted, manager.store, old, kept, unfinished

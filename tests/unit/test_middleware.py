@@ -27,6 +27,8 @@ from serve_app.api.middleware import (
 
 async def echo(request: Request):
     body = await request.body()
+    if request.query_params.get("hold"):
+        await asyncio.Event().wait()  # never answers by itself: only a deadline ends it
     await asyncio.sleep(float(request.query_params.get("sleep", 0)))
     if request.query_params.get("boom"):
         raise RuntimeError("secret internals")
@@ -77,13 +79,14 @@ def test_api_keys():
 
 def test_deadline_default_and_client_asked():
     client = app_with((DeadlineMiddleware, {"default_s": 0.5}))
-    assert client.post("/work?sleep=0.05").status_code == 200
-    late = client.post("/work?sleep=2")
+    assert client.post("/work").status_code == 200  # answered at once
+    late = client.post("/work?hold=1")
     assert late.status_code == 504 and late.json()["error"]["code"] == "timeout"
-    shorter = client.post("/work?sleep=0.3", headers={"X-Request-Timeout": "0.1"})
-    assert shorter.status_code == 504 and "0.1s" in shorter.json()["error"]["message"]
-    longer_is_capped = client.post("/work?sleep=2", headers={"X-Request-Timeout": "100"})
-    assert longer_is_capped.status_code == 504
+    assert late.json()["error"]["message"] == "request did not finish within 0.5s"
+    shorter = client.post("/work?hold=1", headers={"X-Request-Timeout": "0.1"})
+    assert shorter.status_code == 504 and "within 0.1s" in shorter.json()["error"]["message"]
+    longer_is_capped = client.post("/work?hold=1", headers={"X-Request-Timeout": "100"})
+    assert longer_is_capped.status_code == 504 and "within 0.5s" in longer_is_capped.json()["error"]["message"]
     for bad in ("soon", "-1", "0", "inf"):
         response = client.post("/work", headers={"X-Request-Timeout": bad})
         assert response.status_code == 422 and response.json()["error"]["field"] == "X-Request-Timeout"
@@ -168,8 +171,7 @@ def test_a_request_that_would_wait_past_its_deadline_is_refused_at_once():
         transport = httpx.ASGITransport(app=RequestIdMiddleware(limited))
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
             in_flight = [asyncio.ensure_future(http.post("/generate")) for _ in range(3)]
-            while limited.active < 3:
-                await asyncio.sleep(0.01)
+            await until(lambda: limited.active == 3, "three requests are held")
             refused = await http.post("/generate", headers={"X-Request-Timeout": "2"})  # would wait ~4 s
             job = asyncio.ensure_future(http.post("/jobs", headers={"X-Request-Timeout": "2"}))  # jobs queue
             patient = asyncio.ensure_future(http.post("/generate", headers={"X-Request-Timeout": "30"}))
@@ -186,6 +188,14 @@ def test_a_request_that_would_wait_past_its_deadline_is_refused_at_once():
     assert "3 requests ahead, about 4s to answer, too close to this request's 2s deadline" in message
     assert refused.headers["retry-after"] == "3"  # 4 s expected - 1.5 s (three quarters of the deadline)
     assert [r.status_code for r in answered] == [200] * 5
+
+
+async def until(predicate, what: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting until {what}")
+        await asyncio.sleep(0.005)
 
 
 def test_without_enough_answers_to_measure_nothing_is_refused_by_wait():

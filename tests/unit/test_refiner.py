@@ -13,13 +13,17 @@ from serve_app.pipeline.params import ImageParams
 from serve_app.pipeline.tasks import ImageResult, ImageTask
 
 
-@pytest.fixture(scope="module")
-def model():
+def load_model():
     from serve_app.pipeline.loading import PipelineOptions
     from serve_app.pipeline.model import LoadedModel
 
     options = PipelineOptions(device="cpu", torch_threads=1)
     return LoadedModel.load("synthetic:tiny-xl", options, refiner="synthetic:tiny-xl-refiner")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model()
 
 
 def _job(seed: int, refiner: dict | None = None, steps: int = 4, init_image=None, strength=None) -> ImageTask:
@@ -34,11 +38,18 @@ def _pixels(result) -> np.ndarray:
     return result.pixels.astype(int)
 
 
-def test_the_refiner_loads_on_first_use_and_shares_the_bases_text_encoder_and_vae(model):
-    assert model.describe()["refiner"]["loaded"] is False or model._refiner is not None
-    refiner = model.refiner
-    assert refiner.vae is model.pipe.vae and refiner.text_encoder_2 is model.pipe.text_encoder_2
-    assert refiner.text_encoder is None and model.describe()["refiner"]["loaded"] is True
+def test_the_refiner_loads_on_first_use_and_shares_the_bases_text_encoder_and_vae():
+    fresh = load_model()  # not the module's model: other tests may have used its refiner already
+    assert fresh.describe()["refiner"] == {"model": "synthetic:tiny-xl-refiner", "loaded": False, "load_s": None}
+    [plain] = fresh.generate([_job(1)])
+    assert isinstance(plain, ImageResult) and fresh.describe()["refiner"]["loaded"] is False  # not needed yet
+    [refined] = fresh.generate([_job(1, {})])
+    assert isinstance(refined, ImageResult)
+    described = fresh.describe()["refiner"]
+    assert described["loaded"] is True and described["load_s"] > 0  # loaded by the first image that asked
+    refiner = fresh.refiner
+    assert refiner.vae is fresh.pipe.vae and refiner.text_encoder_2 is fresh.pipe.text_encoder_2
+    assert refiner.text_encoder is None
 
 
 def test_ensemble_of_experts_finishes_the_bases_image_and_the_split_changes_it(model):
