@@ -14,7 +14,9 @@ health probe. Then --burst requests at once (0: none), each with the same deadli
 and /readyz are probed every 0.1 s: answers by status, goodput (images answered in time, per second
 from the burst to the last of them) against capacity, p95 time to a refusal, the slowest probe, and
 whether every 429/503 said when to retry (Retry-After), the ingress's own refusals (JSON) told apart
-from Serve's proxy's (plain text). Writes overload.json and overload.md to --out.
+from Serve's proxy's (plain text); and, for scale, the same number of GET /healthz at once: what the
+HTTP path alone (proxy, ingress replica, load generator) takes for a burst of that size on this
+machine. Writes overload.json and overload.md to --out.
 """
 
 from __future__ import annotations
@@ -172,6 +174,19 @@ async def burst(session: aiohttp.ClientSession, count: int, deadline_s: float) -
     }
 
 
+async def probe_burst(session: aiohttp.ClientSession, count: int) -> dict:
+    """`count` GET /healthz at once: the floor of any burst's answer times on this machine."""
+
+    async def one() -> float:
+        begun = time.perf_counter()
+        async with session.get("/healthz") as response:
+            await response.read()
+        return time.perf_counter() - begun
+
+    seconds = await asyncio.gather(*(one() for _ in range(count)))
+    return {"p95_ms": round(float(np.percentile(seconds, 95)) * 1000, 1), "max_ms": round(max(seconds) * 1000, 1)}
+
+
 def burst_markdown(capacity_per_s: float, result: dict, deadline_s: float) -> str:
     r = result
     return (
@@ -183,6 +198,8 @@ def burst_markdown(capacity_per_s: float, result: dict, deadline_s: float) -> st
         f"| {r['statuses']} | {r['goodput_images_per_s']} ({r['goodput_images_per_s'] / capacity_per_s:.2f}) "
         f"| {r['refusal_p95_ms']} ms | {r['refused_by_the_ingress']} / {r['refused_by_serve']} "
         f"| {r['refusals_without_retry_after']} | {r['health_max_ms']} ms ({r['health_p95_ms']} ms) |\n"
+        f"\nFor scale, {r['requests']} GET /healthz at once (the HTTP path alone): p95 {r['healthz_burst']['p95_ms']} ms, "
+        f"slowest {r['healthz_burst']['max_ms']} ms.\n"
     )
 
 
@@ -215,6 +232,8 @@ async def run(url: str, args) -> tuple[float, dict]:
         burst_result = None
         if args.burst:
             burst_result = await burst(session, args.burst, args.deadline)
+            await asyncio.sleep(args.deadline)  # what the burst admitted is done
+            burst_result["healthz_burst"] = await probe_burst(session, args.burst)
             print(f"burst of {args.burst}: {json.dumps(burst_result)}", file=sys.stderr)
     return measured, levels, burst_result
 

@@ -22,6 +22,10 @@ def build_app(args: dict | None = None) -> Application:
             open_store(settings.jobs.store)
         except StoreUnavailable as exc:
             raise ValueError(f"args.jobs.store: {exc}") from None
-    generator = ImageGenerator.bind(settings.served_models(), settings.max_models_per_replica, settings.loras)
-    manager = JobManager.bind(generator, settings)
-    return Ingress.bind(generator, manager, settings)
+    # Serve's own 503s (a deployment's max_queued_requests reached) say when to come back, as the ingress's do.
+    backpressure = {"status_code": 503, "retry_after_s": settings.limits.retry_after_s}
+    generator = ImageGenerator.options(backpressure_config=backpressure).bind(
+        settings.served_models(), settings.max_models_per_replica, settings.loras
+    )
+    manager = JobManager.options(backpressure_config=backpressure).bind(generator, settings)
+    return Ingress.options(backpressure_config=backpressure).bind(generator, manager, settings)
