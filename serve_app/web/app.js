@@ -233,15 +233,20 @@ function maskPainted() {
   return false;
 }
 
-// The mask as the API takes it: white where painted, black elsewhere, the image's size.
+// The mask as the API takes it: white where painted, black elsewhere, the image's size. Binary: the brush's
+// anti-aliased rim is in or out (the server's mask blur is what softens an edge).
 function maskDataUrl() {
   const out = document.createElement("canvas");
   out.width = maskCanvas.width;
   out.height = maskCanvas.height;
-  const context = out.getContext("2d");
-  context.fillStyle = "#000000";
-  context.fillRect(0, 0, out.width, out.height);
-  context.drawImage(maskCanvas, 0, 0);
+  const pixels = maskContext.getImageData(0, 0, out.width, out.height);
+  const data = pixels.data;
+  for (let i = 0; i < data.length; i += 4) {
+    const value = data[i + 3] >= 128 ? 255 : 0;
+    data[i] = data[i + 1] = data[i + 2] = value;
+    data[i + 3] = 255;
+  }
+  out.getContext("2d").putImageData(pixels, 0, 0);
   return out.toDataURL("image/png");
 }
 
