@@ -17,6 +17,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .pipeline.adapters import AdapterSettings
+from .pipeline.controlnets import ControlNetEntry
 from .pipeline.engines import EngineLimits
 from .pipeline.fairness import Priority
 from .pipeline.loading import ModelSource, ModelSourceError, PipelineOptions
@@ -311,11 +312,26 @@ class ModelConfig(_Strict):
     limits: ModelLimits = Field(
         default_factory=ModelLimits, description="keys of args.limits to change for this model (sizes, steps, ...)"
     )
+    controlnets: list[ControlNetEntry] = Field(
+        default_factory=list,
+        description="ControlNets requests may name (`controlnet`), loaded with the model (UNet models: SD 1.x/2.x, "
+        "SDXL)",
+    )
 
     @field_validator("model", "refiner")
     @classmethod
     def _model_source_readable(cls, value: str | None) -> str | None:
         return value if value is None else _readable_source(value)
+
+    @field_validator("controlnets")
+    @classmethod
+    def _controlnets_named_once(cls, entries: list[ControlNetEntry]) -> list[ControlNetEntry]:
+        return _named_once(entries)
+
+    @model_validator(mode="after")
+    def _controlnets_fit(self) -> ModelConfig:
+        _check_controlnet_family(self.model, self.controlnets)
+        return self
 
 
 class ServedModel(_Strict):
@@ -327,6 +343,7 @@ class ServedModel(_Strict):
     defaults: GenerationDefaults
     limits: RequestLimits
     refiner: str | None = None
+    controlnets: list[ControlNetEntry] = Field(default_factory=list)
 
 
 class AppArgs(_Strict):
@@ -338,6 +355,9 @@ class AppArgs(_Strict):
         "one model, which requests then name by this same string; several: use `models`",
     )
     refiner: str | None = Field(None, description="the refiner of `model` (one model); with `models`, per model")
+    controlnets: list[ControlNetEntry] = Field(
+        default_factory=list, description="the ControlNets of `model` (one model); with `models`, per model"
+    )
     models: list[ModelConfig] = Field(
         default_factory=list, description="several models, loaded on demand per Generator replica"
     )
@@ -363,14 +383,22 @@ class AppArgs(_Strict):
     def _model_source_readable(cls, value: str | None) -> str | None:
         return value if value is None else _readable_source(value)
 
+    @field_validator("controlnets")
+    @classmethod
+    def _controlnets_named_once(cls, entries: list[ControlNetEntry]) -> list[ControlNetEntry]:
+        return _named_once(entries)
+
     @model_validator(mode="after")
     def _models_coherent(self) -> AppArgs:
         if not self.models:
             if self.default_model not in (None, self.model):
                 raise ValueError(f"default_model {self.default_model!r} is not the served model {self.model!r}")
+            _check_controlnet_family(self.model, self.controlnets)
             return self
-        if {"model", "refiner"} & self.model_fields_set:
-            raise ValueError("give either `model` (and `refiner`) for one model or `models` for several, not both")
+        if {"model", "refiner", "controlnets"} & self.model_fields_set:
+            raise ValueError(
+                "give either `model` (and `refiner`, `controlnets`) for one model or `models` for several, not both"
+            )
         ids = [entry.id for entry in self.models]
         repeated = sorted({i for i in ids if ids.count(i) > 1})
         if repeated:
@@ -396,7 +424,9 @@ class AppArgs(_Strict):
 
     def served_models(self) -> list[ServedModel]:
         """Every model with its options resolved (per-model keys over the shared ones); the default first."""
-        entries = self.models or [ModelConfig(id=self.model, model=self.model, refiner=self.refiner)]
+        entries = self.models or [
+            ModelConfig(id=self.model, model=self.model, refiner=self.refiner, controlnets=self.controlnets)
+        ]
         served = [
             ServedModel(
                 id=entry.id,
@@ -407,6 +437,7 @@ class AppArgs(_Strict):
                 defaults=entry.defaults.over(self.defaults),
                 limits=entry.limits.over(self.limits),
                 refiner=entry.refiner,
+                controlnets=entry.controlnets,
             )
             for entry in entries
         ]
@@ -416,6 +447,28 @@ class AppArgs(_Strict):
         """`limits`, widened to what any served model allows: the bounds /openapi.json and schema errors state
         (each model's own are checked per request, and listed by GET /models)."""
         return widest([model.limits for model in self.served_models()])
+
+
+def _named_once(entries: list[ControlNetEntry]) -> list[ControlNetEntry]:
+    names = [entry.name for entry in entries]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"ControlNet {', '.join(repeated)} named more than once")
+    return entries
+
+
+def _check_controlnet_family(model: str, entries: list[ControlNetEntry]) -> None:
+    """ControlNets steer UNet models; a flow model's family is known from its source without loading it."""
+    if not entries:
+        return
+    from .pipeline.families import family_of_source
+
+    family = family_of_source(model)
+    if family not in (None, "unet"):
+        raise ValueError(
+            f"controlnets: model {model!r} is of the {family} family; ControlNets are offered for UNet models "
+            "(SD 1.x/2.x, SDXL), not for SD3 or FLUX.1"
+        )
 
 
 def _readable_source(value: str) -> str:

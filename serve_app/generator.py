@@ -298,7 +298,9 @@ class ModelRuntime:
         self.id = served.id
         self.on_unload = None  # set by the Generator: called once unloaded
         self._unloaded = True  # nothing to stop (or count) until the loop runs: a failed load leaves nothing
-        self.model = LoadedModel.load(served.source, served.pipeline, served.defaults, adapters, served.refiner)
+        self.model = LoadedModel.load(
+            served.source, served.pipeline, served.defaults, adapters, served.refiner, served.controlnets
+        )
         self.warmup_s = self.model.warmup()
         self.counters = LoopCounters()
         self.engine = make_engine(self.model, served.pipeline.engine, limits, self.counters)
@@ -326,6 +328,7 @@ class ModelRuntime:
             "loaded_at": round(self.loaded_at, 3),
             "images_succeeded": self.counters.succeeded,
             "loras": self.model.adapters.describe(),
+            "controlnets": self.model.describe_controlnets(),
         }
 
     def unload(self) -> None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .controlnets import check_control
 from .errors import InvalidTaskError
 from .params import LATENT_UPSCALERS, PIXEL_UPSCALERS, GenerationDefaults, ImageParams
 from .schedulers import FLOW_SCHEDULER_NAMES, UNET_SCHEDULER_NAMES
@@ -205,6 +206,7 @@ def check_task(task: ImageTask, family: Family, schedulers, multiple: int, inpai
         # SD3's and FLUX.1's image-to-image run n - int(n - n * strength) steps: at least one at any strength.
         task.check_denoises()
     check_edits(task, family, schedulers, multiple, inpainting_model)
+    check_control(task, family.name)
 
 
 def check_edits(task: ImageTask, family: Family, schedulers, multiple: int, inpainting_model: bool) -> None:

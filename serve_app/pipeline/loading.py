@@ -108,6 +108,11 @@ class PipelineOptions(BaseModel):
         "sequential: layer by layer (least GPU memory, many times slower)",
     )
     seed: int = Field(0, description="weight seed for synthetic models")
+    controlnet_batching: Literal["mixed", "grouped"] = Field(
+        "mixed",
+        description="step engine: mixed: images with different ControlNets, scales and windows (and images with none) "
+        "share one UNet call; grouped: only images with the same ControlNet units do",
+    )
     engine: Literal["step", "request"] = Field(
         "step",
         description="step: images join and leave the running batch at every denoising step (continuous batching); "

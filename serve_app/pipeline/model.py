@@ -22,6 +22,7 @@ a lock (the engine loop also runs them on a single worker thread).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -37,6 +38,14 @@ import torch
 from PIL import Image
 
 from .adapters import AdapterSettings, LoraMixer
+from .controlnets import (
+    check_names,
+    controlnet_call_arguments,
+    controlnet_pipeline,
+    load_controlnets,
+    memory_bytes,
+    prompt_mode,
+)
 from .errors import GenerationError, InvalidTaskError, PipelineUnavailableError
 from .families import (
     FLUX,
@@ -79,8 +88,14 @@ class LoadedModel:
         defaults: GenerationDefaults,
         adapters: AdapterSettings | None = None,
         refiner: ModelSource | None = None,
+        controlnets: dict | None = None,
+        controlnet_sources: dict[str, str] | None = None,
     ):
         self.pipe = pipe
+        # The ControlNets requests may name (`controlnets.py`), loaded with the model; their sources by name.
+        self.controlnets = dict(controlnets or {})
+        self.controlnet_sources = dict(controlnet_sources or {})
+        self._controlled: dict[tuple, object] = {}  # diffusers' ControlNet pipelines over these modules, by net set
         self.refiner_source = refiner  # loaded on first use (`refiner`)
         self._refiner = None
         self.refiner_load_s: float | None = None
@@ -123,16 +138,28 @@ class LoadedModel:
         defaults: GenerationDefaults | None = None,
         adapters: AdapterSettings | None = None,
         refiner: str | None = None,
+        controlnets: list | tuple = (),
     ) -> LoadedModel:
         """Load `model` (a model source string); `defaults` overrides what tasks get when they leave a parameter
-        out; `adapters`: the LoRA adapters tasks may name; `refiner`: a refiner's model source (loaded when first used)."""
+        out; `adapters`: the LoRA adapters tasks may name; `refiner`: a refiner's model source (loaded when first used);
+        `controlnets`: the ControlNets tasks may name (`controlnets.ControlNetEntry`), loaded now."""
         options = options or PipelineOptions()
         source = ModelSource.parse(model)
         started = time.perf_counter()
         pipe = load_pipeline(source, options)
+        nets = load_controlnets(controlnets, pipe, options)
         logger.info("loaded %s on %s in %.1fs", source, pipe.device, time.perf_counter() - started)
         defaults = (defaults or GenerationDefaults()).over(model_defaults(pipe, source))
-        return cls(pipe, source, options, defaults, adapters, ModelSource.parse(refiner) if refiner else None)
+        return cls(
+            pipe,
+            source,
+            options,
+            defaults,
+            adapters,
+            ModelSource.parse(refiner) if refiner else None,
+            controlnets=nets,
+            controlnet_sources={entry.name: entry.source for entry in controlnets},
+        )
 
     @property
     def img2img(self):
@@ -236,6 +263,7 @@ class LoadedModel:
             task = self._check_refiner(task)
             params = task.params
         check_task(task, self.family, self.schedulers, self.size_multiple, inpainting_model=self.reads_mask)
+        check_names(params.controlnet, sorted(self.controlnets))
         unknown = sorted({lora.name for lora in params.loras} - set(self.adapters.catalog.names()))
         if unknown:
             available = ", ".join(self.adapters.catalog.names()) or "none"
@@ -321,6 +349,7 @@ class LoadedModel:
             "image_to_image_schedulers": list(self.schedulers.names(image_to_image=True)),
             "default_scheduler": type(self.model_scheduler).__name__,
             "loras": self.adapters.describe(),
+            "controlnets": self.describe_controlnets(),
             "refiner": None
             if self.refiner_source is None
             else {
@@ -340,11 +369,21 @@ class LoadedModel:
             }
         return info
 
+    def describe_controlnets(self) -> list[dict]:
+        """The ControlNets this model serves: name, source and the bytes their weights take."""
+        sizes = memory_bytes(self.controlnets)
+        return [
+            {"name": name, "source": self.controlnet_sources.get(name, ""), "memory_bytes": sizes[name]}
+            for name in sorted(self.controlnets)
+        ]
+
     # -- one pipeline call, in steps ----------------------------------------------
 
     def run_group(self, tasks: list[ImageTask], on_step: StepCallback | None = None) -> GroupRun:
         """One pipeline call for tasks that share a `call_key` (defaults already filled)."""
         first = tasks[0]
+        if first.params.controlnet:
+            return self._run_controlled(tasks, on_step)
         if first.params.refiner is not None:
             return self._run_refined(tasks, on_step)
         if first.params.hires is not None:
@@ -367,6 +406,35 @@ class LoadedModel:
                 output = pipe(**kwargs)
             self.calls_by_batch_size[len(tasks)] += 1
         return output
+
+    def _run_controlled(self, tasks: list[ImageTask], on_step: StepCallback | None) -> GroupRun:
+        """One call of diffusers' ControlNet pipeline (text or image to image) over this model's modules and the
+        tasks' ControlNets (one, or a MultiControlNetModel of several), which the tasks share with their scales,
+        windows and mode; each task its own control images. `control_mode` "prompt" scales the residuals by level
+        through a hook (`controlnets.prompt_mode`); "control" is diffusers' guess mode."""
+        first = tasks[0]
+        units = first.params.controlnet
+        nets = [self.controlnets[unit.name] for unit in units]
+        image_to_image = first.init_image is not None
+        key = (tuple(unit.name for unit in units), image_to_image)
+        if key not in self._controlled:
+            self._controlled[key] = controlnet_pipeline(self.pipe, nets, image_to_image)
+        if len(units) > 1 and len(tasks) > 1 and self.pipe.unet.config.addition_embed_type is not None:
+            # diffusers' SDXL multi-ControlNet pipelines take one set of control images per call: one task per call.
+            runs = [self._run_controlled([task], on_step) for task in tasks]
+            return GroupRun(images=[run.images[0] for run in runs], seconds=sum(run.seconds for run in runs))
+        kwargs = self._call_arguments(tasks)
+        control = controlnet_call_arguments(tasks, nets)
+        kwargs["control_image" if image_to_image else "image"] = control.pop("images")
+        # Always the task's size: the pipelines would default to the control image's.
+        kwargs.update(control, width=first.params.width, height=first.params.height)
+        if on_step is not None:
+            kwargs["callback_on_step_end"] = _step_callback(on_step)
+        started = time.perf_counter()
+        scaled = prompt_mode(nets) if units[0].control_mode == "prompt" else contextlib.nullcontext()
+        with scaled:
+            output = self._call(self._controlled[key], kwargs, tasks, first.params.scheduler)
+        return GroupRun(images=list(to_uint8(output.images)), seconds=time.perf_counter() - started)
 
     def _run_inpaint(self, tasks: list[ImageTask], on_step: StepCallback | None) -> GroupRun:
         """One inpaint pipeline call (`masks`: the filled image, the blurred mask, "only masked" as the pipeline's

@@ -16,7 +16,7 @@ import re
 import secrets
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from .schedulers import ALL_SCHEDULER_NAMES
 
@@ -212,6 +212,76 @@ def _multiple_of_8(value: float) -> int:
     return max(8, int(value) // 8 * 8)
 
 
+ControlNetName = Annotated[
+    str, Field(min_length=1, max_length=200, pattern=r"^[\w.+-]+$", description="a ControlNet (GET /controlnets)")
+]
+# How a unit's residuals weigh against the prompt (AUTOMATIC1111's control_mode): balanced (both halves of
+# classifier-free guidance, as diffusers' ControlNet pipelines), prompt ("My prompt is more important": the
+# residuals of each level scaled down from 1 at the deepest to 0.1 at the shallowest, logspace(-1, 0), on both
+# halves), control ("ControlNet is more important": diffusers' guess_mode, those scales on the conditional half
+# only).
+ControlMode = Literal["balanced", "prompt", "control"]
+# Preprocessors that run on the CPU without weights (`preprocessors.py`): none (the image is the map already),
+# canny (OpenCV's edges), invert (white background and black lines made black and white), scribble_xdog
+# (AUTOMATIC1111's difference-of-Gaussians scribble).
+PREPROCESSOR_NAMES = ("none", "canny", "invert", "scribble_xdog")
+PreprocessorName = Literal[PREPROCESSOR_NAMES]  # type: ignore[valid-type]
+# How a control image is fitted to the output size: resize (stretched), crop (its aspect kept, cropped to the
+# output's, then resized: AUTOMATIC1111's "Crop and Resize"), fill (its aspect kept, fitted inside, the edges
+# extended: "Resize and Fill").
+ResizeMode = Literal["resize", "crop", "fill"]
+MAX_CONTROLNET_UNITS = 4
+
+
+class ControlNetUnit(BaseModel):
+    """One ControlNet applied to an image: which, how strongly, over which part of the schedule, and how its
+    control image was made. The control image itself travels with the task (`ImageTask.control_images`), already
+    preprocessed and at the output size."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: ControlNetName
+    scale: float = Field(1.0, ge=0, le=2, description="conditioning scale: how strongly the map steers (0: not at all)")
+    start: float = Field(0.0, ge=0, lt=1, description="share of the schedule done before the ControlNet starts")
+    end: float = Field(1.0, gt=0, le=1, description="share of the schedule done when the ControlNet stops")
+    control_mode: ControlMode = Field(
+        "balanced",
+        description="balanced; prompt (the prompt matters more: residuals scaled down by level, both halves of "
+        "guidance); control (the ControlNet matters more: diffusers' guess mode, conditional half only)",
+    )
+    preprocess: PreprocessorName = Field(
+        "none", description="what makes the map from the image: none (it is the map), canny, invert, scribble_xdog"
+    )
+    threshold_a: float | None = Field(
+        None, ge=0, le=1024, description="canny: the low edge threshold (100); scribble_xdog: the line threshold (32)"
+    )
+    threshold_b: float | None = Field(None, ge=0, le=1024, description="canny: the high edge threshold (200)")
+    processor_res: int | None = Field(
+        None,
+        ge=64,
+        le=2048,
+        description="the preprocessor runs on the image resized to this short side, its map then fitted to the "
+        "output; unset: at the output size",
+    )
+    resize_mode: ResizeMode = Field(
+        "resize", description="fitting the image to the output size: resize (stretch), crop, fill"
+    )
+
+    @field_validator("end")
+    @classmethod
+    def _after_start(cls, end: float, info: ValidationInfo) -> float:
+        start = info.data.get("start")
+        if start is not None and start >= end:
+            raise ValueError(f"must be after start ({start:g}); got {end:g}")
+        return end
+
+    @property
+    def key(self) -> tuple:
+        """What the engines read (the preprocessing is done by then): images with equal keys share diffusers'
+        per-call ControlNet arguments."""
+        return (self.name, float(self.scale), float(self.start), float(self.end), self.control_mode)
+
+
 class GenerationDefaults(BaseModel):
     """What an image gets for parameters its request leaves out (config `args.defaults`; unset: the model's)."""
 
@@ -254,6 +324,12 @@ class ImageParams(BaseModel):
     )
     outpaint: Outpaint | None = Field(None, description="image-to-image: pixels added around the image, to be painted")
     hires: HiresParams | None = Field(None, description="text-to-image: a second, upscaled pass (hires fix)")
+    controlnet: tuple[ControlNetUnit, ...] = Field(
+        (),
+        max_length=MAX_CONTROLNET_UNITS,
+        description="ControlNets steering the image's structure, each with its control image (several: "
+        "multi-ControlNet, their residuals summed in this order)",
+    )
 
     @field_validator("loras")
     @classmethod
@@ -263,6 +339,22 @@ class ImageParams(BaseModel):
         if repeated:
             raise ValueError(f"adapter {', '.join(repeated)} named more than once; give each adapter one scale")
         return loras
+
+    @field_validator("controlnet")
+    @classmethod
+    def _one_control_mode(cls, units: tuple[ControlNetUnit, ...]) -> tuple[ControlNetUnit, ...]:
+        modes = {unit.control_mode for unit in units}
+        if len(modes) > 1:
+            raise ValueError(
+                f"units of one image share one control_mode (got {', '.join(sorted(modes))}): diffusers' "
+                "multi-ControlNet pipelines take one guess mode per call"
+            )
+        return units
+
+    @property
+    def controlnet_key(self) -> tuple:
+        """The ControlNet units as the engines read them (names, scales, windows, mode), in order."""
+        return tuple(unit.key for unit in self.controlnet)
 
     @property
     def adapter_key(self) -> tuple[tuple[str, float], ...]:

@@ -27,6 +27,9 @@ class ImageTask:
     # Inpainting: a uint8 array (height, width) the init image's size; >= 128 (white) is repainted. Inverted and
     # outpainting's border added already; `params.inpaint` says how (blur, fill, paste back, only masked).
     mask: np.ndarray | None = field(default=None, repr=False, compare=False)
+    # ControlNet: one RGB uint8 array (height, width, 3) per unit of `params.controlnet`, in order: the control map
+    # already preprocessed and at the output size.
+    control_images: tuple[np.ndarray, ...] = field(default=(), repr=False, compare=False)
     # Engine-internal: latents an image-to-image start takes instead of an init image (hires fix's second phase
     # from upscaled latents). A torch tensor; typed loosely to keep this module torch-free.
     init_latents: object | None = field(default=None, repr=False, compare=False)
@@ -88,7 +91,12 @@ class ImageTask:
     def with_defaults(self, defaults: GenerationDefaults) -> ImageTask:
         """The task with every unset parameter filled from `defaults` (an init image fixes the size)."""
         init_size = None if self.init_image is None else (self.init_image.shape[1], self.init_image.shape[0])
-        params = self.params.with_defaults(defaults, init_size)
+        params = self.params
+        if init_size is None and self.control_images and params.width is None and params.height is None:
+            # As diffusers' ControlNet pipelines: an unset size is the control image's.
+            height, width = self.control_images[0].shape[:2]
+            params = params.model_copy(update={"width": width, "height": height})
+        params = params.with_defaults(defaults, init_size)
         if self.mask is not None and params.inpaint is None:
             params = params.model_copy(update={"inpaint": InpaintParams()})
         return dataclasses.replace(self, params=params)
@@ -142,6 +150,7 @@ def call_key(task: ImageTask, split_empty_negative: bool = False, split_adapters
         # "Only masked" crops around each image's own mask: a call of its own.
         id(task) if p.inpaint is not None and p.inpaint.only_masked else None,
         p.hires,
+        p.controlnet_key,
     )
 
 

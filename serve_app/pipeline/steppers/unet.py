@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..controlnets import check_names
 from ..errors import GenerationError, InvalidTaskError
 from ..families import UNET, check_task
 from ..hires import second_phase_task
@@ -70,6 +71,7 @@ from .common import (
     start_failure,
     step_failure,
 )
+from .control import ControlNetRows, ControlUnitRows
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +128,10 @@ class DenoisingState(SteppedImage):
         # Inpainting: its mask, image latents and start noise at latent resolution (and the masked image's
         # latents for models that read them); None for images without a mask.
         self.masked: MaskedRows | None = None
+        # ControlNet: its units with their conditioning embeddings (`control.py`); [] for images without.
+        self.control: list[ControlUnitRows] = []
+        # Its ControlNet units when images group by ControlNet set (`UNetStepper(group_by_controlnets=True)`).
+        self.control_group: tuple = ()
         self._cohort: _Cohort | None = None
         self._row = 0
 
@@ -176,7 +182,7 @@ class DenoisingState(SteppedImage):
     def shape_key(self) -> tuple:
         """Only states with equal keys may share a UNet call."""
         latents = self._cohort.latents
-        return (*latents.shape[1:], latents.dtype, latents.device, self.adapter_group)
+        return (*latents.shape[1:], latents.dtype, latents.device, self.adapter_group, self.control_group)
 
 
 @dataclass
@@ -288,7 +294,16 @@ class UNetStepper(Stepper):
     Not thread-safe (neither is the pipeline): call from one thread at a time.
     """
 
-    def __init__(self, pipe, schedulers=None, img2img_pipe=None, adapters=None, group_by_adapters=False):
+    def __init__(
+        self,
+        pipe,
+        schedulers=None,
+        img2img_pipe=None,
+        adapters=None,
+        group_by_adapters=False,
+        controlnets=None,
+        group_by_controlnets=False,
+    ):
         reason = self.unsupported_reason(pipe)
         if reason:
             raise ValueError(f"{type(pipe).__name__} cannot be stepped: {reason}")
@@ -310,12 +325,26 @@ class UNetStepper(Stepper):
         # embedding (time_cond_proj_dim): they take the scale as conditioning instead.
         self.guidance_embedding_dim = pipe.unet.config.time_cond_proj_dim
         self._rows_cache: tuple[list[DenoisingState], dict] | None = None
+        # ControlNets by name, applied per row (`control.py`); group_by_controlnets: only images with the same
+        # units share a UNet call (to measure what mixing them saves).
+        self.controlnets = dict(controlnets or {})
+        self.control = ControlNetRows(self.controlnets, pipe.vae_scale_factor, self.device) if controlnets else None
+        self.group_by_controlnets = group_by_controlnets
+
+    @classmethod
+    def model_options(cls, model) -> dict:
+        return {
+            "controlnets": model.controlnets,
+            "group_by_controlnets": model.options.controlnet_batching == "grouped",
+        }
 
     def group_key(self, task: ImageTask) -> tuple:
         """Tasks with different keys never share a UNet call: one latent shape (size) per call, and one adapter
-        set when adapter sets are kept apart."""
+        set (ControlNet set) when adapter sets (ControlNet sets) are kept apart."""
         p = task.params
-        return (p.width, p.height, p.adapter_key) if self.group_by_adapters else (p.width, p.height)
+        adapters = p.adapter_key if self.group_by_adapters else ()
+        control = p.controlnet_key if self.group_by_controlnets else ()
+        return (p.width, p.height, adapters, control)
 
     # -- what can be stepped ----------------------------------------------------------
 
@@ -371,6 +400,7 @@ class UNetStepper(Stepper):
     def check_inputs(self, task: ImageTask) -> None:
         """What the pipeline's check_inputs (and the request-level engine) refuse, as a task error."""
         check_task(task, UNET, self.schedulers, int(self.pipe.vae_scale_factor), inpainting_model=self.reads_mask)
+        check_names(task.params.controlnet, sorted(self.controlnets))
 
     def uses_guidance(self, guidance_scale: float) -> bool:
         """Whether an image gets unconditional rows: diffusers' do_classifier_free_guidance."""
@@ -472,11 +502,15 @@ class UNetStepper(Stepper):
                     self.prepare_added_conditioning(task, conditioning, image_latents.shape)
                 if self.guidance_embedding_dim is not None:
                     conditioning.timestep_cond = self.prepare_guidance_embedding(task.params.guidance_scale, dtype)
+                control = self.control.prepare(task, conditioning.uncond is not None) if task.params.controlnet else []
             except Exception as exc:  # noqa: BLE001 - one task's failure must not stop the others
                 results.append(start_failure(task, exc))
                 continue
             state = DenoisingState(task, generator, conditioning)
             state.masked = masked
+            state.control = control
+            if self.group_by_controlnets:
+                state.control_group = task.params.controlnet_key
             if self.group_by_adapters:
                 state.adapter_group = task.params.adapter_key
             states.append(state)
@@ -667,10 +701,12 @@ class UNetStepper(Stepper):
             values = [values[i] for i in guidance.positions] + values
         else:
             model_input = scaled
+        t = torch.tensor(values, dtype=torch.float32, device=self.device)
+        # ControlNet residuals of the rows inside their units' windows (None: no row is controlled this tick).
+        control = None if self.control is None else self.control.residuals(ordered, guidance, model_input, t, rows)
         if self.reads_mask:
             # An inpainting UNet reads cat([scaled latents, mask, masked image latents]) per row.
             model_input = torch.cat([model_input, rows["mask_channels"]], dim=1)
-        t = torch.tensor(values, dtype=torch.float32, device=self.device)
         adapters = [state.task.params.adapter_key for state in ordered]
         with self.adapters.applied(adapters, row_tasks=guidance.positions + list(range(len(ordered)))):
             out = self.pipe.unet(
@@ -680,6 +716,8 @@ class UNetStepper(Stepper):
                 timestep_cond=rows["timestep_cond"],
                 cross_attention_kwargs=None,
                 added_cond_kwargs=rows["added_cond_kwargs"],
+                down_block_additional_residuals=None if control is None else control[0],
+                mid_block_additional_residual=None if control is None else control[1],
                 return_dict=False,
             )[0]
         return guidance.combine(out[: guidance.count], out[guidance.count :])
