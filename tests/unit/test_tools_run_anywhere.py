@@ -12,6 +12,7 @@ pytestmark = pytest.mark.slow  # a Python process per tool, each importing its d
 TOOLS = [
     "benchmark",
     "bulk_benchmark",
+    "fairness",
     "families_benchmark",
     "jobs_burst",
     "mixed_traffic",
