@@ -120,9 +120,9 @@ def test_generate_runs_a_job_shows_its_images_with_seeds_and_errors_in_words(
 
 
 def test_lora_adapters_are_offered_applied_at_their_scale_and_shown_on_the_image(page: Page, client):
-    # The demo serves two models (a field to choose, the default chosen and sent) and two adapters.
+    # The demo serves two models (a field to choose, the default chosen and sent) and their adapters.
     expect(page.locator("#loras-field")).to_be_visible()
-    expect(page.locator("#loras .lora .lora-name")).to_have_text(["ink", "neon"])
+    expect(page.locator("#loras .lora .lora-name")).to_have_text(["flux-ink", "ink", "neon"])
     expect(page.locator("#model-field")).to_be_visible()
     expect(page.locator("#model")).to_have_value("synthetic:tiny")
 
