@@ -116,6 +116,7 @@ def create_api(
     app.include_router(usage.router)
     app.include_router(openai_routes.router)
     app.include_router(a1111_routes.router)
+    app.include_router(a1111_routes.controlnet_router)
     app.include_router(guide_routes.router)
     mount_web_page(app)
     mount_docs(app)

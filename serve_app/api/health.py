@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from ..config import ModelLimits
+from ..pipeline.params import PREPROCESSOR_NAMES
 from ..service.generation import is_ready
 from .dependencies import Jobs, Service
 
@@ -77,3 +78,20 @@ async def models(service: Service):
 @router.get("/loras", summary="The LoRA adapters requests may apply (`loras`, or <lora:name:scale> in the prompt)")
 async def loras(service: Service):
     return {"batching": service.settings.loras.batching, "loras": service.models.adapters.describe()}
+
+
+@router.get(
+    "/controlnets", summary="The ControlNets requests may name (`controlnet`), per model, and the preprocessors"
+)
+async def controlnets(service: Service):
+    served = service.settings.served_models()
+    return {
+        "models": {
+            model.id: {
+                "controlnets": service.models.controlnets[model.id],
+                "batching": model.pipeline.controlnet_batching,
+            }
+            for model in served
+        },
+        "preprocessors": list(PREPROCESSOR_NAMES),
+    }

@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
+from pydantic import ValidationError, field_validator
 
 from ..api.errors import validation_problems
 from ..config import RequestLimits
@@ -32,6 +32,13 @@ ROWS_PER_IMAGE_DIR = 1000  # a million rows make a thousand folders of a thousan
 
 class BulkRequest(TextToImageRequest, OutputOptions):
     """A row of a bulk input: the fields of POST /generate (response_format aside), with their rules."""
+
+    @field_validator("controlnet")
+    @classmethod
+    def _no_controlnet(cls, units: tuple) -> tuple:
+        if units:
+            raise ValueError("ControlNet units are not offered in bulk runs: send them to POST /generate or /jobs")
+        return units
 
 
 COLUMNS = frozenset(BulkRequest.model_fields)  # what a row may hold; an unknown one gets "did you mean ...?"

@@ -106,8 +106,11 @@ class JobManager:
 
     # -- calls from the ingress -----------------------------------------------------------------
 
-    async def submit(self, record: JobRecord, init_png: bytes | None = None) -> JobRecord:
-        """Take a job: stored before this returns, so an accepted job is never lost."""
+    async def submit(
+        self, record: JobRecord, init_png: bytes | None = None, control_pngs: list[bytes] | None = None
+    ) -> JobRecord:
+        """Take a job: stored before this returns, so an accepted job is never lost. `control_pngs`: the control
+        maps of its ControlNet units, in order."""
         unfinished = len(self._records)
         if unfinished >= self.config.max_queued:
             raise JobRefused(503, "overloaded", f"the job queue is full ({unfinished} jobs)", self._retry_after())
@@ -121,6 +124,8 @@ class JobManager:
             )
         if init_png is not None:
             await run_in_threadpool(self.store.put_input, record.id, init_png)
+        if control_pngs:
+            await run_in_threadpool(self.store.put_controls, record.id, control_pngs)
         await run_in_threadpool(self.store.put, record)
         self._records[record.id] = record
         self._queue.append(record.id)
@@ -267,12 +272,16 @@ class JobManager:
         init_image = mask = None
         if record.kind == "img2img":
             init_image, mask = await run_in_threadpool(self._load_input, record.id)
+        controls = ()
+        if record.params.controlnet:
+            controls = await run_in_threadpool(self._load_controls, record)
         tasks = [
             ImageTask(
                 record.params.model_copy(update={"seed": seed}),
                 init_image,
                 request_id=record.request_id,
                 mask=mask,
+                control_images=controls,
                 preview_every=record.preview_every or 0,
                 tenant=record.tenant,
                 priority=record.priority,
@@ -298,6 +307,13 @@ class JobManager:
         if data is None:
             raise GenerationError(f"the init image of job {job_id} is missing from the store")
         return decode_input(data)
+
+    def _load_controls(self, record: JobRecord) -> tuple[np.ndarray, ...]:
+        """The control maps of the job's ControlNet units, in order."""
+        pngs = self.store.get_controls(record.id, len(record.params.controlnet))
+        if pngs is None:
+            raise GenerationError(f"the control images of job {record.id} are missing from the store")
+        return tuple(decode_input(png)[0] for png in pngs)
 
     async def _finish(self, record: JobRecord, status: JobStatus, error: JobError | None = None) -> None:
         record.status, record.error, record.finished_at = status, error, time.time()

@@ -4,6 +4,7 @@
     <root>/images/<id>/<n>.png                 image n, PNG with its generation parameters embedded
                                                (<n>.jpeg/.webp beside it when an answer linked that format)
     <root>/inputs/<id>.png                     the init image of an image-to-image job
+    <root>/inputs/<id>.control-<n>.png         the control map of its ControlNet unit n (preprocessed, at size)
     <root>/by_owner/<owner>/<~id>              every job of an owner (empty marker)
     <root>/by_status/<owner>/<status>/<~id>    finished jobs by final status (empty marker, written as they end)
     <root>/unfinished/<~id>                    jobs queued or running (empty marker, removed as they end)
@@ -33,6 +34,7 @@ from collections.abc import Callable, Iterable
 
 import fsspec
 
+from ..pipeline.params import MAX_CONTROLNET_UNITS
 from .records import JobImage, JobRecord, JobStatus, is_job_id
 
 LAYOUT = {"layout": 2, "markers": ["by_owner", "by_status", "unfinished"]}
@@ -371,6 +373,21 @@ class JobStore:
     def get_input(self, job_id: str) -> bytes | None:
         return self._read(self._path("inputs", f"{job_id}.png"))
 
+    def _control_path(self, job_id: str, index: int) -> str:
+        return self._path("inputs", f"{job_id}.control-{index}.png")
+
+    @_measured("put_image")
+    def put_controls(self, job_id: str, pngs: list[bytes]) -> None:
+        """The control maps of a job's ControlNet units, in unit order."""
+        self._write_many({self._control_path(job_id, i): png for i, png in enumerate(pngs)})
+
+    @_measured("get_image")
+    def get_controls(self, job_id: str, count: int) -> list[bytes] | None:
+        """The job's `count` control maps, or None if one is missing."""
+        paths = [self._control_path(job_id, i) for i in range(count)]
+        found = self._read_many(paths)
+        return [found[path] for path in paths] if len(found) == count else None
+
     @property
     def can_presign(self) -> bool:
         return not self.is_local
@@ -392,6 +409,8 @@ class JobStore:
             return False
         self._remove_tree(self._path("images", job_id))
         files = [self._path("inputs", f"{job_id}.png"), self._path("unfinished", inverted(job_id))]
+        units = len(record.params.controlnet) if record is not None else MAX_CONTROLNET_UNITS
+        files += [self._control_path(job_id, i) for i in range(units)]
         if record is not None:
             markers = self._markers(record)
             files += [markers["owner"], markers["status"]]
@@ -402,7 +421,8 @@ class JobStore:
     def size_bytes(self, job_id: str) -> int:
         """Bytes of one job: record, input and images."""
         total = 0
-        for path in (self._record_path(job_id), self._path("inputs", f"{job_id}.png")):
+        controls = [self._control_path(job_id, i) for i in range(MAX_CONTROLNET_UNITS)]
+        for path in (self._record_path(job_id), self._path("inputs", f"{job_id}.png"), *controls):
             try:
                 total += self.fs.size(path)
             except FileNotFoundError:

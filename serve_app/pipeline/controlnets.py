@@ -124,10 +124,18 @@ def check_control(task, family_name: str) -> None:
                 "a control image has the output's size",
                 field,
             )
+    refuse_combinations(p, task.mask is not None)
+
+
+def refuse_combinations(params, has_mask: bool) -> None:
+    """ControlNet units with what they do not combine with here (inpainting, hires fix, the refiner): a 422
+    naming the other field."""
+    if not params.controlnet:
+        return
     for name, why in (
-        ("mask", task.mask is not None and "inpainting"),
-        ("hires", p.hires is not None and "hires fix"),
-        ("refiner", p.refiner is not None and "the refiner"),
+        ("mask", has_mask and "inpainting"),
+        ("hires", params.hires is not None and "hires fix"),
+        ("refiner", params.refiner is not None and "the refiner"),
     ):
         if why:
             raise InvalidTaskError(f"ControlNet units do not combine with {why} here; send one or the other", name)

@@ -29,6 +29,7 @@ A1111_MODULES = {
     "invert": "invert",
     "scribble_xdog": "scribble_xdog",
 }
+A1111_MODULE_NAMES = ("none", "canny", "invert (from white bg & black line)", "scribble_xdog")
 DEFAULT_THRESHOLDS = {"canny": (100.0, 200.0), "scribble_xdog": (32.0, None)}
 # What `/controlnet/module_list` details: each preprocessor's sliders, as the A1111 extension describes them.
 MODULE_DETAIL = {

@@ -15,7 +15,8 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from ..config import RequestLimits
 from ..pipeline.errors import InvalidTaskError
 from ..pipeline.masks import check_mask
-from ..pipeline.params import ImageParams, Outpaint
+from ..pipeline.params import ControlNetUnit, ImageParams, Outpaint
+from ..pipeline.preprocessors import control_map
 from ..pipeline.schedulers import a1111_name
 from ..pipeline.tasks import ImageResult
 from .errors import ApiError
@@ -42,8 +43,27 @@ def parameters_text(params: ImageParams, model: str) -> str:
         fields.append(f"Denoising strength: {params.strength:g}")
     if params.loras:
         fields.append("LoRA: " + " ".join(f"{lora.name}:{lora.scale:g}" for lora in params.loras))
+    if params.inpaint is not None:
+        inpaint = params.inpaint
+        fields.append(f"Mask blur: {inpaint.mask_blur}")
+        fields.append(f"Masked content: {_MASKED_CONTENT[inpaint.fill]}")
+        if inpaint.only_masked:
+            fields.append(f"Inpaint area: Only masked, Masked area padding: {inpaint.only_masked_padding}")
+    if params.outpaint is not None:
+        margins = params.outpaint
+        fields.append(f"Outpaint: {margins.left} {margins.right} {margins.top} {margins.bottom}")
+    if params.hires is not None and params.width and params.height:
+        hires = params.hires
+        width, height = hires.target_size(params.width, params.height)
+        fields.append(f"Hires resize: {width}x{height}, Hires upscaler: {hires.upscaler}")
+        fields.append(f"Hires steps: {hires.second_pass(params.num_inference_steps or 0)[1]}")
+        fields.append(f"Denoising strength: {hires.denoising_strength:g}")
     lines.append(", ".join(fields))
     return "\n".join(lines)
+
+
+# Our fill modes in AUTOMATIC1111's words ("Masked content").
+_MASKED_CONTENT = {"blurred": "fill", "original": "original", "noise": "latent noise"}
 
 
 def encode_image(pixels: np.ndarray, output_format: str = "png", quality: int = 90, parameters: str = "") -> bytes:
@@ -111,14 +131,47 @@ def decode_init_image(
 
 def _fitted(picture: Image.Image, limits: RequestLimits, width: int | None, height: int | None, field: str):
     """An opened upload decoded as RGB at the output size."""
-    try:
-        picture = picture.convert("RGB")
-    except (OSError, Image.DecompressionBombError, SyntaxError, ValueError):
-        raise ApiError.invalid(field, "could not be decoded (truncated or corrupt)") from None
+    picture = _rgb(picture, field)
     size = output_size(picture.width, picture.height, width, height, limits)
     if size != picture.size:
         picture = picture.resize(size, Image.Resampling.LANCZOS)
     return np.asarray(picture)
+
+
+def _rgb(picture: Image.Image, field: str) -> Image.Image:
+    try:
+        return picture.convert("RGB")
+    except (OSError, Image.DecompressionBombError, SyntaxError, ValueError):
+        raise ApiError.invalid(field, "could not be decoded (truncated or corrupt)") from None
+
+
+def decode_picture(data: bytes | str, limits: RequestLimits, field: str) -> Image.Image:
+    """An upload as an RGB picture at its own size, checked as an init image is."""
+    return _rgb(_open_upload(data, limits, field, None), field)
+
+
+def decode_controls(
+    images: list[bytes | str],
+    units: tuple[ControlNetUnit, ...],
+    limits: RequestLimits,
+    width: int | None,
+    height: int | None,
+    fields: list[str],
+) -> tuple[list[np.ndarray], tuple[int, int]]:
+    """ControlNet units' images as the engines take them: each checked as an init image is (format, pixels,
+    frames, mode; 422/413 naming its field), preprocessed as its unit says (`preprocessors.control_map`) and fitted
+    to the output size: width x height, or where unset the first image's fitted within the limits (as diffusers'
+    ControlNet pipelines default to it). Returns the maps and that size."""
+    maps = []
+    for data, unit, field in zip(images, units, fields):
+        picture = decode_picture(data, limits, field)
+        if not (width and height):
+            width, height = output_size(picture.width, picture.height, width, height, limits)
+        try:
+            maps.append(control_map(picture, width, height, unit))
+        except (OSError, ValueError) as exc:
+            raise ApiError.invalid(field, f"could not be preprocessed ({unit.preprocess}): {exc}") from None
+    return maps, (width, height)
 
 
 def _open_upload(data: bytes | str, limits: RequestLimits, field: str, media_type: str | None) -> Image.Image:

@@ -23,12 +23,13 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from ..config import AppArgs, RequestLimits
-from ..pipeline.errors import GenerationError
+from ..pipeline.controlnets import describe_entries, refuse_combinations
+from ..pipeline.errors import GenerationError, InvalidTaskError
 from ..pipeline.fairness import DEFAULT_PRIORITY, Priority
 from ..pipeline.families import family_of_source
 from ..pipeline.params import ImageParams, new_seed, seed_at, split_lora_tags
 from ..pipeline.tasks import ImageResult, ImageTask
-from .encoding import MaskMeaning, decode_edit, decode_init_image
+from .encoding import MaskMeaning, decode_controls, decode_edit, decode_init_image
 from .errors import ApiError
 from .streams import latest_then_outcome
 
@@ -94,11 +95,13 @@ def image_tasks(
     *,
     init_image: np.ndarray | None = None,
     mask: np.ndarray | None = None,
+    control_images: tuple[np.ndarray, ...] = (),
     names: dict[str, str] | None = None,
     model: str | None = None,
 ) -> list[ImageTask]:
     """One task per image, within `limits` (`model`'s, named in errors); image i gets seed + i (the base seed
-    is drawn when left out). `mask` (white = repaint) goes with `init_image`."""
+    is drawn when left out). `mask` (white = repaint) goes with `init_image`; `control_images`: one map per
+    ControlNet unit."""
     check_limits(params, num_images, limits, names, model)
     base_seed = params.seed if params.seed is not None else new_seed()
     return [
@@ -106,6 +109,7 @@ def image_tasks(
             params=params.model_copy(update={"seed": seed_at(base_seed, i)}),
             init_image=init_image,
             mask=mask,
+            control_images=tuple(control_images),
             request_id=request_id,
         )
         for i in range(num_images)
@@ -124,6 +128,8 @@ class ModelTable:
         self.families = {model.id: family_of_source(model.source, model.pipeline.cache_dir) for model in served}
         self.default = settings.default_model_id
         self.adapters = settings.loras.catalog()
+        # Each model's ControlNets (name, source), as configured: every replica loads them with the model.
+        self.controlnets = {model.id: describe_entries(model.controlnets) for model in served}
 
     @property
     def several(self) -> bool:
@@ -177,7 +183,24 @@ class ModelTable:
                 names.get("loras", "loras"),
                 f"unknown LoRA adapter {', '.join(unknown)}; available: {', '.join(available) or 'none'}",
             )
+        self.check_controlnets(resolved, names)
         return resolved
+
+    def check_controlnets(self, params: ImageParams, names: dict[str, str]) -> None:
+        """Every ControlNet unit names one of its model's ControlNets (422 naming the unit and listing them)."""
+        model = params.model or self.default
+        if model not in self.ids:
+            return  # `resolve` names the unknown model
+        available = [entry["name"] for entry in self.controlnets[model]]
+        for index, unit in enumerate(params.controlnet):
+            if unit.name not in available:
+                field = f"controlnet.{index}.name"
+                served = (
+                    f"model {model!r} serves {', '.join(available)}" if available else f"model {model!r} serves none"
+                )
+                raise ApiError.invalid(
+                    names.get(field, field), f"unknown ControlNet {unit.name!r}; {served} (GET /controlnets)"
+                )
 
 
 # -- the Generator -----------------------------------------------------------------------------
@@ -213,16 +236,29 @@ class GenerationService:
         *,
         init_image: np.ndarray | None = None,
         mask: np.ndarray | None = None,
+        control_images: tuple[np.ndarray, ...] = (),
         names: dict[str, str] | None = None,
         priority: Priority | None = None,
     ) -> list[ImageTask]:
-        """The model and adapters resolved, then `image_tasks` within that model's limits, stamped with the caller's
-        tenant and `priority` (`stamp`)."""
+        """The model, adapters and ControlNets resolved, then `image_tasks` within that model's limits, stamped with
+        the caller's tenant and `priority` (`stamp`)."""
         params = self.models.resolve(params, names)
+        try:
+            refuse_combinations(params, mask is not None)
+        except InvalidTaskError as exc:
+            raise ApiError.invalid((names or {}).get(exc.field, exc.field), exc.message) from None
         limits = self.models.limits_for(params.model)
         own = params.model if limits != self.published_limits else None  # narrower than published: say whose
         tasks = image_tasks(
-            params, num_images, limits, request_id, init_image=init_image, mask=mask, names=names, model=own
+            params,
+            num_images,
+            limits,
+            request_id,
+            init_image=init_image,
+            mask=mask,
+            control_images=control_images,
+            names=names,
+            model=own,
         )
         return stamp(tasks, priority, (names or {}).get("priority", "priority"))
 
@@ -242,6 +278,32 @@ class GenerationService:
         return await asyncio.to_thread(
             decode_edit, image, mask, params, limits, fields=fields, media_types=media_types, meaning=meaning
         )
+
+    async def control_images(
+        self,
+        params: ImageParams,
+        images: list[bytes | str],
+        fields: list[str] | None = None,
+        size: tuple[int, int] | None = None,
+        names: dict[str, str] | None = None,
+    ) -> tuple[ImageParams, tuple[np.ndarray, ...]]:
+        """The ControlNet units' images decoded off the event loop (`encoding.decode_controls`: checked as init
+        images are, preprocessed, fitted to the output size): `size` (an init image's), else the request's width and
+        height; where those are unset the first control image's size becomes the request's. `fields`: how the
+        caller names each image (controlnet.<i>.image). The units' names are checked first (`names`: the caller's
+        field names)."""
+        if not images:
+            return params, ()
+        self.models.check_controlnets(params, names or {})
+        limits = self.models.limits_for(params.model)
+        fields = fields or [f"controlnet.{i}.image" for i in range(len(images))]
+        width, height = size or (params.width, params.height)
+        maps, (width, height) = await asyncio.to_thread(
+            decode_controls, images, params.controlnet, limits, width, height, fields
+        )
+        if size is None:
+            params = params.model_copy(update={"width": width, "height": height})
+        return params, tuple(maps)
 
     async def init_image(
         self, data: bytes | str, params: ImageParams, field: str = "init_image", media_type: str | None = None

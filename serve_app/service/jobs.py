@@ -162,16 +162,19 @@ class JobService:
         *,
         init_image: np.ndarray | None = None,
         mask: np.ndarray | None = None,
+        control_images: tuple[np.ndarray, ...] = (),
         webhook: Webhook | None = None,
         refined_from: str | None = None,
         preview_every: int | None = None,
         priority: Priority | None = None,
     ) -> JobRecord:
-        """Check, seed and hand a job to the JobManager, which stores it before answering; it runs by fair share
-        (its tenant and priority, as the caller's admission stamped them)."""
+        """Check, seed and hand a job to the JobManager, which stores it (and its init image and control maps)
+        before answering; it runs by fair share (its tenant and priority, as the caller's admission stamped them)."""
         if webhook is not None:
             check_webhook(webhook, self.settings.jobs.webhook_hosts)
-        tasks = self.generation.tasks_for(params, num_images, request_id, priority=priority)
+        tasks = self.generation.tasks_for(
+            params, num_images, request_id, mask=mask, control_images=control_images, priority=priority
+        )
         record = JobRecord(
             id=new_job_id(),
             created_at=time.time(),
@@ -190,7 +193,8 @@ class JobService:
         )
         # A mask travels as the init image's alpha channel (white = repaint): one stored input, one PNG.
         init_png = None if init_image is None else await asyncio.to_thread(encode_input, init_image, mask)
-        return await self.call_manager(self.manager.submit.remote(record, init_png))
+        control_pngs = [await asyncio.to_thread(encode_input, image) for image in control_images]
+        return await self.call_manager(self.manager.submit.remote(record, init_png, control_pngs or None))
 
     async def refine(
         self,

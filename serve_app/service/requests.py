@@ -12,7 +12,15 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..pipeline.fairness import Priority
-from ..pipeline.params import FillMode, ImageCount, ImageParams, InpaintParams, MaskBlur
+from ..pipeline.params import (
+    MAX_CONTROLNET_UNITS,
+    ControlNetUnit,
+    FillMode,
+    ImageCount,
+    ImageParams,
+    InpaintParams,
+    MaskBlur,
+)
 from .errors import ApiError
 
 OutputFormat = Literal["png", "jpeg", "webp"]
@@ -27,9 +35,26 @@ class OutputOptions(BaseModel):
     quality: int = Field(90, ge=1, le=100, description="jpeg/webp quality")
 
 
+class ControlNetInput(ControlNetUnit):
+    """A ControlNet unit of a request: which ControlNet, how, and its control image."""
+
+    image: str = Field(
+        ...,
+        min_length=1,
+        description="the control image (with `preprocess`: the picture it reads): base64 PNG, JPEG or WebP, or a "
+        "data: URL; fitted to the output size (`resize_mode`); with no width and height given it sets the size",
+    )
+
+
 class ImageRequest(ImageParams):
     """One prompt's parameters, how many images of it to make, and how urgently."""
 
+    controlnet: tuple[ControlNetInput, ...] = Field(
+        (),
+        max_length=MAX_CONTROLNET_UNITS,
+        description="ControlNets steering the image's structure (GET /controlnets), each with its control image; "
+        "several: multi-ControlNet, their residuals summed in this order",
+    )
     num_images: ImageCount = 1
     priority: Priority | None = Field(
         None,
@@ -38,7 +63,14 @@ class ImageRequest(ImageParams):
     )
 
     def image_params(self) -> ImageParams:
-        return ImageParams.model_validate(self.model_dump(include=set(ImageParams.model_fields)))
+        """The shared record (the control images travel beside it: `control_images`)."""
+        fields = self.model_dump(include=set(ImageParams.model_fields))
+        fields["controlnet"] = [{k: v for k, v in unit.items() if k != "image"} for unit in fields["controlnet"]]
+        return ImageParams.model_validate(fields)
+
+    def control_images(self) -> list[str]:
+        """Each ControlNet unit's image, as sent (base64)."""
+        return [unit.image for unit in self.controlnet]
 
 
 class TextToImageRequest(ImageRequest):

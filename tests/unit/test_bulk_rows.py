@@ -38,7 +38,9 @@ def test_every_parameter_of_generate_is_a_column_and_nulls_mean_not_given():
     }
     checked = check_row(0, {**fields, "strength": None}, LIMITS, base_seed=0)
     assert checked.error is None
-    assert checked.request.model_dump(exclude_none=True) == fields
+    assert checked.request.model_dump(exclude_none=True) == {**fields, "controlnet": ()}  # units: not in bulk
+    refused = check_row(1, {"prompt": "a", "controlnet": [{"name": "edges", "image": "x"}]}, LIMITS, base_seed=0)
+    assert refused.error_field == "controlnet" and "not offered in bulk" in refused.error
 
 
 def test_row_defaults_fill_what_a_row_leaves_out_and_the_row_wins():

@@ -190,9 +190,9 @@ def test_webuiapis_default_fields_are_accepted_and_hires_fix_maps_to_the_record(
         ({"subseed_strength": 0.3}, "subseed_strength"),
         ({"script_name": "x/y/z plot"}, "script_name"),
         ({"override_settings": {"CLIP_stop_at_last_layers": 2}}, "override_settings.CLIP_stop_at_last_layers"),
-        (
+        (  # a unit that names no ControlNet (the units themselves: tests/unit/test_controlnet_routes.py)
             {"alwayson_scripts": {"ControlNet": {"args": [{"enabled": True, "image": "..."}]}}},
-            "alwayson_scripts.ControlNet",
+            "alwayson_scripts.ControlNet.args.0.model",
         ),
         ({"alwayson_scripts": {"ADetailer": {"args": [True, {"ad_model": "face"}]}}}, "alwayson_scripts.ADetailer"),
         ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler"),

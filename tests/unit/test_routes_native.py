@@ -39,7 +39,12 @@ def test_every_parameter_reaches_the_generator_and_left_out_ones_stay_unset(clie
     client.post("/generate", json=body, headers={"X-Request-Id": "rid-1"})
     [job] = generator.jobs
     # The model is resolved (the default, unnamed) at the ingress: it routes the job.
-    assert job.params.model_dump(exclude_none=True) == {**body, "model": "synthetic:tiny", "loras": ()}
+    assert job.params.model_dump(exclude_none=True) == {
+        **body,
+        "model": "synthetic:tiny",
+        "loras": (),
+        "controlnet": (),
+    }
     assert job.params.height is None and job.init_image is None  # the Generator fills in its model's defaults
     assert job.request_id == "rid-1" and job.submitted_at is not None
 

@@ -13,9 +13,15 @@ Hires fix (txt2img): enable_hr, hr_scale or hr_resize_x/y, hr_upscaler (the buil
 hr_sampler_name (+ hr_scheduler). Inpainting (img2img): mask, mask_blur, inpainting_mask_invert,
 inpainting_fill (0 fill = blurred, 1 original, 2 latent noise = noise; 3 latent nothing is refused),
 inpaint_full_res (+ inpaint_full_res_padding). A1111's upscaler models, face restoration, tiling,
-subseeds, styles, scripts (ControlNet's units included), sigma/eta overrides, other override_settings and
+subseeds, styles, scripts, sigma/eta overrides, other override_settings and
 img2img resize modes other than "just resize" change the picture and are not offered: sent with anything
 but their neutral value (what `webuiapi` sends by default) they are a 422 naming the field, never ignored.
+
+ControlNet (the sd-webui-controlnet extension's API, as `webuiapi`'s ControlNetUnit sends it): units in
+`alwayson_scripts.ControlNet.args` with image (or input_image; img2img: the init image when none), module
+(GET /controlnet/module_list), model (GET /controlnet/model_list), weight, guidance_start, guidance_end,
+control_mode, resize_mode, processor_res, threshold_a, threshold_b, pixel_perfect (the map made at the output
+size); low_vram and hr_option change nothing here; a unit's own mask is refused.
 """
 
 from __future__ import annotations
@@ -26,8 +32,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ...pipeline.families import samples_by_flow
 from ...pipeline.params import (
+    MAX_CONTROLNET_UNITS,
     PIXEL_UPSCALERS,
     UPSCALER_NAMES,
+    ControlNetUnit,
     GuidanceScale,
     HiresParams,
     ImageCount,
@@ -39,6 +47,7 @@ from ...pipeline.params import (
     Steps,
     Strength,
 )
+from ...pipeline.preprocessors import A1111_MODULES
 from ...pipeline.schedulers import FLOW_TWINS, SCHEDULERS, from_a1111_name
 from ..errors import ApiError
 
@@ -100,6 +109,29 @@ _NOT_OFFERED = {
     "resize_mode": "only 0 (just resize) is offered",
     "latent_mask": "a separate latent mask is not offered",
 }
+# The ControlNet extension's unit fields: control_mode and resize_mode by name or number, and the keys that change
+# nothing about the picture here.
+CONTROL_MODES = {
+    "balanced": "balanced",
+    "my prompt is more important": "prompt",
+    "controlnet is more important": "control",
+    0: "balanced",
+    1: "prompt",
+    2: "control",
+}
+RESIZE_MODES = {
+    "just resize": "resize",
+    "crop and resize": "crop",
+    "scale to fit (inner fit)": "crop",
+    "resize and fill": "fill",
+    "envelope (outer fit)": "fill",
+    0: "resize",
+    1: "crop",
+    2: "fill",
+}
+_UNIT_FIELDS = {"model": "name", "weight": "scale", "guidance_start": "start", "guidance_end": "end"}
+_HARMLESS_UNIT_KEYS = {"enabled", "low_vram", "hr_option", "save_detected_map", "is_ui", "image", "input_image"}
+CONTROLNET_ARGS = "alwayson_scripts.ControlNet.args"
 # Settings that change nothing about the picture, accepted in override_settings beside the model.
 _HARMLESS_SETTINGS = {"sd_model_checkpoint", "samples_format", "save_images", "grid_save", "samples_save"}
 
@@ -173,7 +205,39 @@ class A1111Txt2ImgRequest(BaseModel):
             strength=strength,
             model=self.model_name,
             hires=self._hires(flow) if strength is None else None,
+            controlnet=[unit for unit, _, _ in self.controlnet_units()],
         )
+
+    def controlnet_units(self) -> list[tuple[ControlNetUnit, str | None, str]]:
+        """The enabled units of `alwayson_scripts.ControlNet.args`: each as our unit, its image (None: none sent)
+        and the field prefix errors name (`alwayson_scripts.ControlNet.args.<i>`)."""
+        script = next((v for k, v in self.alwayson_scripts.items() if k.lower() == "controlnet"), None)
+        args = script.get("args") if isinstance(script, dict) else script
+        units = []
+        for index, arg in enumerate(args or []):
+            prefix = f"{CONTROLNET_ARGS}.{index}"
+            if arg is False or (isinstance(arg, dict) and arg.get("enabled") is False):
+                continue
+            if not isinstance(arg, dict):
+                raise ApiError.invalid(prefix, "a ControlNet unit is an object (webuiapi's ControlNetUnit.to_dict())")
+            units.append((*_controlnet_unit(arg, prefix), prefix))
+        if len(units) > MAX_CONTROLNET_UNITS:
+            raise ApiError.invalid(CONTROLNET_ARGS, f"at most {MAX_CONTROLNET_UNITS} enabled units")
+        for unit, _, prefix in units[1:]:
+            if unit.control_mode != units[0][0].control_mode:
+                raise ApiError.invalid(
+                    f"{prefix}.control_mode",
+                    "the units of one request share one control_mode (one guess mode per call)",
+                )
+        return units
+
+    def controlnet_names(self) -> dict[str, str]:
+        """Our unit field names as this request's units are named (for errors)."""
+        return {
+            f"controlnet.{i}.{ours}": f"{prefix}.{theirs}"
+            for i, (_, _, prefix) in enumerate(self.controlnet_units())
+            for ours, theirs in (("name", "model"), ("image", "image"))
+        }
 
     def _refuse_what_is_not_offered(self) -> None:
         extra = self.model_extra or {}
@@ -186,7 +250,7 @@ class A1111Txt2ImgRequest(BaseModel):
             if not args or args == [False] or all(isinstance(a, dict) and a.get("enabled") is False for a in args):
                 continue  # an empty or disabled entry, as webuiapi sends for extensions it saw installed
             if name.lower() == "controlnet":
-                raise ApiError.invalid("alwayson_scripts.ControlNet", "ControlNet units are not offered yet; send none")
+                continue  # its units: `controlnet_units`
             raise ApiError.invalid(f"alwayson_scripts.{name}", "scripts are not offered on this server")
         unknown = sorted(set(self.override_settings) - _HARMLESS_SETTINGS)
         if unknown:
@@ -269,6 +333,62 @@ class A1111Txt2ImgRequest(BaseModel):
         return name
 
 
+def _controlnet_unit(arg: dict, prefix: str) -> tuple[ControlNetUnit, str | None]:
+    """One ControlNet extension unit as our unit, and its image (None when it has none)."""
+    image = arg.get("image") if arg.get("image") not in (None, "") else arg.get("input_image")
+    if isinstance(image, dict):  # the extension's {"image": ..., "mask": ...} form
+        if image.get("mask"):
+            raise ApiError.invalid(f"{prefix}.image.mask", "a ControlNet unit's own mask is not offered")
+        image = image.get("image")
+    if arg.get("mask") not in (None, ""):
+        raise ApiError.invalid(f"{prefix}.mask", "a ControlNet unit's own mask is not offered; send none")
+    known = {"module", "model", "weight", "guidance_start", "guidance_end", "control_mode", "resize_mode"}
+    known |= {"processor_res", "threshold_a", "threshold_b", "pixel_perfect", "mask", "guessmode"}
+    unknown = sorted(set(arg) - known - _HARMLESS_UNIT_KEYS)
+    if unknown:
+        raise ApiError.invalid(f"{prefix}.{unknown[0]}", "not offered here (it would change the picture)")
+    model = arg.get("model")
+    if not isinstance(model, str) or model.strip() in ("", "None"):
+        raise ApiError.invalid(f"{prefix}.model", "name a ControlNet (GET /controlnet/model_list)")
+    module = str(arg.get("module") or "none").strip().lower()
+    if module not in A1111_MODULES:
+        raise ApiError.invalid(
+            f"{prefix}.module",
+            f"unknown module {arg.get('module')!r}; offered: {', '.join(A1111_MODULES)} (GET /controlnet/module_list)",
+        )
+    mode = arg.get("control_mode", arg.get("guessmode", 0))
+    mode = mode.strip().lower() if isinstance(mode, str) else int(mode) if isinstance(mode, (bool, int)) else mode
+    if mode not in CONTROL_MODES:
+        raise ApiError.invalid(f"{prefix}.control_mode", f"one of {', '.join(repr(k) for k in CONTROL_MODES)}")
+    resize = arg.get("resize_mode", "Crop and Resize")
+    resize = resize.strip().lower() if isinstance(resize, str) else resize
+    if resize not in RESIZE_MODES:
+        raise ApiError.invalid(f"{prefix}.resize_mode", f"one of {', '.join(repr(k) for k in RESIZE_MODES)}")
+    resolution = arg.get("processor_res")
+    fields = {
+        "name": model.split(" [", 1)[0].strip(),  # A1111 lists "name [hash]"; clients echo it back
+        "scale": arg.get("weight", 1.0),
+        "start": arg.get("guidance_start", 0.0),
+        "end": arg.get("guidance_end", 1.0),
+        "control_mode": CONTROL_MODES[mode],
+        "preprocess": A1111_MODULES[module],
+        "resize_mode": RESIZE_MODES[resize],
+        # -1 (or pixel perfect): the map is made at the output size
+        "processor_res": None if arg.get("pixel_perfect") or not resolution or resolution < 0 else resolution,
+    }
+    for name in ("threshold_a", "threshold_b"):
+        value = arg.get(name)
+        fields[name] = None if value is None or value < 0 or fields["preprocess"] == "none" else value
+    try:
+        unit = ControlNetUnit(**fields)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        ours = str(error["loc"][0]) if error["loc"] else ""
+        theirs = {v: k for k, v in _UNIT_FIELDS.items()}.get(ours, ours)
+        raise ApiError.invalid(f"{prefix}.{theirs}", error["msg"]) from None
+    return unit, image if isinstance(image, str) and image else None
+
+
 class A1111Img2ImgRequest(A1111Txt2ImgRequest):
     init_images: list[str] = Field(..., min_length=1, description="base64 images; the first is used")
     denoising_strength: Strength = 0.75
@@ -335,6 +455,39 @@ class A1111ExtraSingleImageRequest(BaseModel):
             raise ApiError.invalid(
                 "upscaler_1", f"built in here: {', '.join(PIXEL_UPSCALERS)} (model-based upscalers are not configured)"
             )
+
+
+class A1111DetectRequest(BaseModel):
+    """POST /controlnet/detect: run a preprocessor (module) on images, as the ControlNet extension does."""
+
+    model_config = ConfigDict(extra="allow")
+
+    controlnet_module: str = Field("none", description="a module of GET /controlnet/module_list")
+    controlnet_input_images: list[str] = Field(default_factory=list, description="base64 images")
+    controlnet_images: list[str] = Field(default_factory=list, description="older clients' name (data: URLs)")
+    controlnet_processor_res: int = Field(512, description="the short side the map is made at (<= 0: as sent)")
+    controlnet_threshold_a: float = Field(
+        -1, description="canny: low threshold; scribble_xdog: threshold (-1: default)"
+    )
+    controlnet_threshold_b: float = Field(-1, description="canny: high threshold (-1: default)")
+
+    def images(self) -> list[tuple[str, str]]:
+        """(image, its field) for every image sent."""
+        name = "controlnet_input_images" if self.controlnet_input_images else "controlnet_images"
+        return [(image, f"{name}.{i}") for i, image in enumerate(getattr(self, name))]
+
+    def preprocessor(self) -> str:
+        module = self.controlnet_module.strip().lower()
+        if module not in A1111_MODULES:
+            raise ApiError.invalid(
+                "controlnet_module", f"unknown module {self.controlnet_module!r}; offered: {', '.join(A1111_MODULES)}"
+            )
+        return A1111_MODULES[module]
+
+    def thresholds(self) -> tuple[float | None, float | None]:
+        return tuple(
+            None if value < 0 else value for value in (self.controlnet_threshold_a, self.controlnet_threshold_b)
+        )
 
 
 class A1111GenerationResult(BaseModel):

@@ -11,13 +11,22 @@ import numpy as np
 from fastapi import APIRouter, Request
 
 from ...pipeline.params import LATENT_UPSCALERS, PIXEL_UPSCALERS
+from ...pipeline.preprocessors import A1111_MODULE_NAMES, MODULE_DETAIL, at_resolution, preprocess
 from ...pipeline.schedulers import SCHEDULERS, a1111_name
 from ...pipeline.tasks import ImageResult
-from ...service.encoding import b64, decode_init_image, encode_image, encode_results, parameters_text
+from ...service.encoding import (
+    b64,
+    decode_init_image,
+    decode_picture,
+    encode_image,
+    encode_results,
+    parameters_text,
+)
 from ..dependencies import Jobs, Owner, Service
 from ..errors import ApiError, request_id_of
 from .protocol import (
     FIELD_NAMES,
+    A1111DetectRequest,
     A1111ExtraSingleImageRequest,
     A1111GenerationResult,
     A1111Img2ImgRequest,
@@ -25,12 +34,16 @@ from .protocol import (
 )
 
 router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 compatible"])
+# The ControlNet extension's own routes, at the host root as the extension serves them (webuiapi's controlnet_*).
+controlnet_router = APIRouter(prefix="/controlnet", tags=["AUTOMATIC1111 compatible"])
 
 
 @router.post("/txt2img", response_model=A1111GenerationResult, summary="AUTOMATIC1111: text to image")
 async def txt2img(body: A1111Txt2ImgRequest, request: Request, service: Service):
     params = body.image_params(family=service.models.family(body.model_name))
-    tasks = service.tasks_for(params, body.num_images, request_id_of(request), names=FIELD_NAMES)
+    params, controls = await _controls(service, body, params)
+    names = {**FIELD_NAMES, **body.controlnet_names()}
+    tasks = service.tasks_for(params, body.num_images, request_id_of(request), control_images=controls, names=names)
     return await _result(await service.generate(tasks), body, service.model)
 
 
@@ -38,10 +51,36 @@ async def txt2img(body: A1111Txt2ImgRequest, request: Request, service: Service)
 async def img2img(body: A1111Img2ImgRequest, request: Request, service: Service):
     params = body.image_params(family=service.models.family(body.model_name))
     init_image, mask = await service.edit(body.init_images[0], body.mask, params, fields=("init_images.0", "mask"))
+    params, controls = await _controls(service, body, params, init_image)
     tasks = service.tasks_for(
-        params, body.num_images, request_id_of(request), init_image=init_image, mask=mask, names=FIELD_NAMES
+        params,
+        body.num_images,
+        request_id_of(request),
+        init_image=init_image,
+        mask=mask,
+        control_images=controls,
+        names={**FIELD_NAMES, **body.controlnet_names()},
     )
     return await _result(await service.generate(tasks), body, service.model)
+
+
+async def _controls(service: Service, body: A1111Txt2ImgRequest, params, init_image=None):
+    """The ControlNet units' images (img2img: the init image for a unit without one, as the extension does)."""
+    units = body.controlnet_units()
+    if not units:
+        return params, ()
+    images = []
+    for _, image, prefix in units:
+        if image is None and init_image is None:
+            raise ApiError.invalid(f"{prefix}.image", "send the unit's control image (base64)")
+        images.append(image if image is not None else _png(init_image))
+    size = None if init_image is None else (init_image.shape[1], init_image.shape[0])
+    fields = [f"{prefix}.image" for _, _, prefix in units]
+    return await service.control_images(params, images, fields, size, names=body.controlnet_names())
+
+
+def _png(pixels) -> bytes:
+    return encode_image(pixels, "png")
 
 
 @router.get("/upscalers", summary="AUTOMATIC1111: the upscalers (built in; hr_upscaler, extra-single-image)")
@@ -228,3 +267,43 @@ def _extra_generation_params(params) -> dict:
             }
         )
     return {k: v for k, v in extra.items() if v is not None}
+
+
+# -- the ControlNet extension's routes --------------------------------------------------------------
+
+
+@controlnet_router.get("/version", summary="ControlNet extension: its API version")
+async def controlnet_version():
+    return {"version": 2}
+
+
+@controlnet_router.get("/model_list", summary="ControlNet extension: the ControlNets units may name (`model`)")
+async def controlnet_model_list(service: Service):
+    """Every model's ControlNets (GET /controlnets says which model serves which)."""
+    names = sorted({entry["name"] for entries in service.models.controlnets.values() for entry in entries})
+    return {"model_list": names}
+
+
+@controlnet_router.get("/module_list", summary="ControlNet extension: the preprocessors units may name (`module`)")
+async def controlnet_module_list(alias_names: bool = False):
+    """The preprocessors that run here without weights (depth, pose and line-art models are not configured)."""
+    return {"module_list": list(A1111_MODULE_NAMES), "module_detail": MODULE_DETAIL}
+
+
+@controlnet_router.post("/detect", summary="ControlNet extension: run a preprocessor on images")
+async def controlnet_detect(body: A1111DetectRequest, service: Service):
+    """Each image's map, made at `controlnet_processor_res` on its short side, as base64 PNGs."""
+    module = body.preprocessor()
+    threshold_a, threshold_b = body.thresholds()
+    limits = service.published_limits
+    if not body.images():
+        raise ApiError.invalid("controlnet_input_images", "send at least one image (base64)")
+
+    def detect(image: str, field: str) -> str:
+        picture = decode_picture(image, limits, field)
+        if body.controlnet_processor_res > 0:
+            picture = at_resolution(picture, min(body.controlnet_processor_res, 2048))
+        return b64(encode_image(preprocess(np.asarray(picture), module, threshold_a, threshold_b), "png"))
+
+    images = [await asyncio.to_thread(detect, image, field) for image, field in body.images()]
+    return {"images": images, "info": "Success"}

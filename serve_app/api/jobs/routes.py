@@ -29,6 +29,8 @@ async def submit(body: JobRequest, request: Request, service: Service, jobs: Job
     init_image = mask = None
     if body.init_image is not None:
         init_image, mask = await service.edit(body.init_image, body.mask, params)
+    size = None if init_image is None else (init_image.shape[1], init_image.shape[0])
+    params, controls = await service.control_images(params, body.control_images(), size=size)
     record = await jobs.submit(
         params,
         body.num_images,
@@ -36,6 +38,7 @@ async def submit(body: JobRequest, request: Request, service: Service, jobs: Job
         owner,
         init_image=init_image,
         mask=mask,
+        control_images=controls,
         webhook=body.webhook,
         preview_every=body.preview_every,
         priority=body.priority,

@@ -37,10 +37,10 @@ class Img2ImgForm(Img2ImgFields):
     @model_validator(mode="before")
     @classmethod
     def _nested_fields_as_json(cls, data):
-        """A form has no nesting: outpaint, loras and refiner come as JSON text."""
+        """A form has no nesting: outpaint, loras, refiner and controlnet come as JSON text."""
         if isinstance(data, dict):
             data = dict(data)
-            for name in ("outpaint", "loras", "refiner"):
+            for name in ("outpaint", "loras", "refiner", "controlnet"):
                 if isinstance(data.get(name), str):
                     try:
                         data[name] = json.loads(data[name])
@@ -82,14 +82,14 @@ async def _generate(
 ):
     """What /generate and /img2img share once the request is read: a job, an event stream, or the images."""
     request_id = request_id_of(request)
-    images = {"init_image": init_image, "mask": mask}
+    size = None if init_image is None else (init_image.shape[1], init_image.shape[0])
+    params, controls = await service.control_images(body.image_params(), body.control_images(), size=size)
+    images = {"init_image": init_image, "mask": mask, "control_images": controls}
     if "respond-async" in request.headers.get("prefer", ""):
-        record = await jobs.submit(
-            body.image_params(), body.num_images, request_id, owner, **images, priority=body.priority
-        )
+        record = await jobs.submit(params, body.num_images, request_id, owner, **images, priority=body.priority)
         return accepted(record)
     accept = request.headers.get("accept", "")
-    tasks = service.tasks_for(body.image_params(), body.num_images, request_id, **images, priority=body.priority)
+    tasks = service.tasks_for(params, body.num_images, request_id, **images, priority=body.priority)
     if "text/event-stream" in accept:
         return event_stream(_events(service, tasks, body, request_id))
     form = choose_response_format(body.response_format, body.num_images, accept)
@@ -153,16 +153,20 @@ async def generate_prompts(body: MultiPromptRequest, request: Request, service: 
     most = service.published_limits.max_prompts_per_request
     if len(entries) > most:
         raise ApiError.invalid(body.list_field, f"must have at most {most} entries (got {len(entries)})")
-    task_lists = [
-        service.tasks_for(
-            entry.image_params(),
-            entry.num_images,
-            request_id,
-            names={f: f"{body.list_field}.{i}.{f}" for f in type(entry).model_fields},
-            priority=entry.priority,
+    task_lists = []
+    for i, entry in enumerate(entries):
+        prefix = f"{body.list_field}.{i}"
+        names = {f: f"{prefix}.{f}" for f in type(entry).model_fields}
+        names.update({f"controlnet.{j}.name": f"{prefix}.controlnet.{j}.name" for j in range(len(entry.controlnet))})
+        fields = [f"{prefix}.controlnet.{j}.image" for j in range(len(entry.controlnet))]
+        params, controls = await service.control_images(
+            entry.image_params(), entry.control_images(), fields, names=names
         )
-        for i, entry in enumerate(entries)
-    ]
+        task_lists.append(
+            service.tasks_for(
+                params, entry.num_images, request_id, control_images=controls, names=names, priority=entry.priority
+            )
+        )
     results = await service.generate_each(task_lists)
     wants_zip = body.response_format == "zip" or (
         body.response_format is None and "application/zip" in request.headers.get("accept", "")
