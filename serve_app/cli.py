@@ -47,6 +47,7 @@ EXAMPLES = f"""examples:
   sd-serve generate "a lighthouse at dawn" -o lighthouse.png --seed 42
   sd-serve generate "a red fox in snow" --num-images 4 --size 256x256 --steps 20 -o fox.png
   sd-serve img2img lighthouse.png "the same, at night" --strength 0.6 -o night.png
+  sd-serve generate "a house" --control edges=photo.png:0.8 --control-preprocess canny -o house.png   (ControlNet)
   sd-serve generate "a castle" --steps 30 --progress           (steps on stderr; the default in a terminal)
   ID=$(sd-serve generate "a castle at night" --async --num-images 2)   (a job: prints its id at once)
   sd-serve job $ID --wait -o castle.png                         (follow it, then write castle-SEED.png)
@@ -584,6 +585,35 @@ def parse_lora(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"expected NAME or NAME:SCALE, e.g. ink:0.8 (got {text!r})") from None
 
 
+def parse_control(text: str) -> dict[str, Any]:
+    """NAME=IMAGE[:SCALE] as a ControlNet unit (the image a path; checked to be a file)."""
+    name, equals, rest = text.partition("=")
+    if not equals or not name or not rest:
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=IMAGE or NAME=IMAGE:SCALE, e.g. edges=map.png:0.8 (got {text!r})"
+        )
+    image, colon, scale = rest.rpartition(":")
+    unit: dict[str, Any] = {"name": name, "image": rest}
+    if colon:
+        try:
+            unit = {"name": name, "image": image, "scale": float(scale)}
+        except ValueError:
+            pass  # a path with a colon in it
+    if not Path(unit["image"]).is_file():
+        raise argparse.ArgumentTypeError(f"control image {unit['image']} is not a file")
+    unit["image"] = Path(unit["image"])
+    return unit
+
+
+def _controls(args: argparse.Namespace) -> list[dict[str, Any]] | None:
+    if not args.control:
+        if args.control_preprocess:
+            raise UsageError("--control-preprocess applies to --control images: give one")
+        return None
+    preprocess = {"preprocess": args.control_preprocess} if args.control_preprocess else {}
+    return [{**unit, **preprocess} for unit in args.control]
+
+
 def _params(args: argparse.Namespace, with_seed: bool = True) -> dict[str, Any]:
     width, height = args.size or (None, None)
     params = {
@@ -595,6 +625,7 @@ def _params(args: argparse.Namespace, with_seed: bool = True) -> dict[str, Any]:
         "scheduler": args.scheduler,
         "model": args.model,
         "loras": dict(args.lora) if args.lora else None,
+        "controlnet": _controls(args),
         "quality": args.quality,
     }
     if with_seed:
@@ -691,6 +722,19 @@ def _image_options(parser: argparse.ArgumentParser, prompt_file: bool = False) -
         action="append",
         metavar="NAME[:SCALE]",
         help="apply a LoRA adapter at SCALE (default 1); repeat for several",
+    )
+    group.add_argument(
+        "--control",
+        type=parse_control,
+        action="append",
+        metavar="NAME=IMAGE[:SCALE]",
+        help="steer the image's structure with ControlNet NAME (GET /controlnets) reading IMAGE at SCALE (default "
+        "1); repeat for several",
+    )
+    group.add_argument(
+        "--control-preprocess",
+        choices=["none", "canny", "invert", "scribble_xdog"],
+        help="make each --control map from its IMAGE on the server (default: none, IMAGE is the map)",
     )
     group.add_argument(
         "--seed",

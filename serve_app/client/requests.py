@@ -21,6 +21,22 @@ OutputFormat = Literal["png", "jpeg", "webp"]
 InitImage = str | os.PathLike | bytes | Image.Image
 
 
+class ControlNetOptions(TypedDict, total=False):
+    """One ControlNet unit: `name` and `image` are required, the rest take the server's defaults."""
+
+    name: str  # one of GET /controlnets
+    image: InitImage  # the control map, or the picture `preprocess` makes it from (a path, bytes or a PIL image)
+    scale: float  # 0-2 (default 1)
+    start: float  # share of the schedule before it starts (default 0)
+    end: float  # share of the schedule when it stops (default 1)
+    control_mode: Literal["balanced", "prompt", "control"]
+    preprocess: Literal["none", "canny", "invert", "scribble_xdog"]
+    threshold_a: float  # canny: low threshold (100); scribble_xdog: threshold (32)
+    threshold_b: float  # canny: high threshold (200)
+    processor_res: int
+    resize_mode: Literal["resize", "crop", "fill"]
+
+
 class ImageOptions(TypedDict, total=False):
     """What every generating method takes besides the prompt. One left out (or None) takes the
     server's default, which GET /info shows; `num_images` defaults to 1."""
@@ -34,6 +50,7 @@ class ImageOptions(TypedDict, total=False):
     scheduler: str | None
     model: str | None  # one of GET /models; default: the server's default model
     loras: dict[str, float] | None  # LoRA adapter name -> scale
+    controlnet: Sequence[ControlNetOptions] | None  # ControlNet units, each with its image
     num_images: int
 
 
@@ -188,4 +205,6 @@ def _fields(options: Mapping[str, Any], accepted: type) -> dict[str, Any]:
     fields = {name: value for name, value in options.items() if value is not None}
     if loras := fields.pop("loras", None):
         fields["loras"] = [{"name": name, "scale": scale} for name, scale in loras.items()]
+    if units := fields.pop("controlnet", None):
+        fields["controlnet"] = [{**unit, "image": encode_init_image(unit["image"])} for unit in units]
     return fields
