@@ -76,3 +76,24 @@ def run_through_loop(model, kind: str, jobs: list, limits=None):
         return [done.results[i] for i in range(len(jobs))], counters
     finally:
         loop.stop()
+
+
+def started(stepper, *tasks) -> list:
+    """A stepper's states for tasks that must start (none may fail)."""
+    states = stepper.start(list(tasks))
+    for state in states:
+        assert not isinstance(state, Exception), state
+    return states
+
+
+def step_to_the_end(stepper, states: list, after_each_step=None) -> list:
+    """Step the states together until all are done (each leaves when it finishes); `after_each_step(running)`
+    may add states to `running` or swap finished ones (a hires second phase). The states' latest list."""
+    states, running = list(states), list(states)
+    while running:
+        errors = stepper.step(running)
+        assert errors == [None] * len(running), errors
+        if after_each_step is not None:
+            after_each_step(states, running)
+        running = [state for state in running if not state.done]
+    return states

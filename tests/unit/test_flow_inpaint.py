@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import started, step_to_the_end
 from PIL import Image
 
 from serve_app.pipeline.errors import InvalidTaskError
@@ -75,17 +76,16 @@ class FlowModel:
         return overlay(inputs, pixels, self.inpaint.image_processor) if inputs.paste_back else pixels
 
     def finish(self, *jobs: ImageTask, late: ImageTask | None = None) -> list[np.ndarray]:
-        states = self.stepper.start(list(jobs))
-        assert not [s for s in states if isinstance(s, Exception)], states
-        running = list(states)
-        while running:
-            assert self.stepper.step(running) == [None] * len(running)
-            if late is not None:  # joins after the first step
-                [joined] = self.stepper.start([late])
-                states.append(joined)
-                running.append(joined)
-                late = None
-            running = [state for state in running if not state.done]
+        """Step the tasks together until done (`late` joins after the first step), then decode them."""
+        waiting = [late] if late is not None else []
+
+        def join_late(states: list, running: list) -> None:
+            if waiting:
+                joined = started(self.stepper, waiting.pop())
+                states.extend(joined)
+                running.extend(joined)
+
+        states = step_to_the_end(self.stepper, started(self.stepper, *jobs), join_late)
         return self.stepper.decode(states)
 
 

@@ -13,6 +13,7 @@ import io
 import numpy as np
 import pytest
 import torch
+from helpers import started, step_to_the_end
 from PIL import Image
 
 from serve_app.pipeline.errors import GenerationError, InvalidTaskError
@@ -76,19 +77,11 @@ class FlowModel:
             return list(to_uint8(pipe(**kwargs).images))
 
     def start(self, *jobs: ImageTask):
-        states = self.stepper.start(list(jobs))
-        for state in states:
-            assert not isinstance(state, Exception), state
-        return states
+        return started(self.stepper, *jobs)
 
     def finish(self, *states) -> list[np.ndarray]:
         """Step the states together until all are done (each leaves when it finishes), then decode them."""
-        running = list(states)
-        while running:
-            errors = self.stepper.step(running)
-            assert errors == [None] * len(running), errors
-            running = [state for state in running if not state.done]
-        return self.stepper.decode(list(states))
+        return self.stepper.decode(step_to_the_end(self.stepper, states))
 
     def alone(self, job: ImageTask) -> np.ndarray:
         return self.finish(*self.start(job))[0]

@@ -16,6 +16,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from helpers import started, step_to_the_end
 from PIL import Image
 
 from serve_app.pipeline.errors import InvalidTaskError
@@ -121,24 +122,18 @@ class Model:
             return to_uint8(self.img2img(**kwargs).images)[0]
 
     def start(self, *jobs: ImageTask):
-        states = self.stepper.start(list(jobs))
-        for state in states:
-            assert not isinstance(state, Exception), state
-        return states
+        return started(self.stepper, *jobs)
 
     def finish(self, *states) -> list[np.ndarray]:
         """Step the states together (each leaves when done; a hires first pass goes on as its second), decode."""
-        states = list(states)
-        running = list(states)
-        while running:
-            errors = self.stepper.step(running)
-            assert errors == [None] * len(running), errors
+
+        def second_phases(states: list, running: list) -> None:
             for state in [s for s in running if s.done and s.task.params.hires is not None]:
                 [second] = self.stepper.second_phase([state])
                 states[states.index(state)] = second
                 running.append(second)
-            running = [state for state in running if not state.done]
-        return self.stepper.decode(states)
+
+        return self.stepper.decode(step_to_the_end(self.stepper, states, second_phases))
 
     def alone(self, job: ImageTask) -> np.ndarray:
         return self.finish(*self.start(job))[0]

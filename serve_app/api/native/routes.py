@@ -275,7 +275,9 @@ async def _read_img2img(request: Request) -> tuple[Img2ImgFields, tuple, tuple]:
         form = await request.form(max_files=2, max_fields=64)
         repeated = sorted({key for key, _ in form.multi_items() if len(form.getlist(key)) > 1})
         if repeated:
-            raise ApiError(400, "malformed_request", f"more than one {repeated[0]!r}: send one of each field and file")
+            raise ApiError(
+                400, "malformed_request", f"more than one {repeated[0]!r}: send each field once (files: init_image, mask)"
+            )
         body = validate_or_422(Img2ImgForm, dict(form))
         mask = body.mask
         images = (await body.init_image.read(), None if mask is None else await mask.read())

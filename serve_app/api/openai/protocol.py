@@ -63,6 +63,9 @@ class ImageGenerationRequest(BaseModel):
     partial_images: int | None = Field(
         None, ge=0, le=3, description="with stream: latent previews sent while the image is made (0-3)"
     )
+    background: Literal["auto", "opaque", "transparent"] | None = Field(
+        None, description="auto or opaque; transparent is refused (the models make opaque images)"
+    )
     quality: str | None = None
     style: str | None = None
     user: str | None = None
@@ -75,6 +78,8 @@ class ImageGenerationRequest(BaseModel):
     scheduler: SchedulerName = "default"
 
     def image_params(self, strength: float | None = None) -> ImageParams:
+        if self.background == "transparent":
+            raise ApiError.invalid("background", "transparent backgrounds are not offered: the images are opaque")
         if self.stream and self.response_format == "url":
             raise ApiError.invalid("response_format", "a stream carries the images themselves: use b64_json")
         width, height = self._size()

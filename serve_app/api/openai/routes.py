@@ -59,9 +59,7 @@ _STREAM = {200: {"content": {"text/event-stream": {}}, "description": "with stre
 async def create_image(body: ImageGenerationRequest, request: Request, service: Service, jobs: Jobs, owner: Owner):
     _check_links(body, jobs)
     tasks = service.tasks_for(body.image_params(), body.n, request_id_of(request), names=FIELD_NAMES)
-    if body.stream:
-        return event_stream(_image_events(service, tasks, body, "image_generation"))
-    return await _response(await service.generate(tasks), body, service.model, _Linker(request, jobs, owner, "txt2img"))
+    return await _answer(service, tasks, body, _Linker(request, jobs, owner, "txt2img"), "image_generation")
 
 
 @router.post(
@@ -95,9 +93,7 @@ async def edit_image(
     tasks = service.tasks_for(
         params, form.n, request_id_of(request), init_image=init_image, mask=mask, names=FIELD_NAMES
     )
-    if form.stream:
-        return event_stream(_image_events(service, tasks, form, "image_edit"))
-    return await _response(await service.generate(tasks), form, service.model, _Linker(request, jobs, owner, "img2img"))
+    return await _answer(service, tasks, form, _Linker(request, jobs, owner, "img2img"), "image_edit")
 
 
 @router.post(
@@ -121,7 +117,15 @@ async def create_variation(
     params = body.image_params(strength=form.strength)
     init_image = await service.init_image(data, params, "image", form.image.content_type)
     tasks = service.tasks_for(params, body.n, request_id_of(request), init_image=init_image, names=FIELD_NAMES)
-    return await _response(await service.generate(tasks), body, service.model, _Linker(request, jobs, owner, "img2img"))
+    return await _answer(service, tasks, body, _Linker(request, jobs, owner, "img2img"), "image_edit")
+
+
+async def _answer(service, tasks: list[ImageTask], body: ImageGenerationRequest, linker, events: str):
+    """The images in OpenAI's shape: streamed as `events` (`image_generation` or `image_edit`) when the body
+    asks for a stream, else the whole answer (images or links)."""
+    if body.stream:
+        return event_stream(_image_events(service, tasks, body, events))
+    return await _response(await service.generate(tasks), body, service.model, linker)
 
 
 def _embedded_prompt(data: bytes) -> str | None:

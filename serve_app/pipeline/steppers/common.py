@@ -9,7 +9,10 @@ A stepper (one per denoiser family, see `steppers/__init__.py`) keeps this contr
   preview(state)  a small PNG of its current latents, or None
   group_key(task) tasks whose keys differ never share a denoiser call
 and its states have `.task`, `.done`, `.denoised`, `.error`, `.step_index`, `.total_steps`, `.rows`,
-`.shape_key` and `.latents`.
+`.shape_key` and `.latents`. Masked images are ordinary states carrying `.masked` (`MaskedRows`); a stepper that
+steps hires fix also has
+  second_phase_steps(task)  denoiser evaluations of a hires task's second pass (its progress counts both)
+  second_phase(states)      finished first passes upscaled and started again at the new size: new states
 """
 
 from __future__ import annotations
