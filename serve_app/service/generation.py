@@ -77,7 +77,9 @@ def check_limits(
         length = len(getattr(params, field))
         if length > limits.max_prompt_chars:
             raise invalid(field, f"must be at most {limits.max_prompt_chars} characters{scope} (got {length})")
-    if params.hires is not None and params.width and params.height:
+    if params.hires is not None:
+        if not (params.width and params.height):
+            raise invalid("hires", "needs the first pass's width and height: give both")
         width, height = params.hires.target_size(params.width, params.height)
         if width > limits.max_width or height > limits.max_height or width * height > limits.max_pixels:
             raise invalid(

@@ -136,6 +136,8 @@ def test_generate_with_hires_fix(client, generator):
     assert generator.jobs[0].params.hires == HiresParams(**hires)
     error = error_of(client.post("/generate", json={"prompt": "x", "width": 128, "height": 128, "hires": {"scale": 4}}))
     assert error["field"] == "hires" and "512x512" in error["message"]  # the demo's limit is 256
+    error = error_of(client.post("/generate", json={"prompt": "x", "hires": {"scale": 2}}))  # no first-pass size
+    assert error["field"] == "hires" and "width and height" in error["message"]
 
 
 def test_a_stored_input_keeps_its_mask_in_the_alpha_channel():
