@@ -125,6 +125,56 @@ async function loadModels() {
 function applyModel() {
   const model = models.get($("model").value);
   if (model) applyDefaultsAndLimits(model.defaults || {}, model.limits || {});
+  applyControlnets();
+}
+
+// -- ControlNet: offered for the models that serve any (GET /controlnets) --------------------------
+
+let controlnets = {}; // model id -> [{name, source}]
+let controlDataUrl = null; // the control image as the file's own data: URL
+
+async function loadControlnets() {
+  let listing;
+  try { listing = await api("/controlnets"); } catch { return; }
+  controlnets = Object.fromEntries(
+    Object.entries(listing.models || {}).map(([id, entry]) => [id, entry.controlnets || []]));
+  applyControlnets();
+}
+
+function applyControlnets() {
+  const select = $("model");
+  const model = select.disabled ? Object.keys(controlnets)[0] : select.value;
+  const offered = controlnets[model] || [];
+  const names = $("controlnet-name");
+  const chosen = names.value;
+  names.replaceChildren(...offered.map((entry) => new Option(entry.name, entry.name)));
+  if (offered.some((entry) => entry.name === chosen)) names.value = chosen;
+  $("control").hidden = offered.length === 0;
+}
+
+function loadControlImage(file) {
+  const reader = new FileReader();
+  reader.onload = () => {
+    controlDataUrl = reader.result;
+    $("control-preview").src = reader.result;
+    $("control-area").hidden = false;
+  };
+  reader.readAsDataURL(file);
+}
+
+function removeControlImage() {
+  controlDataUrl = null;
+  $("control-file").value = "";
+  $("control-area").hidden = true;
+}
+
+function controlFields() {
+  if (!controlDataUrl || $("control").hidden || !$("controlnet-name").value) return {};
+  const unit = { name: $("controlnet-name").value, image: controlDataUrl };
+  const scale = Number.parseFloat($("control-scale").value);
+  if (Number.isFinite(scale)) unit.scale = scale;
+  if ($("control-preprocess").value !== "none") unit.preprocess = $("control-preprocess").value;
+  return { controlnet: [unit] };
 }
 
 async function loadLoras() {
@@ -166,7 +216,7 @@ function requestBody() {
   if ($("preview").checked) body.preview_every = 1;
   const loras = chosenLoras();
   if (loras.length) body.loras = loras;
-  Object.assign(body, editFields());
+  Object.assign(body, editFields(), controlFields());
   return body;
 }
 
@@ -380,9 +430,11 @@ function fillCard(card, blob, image) {
   card.querySelector(".card-prompt").title = metadata.prompt;
   card.querySelector(".seed").textContent = `seed ${image.seed}`;
   const adapters = (metadata.loras || []).map((lora) => `${lora.name} ${lora.scale}`).join(", ");
+  const controls = (metadata.controlnet || []).map((unit) => `${unit.name} ${unit.scale}`).join(", ");
   card.querySelector(".details").textContent =
     `${metadata.width}×${metadata.height} · ${metadata.num_inference_steps} steps · batch of ${metadata.batch_size}` +
-    (models.size > 1 && metadata.model ? ` · ${metadata.model}` : "") + (adapters ? ` · LoRA ${adapters}` : "");
+    (models.size > 1 && metadata.model ? ` · ${metadata.model}` : "") + (adapters ? ` · LoRA ${adapters}` : "") +
+    (controls ? ` · ControlNet ${controls}` : "");
   const download = card.querySelector(".download");
   download.href = url;
   download.download = `sd-${image.seed}.${EXTENSIONS[blob.type] || "png"}`;
@@ -515,7 +567,7 @@ apiKeyInput.value = localStorage.getItem(API_KEY_STORAGE) || "";
 apiKeyInput.addEventListener("change", () => {
   localStorage.setItem(API_KEY_STORAGE, apiKeyInput.value.trim());
   loadServerInfo();
-  loadModels();
+  loadModels().then(loadControlnets);
   loadLoras();
 });
 $("model").addEventListener("change", applyModel);
@@ -524,6 +576,11 @@ $("init-file").addEventListener("change", (event) => {
   if (file) loadInitImage(file);
 });
 $("init-remove").addEventListener("click", removeInitImage);
+$("control-file").addEventListener("change", (event) => {
+  const [file] = event.target.files;
+  if (file) loadControlImage(file);
+});
+$("control-remove").addEventListener("click", removeControlImage);
 $("mask-clear").addEventListener("click", () => maskContext.clearRect(0, 0, maskCanvas.width, maskCanvas.height));
 maskCanvas.addEventListener("pointerdown", (event) => {
   maskCanvas.setPointerCapture(event.pointerId);
@@ -546,6 +603,6 @@ $("clear").addEventListener("click", () => {
   $("empty").hidden = false;
 });
 loadServerInfo();
-loadModels();
+loadModels().then(loadControlnets);
 loadLoras();
 loadRecentJobs();
