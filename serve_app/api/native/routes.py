@@ -276,7 +276,9 @@ async def _read_img2img(request: Request) -> tuple[Img2ImgFields, tuple, tuple]:
         repeated = sorted({key for key, _ in form.multi_items() if len(form.getlist(key)) > 1})
         if repeated:
             raise ApiError(
-                400, "malformed_request", f"more than one {repeated[0]!r}: send each field once (files: init_image, mask)"
+                400,
+                "malformed_request",
+                f"more than one {repeated[0]!r}: send each field once (files: init_image, mask)",
             )
         body = validate_or_422(Img2ImgForm, dict(form))
         mask = body.mask
