@@ -173,7 +173,9 @@ def load_controlnets(entries, pipe, options) -> dict:
             net = synthetic_controlnet(unet, int(source.location))
         else:
             net = _from_pretrained(source, options, unet.dtype)
-        net = net.to(device=device, dtype=unet.dtype).eval()
+        if net.dtype != unet.dtype:  # (a no-op cast warns about modules kept in float32)
+            net = net.to(dtype=unet.dtype)
+        net = net.to(device).eval()
         _check_fits(entry.name, net, unet)
         nets[entry.name] = net
     return nets
