@@ -59,6 +59,13 @@ def preprocess(
         return 255 - image
     import cv2
 
+    try:
+        return _with_opencv(cv2, image, name, threshold_a, threshold_b)
+    except cv2.error as exc:
+        raise ValueError(f"OpenCV could not run {name}: {exc}") from None
+
+
+def _with_opencv(cv2, image: np.ndarray, name: str, threshold_a: float | None, threshold_b: float | None) -> np.ndarray:
     default_a, default_b = DEFAULT_THRESHOLDS[name]
     a = default_a if threshold_a is None else threshold_a
     if name == "canny":

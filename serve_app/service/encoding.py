@@ -15,8 +15,8 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from ..config import RequestLimits
 from ..pipeline.errors import InvalidTaskError
 from ..pipeline.masks import check_mask
-from ..pipeline.params import ControlNetUnit, ImageParams, Outpaint
-from ..pipeline.preprocessors import control_map
+from ..pipeline.params import PREPROCESSOR_NAMES, ControlNetUnit, ImageParams, Outpaint
+from ..pipeline.preprocessors import A1111_MODULE_NAMES, control_map
 from ..pipeline.schedulers import a1111_name
 from ..pipeline.tasks import ImageResult
 from .errors import ApiError
@@ -58,8 +58,38 @@ def parameters_text(params: ImageParams, model: str) -> str:
         fields.append(f"Hires resize: {width}x{height}, Hires upscaler: {hires.upscaler}")
         fields.append(f"Hires steps: {hires.second_pass(params.num_inference_steps or 0)[1]}")
         fields.append(f"Denoising strength: {hires.denoising_strength:g}")
+    fields += [f'ControlNet {i}: "{controlnet_infotext(unit)}"' for i, unit in enumerate(params.controlnet)]
     lines.append(", ".join(fields))
     return "\n".join(lines)
+
+
+_CONTROL_MODE_NAMES = {
+    "balanced": "Balanced",
+    "prompt": "My prompt is more important",
+    "control": "ControlNet is more important",
+}
+_RESIZE_MODE_NAMES = {"resize": "Just Resize", "crop": "Crop and Resize", "fill": "Resize and Fill"}
+
+
+def controlnet_infotext(unit: ControlNetUnit) -> str:
+    """A ControlNet unit as AUTOMATIC1111's ControlNet extension writes it into an image's parameters."""
+    parts = [
+        f"Module: {A1111_MODULE_NAMES[PREPROCESSOR_NAMES.index(unit.preprocess)]}",
+        f"Model: {unit.name}",
+        f"Weight: {unit.scale:g}",
+        f"Resize Mode: {_RESIZE_MODE_NAMES[unit.resize_mode]}",
+    ]
+    if unit.processor_res:
+        parts.append(f"Processor Res: {unit.processor_res}")
+    for name, value in (("Threshold A", unit.threshold_a), ("Threshold B", unit.threshold_b)):
+        if value is not None:
+            parts.append(f"{name}: {value:g}")
+    parts += [
+        f"Guidance Start: {unit.start:g}",
+        f"Guidance End: {unit.end:g}",
+        f"Control Mode: {_CONTROL_MODE_NAMES[unit.control_mode]}",
+    ]
+    return ", ".join(parts)
 
 
 # Our fill modes in AUTOMATIC1111's words ("Masked content").

@@ -260,3 +260,18 @@ def test_a1111_controlnet_extension_routes(client):
     assert len(client.post("/controlnet/detect", json=older).json()["images"]) == 1
     error = error_of(client.post("/controlnet/detect", json={**body, "controlnet_module": "depth"}))
     assert error["field"] == "controlnet_module"
+
+
+def test_the_units_are_written_into_the_images_parameters(client):
+    unit = a1111_unit(model="edges", module="canny", threshold_a=50, threshold_b=150, weight=0.5, control_mode=1)
+    result = client.post("/sdapi/v1/txt2img", json=a1111_body(unit)).json()
+    info = json.loads(result["info"])
+    written = info["extra_generation_params"]["ControlNet 0"]
+    assert written.startswith("Module: canny, Model: edges, Weight: 0.5, Resize Mode: Resize and Fill")
+    assert "Threshold A: 50, Threshold B: 150" in written and written.endswith(
+        "Control Mode: My prompt is more important"
+    )
+    assert f'ControlNet 0: "{written}"' in info["infotexts"][0]
+    native = {"prompt": "x", "controlnet": [{"name": "scribble", "image": b64(box_png())}]}
+    picture = Image.open(io.BytesIO(client.post("/generate", json=native).content))
+    assert 'ControlNet 0: "Module: none, Model: scribble, Weight: 1' in picture.info["parameters"]

@@ -365,6 +365,7 @@ def _controlnet_unit(arg: dict, prefix: str) -> tuple[ControlNetUnit, str | None
     if resize not in RESIZE_MODES:
         raise ApiError.invalid(f"{prefix}.resize_mode", f"one of {', '.join(repr(k) for k in RESIZE_MODES)}")
     resolution = arg.get("processor_res")
+    numeric = (int, float)
     fields = {
         "name": model.split(" [", 1)[0].strip(),  # A1111 lists "name [hash]"; clients echo it back
         "scale": arg.get("weight", 1.0),
@@ -374,11 +375,14 @@ def _controlnet_unit(arg: dict, prefix: str) -> tuple[ControlNetUnit, str | None
         "preprocess": A1111_MODULES[module],
         "resize_mode": RESIZE_MODES[resize],
         # -1 (or pixel perfect): the map is made at the output size
-        "processor_res": None if arg.get("pixel_perfect") or not resolution or resolution < 0 else resolution,
+        "processor_res": None
+        if arg.get("pixel_perfect") or not resolution or (isinstance(resolution, numeric) and resolution < 0)
+        else resolution,
     }
     for name in ("threshold_a", "threshold_b"):
         value = arg.get(name)
-        fields[name] = None if value is None or value < 0 or fields["preprocess"] == "none" else value
+        negative = isinstance(value, numeric) and value < 0
+        fields[name] = None if value is None or negative or fields["preprocess"] == "none" else value
     try:
         unit = ControlNetUnit(**fields)
     except ValidationError as exc:

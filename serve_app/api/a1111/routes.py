@@ -16,6 +16,7 @@ from ...pipeline.schedulers import SCHEDULERS, a1111_name
 from ...pipeline.tasks import ImageResult
 from ...service.encoding import (
     b64,
+    controlnet_infotext,
     decode_init_image,
     decode_picture,
     encode_image,
@@ -243,7 +244,7 @@ async def _result(images: list[ImageResult], body: A1111Txt2ImgRequest, model: s
 
 
 def _extra_generation_params(params) -> dict:
-    """What A1111's infotext adds for hires fix and inpainting."""
+    """What A1111's infotext adds for hires fix, inpainting and ControlNet units."""
     extra: dict = {}
     if params.hires is not None:
         hires = params.hires
@@ -266,6 +267,7 @@ def _extra_generation_params(params) -> dict:
                 "Inpaint area": "Only masked" if params.inpaint.only_masked else "Whole picture",
             }
         )
+    extra.update({f"ControlNet {i}": controlnet_infotext(unit) for i, unit in enumerate(params.controlnet)})
     return {k: v for k, v in extra.items() if v is not None}
 
 
