@@ -295,3 +295,12 @@ def test_every_429_and_503_says_when_to_retry():
         assert client.get("/bare?status=429").headers["retry-after"] == "3"
         assert client.get("/told").headers.get_list("retry-after") == ["7"]
         assert "retry-after" not in client.get("/bare?status=500").headers
+
+
+def test_serves_own_refusals_carry_the_configured_retry_after():
+    from serve_app.app import build_app
+
+    ingress = build_app({"model": "synthetic:tiny", "limits": {"retry_after_s": 5}})._bound_deployment
+    generator, manager = (app._bound_deployment for app in ingress.init_args[:2])
+    for bound in (ingress, generator, manager):
+        assert bound._deployment_config.backpressure_config.retry_after_s == 5
