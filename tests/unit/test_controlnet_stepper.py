@@ -123,8 +123,14 @@ def xl():
 
 
 @pytest.fixture
-def models(sd, xl):
-    return {"sd": sd, "xl": xl}
+def models(request):
+    """The models by name, each loaded when a test first asks for it."""
+
+    class Lazy(dict):
+        def __missing__(self, name):
+            return request.getfixturevalue(name)
+
+    return Lazy()
 
 
 def task(*units: dict, images=None, init_image=None, **params) -> ImageTask:
