@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .models_benchmark import _loop
+
 NETS = (("edges", 0.5), ("scribble", 1.0))
 GOAL_THROUGHPUT = 1.3
 GOAL_PLAIN_P95 = 1.3
@@ -49,14 +51,6 @@ def _model(batching: str, threads: int):
     model = LoadedModel.load("synthetic:tiny", options, controlnets=entries)
     model.warmup()
     return model
-
-
-def _loop(model, max_batch_size: int):
-    from serve_app.pipeline.engines import EngineLimits, EngineLoop, LoopCounters, make_engine
-
-    counters = LoopCounters()
-    limits = EngineLimits(max_batch_size=max_batch_size, max_active_requests=4 * max_batch_size)
-    return EngineLoop(make_engine(model, "step", limits, counters), model.prepare), counters
 
 
 def control_image(seed: int, size: int) -> np.ndarray:

@@ -12,9 +12,9 @@ import hashlib
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .pipeline.adapters import AdapterSettings
 from .pipeline.controlnets import ControlNetEntry
@@ -295,6 +295,18 @@ class JobsConfig(_Strict):
         return self
 
 
+def _named_once(entries: list[ControlNetEntry]) -> list[ControlNetEntry]:
+    names = [entry.name for entry in entries]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"ControlNet {', '.join(repeated)} named more than once")
+    return entries
+
+
+# A model's ControlNets: each name once.
+ControlNetList = Annotated[list[ControlNetEntry], AfterValidator(_named_once)]
+
+
 class ModelConfig(_Strict):
     """One entry of `args.models`: a model the deployment serves, under the id requests name it by."""
 
@@ -312,7 +324,7 @@ class ModelConfig(_Strict):
     limits: ModelLimits = Field(
         default_factory=ModelLimits, description="keys of args.limits to change for this model (sizes, steps, ...)"
     )
-    controlnets: list[ControlNetEntry] = Field(
+    controlnets: ControlNetList = Field(
         default_factory=list,
         description="ControlNets requests may name (`controlnet`), loaded with the model (UNet models: SD 1.x/2.x, "
         "SDXL)",
@@ -322,11 +334,6 @@ class ModelConfig(_Strict):
     @classmethod
     def _model_source_readable(cls, value: str | None) -> str | None:
         return value if value is None else _readable_source(value)
-
-    @field_validator("controlnets")
-    @classmethod
-    def _controlnets_named_once(cls, entries: list[ControlNetEntry]) -> list[ControlNetEntry]:
-        return _named_once(entries)
 
     @model_validator(mode="after")
     def _controlnets_fit(self) -> ModelConfig:
@@ -343,7 +350,7 @@ class ServedModel(_Strict):
     defaults: GenerationDefaults
     limits: RequestLimits
     refiner: str | None = None
-    controlnets: list[ControlNetEntry] = Field(default_factory=list)
+    controlnets: ControlNetList = Field(default_factory=list)
 
 
 class AppArgs(_Strict):
@@ -355,7 +362,7 @@ class AppArgs(_Strict):
         "one model, which requests then name by this same string; several: use `models`",
     )
     refiner: str | None = Field(None, description="the refiner of `model` (one model); with `models`, per model")
-    controlnets: list[ControlNetEntry] = Field(
+    controlnets: ControlNetList = Field(
         default_factory=list, description="the ControlNets of `model` (one model); with `models`, per model"
     )
     models: list[ModelConfig] = Field(
@@ -382,11 +389,6 @@ class AppArgs(_Strict):
     @classmethod
     def _model_source_readable(cls, value: str | None) -> str | None:
         return value if value is None else _readable_source(value)
-
-    @field_validator("controlnets")
-    @classmethod
-    def _controlnets_named_once(cls, entries: list[ControlNetEntry]) -> list[ControlNetEntry]:
-        return _named_once(entries)
 
     @model_validator(mode="after")
     def _models_coherent(self) -> AppArgs:
@@ -447,14 +449,6 @@ class AppArgs(_Strict):
         """`limits`, widened to what any served model allows: the bounds /openapi.json and schema errors state
         (each model's own are checked per request, and listed by GET /models)."""
         return widest([model.limits for model in self.served_models()])
-
-
-def _named_once(entries: list[ControlNetEntry]) -> list[ControlNetEntry]:
-    names = [entry.name for entry in entries]
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise ValueError(f"ControlNet {', '.join(repeated)} named more than once")
-    return entries
 
 
 def _check_controlnet_family(model: str, entries: list[ControlNetEntry]) -> None:

@@ -31,6 +31,17 @@ def max_diff(a: Image.Image, b: Image.Image) -> int:
     return int(np.abs(pixels(a) - pixels(b)).max())
 
 
+def b64(data: bytes) -> str:
+    """Bytes as the base64 text JSON bodies carry images in."""
+    return base64.b64encode(data).decode()
+
+
+def error_of(response: httpx.Response) -> dict:
+    """The error document of a 4xx answer (failing on any other status)."""
+    assert 400 <= response.status_code < 500, (response.status_code, response.text)
+    return response.json()["error"]
+
+
 def png_bytes(size=(64, 64), seed=0) -> bytes:
     rng = np.random.default_rng(seed)
     buffer = io.BytesIO()

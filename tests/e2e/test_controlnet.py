@@ -7,7 +7,6 @@ tests/unit/test_controlnet_stepper.py."""
 
 from __future__ import annotations
 
-import base64
 import io
 
 import cv2
@@ -15,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 from harness import job_when_final
-from helpers import burst, decode, pixels, png
+from helpers import b64, burst, decode, pixels, png
 from PIL import Image
 
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 4, "guidance_scale": 7.5, "scheduler": "euler_a"}
@@ -32,10 +31,6 @@ def picture(seed: int = 0) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 def edges_of(data: bytes, low: int = 100, high: int = 200) -> bytes:

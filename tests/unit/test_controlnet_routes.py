@@ -11,6 +11,7 @@ import json
 import cv2
 import numpy as np
 import pytest
+from helpers import b64, error_of
 from PIL import Image
 
 from serve_app.pipeline.params import ControlNetUnit
@@ -22,15 +23,6 @@ def box_png(size=(64, 64), box=(16, 16, 48, 40), mode="RGB") -> bytes:
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def error_of(response) -> dict:
-    assert 400 <= response.status_code < 500, (response.status_code, response.text)
-    return response.json()["error"]
 
 
 # -- native -----------------------------------------------------------------------------------------

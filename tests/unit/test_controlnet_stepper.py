@@ -13,6 +13,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from helpers import started, step_to_the_end
 from PIL import Image
 
 from serve_app.pipeline.controlnets import (
@@ -96,17 +97,10 @@ class Model:
             return to_uint8(pipe(**kwargs, **control).images)[0]
 
     def start(self, *tasks: ImageTask):
-        states = self.stepper.start(list(tasks))
-        for state in states:
-            assert not isinstance(state, Exception), state
-        return states
+        return started(self.stepper, *tasks)
 
     def finish(self, *states) -> list[np.ndarray]:
-        running = list(states)
-        while running:
-            assert self.stepper.step(running) == [None] * len(running)
-            running = [state for state in running if not state.done]
-        return self.stepper.decode(list(states))
+        return self.stepper.decode(step_to_the_end(self.stepper, list(states)))
 
     def alone(self, task: ImageTask) -> np.ndarray:
         return self.finish(*self.start(task))[0]

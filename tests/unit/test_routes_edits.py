@@ -5,14 +5,13 @@ test_inpaint_stepper.py, test_flow_inpaint.py, test_edit_engines.py and tests/e2
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 
 import numpy as np
 import openai
 import pytest
-from helpers import decode, png_bytes
+from helpers import b64, decode, error_of, png_bytes
 from PIL import Image
 
 from serve_app.pipeline.params import HiresParams, InpaintParams, Outpaint
@@ -32,15 +31,6 @@ def mask_png(size=(64, 64), box=(16, 16, 48, 48), mode="L", **save) -> bytes:
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG", **save)
     return buffer.getvalue()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def error_of(response) -> dict:
-    assert 400 <= response.status_code < 500, (response.status_code, response.text)
-    return response.json()["error"]
 
 
 # -- native -------------------------------------------------------------------------------------
