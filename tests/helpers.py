@@ -89,6 +89,18 @@ def run_through_loop(model, kind: str, jobs: list, limits=None):
         loop.stop()
 
 
+def lazy_fixtures(request, aliases: dict[str, str] | None = None) -> dict:
+    """fixtures[name]: the fixture `name` (or the one `aliases` maps it to), set up when a test first asks for it
+    (module-scoped models a test needs one of, without loading the others)."""
+    aliases = aliases or {}
+
+    class Lazy(dict):
+        def __missing__(self, name):
+            return request.getfixturevalue(aliases.get(name, name))
+
+    return Lazy()
+
+
 def started(stepper, *tasks) -> list:
     """A stepper's states for tasks that must start (none may fail)."""
     states = stepper.start(list(tasks))

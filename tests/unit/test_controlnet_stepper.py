@@ -13,7 +13,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from helpers import started, step_to_the_end
+from helpers import lazy_fixtures, started, step_to_the_end
 from PIL import Image
 
 from serve_app.pipeline.controlnets import (
@@ -119,12 +119,7 @@ def xl():
 @pytest.fixture
 def models(request):
     """The models by name, each loaded when a test first asks for it."""
-
-    class Lazy(dict):
-        def __missing__(self, name):
-            return request.getfixturevalue(name)
-
-    return Lazy()
+    return lazy_fixtures(request)
 
 
 def task(*units: dict, images=None, init_image=None, **params) -> ImageTask:

@@ -16,7 +16,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from helpers import started, step_to_the_end
+from helpers import lazy_fixtures, started, step_to_the_end
 from PIL import Image
 
 from serve_app.pipeline.errors import InvalidTaskError
@@ -157,12 +157,7 @@ def nine():
 @pytest.fixture
 def models(request):
     """models[name]: the model of that fixture, loaded when first asked for (a test needs one of them)."""
-
-    class Lazy(dict):
-        def __missing__(self, name):
-            return request.getfixturevalue({"inpainting-model": "nine"}.get(name, name))
-
-    return Lazy()
+    return lazy_fixtures(request, {"inpainting-model": "nine"})
 
 
 def fast_only(*fast, cases):
