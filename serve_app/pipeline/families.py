@@ -237,6 +237,12 @@ def check_edits(task: ImageTask, family: Family, schedulers, multiple: int, inpa
             "hires.upscaler",
         )
     width, height = p.hires.target_size(p.width, p.height)
+    if p.hires.width and p.hires.height and p.hires.width * p.height != p.hires.height * p.width:
+        raise InvalidTaskError(
+            f"hires fix to {width}x{height} would change the aspect ratio of {p.width}x{p.height}; give its width "
+            "or its height (the other follows) or a scale",
+            "hires",
+        )
     if max(width, height) > 4096:
         raise InvalidTaskError(f"hires fix would make {width}x{height}; at most 4096 pixels a side", "hires")
     if width % multiple or height % multiple:

@@ -368,3 +368,5 @@ def test_masks_that_repaint_nothing_or_do_not_fit_are_refused(sd, nine):
     assert isinstance(error, InvalidTaskError) and error.field == "mask" and "inpainting model" in str(error)
     [error] = sd.stepper.start([job(init_image=INIT, hires=HiresParams())])
     assert isinstance(error, InvalidTaskError) and error.field == "hires"
+    [error] = sd.stepper.start([job(hires=HiresParams(width=128, height=64))])  # A1111 would crop: not offered
+    assert isinstance(error, InvalidTaskError) and error.field == "hires" and "aspect ratio" in str(error)
