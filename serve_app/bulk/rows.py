@@ -15,15 +15,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError, field_validator
 
-from ..api.errors import validation_problems
 from ..config import RequestLimits
 from ..pipeline.params import seed_at
 from ..service.errors import ApiError
 from ..service.generation import check_limits
 from ..service.requests import OutputOptions, TextToImageRequest
+from ..service.validation import validation_problems
 
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 IMAGES_DIR = "images"
@@ -88,7 +87,7 @@ def check_row(
         request = BulkRequest.model_validate({**(row_defaults or {}), **given})
         check_limits(request.image_params(), request.num_images, limits)
     except ValidationError as exc:
-        problems = validation_problems(RequestValidationError(exc.errors()), limits=limits, known=COLUMNS)
+        problems = validation_problems(exc.errors(), limits=limits, known=COLUMNS)
         message = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
         return CheckedRow(row, text, error=message, error_code="invalid_request", error_field=problems[0]["field"])
     except ApiError as exc:

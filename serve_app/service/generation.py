@@ -32,6 +32,7 @@ from ..pipeline.tasks import ImageResult, ImageTask
 from .encoding import MaskMeaning, decode_controls, decode_edit, decode_init_image
 from .errors import ApiError
 from .streams import latest_then_outcome
+from .validation import field_rule
 
 GENERATOR = "ImageGenerator"
 _STATUS_CACHE_S = 1.0
@@ -69,7 +70,7 @@ def check_limits(
     for field, (lowest, highest) in limits.bounds().items():
         value = values[field]
         if value is not None and not lowest <= value <= highest:
-            raise invalid(field, f"must be between {lowest:g} and {highest:g}{scope} (got {value:g})")
+            raise invalid(field, f"must be {field_rule(field, (lowest, highest))}{scope} (got {value:g})")
     if params.width and params.height and params.width * params.height > limits.max_pixels:
         pixels = params.width * params.height
         raise invalid("width", f"width x height must be at most {limits.max_pixels} pixels{scope} (got {pixels})")

@@ -62,7 +62,7 @@ def test_server_errors_become_exceptions_with_the_servers_fields(sd):
         sd.generate("too wide", width=512)
     error = caught.value
     assert (error.status, error.code, error.field) == (422, "invalid_request", "width")
-    assert "between 64 and 256" in error.message and error.request_id
+    assert "from 64 to 256" in error.message and error.request_id
     with pytest.raises(SDServeError) as caught:
         sd.generate_prompts([{"prompt": "ok"}, {"prompt": "x", "num_images": 9}])
     assert caught.value.field == "requests.1.num_images"

@@ -89,7 +89,7 @@ def test_generate_runs_a_job_shows_its_images_with_seeds_and_errors_in_words(
     page.click("#generate")
     error = page.locator("#error")
     expect(error).to_be_visible()
-    expect(error).to_contain_text("width: must be between 64 and 256 (got 512)")
+    expect(error).to_contain_text("width: must be a multiple of 8 from 64 to 256 (got 512)")
     expect(error).to_contain_text("422 invalid_request")
     expect(page.locator("#width")).to_have_attribute("aria-invalid", "true")
     expect(page.locator("#gallery .job")).to_have_count(1)  # the refused request added nothing

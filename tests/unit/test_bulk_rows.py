@@ -73,7 +73,7 @@ def test_a_row_the_api_would_refuse_is_refused_with_its_422_message(fields, fiel
 def test_the_deployment_limits_apply_as_on_the_server():
     limits = RequestLimits(max_width=256, max_height=256, max_pixels=65536, max_steps=50)
     checked = check_row(0, {"prompt": "a", "width": 512}, limits, base_seed=0)
-    assert checked.error == "width: must be between 64 and 256 (got 512)" and checked.error_field == "width"
+    assert checked.error == "width: must be a multiple of 8 from 64 to 256 (got 512)" and checked.error_field == "width"
     assert check_row(0, {"prompt": "a", "num_inference_steps": 51}, limits, 0).error_field == "num_inference_steps"
 
 

@@ -28,7 +28,7 @@ def error(response, status: int) -> dict:
         ({"num_images": 100}, "num_images", "must be between 1 and 4 (got 100)"),  # the schema's own bound is 64
         ({"num_inference_steps": 500}, "num_inference_steps", "must be between 1 and 50 (got 500)"),
         ({"width": 300}, "width", "multiple of 8"),
-        ({"width": 512}, "width", "must be between 64 and 256 (got 512)"),
+        ({"width": 512}, "width", "must be a multiple of 8 from 64 to 256 (got 512)"),
         ({"seed": -1}, "seed", "leave seed out (or send null) for a random seed"),
         ({"steps": 4}, "steps", "did you mean num_inference_steps? (steps is the AUTOMATIC1111 API's name"),
         ({"size": "64x64"}, "size", "did you mean width and height? (size is the OpenAI API's name"),

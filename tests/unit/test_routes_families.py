@@ -10,7 +10,7 @@ from serve_app.config import AppArgs
 
 
 def unet_and_flux() -> AppArgs:
-    args = demo_settings().model_dump(exclude={"model", "refiner"})
+    args = demo_settings().model_dump(exclude={"model", "refiner", "controlnets"})
     args["models"] = [
         {"id": "sd", "model": "synthetic:tiny"},
         {"id": "flux", "model": "synthetic:tiny-flux-dev"},

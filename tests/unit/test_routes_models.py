@@ -12,7 +12,7 @@ from serve_app.config import AppArgs
 
 def two_models() -> AppArgs:
     """The demo's limits (64-256 px, 50 steps) for "tiny"; "wide" allows 512 px wide and 100 steps."""
-    args = demo_settings().model_dump(exclude={"model", "refiner"})
+    args = demo_settings().model_dump(exclude={"model", "refiner", "controlnets"})
     args["models"] = [
         {"id": "tiny", "model": "synthetic:tiny"},
         {
@@ -38,7 +38,7 @@ def test_each_model_is_checked_against_its_own_limits_and_the_error_says_whose(c
     assert refused.status_code == 422
     error = refused.json()["error"]
     assert (
-        error["field"] == "width" and error["message"] == "width: must be between 64 and 256 for model 'tiny' (got 512)"
+        error["field"] == "width" and error["message"] == "width: must be a multiple of 8 from 64 to 256 for model 'tiny' (got 512)"
     )
     steps = client.post("/generate", json={"prompt": "p", "model": "wide", "num_inference_steps": 101})
     assert (

@@ -101,7 +101,7 @@ def test_models_lists_and_retrieves_the_served_models(oai, service):
     [
         ({"size": "500x500"}, "size", "multiples of 8"),
         ({"size": "huge"}, "size", "256x256"),
-        ({"size": "1024x1024"}, "size", "between 64 and 256"),
+        ({"size": "1024x1024"}, "size", "from 64 to 256"),
         ({"n": 5}, "n", "between 1 and 4"),
         ({"response_format": "url"}, "response_format", "b64_json"),
         ({"extra_body": {"num_inference_steps": 51}}, "num_inference_steps", "between 1 and 50"),

@@ -9,12 +9,11 @@ from __future__ import annotations
 from typing import Annotated
 
 import pytest
-from fastapi.exceptions import RequestValidationError
 from helpers import png_bytes
 from pydantic import BaseModel, Field, ValidationError
 
-from serve_app.api.errors import validation_problems
 from serve_app.config import RequestLimits
+from serve_app.service.validation import validation_problems
 
 DEMO_LIMITS = RequestLimits(min_size=64, max_width=256, max_height=256, max_pixels=65536, max_steps=50)
 
@@ -110,8 +109,7 @@ class Probe(BaseModel):
 def test_the_rule_is_read_from_whatever_the_model_declares(fields, message):
     with pytest.raises(ValidationError) as raised:
         Probe.model_validate(fields)
-    error = RequestValidationError(raised.value.errors())
-    [found] = validation_problems(error, fields={"body": [(Probe, [])]})
+    [found] = validation_problems(raised.value.errors(), fields={"body": [(Probe, [])]})
     assert f"{found['field']}: {found['message']}" == message
 
 
@@ -120,7 +118,7 @@ def test_without_a_model_the_shared_image_parameters_rules_apply_as_bulk_rows_ar
 
     with pytest.raises(ValidationError) as raised:
         ImageParams.model_validate({"prompt": "x", "width": 30, "strength": 2})
-    problems = validation_problems(RequestValidationError(raised.value.errors()), limits=DEMO_LIMITS)
+    problems = validation_problems(raised.value.errors(), limits=DEMO_LIMITS)
     assert problems == [
         {"field": "width", "message": "must be a multiple of 8 from 64 to 256 (got 30)"},
         {"field": "strength", "message": "must be greater than 0 and at most 1 (got 2)"},
