@@ -175,7 +175,7 @@ class ServeCluster:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     @classmethod
-    def start(cls, num_cpus: int = 4, request_timeout_s: float | None = 60) -> ServeCluster:
+    def start(cls, num_cpus: int = 4, request_timeout_s: float | None = 75) -> ServeCluster:
         import ray
         from ray.serve._private import api as serve_private_api
 

@@ -91,6 +91,7 @@ class JobManager:
         self._progress: dict[str, dict] = {}  # running jobs: step, total_steps, images_done
         self._previews: dict[str, str] = {}  # running jobs that asked for previews: the latest (base64 PNG)
         self._runs: dict[str, asyncio.Task] = {}  # running jobs: the asyncio task of each
+        self._storing: set[str] = set()  # running jobs whose images are made and being stored
         self._watchers: dict[str, set[asyncio.Queue]] = {}
         self._wake = asyncio.Event()
         self._http = httpx.AsyncClient(timeout=self.config.webhook_timeout_s)
@@ -155,6 +156,8 @@ class JobManager:
             raise JobFinished(f"job {job_id} already ended: {stored.status.value}")
         if record.status.final:  # ended a moment ago; its final state is being stored
             raise JobFinished(f"job {job_id} already ended: {record.status.value}")
+        if job_id in self._storing:
+            raise JobFinished(f"job {job_id} has made its images and is storing them; it ends succeeded")
         if record.status == JobStatus.queued:
             self._queue.remove_if(lambda queued: queued == job_id)
             self._queue_moved()
@@ -265,8 +268,14 @@ class JobManager:
             logger.exception("job %s failed", job_id)
             await self._finish(record, JobStatus.failed, JobError(code="internal_error", message=type(exc).__name__))
             return
-        record.images = await run_in_threadpool(store_results, self.store, record, results)
-        await self._finish(record, JobStatus.succeeded)
+        # Its images are made: from here it ends succeeded, and a cancel arriving now is told so (its
+        # images would be written anyway, by the thread below, while the job said "canceled").
+        self._storing.add(job_id)
+        try:
+            record.images = await run_in_threadpool(store_results, self.store, record, results)
+            await self._finish(record, JobStatus.succeeded)
+        finally:
+            self._storing.discard(job_id)
 
     async def _generate(self, record: JobRecord) -> list[ImageResult]:
         init_image = mask = None

@@ -323,12 +323,15 @@ class EngineLoop:
         waiting = self.engine.waiting_tally.plus(self._incoming_tally)
         return (self.engine.active_steps + waiting.steps_ahead(task.claim())) / rate
 
+    DEADLINE_SHARE = 0.8  # admit a task expected to be done within this share of the time left to its deadline
+
     def _admission(self, task: ImageTask) -> OverloadedError | None:
         """Refuse at once a task that could not be done before its deadline: better than a late 504."""
         if task.deadline is None:
             return None
         expected = self.expected_wait_s(task)
-        if expected is None or time.time() + expected <= task.deadline:
+        # The estimate is a mean at the rate measured so far: the slow end of the spread must fit too.
+        if expected is None or expected <= self.DEADLINE_SHARE * (task.deadline - time.time()):
             return None
         drain_s = self.expected_wait_s() or 1.0
         retry_after = max(1, min(60, math.ceil(drain_s)))

@@ -281,3 +281,20 @@ def test_the_loop_reports_images_per_tenant(gated):
     stepper.release.set()
     assert done.all_done.wait(10)
     assert {tenant: counts["admitted"] for tenant, counts in loop.tenants().items()} == {"a": 2, "b": 1}
+
+
+def test_a_task_expected_just_before_its_deadline_is_refused_the_estimate_is_a_mean(gated):
+    loop, stepper = gated
+    done = Collector(1)
+    loop.submit(job("running", steps=10, tenant="a"), lambda result: done(0, result))
+    assert stepper.entered.wait(10)
+    loop.counters.step_rate = 10.0  # image-steps per second, as if measured
+    # About 2 s of work (10 steps ahead, 10 of its own): inside 2.2 s but past 0.8 of it; inside 3 s with room.
+    tight: list = []
+    loop.submit(dataclasses.replace(job("tight", steps=10, tenant="b"), deadline=time.time() + 2.2), tight.append)
+    assert isinstance(tight[0], OverloadedError) and "deadline" in tight[0].message
+    roomy: list = []
+    loop.submit(dataclasses.replace(job("roomy", steps=10, tenant="b"), deadline=time.time() + 3.0), roomy.append)
+    assert not roomy  # queued
+    stepper.release.set()
+    assert done.all_done.wait(10)

@@ -251,6 +251,34 @@ def test_cancelling_a_queued_job_means_it_never_runs_and_a_running_one_stops_its
     assert running.status == queued.status == JobStatus.canceled and running.images == []
 
 
+def test_a_cancel_that_arrives_while_the_images_are_stored_is_refused_and_the_job_succeeds(tmp_path, monkeypatch):
+    from serve_app.job_queue import manager as manager_module
+
+    storing, release = threading.Event(), threading.Event()
+    store_results = manager_module.store_results
+
+    def held_store(*args):
+        storing.set()
+        release.wait(10)
+        return store_results(*args)
+
+    monkeypatch.setattr(manager_module, "store_results", held_store)
+
+    async def scenario():
+        manager = manager_for(tmp_path, ScriptedGenerator())
+        job = record(images=2)
+        await manager.submit(job)
+        await until(storing.is_set, "its images are being stored")
+        with pytest.raises(JobFinished, match="storing"):
+            await manager.cancel(job.id, None)
+        release.set()
+        await until(lambda: not manager._runs, "the job's task has ended")
+        return manager.store.get(job.id)
+
+    stored = run(scenario)
+    assert stored.status == JobStatus.succeeded and len(stored.images) == 2
+
+
 def test_another_keys_job_is_not_found(tmp_path):
     async def scenario():
         manager = manager_for(tmp_path, ScriptedGenerator())
