@@ -178,15 +178,19 @@ class ClientCore:
         return (yield from self._answer(Request(method, path, kwargs)))
 
     def _answer(self, request: Request) -> Plan[Any]:
-        """The answer to `request`. A 503 (server busy) is sent again, waiting as its Retry-After says,
-        up to the policy's retries; the last answer is returned whatever its status."""
+        """The answer to `request`. A 503 (server busy), or a 429 (rate limited) whose Retry-After is within
+        the policy's longest wait, is sent again, waiting as Retry-After says, up to the policy's retries; the
+        last answer is returned whatever its status (a daily quota's 429 says to come back tomorrow: raised)."""
         retry = 0
         while True:
             answer = yield Send(request)
             response = answer.response if isinstance(answer, Stream) else answer
-            if response.status_code != 503 or retry >= self.retry.max_retries:
+            retry_after = retry_after_seconds(response.headers.get("retry-after"))
+            busy = response.status_code == 503
+            limited = response.status_code == 429 and retry_after is not None and retry_after <= self.retry.max_wait_s
+            if not (busy or limited) or retry >= self.retry.max_retries:
                 return answer
-            yield Pause(self.retry.delay_s(retry, retry_after_seconds(response.headers.get("retry-after"))))
+            yield Pause(self.retry.delay_s(retry, retry_after))
             retry += 1
 
     def _json(self, request: Request) -> Plan[Any]:

@@ -80,7 +80,7 @@ class SDServeTimeout(SDServeConnectionError):
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How 503 answers (server overloaded) are retried; other errors never are.
+    """How 503 answers (server overloaded) and short 429s (rate limited) are retried; other errors never are.
 
     The server's Retry-After is honoured (capped at `max_wait_s`) with a little jitter,
     so that clients told to come back at the same time do not all arrive together.

@@ -212,6 +212,22 @@ def test_server_retry_after_is_capped(connect):
     assert 5 <= sd.slept[0] <= 5.5
 
 
+def limited(code: str, retry_after: str) -> httpx.Response:
+    body = {"error": {"code": code, "message": "slow down"}, "request_id": "rid-429"}
+    return httpx.Response(429, json=body, headers={"Retry-After": retry_after, "RateLimit-Remaining": "0"})
+
+
+def test_a_rate_limit_429_is_retried_as_retry_after_says_a_quota_429_is_raised(connect):
+    server = Scripted(limited("rate_limited", "2"), generated())
+    sd = connect(server)
+    assert sd.generate("p").seeds == [5] and 2 <= sd.slept[0] <= 2.2
+    tomorrow = Scripted(limited("quota_exceeded", "40000"))
+    sd = connect(tomorrow)
+    with pytest.raises(SDServeError) as caught:
+        sd.generate("p")
+    assert caught.value.status == 429 and caught.value.code == "quota_exceeded" and sd.slept == []
+
+
 def test_without_retry_after_the_wait_doubles_with_full_jitter():
     policy = RetryPolicy(backoff_s=0.5, max_wait_s=3)
     assert [policy.delay_s(n, None, rand=lambda: 1.0) for n in range(4)] == [0.5, 1.0, 2.0, 3.0]
