@@ -24,11 +24,22 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.e2e)
             # A Ray cluster takes tens of seconds to start on 2 cores: the fast loop runs without one.
             item.add_marker(pytest.mark.slow)
-    # Modules that deploy variants of the demo config run after those that use the demo as it is: the
-    # session's Serve then switches config once per variant module, not back and forth (a switch restarts
-    # replicas: tens of seconds each). Each module still deploys what it needs, so each passes alone.
+    # The order, each group in file order (the sort is stable):
+    # 1. tests without Ray (two cores: a Ray instance idling beside them slows them);
+    # 2. modules that use the demo config as it is;
+    # 3. modules that deploy variants of it: the session's Serve then switches config once per variant
+    #    module, not back and forth (a switch restarts replicas: tens of seconds each);
+    # 4. tests that start a Ray instance of their own (`own_ray`): the session's is stopped before them
+    #    (tests/e2e/conftest.py), as two instances on two cores starve each other.
+    # Each module still deploys what it needs, so each passes alone.
     variant_modules = {item.path for item in items if "deployed_variant" in getattr(item, "fixturenames", ())}
-    items.sort(key=lambda item: item.path in variant_modules)  # stable: file order otherwise
+    items.sort(
+        key=lambda item: (
+            E2E_DIR in Path(item.path).parents,
+            item.path in variant_modules,
+            item.get_closest_marker("own_ray") is not None,
+        )
+    )
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -602,7 +602,6 @@ $("clear").addEventListener("click", () => {
   $("clear").hidden = true;
   $("empty").hidden = false;
 });
-loadServerInfo();
-loadModels().then(loadControlnets);
-loadLoras();
-loadRecentJobs();
+// Marked once the first loads are in: the sections they show move the form (the browser tests wait for it).
+Promise.allSettled([loadServerInfo(), loadModels().then(loadControlnets), loadLoras(), loadRecentJobs()])
+  .then(() => { document.documentElement.dataset.loaded = "true"; });

@@ -14,12 +14,24 @@ import httpx
 import pytest
 from harness import ServeCluster, load_config
 
+_running: list[ServeCluster] = []  # the session's cluster while it runs
+
 
 @pytest.fixture(scope="session")
 def serve_cluster():
     cluster = ServeCluster.start()
+    _running.append(cluster)
     yield cluster
-    cluster.stop()
+    if _running:
+        _running.pop().stop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _own_ray_runs_alone(request):
+    """A module marked `own_ray` starts a Ray instance of its own: the session's is stopped first (such tests
+    run last, tests/conftest.py), so the two never share the machine's two cores."""
+    if request.node.get_closest_marker("own_ray") and _running:
+        _running.pop().stop()
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +112,10 @@ def open_page(browser):
         page.set_default_timeout(60_000)
         if path is not None:
             page.goto(path)
+        if path == "/":  # the web page: its first loads show sections that move the form (app.js)
+            from playwright.sync_api import expect
+
+            expect(page.locator("html[data-loaded=true]")).to_be_attached()
         return page
 
     yield open_

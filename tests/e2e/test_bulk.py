@@ -26,6 +26,8 @@ from PIL import Image
 
 from serve_app.bulk.manifest import Output, done_rows, read_entries
 
+pytestmark = pytest.mark.own_ray  # a cluster of its own: runs last, alone (tests/conftest.py)
+
 RUN_TIMEOUT_S = 300
 
 
@@ -167,7 +169,7 @@ def test_jsonl_rows_become_images_with_their_own_parameters_on_both_nodes_and_ba
 
 def test_a_killed_run_resumes_without_redoing_finished_rows(cluster, tmp_path):
     """Parquet in: its nulls mean "not given", so a row without a seed gets base seed + row."""
-    rows = [{"prompt": f"row {i}", "num_inference_steps": 20, "seed": None} for i in range(32)]
+    rows = [{"prompt": f"row {i}", "num_inference_steps": 12, "seed": None} for i in range(16)]
     source, out = tmp_path / "rows.parquet", tmp_path / "out"
     pq.write_table(pa.Table.from_pylist(rows), source)
     command = [

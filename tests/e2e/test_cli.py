@@ -46,7 +46,7 @@ def test_generate_applies_lora_adapters_and_the_png_says_so(sd_serve, tmp_path):
     assert status == 0
     assert "LoRA: ink:0.5 neon:1" in decode((tmp_path / "l.png").read_bytes()).info["parameters"]
     status, _, err = sd_serve("generate", "a lighthouse", "--lora", "nope", "-o", "n.png")
-    assert status != 0 and "unknown LoRA adapter nope; available: ink, neon" in err
+    assert status != 0 and "unknown LoRA adapter nope; available: flux-ink, ink, neon" in err
 
 
 def test_generate_several_images_names_them_by_seed_and_takes_the_format_from_the_suffix(sd_serve, tmp_path):
@@ -61,7 +61,9 @@ def test_generate_several_images_names_them_by_seed_and_takes_the_format_from_th
 def test_errors_exit_non_zero_with_the_servers_message_on_one_line(sd_serve, tmp_path):
     status, out, err = sd_serve("generate", "too wide", "--size", "512x64")
     assert status == 1 and out == ""
-    assert err.startswith("sd-serve: error: 422 invalid_request: width: must be a multiple of 8 from 64 to 256 (got 512)")
+    assert err.startswith(
+        "sd-serve: error: 422 invalid_request: width: must be a multiple of 8 from 64 to 256 (got 512)"
+    )
     assert err.count("\n") == 1
     status, _, err = sd_serve("--url", f"http://127.0.0.1:{free_port()}", "health")
     assert status == 1 and "cannot reach" in err and "is the server running?" in err

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from harness import REPO
 
+pytestmark = pytest.mark.own_ray  # a cluster of its own: runs last, alone (tests/conftest.py)
+
 SCRIPT = REPO / "deploy" / "local_cluster.py"
 
 

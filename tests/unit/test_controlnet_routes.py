@@ -238,6 +238,21 @@ def test_a1111_bad_units_name_their_field(client, fields, field):
     assert error["field"] == field, error
 
 
+@pytest.mark.parametrize(
+    "scripts,field",
+    [
+        ({"ControlNet": True}, "alwayson_scripts.ControlNet.args"),
+        ({"ControlNet": {"args": 3}}, "alwayson_scripts.ControlNet.args"),
+        ({"Refiner": {"args": True}}, "alwayson_scripts.Refiner.args"),
+        ({"Refiner": [True]}, "alwayson_scripts.Refiner"),
+    ],
+)
+def test_a1111_script_entries_that_are_not_argument_lists_are_422s(client, scripts, field):
+    body = {"prompt": "a castle", "steps": 2, "width": 64, "height": 64, "alwayson_scripts": scripts}
+    error = error_of(client.post("/sdapi/v1/txt2img", json=body))
+    assert error["field"] == field, error
+
+
 def test_a1111_controlnet_extension_routes(client):
     assert client.get("/controlnet/version").json() == {"version": 2}
     assert client.get("/controlnet/model_list").json() == {"model_list": ["edges", "scribble"]}

@@ -38,7 +38,8 @@ def test_each_model_is_checked_against_its_own_limits_and_the_error_says_whose(c
     assert refused.status_code == 422
     error = refused.json()["error"]
     assert (
-        error["field"] == "width" and error["message"] == "width: must be a multiple of 8 from 64 to 256 for model 'tiny' (got 512)"
+        error["field"] == "width"
+        and error["message"] == "width: must be a multiple of 8 from 64 to 256 for model 'tiny' (got 512)"
     )
     steps = client.post("/generate", json={"prompt": "p", "model": "wide", "num_inference_steps": 101})
     assert (

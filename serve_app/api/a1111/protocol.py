@@ -211,10 +211,9 @@ class A1111Txt2ImgRequest(BaseModel):
     def controlnet_units(self) -> list[tuple[ControlNetUnit, str | None, str]]:
         """The enabled units of `alwayson_scripts.ControlNet.args`: each as our unit, its image (None: none sent)
         and the field prefix errors name (`alwayson_scripts.ControlNet.args.<i>`)."""
-        script = next((v for k, v in self.alwayson_scripts.items() if k.lower() == "controlnet"), None)
-        args = script.get("args") if isinstance(script, dict) else script
+        name, script = next(((k, v) for k, v in self.alwayson_scripts.items() if k.lower() == "controlnet"), ("", None))
         units = []
-        for index, arg in enumerate(args or []):
+        for index, arg in enumerate(_script_args(name, script)):
             prefix = f"{CONTROLNET_ARGS}.{index}"
             if arg is False or (isinstance(arg, dict) and arg.get("enabled") is False):
                 continue
@@ -246,7 +245,7 @@ class A1111Txt2ImgRequest(BaseModel):
             if value not in neutral:
                 raise ApiError.invalid(name, f"{_NOT_OFFERED[name]} (got {value!r})")
         for name, script in self.alwayson_scripts.items():
-            args = script.get("args") if isinstance(script, dict) else script
+            args = _script_args(name, script)
             if not args or args == [False] or all(isinstance(a, dict) and a.get("enabled") is False for a in args):
                 continue  # an empty or disabled entry, as webuiapi sends for extensions it saw installed
             if name.lower() == "controlnet":
@@ -331,6 +330,16 @@ class A1111Txt2ImgRequest(BaseModel):
         if kind == "karras" and "karras" not in name:
             raise ApiError.invalid(schedule_field, f"sampler {sampler!r} has no Karras schedule here")
         return name
+
+
+def _script_args(name: str, script: Any) -> list:
+    """An `alwayson_scripts` entry's argument list: `{"args": [...]}` or the bare list; none is an empty list."""
+    args = script.get("args") if isinstance(script, dict) else script
+    if args is None:
+        return []
+    if not isinstance(args, list):
+        raise ApiError.invalid(f"alwayson_scripts.{name}.args", f"is a list of arguments (got {type(args).__name__})")
+    return args
 
 
 def _controlnet_unit(arg: dict, prefix: str) -> tuple[ControlNetUnit, str | None]:
