@@ -45,6 +45,7 @@ def _pixels(result) -> np.ndarray:
     return result.pixels.astype(int)
 
 
+@pytest.mark.slow  # seconds: out of the fast loop
 def test_a_synthetic_adapter_is_a_diffusers_lora_file_written_once_and_the_same_everywhere(tmp_path):
     from safetensors.torch import load_file
 

@@ -53,6 +53,7 @@ def test_rows_become_the_engines_images_written_where_their_entries_say(maker):
     )  # the node it ran on (None without Ray)
 
 
+@pytest.mark.slow  # seconds: out of the fast loop
 def test_batches_handed_over_concurrently_all_come_out_whole(maker):
     # Ray Data calls a worker with two batches at once: one batch's jobs are checked (their prompts
     # tokenized) on its caller's thread while the engine thread encodes the other's prompts.

@@ -88,6 +88,7 @@ def test_config_check_keeps_batch_below_target_below_max_ongoing(batch, max_ongo
     assert all(text in problems for text in says) and bool(problems) == bool(says), problems
 
 
+@pytest.mark.slow  # seconds: out of the fast loop
 def test_config_check_names_bad_args_and_its_command_exits_1(tmp_path):
     problems = check_serve_config(serve_config(8, 32, None, {"limits": {"max_stepz": 3}}))
     assert problems and "applications[sd].args.limits.max_stepz: unknown key" in problems[0]

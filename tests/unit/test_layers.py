@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[2] / "serve_app"
 
 
@@ -48,11 +50,13 @@ def _offenders(files: list[Path], forbidden: str) -> dict[str, set[str]]:
     return found
 
 
+@pytest.mark.slow  # seconds: out of the fast loop
 def test_ingress_never_imports_torch():
     loaded = _modules_after_import("serve_app.ingress")
     assert "torch" not in loaded and "diffusers" not in loaded
 
 
+@pytest.mark.slow  # seconds: out of the fast loop
 def test_pipeline_layer_knows_nothing_of_ray_or_http():
     loaded = _modules_after_import("serve_app.pipeline.model")
     assert not {"ray", "fastapi", "starlette"} & loaded
@@ -78,6 +82,7 @@ def test_no_routes_module_imports_another_family():
             assert _offenders([path], f"serve_app.api.{other}.routes") == {}, (family, other)
 
 
+@pytest.mark.slow  # seconds: out of the fast loop
 def test_the_service_layer_speaks_no_http_and_loads_no_torch():
     # The JobManager and bulk workers import it where no HTTP is served; the ingress where there is no GPU.
     for web in ("fastapi", "starlette"):

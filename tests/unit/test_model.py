@@ -55,6 +55,7 @@ def test_a_mixed_batch_runs_one_call_per_group_and_keeps_order(model):
     assert [r.params.width for r in results] == sizes
 
 
+@pytest.mark.slow  # seconds: out of the fast loop
 def test_every_named_scheduler_runs_and_default_is_the_models(model):
     for name in SCHEDULER_NAMES:
         result = model.generate([make_job(prompt="x", seed=1, scheduler=name, num_inference_steps=3)])[0]

@@ -396,6 +396,7 @@ def test_every_named_scheduler_is_supported(sd):
 # -- cost --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # seconds: out of the fast loop
 def test_uniform_requests_cost_what_one_pipeline_call_costs(sd, record_property):
     """The property behind the throughput: a cohort steps its scheduler once per tick, not once per image.
     (Wall-clock ratio recorded, not asserted: shared CI machines vary by more than the difference.)"""
