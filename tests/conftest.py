@@ -36,8 +36,8 @@ def pytest_collection_modifyitems(items):
     items.sort(
         key=lambda item: (
             E2E_DIR in Path(item.path).parents,
-            item.path in variant_modules,
             item.get_closest_marker("own_ray") is not None,
+            item.path in variant_modules,
         )
     )
 

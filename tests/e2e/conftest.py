@@ -34,10 +34,16 @@ def _own_ray_runs_alone(request):
         _running.pop().stop()
 
 
+def _still_running(cluster: ServeCluster) -> ServeCluster:
+    if cluster not in _running:
+        raise RuntimeError("the session's Ray was stopped for an own_ray module: those run last (tests/conftest.py)")
+    return cluster
+
+
 @pytest.fixture(scope="module")
 def demo_server(serve_cluster) -> str:
     """The offline demo config (configs/cpu-demo.yaml) running; returns the base URL."""
-    serve_cluster.deploy(load_config())
+    _still_running(serve_cluster).deploy(load_config())
     return serve_cluster.url
 
 
@@ -62,7 +68,7 @@ def deployed_variant(serve_cluster) -> Callable[[Callable[[dict], None]], str]:
     def deploy(edit: Callable[[dict], None]) -> str:
         config = load_config()
         edit(config)
-        serve_cluster.deploy(config)
+        _still_running(serve_cluster).deploy(config)
         return serve_cluster.url
 
     return deploy

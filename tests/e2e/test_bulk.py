@@ -26,8 +26,6 @@ from PIL import Image
 
 from serve_app.bulk.manifest import Output, done_rows, read_entries
 
-pytestmark = pytest.mark.own_ray  # a cluster of its own: runs last, alone (tests/conftest.py)
-
 RUN_TIMEOUT_S = 300
 
 

@@ -264,7 +264,7 @@ def test_bulk_output_on_the_bucket_resumes_after_a_node_is_lost(cluster, tmp_pat
     record_property("bulk node loss: rows done before the loss", before)
 
     again = subprocess.run(
-        bulk_command(cluster, rows, out, workers=2),  # the head's two CPUs
+        bulk_command(cluster, rows, out, workers=1),
         cwd=REPO,
         env=bulk_env(),
         capture_output=True,
