@@ -42,12 +42,15 @@ chromium:
 serve: install
 	$(PY) -m serve_app.launch $(CONFIG)
 
+# The unit tests on two processes (pytest-xdist: they share nothing), then the end-to-end tests in one:
+# those share one Ray instance, and two at once would starve each other on two cores.
 test: install-test
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest tests/unit -n 2
+	$(VENV)/bin/pytest tests/e2e
 
 # The loop while changing code: everything that runs without Ray, less a few tests of seconds each.
 test-fast: install-test
-	$(VENV)/bin/pytest -m "not slow"
+	$(VENV)/bin/pytest tests/unit -m "not slow" -n 2
 
 test-e2e: install-test
 	$(VENV)/bin/pytest tests/e2e

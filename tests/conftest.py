@@ -38,8 +38,20 @@ def pytest_collection_modifyitems(items):
             E2E_DIR in Path(item.path).parents,
             item.get_closest_marker("own_ray") is not None,
             item.path in variant_modules,
+            VARIANT_ORDER.index(item.path.name) if item.path.name in VARIANT_ORDER else len(VARIANT_ORDER),
         )
     )
+
+
+# These variant modules first, in this order, the others after them: test_user_config's variant is a user_config,
+# which Serve applies to the running replicas, so it runs on the demo config as the demo modules left it; modules
+# that deploy one variant (harness.with_every_family) run one after the other, so only the first deploys it (and
+# test_metrics, which counts on a fresh replica, is that first); so do test_auth and test_fairness (with_tenants).
+VARIANT_ORDER = (
+    "test_user_config.py",
+    *("test_metrics.py", "test_families.py", "test_edits.py"),
+    *("test_auth.py", "test_fairness.py"),
+)
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -148,6 +148,42 @@ def serve_models(config: dict, models: list[dict], max_per_replica: int) -> None
     args["max_models_per_replica"] = max_per_replica
 
 
+def with_every_family(config: dict) -> None:
+    """Edit the demo config in place: beside its UNet and FLUX.1 [schnell], SD 3.5 and the inpainting UNet, all four
+    loaded at once (no eviction between tests). One variant for test_families and test_edits: deployed by the
+    first of them, it costs the second nothing (tests/conftest.py runs them one after the other)."""
+    args = config["applications"][0]["args"]
+    args["models"] += [
+        {"id": "synthetic:tiny-sd3", "model": "synthetic:tiny-sd3", "pipeline": {"max_sequence_length": 64}},
+        {"id": "synthetic:tiny-inpaint", "model": "synthetic:tiny-inpaint"},
+    ]
+    args["max_models_per_replica"] = len(args["models"])
+
+
+# The tenants variant (with_tenants): named keys with policies (test_fairness), unnamed keys (test_auth).
+TENANT_KEYS = {"heavy": "fair-heavy", "light": "fair-light", "rated": "fair-rated", "capped": "fair-capped"}
+PLAIN_KEYS = ("key-one", "key-two")
+ALLOWED_ORIGIN = "http://allowed.test"
+# The ingress holds few synchronous requests, so that a burst of a few hundred is far above it.
+TENANTS_MAX_CONCURRENT = 48
+
+
+def with_tenants(config: dict, folder: Path) -> None:
+    """Edit the demo config in place: API keys (written to folder/api-keys), policies for three of them, CORS for
+    ALLOWED_ORIGIN, its job store in `folder`. One variant for test_auth and test_fairness (one deploy for both, as
+    tests/conftest.py runs them one after the other; `folder`: the session's `tenants_folder`)."""
+    keys_file = folder / "api-keys"
+    keys_file.write_text("".join(f"{name} {key}\n" for name, key in TENANT_KEYS.items()) + "\n".join(PLAIN_KEYS))
+    args = config["applications"][0]["args"]
+    args["auth"] = {"api_keys_file": str(keys_file)}
+    args["cors"] = {"allow_origins": [ALLOWED_ORIGIN]}
+    args["jobs"] = {"store": str(folder / "store")}
+    args["limits"]["max_concurrent_requests"] = TENANTS_MAX_CONCURRENT
+    args["tenants"] = {
+        "keys": {"light": {"max_priority": "high"}, "rated": {"rate": 2, "burst": 2}, "capped": {"quota": 3}}
+    }
+
+
 def deployment(config: dict, name: str) -> dict:
     """The `deployments` entry called `name` in the first application (created if missing)."""
     entries = config["applications"][0].setdefault("deployments", [])

@@ -74,6 +74,13 @@ def deployed_variant(serve_cluster) -> Callable[[Callable[[dict], None]], str]:
     return deploy
 
 
+@pytest.fixture(scope="session")
+def tenants_folder(tmp_path_factory):
+    """Where harness.with_tenants keeps its keys file and job store: one folder for the session, so that the
+    modules deploying that variant deploy the same config (the second deploy costs nothing)."""
+    return tmp_path_factory.mktemp("tenants")
+
+
 # -- a real browser (Debian's Chromium, driven by Playwright) for the web page's tests ----------------
 
 CHROMIUM = "/usr/bin/chromium"

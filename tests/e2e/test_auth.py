@@ -1,27 +1,17 @@
-"""API keys and CORS through real Serve, configured the way an operator does it: the Serve config
-names a keys file, which the Ingress replica reads when it starts. How the middleware answers
-(401/403, open probes, the openai client, CORS rules): tests/unit/test_routes_auth.py."""
+"""API keys and CORS through real Serve, configured the way an operator does it: the Serve config names a keys
+file, which the Ingress replica reads when it starts (harness.with_tenants: test_fairness's variant too). How the
+middleware answers (401/403, open probes, the openai client, CORS rules): tests/unit/test_routes_auth.py."""
 
 from __future__ import annotations
 
 import httpx
 import pytest
-
-KEYS = ("key-one", "key-two")
-ALLOWED_ORIGIN = "http://allowed.test"
+from harness import ALLOWED_ORIGIN, PLAIN_KEYS, with_tenants
 
 
 @pytest.fixture(scope="module")
-def secured_server(deployed_variant, tmp_path_factory) -> str:
-    keys_file = tmp_path_factory.mktemp("auth") / "api-keys"
-    keys_file.write_text("# test keys\n" + "\n".join(KEYS) + "\n")
-
-    def secured(config: dict) -> None:
-        config["applications"][0]["args"].update(
-            auth={"api_keys_file": str(keys_file)}, cors={"allow_origins": [ALLOWED_ORIGIN]}
-        )
-
-    return deployed_variant(secured)
+def secured_server(deployed_variant, tenants_folder) -> str:
+    return deployed_variant(lambda config: with_tenants(config, tenants_folder))
 
 
 @pytest.fixture
@@ -40,7 +30,7 @@ def test_without_a_key_generation_is_refused_and_probes_stay_open(http):
     assert http.get("/healthz").status_code == 200 and http.get("/readyz").status_code == 200
 
 
-@pytest.mark.parametrize("key", KEYS)
+@pytest.mark.parametrize("key", PLAIN_KEYS)
 def test_every_key_in_the_file_works(http, key):
     response = http.post("/generate", json={"prompt": "x"}, headers={"Authorization": f"Bearer {key}"})
     assert response.status_code == 200 and response.headers["content-type"] == "image/png"

@@ -153,7 +153,9 @@ def test_load_for_two_models_scales_the_generator_to_two_replicas_and_back_to_on
 
 
 def test_scale_to_zero_and_a_cold_start_request_waits_and_succeeds(serve_cluster, deployed_variant, record_property):
-    deployed_variant(autoscaling(min_replicas=0, max_replicas=1, downscale_to_zero_delay_s=1))
+    # The first test's models: only the autoscaling config differs, which Serve applies without restarting replicas.
+    to_zero = autoscaling(min_replicas=0, max_replicas=1, downscale_to_zero_delay_s=1)
+    deployed_variant(lambda config: (to_zero(config), two_models(config)))
     idle_to_zero_s, _ = wait_for_replicas(0, timeout_s=120)
 
     started = time.monotonic()

@@ -1,4 +1,4 @@
-"""Edits through real Serve on the demo config (plus the synthetic inpainting model, `synthetic:tiny-inpaint`):
+"""Edits through real Serve on the demo config plus SD 3.5 and the inpainting UNet (`harness.with_every_family`):
 masks in every model family and API family, outpainting, hires fix through the unmodified `webuiapi` client,
 OpenAI's url answers, streaming with partial images and variations through the official `openai` client, jobs
 and refine by id with a mask. The images are the real models'; that they equal diffusers' own: tests/unit/
@@ -13,17 +13,14 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from harness import job_when_final, serve_models
+from harness import job_when_final, with_every_family
 from helpers import decode, png_bytes
 from PIL import Image
 
 INIT = png_bytes((64, 64), seed=11)
 INIT_PIXELS = np.asarray(Image.open(io.BytesIO(INIT)).convert("RGB")).astype(int)
-MODELS = [
-    {"id": "synthetic:tiny", "model": "synthetic:tiny"},
-    {"id": "synthetic:tiny-flux-schnell", "model": "synthetic:tiny-flux-schnell", "pipeline": {"max_sequence_length": 64}},
-    {"id": "synthetic:tiny-inpaint", "model": "synthetic:tiny-inpaint"},
-]  # fmt: skip
+# Each family's way to mask: a UNet's 4-channel latents, the inpainting UNet's 9, SD 3.5's and FLUX.1's.
+MODELS = ["synthetic:tiny", "synthetic:tiny-inpaint", "synthetic:tiny-sd3", "synthetic:tiny-flux-schnell"]
 
 
 def mask_png(box=(16, 16, 48, 48), mode="L") -> bytes:
@@ -54,10 +51,7 @@ def changed(picture: Image.Image) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def server(deployed_variant) -> str:
-    def with_the_inpainting_model(config):
-        serve_models(config, MODELS, max_per_replica=3)
-
-    return deployed_variant(with_the_inpainting_model)
+    return deployed_variant(with_every_family)
 
 
 @pytest.fixture
@@ -74,7 +68,7 @@ def oai(server):
 # -- a mask in every model family: only the masked area changes (paste-back, no blur) ----------------
 
 
-@pytest.mark.parametrize("model", [m["id"] for m in MODELS])
+@pytest.mark.parametrize("model", MODELS)
 def test_every_model_family_repaints_only_the_mask(http, model):
     body = {"prompt": "a red door", "init_image": b64(INIT), "mask": b64(mask_png()), "mask_blur": 0, "seed": 3}
     body.update(model=model, num_inference_steps=3, strength=1.0)

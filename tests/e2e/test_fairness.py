@@ -18,35 +18,17 @@ import signal
 import aiohttp
 import httpx
 import pytest
-from harness import wait_until
+from harness import TENANT_KEYS, TENANTS_MAX_CONCURRENT, wait_until, with_tenants
 
 from serve_app.job_queue.records import owner_of
 
-KEYS = {"heavy": "fair-heavy", "light": "fair-light", "rated": "fair-rated", "capped": "fair-capped"}
-# The ingress holds few synchronous requests, so that a burst of a few hundred is far above it.
-MAX_CONCURRENT = 48
+KEYS = TENANT_KEYS
+MAX_CONCURRENT = TENANTS_MAX_CONCURRENT
 
 
 @pytest.fixture(scope="module")
-def server(deployed_variant, tmp_path_factory) -> str:
-    folder = tmp_path_factory.mktemp("fairness")
-    keys_file = folder / "api-keys"
-    keys_file.write_text("".join(f"{name} {key}\n" for name, key in KEYS.items()))
-
-    def tenants(config):
-        args = config["applications"][0]["args"]
-        args["auth"] = {"api_keys_file": str(keys_file)}
-        args["jobs"] = {"store": str(folder / "store")}
-        args.setdefault("limits", {})["max_concurrent_requests"] = MAX_CONCURRENT
-        args["tenants"] = {
-            "keys": {
-                "light": {"max_priority": "high"},
-                "rated": {"rate": 2, "burst": 2},
-                "capped": {"quota": 3},
-            }
-        }
-
-    return deployed_variant(tenants)
+def server(deployed_variant, tenants_folder) -> str:
+    return deployed_variant(lambda config: with_tenants(config, tenants_folder))
 
 
 def as_key(url: str, name: str) -> httpx.Client:

@@ -11,7 +11,7 @@ import zipfile
 import numpy as np
 import openai
 import pytest
-from harness import wait_until
+from harness import wait_until, with_every_family
 from helpers import decode, pixels, png
 
 FLUX = "synthetic:tiny-flux-schnell"
@@ -19,15 +19,9 @@ SD3 = "synthetic:tiny-sd3"
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 4, "seed": 5}
 
 
-def _with_sd3(config: dict) -> None:
-    args = config["applications"][0]["args"]
-    args["models"].append({"id": SD3, "model": SD3, "pipeline": {"max_sequence_length": 64}})
-    args["max_models_per_replica"] = 3  # all three stay loaded: no eviction between tests
-
-
 @pytest.fixture(scope="module")
 def base_url(deployed_variant):
-    return deployed_variant(_with_sd3)
+    return deployed_variant(with_every_family)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +53,7 @@ def test_native_images_of_each_family_are_the_models_own(http, model):
 
 def test_models_and_info_name_the_families(http):
     families = {m["id"]: m["family"] for m in http.get("/models").json()["models"]}
-    assert families == {"synthetic:tiny": "unet", FLUX: "flux", SD3: "sd3"}
+    assert families == {"synthetic:tiny": "unet", FLUX: "flux", SD3: "sd3", "synthetic:tiny-inpaint": "unet"}
     _native(http, model=FLUX)
     loaded = http.get("/info").json()["generator"]["models"]["loaded"]
     assert FLUX in loaded

@@ -1,7 +1,8 @@
 """What an accepted job survives: two ingress replicas sharing one store, API keys that see only their
 own jobs, and the Generator replica, an ingress replica or the queue holder killed mid-job. Every
-accepted job still ends in a final state with its images stored once. Then retention: expired jobs
-answer 410.
+accepted job still ends in a final state with its images stored once. (Retention through real Serve, expired jobs
+answering 410 with nothing of them left: tests/e2e/test_store_s3.py; the sweep on either store: tests/unit/
+test_store.py.)
 """
 
 from __future__ import annotations
@@ -133,17 +134,3 @@ def test_a_burst_of_submissions_is_answered_at_once_and_every_job_ends(server, s
         responses = list(pool.map(lambda i: http.post("/jobs", json={"prompt": f"burst {i}", "seed": i}), range(48)))
         assert {r.status_code for r in responses} == {202}
         stored_once(store_dir, all_final(http, [r.json()["id"] for r in responses]))
-
-
-def test_jobs_expire_after_the_retention_and_then_answer_410(deployed_variant, tmp_path_factory):
-    store = tmp_path_factory.mktemp("short-retention")
-
-    def short_retention(config):
-        config["applications"][0]["args"]["jobs"] = {"store": str(store), "retention_s": 2}
-
-    url = deployed_variant(short_retention)
-    with httpx.Client(base_url=url, timeout=60) as http:
-        job_id = http.post("/jobs", json={"prompt": "ephemeral"}).json()["id"]
-        gone = wait_until(lambda: (r := http.get(f"/jobs/{job_id}")).status_code == 410 and r, 30, "the job expires")
-        assert gone.json()["error"]["code"] == "job_expired"
-        assert not (store / "records" / f"{job_id}.json").exists() and not (store / "images" / job_id).exists()

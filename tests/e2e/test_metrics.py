@@ -1,8 +1,8 @@
 """The Generator's custom metrics on Ray's Prometheus endpoint, after real HTTP traffic.
 
-The module deploys the demo config as its own application, so its replica starts
-from zero and every scraped value can be compared with an exact expectation
-(the replica's /info, the response headers, the number of requests sent).
+The module runs on a fresh deploy (harness.with_every_family, which it deploys first: tests/conftest.py), so its
+replica starts from zero and every scraped value can be compared with an exact expectation (the replica's /info,
+the response headers, the number of requests sent).
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-from harness import REPO, wait_until
+from harness import APP_NAME, REPO, wait_until, with_every_family
 from prometheus_client.parser import text_string_to_metric_families
 
 from serve_app.metrics import BATCH_SIZE_BUCKETS, GENERATION_BUCKETS_S, QUEUE_WAIT_BUCKETS_S
 
-APP = "sd-metrics"
+APP = APP_NAME
 DASHBOARD = REPO / "deploy" / "grafana" / "stable-diffusion.json"
 
 
@@ -39,13 +39,9 @@ def value(samples, name: str, **labels) -> float:
     return sum(v for sample_labels, v in samples.get(name, []) if labels.items() <= sample_labels.items())
 
 
-def own_application(config: dict) -> None:
-    config["applications"][0]["name"] = APP
-
-
 @pytest.fixture(scope="module")
 def metrics_app(serve_cluster, deployed_variant):
-    deployed_variant(own_application)
+    deployed_variant(with_every_family)
     return serve_cluster
 
 
@@ -79,7 +75,9 @@ def traffic(metrics_app):
             params = ImageParams(prompt="x", seed=1, num_inference_steps=4, strength=0.1)
             generator.generate.remote(ImageTask(params, init_image=np.zeros((64, 64, 3), np.uint8))).result()
         info = http.get("/info").json()["generator"]  # also brings the replica's model-call metrics up to date
-    return {"responses": [r for r, _ in sent], "latencies": [s for _, s in sent], "info": info}
+    # This replica's series: the endpoint may still show those of the application's earlier replicas.
+    mine = {"application": APP, "deployment": "ImageGenerator", "replica": info["replica"]}
+    return {"responses": [r for r, _ in sent], "latencies": [s for _, s in sent], "info": info, "mine": mine}
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +89,9 @@ def scraped(metrics_app, traffic):
     def complete():
         samples = scrape(metrics_app.metrics_url)
         shown = (
-            value(samples, "ray_sd_images_generated_total", application=APP),
-            value(samples, "ray_sd_generation_errors_total", application=APP),
-            value(samples, "ray_sd_model_calls_total", application=APP),
+            value(samples, "ray_sd_images_generated_total", **traffic["mine"]),
+            value(samples, "ray_sd_generation_errors_total", **traffic["mine"]),
+            value(samples, "ray_sd_model_calls_total", **traffic["mine"]),
             # The proxy reports Serve's own counters from another process: the 422 sent above.
             value(samples, "ray_serve_num_http_error_requests_total", application=APP) >= 1,
         )
@@ -106,7 +104,7 @@ def scraped(metrics_app, traffic):
 
 def test_images_and_batch_sizes_match_the_replicas_own_count(traffic, scraped):
     info = traffic["info"]
-    mine = {"application": APP, "deployment": "ImageGenerator", "replica": info["replica"]}
+    mine = traffic["mine"]
     calls = {int(size): count for size, count in info["model_calls_by_batch_size"].items()}
     print(f"\nmodel calls by batch size: {calls}")
     assert max(calls) > 1, "the burst of 16 should have been batched"
@@ -127,31 +125,33 @@ def test_generation_time_per_image_matches_the_response_headers(traffic, scraped
     """Each response reports its image's generation time; the histogram holds exactly those."""
     times = [float(r.headers["x-generation-time-s"]) for r in traffic["responses"]]
     rounding = 1e-4  # headers carry 4 decimals, the metrics the exact times
-    assert value(scraped, "ray_sd_generation_seconds_count", application=APP) == len(times)
+    assert value(scraped, "ray_sd_generation_seconds_count", **traffic["mine"]) == len(times)
     for bound in GENERATION_BUCKETS_S:
-        in_bucket = value(scraped, "ray_sd_generation_seconds_bucket", application=APP, le=str(float(bound)))
+        in_bucket = value(scraped, "ray_sd_generation_seconds_bucket", **traffic["mine"], le=str(float(bound)))
         assert sum(t <= bound - rounding for t in times) <= in_bucket <= sum(t <= bound + rounding for t in times)
 
 
 def test_queue_wait_is_recorded_per_image_and_bounded_by_the_latency(traffic, scraped):
     images = len(traffic["responses"])
-    assert value(scraped, "ray_sd_queue_wait_seconds_count", application=APP) == images
+    assert value(scraped, "ray_sd_queue_wait_seconds_count", **traffic["mine"]) == images
     # No image waited longer than the slowest request took from end to end.
     slowest = max(traffic["latencies"])
     bound = min(b for b in QUEUE_WAIT_BUCKETS_S if b >= slowest)
-    assert value(scraped, "ray_sd_queue_wait_seconds_bucket", application=APP, le=str(float(bound))) == images
+    assert value(scraped, "ray_sd_queue_wait_seconds_bucket", **traffic["mine"], le=str(float(bound))) == images
     waits = {
-        labels["le"]: v for labels, v in scraped["ray_sd_queue_wait_seconds_bucket"] if labels["application"] == APP
+        labels["le"]: v
+        for labels, v in scraped["ray_sd_queue_wait_seconds_bucket"]
+        if traffic["mine"].items() <= labels.items()
     }
     print(f"\nqueue waits, cumulative by bucket (s): {waits}; slowest request {slowest:.3f} s")
 
 
 def test_errors_are_counted_by_kind_and_nothing_was_cancelled(traffic, scraped):
-    assert value(scraped, "ray_sd_generation_errors_total", application=APP, kind="invalid_request") == 1
-    assert value(scraped, "ray_sd_generation_errors_total", application=APP) == 1
-    assert value(scraped, "ray_sd_cancelled_total", application=APP) == 0
+    assert value(scraped, "ray_sd_generation_errors_total", **traffic["mine"], kind="invalid_request") == 1
+    assert value(scraped, "ray_sd_generation_errors_total", **traffic["mine"]) == 1
+    assert value(scraped, "ray_sd_cancelled_total", **traffic["mine"]) == 0
     admitted_mid_flight = traffic["info"]["images"]["admitted_mid_flight"]
-    assert value(scraped, "ray_sd_admitted_mid_flight_total", application=APP) == admitted_mid_flight
+    assert value(scraped, "ray_sd_admitted_mid_flight_total", **traffic["mine"]) == admitted_mid_flight
 
 
 def test_every_metric_the_grafana_dashboard_charts_is_on_the_endpoint(scraped):

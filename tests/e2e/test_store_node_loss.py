@@ -18,7 +18,6 @@ Everything started here is stopped here by its process group; the module takes a
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -27,10 +26,13 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import fsspec
 import httpx
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from harness import DEMO_CONFIG, FINAL_JOB_STATES, REPO, wait_until
@@ -221,6 +223,11 @@ def bulk_command(cluster: LocalRayCluster, rows: Path, out: str, workers: int) -
     ]
 
 
+def image_of(row: int) -> str:
+    """Where a row's one image goes, seeded base seed (0) + row as the row gives none."""
+    return f"images/0000/{row:08d}-{row}.png"
+
+
 def bulk_env() -> dict:
     return {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_AUTH_MODE": "disabled"}
 
@@ -230,9 +237,10 @@ def test_bulk_output_on_the_bucket_resumes_after_a_node_is_lost(cluster, tmp_pat
     if "sd" in cluster.serve_details().get("applications", {}):
         cluster.serve_shutdown()  # its replicas' CPUs go to the bulk workers
     group, worker = add_jobs_node(cluster, "worker-2", num_cpus=2)
-    rows = tmp_path / "rows.jsonl"
+    # Parquet in: its nulls mean "not given", so a row without a seed gets base seed (0) + row.
+    rows = tmp_path / "rows.parquet"
     count = 32
-    rows.write_text("".join(json.dumps({"prompt": f"row {i}"}) + "\n" for i in range(count)))
+    pq.write_table(pa.Table.from_pylist([{"prompt": f"row {i}", "seed": None} for i in range(count)]), rows)
     out = f"s3://{BUCKET}/bulk"
     output = Output(out)
 
@@ -262,6 +270,10 @@ def test_bulk_output_on_the_bucket_resumes_after_a_node_is_lost(cluster, tmp_pat
     before = done()
     assert 0 < before < count, before
     record_property("bulk node loss: rows done before the loss", before)
+    fs = fsspec.filesystem("s3")
+    output.fs.invalidate_cache()
+    recorded = done_rows(read_entries(output)[0]).tolist()
+    written = {path: fs.info(path)["LastModified"] for path in (f"{BUCKET}/bulk/{image_of(row)}" for row in recorded)}
 
     again = subprocess.run(
         bulk_command(cluster, rows, out, workers=1),
@@ -274,11 +286,17 @@ def test_bulk_output_on_the_bucket_resumes_after_a_node_is_lost(cluster, tmp_pat
     assert again.returncode == 0, f"{again.stdout[-3000:]}\n{again.stderr[-3000:]}"
     skipped = int(re.search(r"(\d+) done before \(skipped\)", again.stdout)[1])
     assert before <= skipped < count, again.stdout  # (a part in flight at the loss may have landed since)
+    assert f"{count - skipped} rows done, 0 failed, {skipped} done before (skipped)" in again.stdout
     entries = read_entries(output)[0].to_pylist()
     assert sorted(e["row"] for e in entries) == list(range(count)) and {e["status"] for e in entries} == {"done"}
-    fs = fsspec.filesystem("s3")
+    # Rows done before are not done again: their entries keep the first run's id, the others have the second's.
+    runs = Counter(e["run_id"] for e in entries)
+    assert sorted(runs.values()) == sorted([skipped, count - skipped]), runs
     fs.invalidate_cache()
     for entry in entries:
+        assert entry["file"] == image_of(entry["row"])
         assert decode(fs.cat_file(f"{BUCKET}/bulk/{entry['file']}")).size == (64, 64)
     images = [p for p in fs.find(f"{BUCKET}/bulk/images") if p.endswith(".png")]
     assert len(images) == count  # one image per row: rows that ran twice wrote the same file again
+    # The images of rows recorded done before the second run were not written again.
+    assert {path: fs.info(path)["LastModified"] for path in written} == written
