@@ -34,6 +34,7 @@ import tempfile
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import yaml
@@ -44,10 +45,29 @@ APP = "sd"
 GENERATOR = "ImageGenerator"
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports on 127.0.0.1. Each socket stays bound until all are chosen: a port just
+    closed may be handed out again at once, and two Ray components given one port fail to start."""
+    with ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
+
+
+# The ports each node listens on besides the head's own (GCS, dashboard, Ray client), chosen with them.
+NODE_PORT_FLAGS = (
+    "--node-manager-port",
+    "--object-manager-port",
+    "--dashboard-agent-listen-port",
+    "--dashboard-agent-grpc-port",
+    "--runtime-env-agent-port",
+    "--metrics-export-port",
+)
 
 
 def http_json(method: str, url: str, body: dict | None = None, timeout: float = 60) -> dict:
@@ -78,19 +98,13 @@ class LocalRayCluster:
         if process.wait(timeout=180) != 0:
             raise RuntimeError(f"ray start for {name} failed; see {log.name}:\n{Path(log.name).read_text()[-3000:]}")
 
-    def _node_ports(self) -> list[str]:
-        return [
-            f"--node-manager-port={free_port()}",
-            f"--object-manager-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}",
-            f"--metrics-export-port={free_port()}",
-            "--object-store-memory=100000000",
-        ]
+    @staticmethod
+    def _node_ports(ports: list[int]) -> list[str]:
+        flags = [f"{flag}={port}" for flag, port in zip(NODE_PORT_FLAGS, ports, strict=True)]
+        return [*flags, "--object-store-memory=100000000"]
 
     def start_head(self, num_cpus: int) -> None:
-        gcs_port, dashboard_port = free_port(), free_port()
+        gcs_port, dashboard_port, client_port, *node_ports = free_ports(3 + len(NODE_PORT_FLAGS))
         self._ray_start(
             "head",
             [
@@ -102,8 +116,8 @@ class LocalRayCluster:
                 "--include-dashboard=true",
                 "--dashboard-host=127.0.0.1",
                 f"--dashboard-port={dashboard_port}",
-                f"--ray-client-server-port={free_port()}",
-                *self._node_ports(),
+                f"--ray-client-server-port={client_port}",
+                *self._node_ports(node_ports),
             ],
         )
         self.gcs_address = f"127.0.0.1:{gcs_port}"
@@ -115,7 +129,13 @@ class LocalRayCluster:
         extra = ["--labels", ",".join(f"{k}={v}" for k, v in labels.items())] if labels else []
         self._ray_start(
             name,
-            [f"--address={self.gcs_address}", f"--num-cpus={num_cpus}", "--num-gpus=0", *extra, *self._node_ports()],
+            [
+                f"--address={self.gcs_address}",
+                f"--num-cpus={num_cpus}",
+                "--num-gpus=0",
+                *extra,
+                *self._node_ports(free_ports(len(NODE_PORT_FLAGS))),
+            ],
         )
         return self.process_groups[-1]
 

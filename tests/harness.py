@@ -13,6 +13,7 @@ import copy
 import json
 import os
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -26,15 +27,13 @@ import yaml
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "deploy"))
+# One way to choose ports, deploy/local_cluster.py's (free_port: for the test modules).
+from local_cluster import free_port, free_ports  # noqa: E402, F401
+
 DEMO_CONFIG = REPO / "configs" / "cpu-demo.yaml"
 APP_NAME = "sd"
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(predicate: Callable[[], T], timeout_s: float, what: str, interval_s: float = 0.05) -> T:
@@ -215,7 +214,7 @@ class ServeCluster:
         import ray
         from ray.serve._private import api as serve_private_api
 
-        metrics_port = free_port()
+        metrics_port, port = free_ports(2)
         ray.init(
             num_cpus=num_cpus,
             include_dashboard=False,
@@ -225,7 +224,7 @@ class ServeCluster:
             # Workers report metrics to the node's agent every second (default 10 s): quicker scrapes in tests.
             _system_config={"metrics_report_interval_ms": 1000},
         )
-        cluster = cls(port=free_port(), metrics_port=metrics_port, request_timeout_s=request_timeout_s)
+        cluster = cls(port=port, metrics_port=metrics_port, request_timeout_s=request_timeout_s)
         http_options = {"host": "127.0.0.1", "port": cluster.port}
         if request_timeout_s is not None:
             http_options["request_timeout_s"] = request_timeout_s
