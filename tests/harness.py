@@ -149,8 +149,8 @@ def serve_models(config: dict, models: list[dict], max_per_replica: int) -> None
 
 def with_every_family(config: dict) -> None:
     """Edit the demo config in place: beside its UNet and FLUX.1 [schnell], SD 3.5 and the inpainting UNet, all four
-    loaded at once (no eviction between tests). One variant for test_families and test_edits: deployed by the
-    first of them, it costs the second nothing (tests/conftest.py runs them one after the other)."""
+    loaded at once (no eviction between tests). One variant for test_metrics, test_families and test_edits: deployed
+    by the first of them, it costs the others nothing (tests/conftest.py runs them one after the other)."""
     args = config["applications"][0]["args"]
     args["models"] += [
         {"id": "synthetic:tiny-sd3", "model": "synthetic:tiny-sd3", "pipeline": {"max_sequence_length": 64}},

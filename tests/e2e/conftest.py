@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import httpx
 import pytest
-from harness import ServeCluster, load_config
+from harness import ServeCluster, load_config, with_tenants
 
 _running: list[ServeCluster] = []  # the session's cluster while it runs
 
@@ -79,6 +79,12 @@ def tenants_folder(tmp_path_factory):
     """Where harness.with_tenants keeps its keys file and job store: one folder for the session, so that the
     modules deploying that variant deploy the same config (the second deploy costs nothing)."""
     return tmp_path_factory.mktemp("tenants")
+
+
+@pytest.fixture(scope="module")
+def tenants_server(deployed_variant, tenants_folder) -> str:
+    """The demo with API keys, tenant policies and CORS (harness.with_tenants) running; returns the base URL."""
+    return deployed_variant(lambda config: with_tenants(config, tenants_folder))
 
 
 # -- a real browser (Debian's Chromium, driven by Playwright) for the web page's tests ----------------

@@ -6,17 +6,12 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from harness import ALLOWED_ORIGIN, PLAIN_KEYS, with_tenants
-
-
-@pytest.fixture(scope="module")
-def secured_server(deployed_variant, tenants_folder) -> str:
-    return deployed_variant(lambda config: with_tenants(config, tenants_folder))
+from harness import ALLOWED_ORIGIN, PLAIN_KEYS
 
 
 @pytest.fixture
-def http(secured_server):
-    with httpx.Client(base_url=secured_server, timeout=60) as client:
+def http(tenants_server):
+    with httpx.Client(base_url=tenants_server, timeout=60) as client:
         yield client
 
 

@@ -17,36 +17,27 @@ import signal
 
 import aiohttp
 import httpx
-import pytest
-from harness import TENANT_KEYS, TENANTS_MAX_CONCURRENT, wait_until, with_tenants
+from harness import TENANT_KEYS, TENANTS_MAX_CONCURRENT, wait_until
 
 from serve_app.job_queue.records import owner_of
 
-KEYS = TENANT_KEYS
-MAX_CONCURRENT = TENANTS_MAX_CONCURRENT
-
-
-@pytest.fixture(scope="module")
-def server(deployed_variant, tenants_folder) -> str:
-    return deployed_variant(lambda config: with_tenants(config, tenants_folder))
-
 
 def as_key(url: str, name: str) -> httpx.Client:
-    return httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {KEYS[name]}"})
+    return httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {TENANT_KEYS[name]}"})
 
 
 def tenant_counts(http: httpx.Client, name: str) -> dict:
     """The Generator's counts for a key's tenant (images waiting and running now, admitted since start) and the
     JobManager's (jobs queued and running)."""
     info = http.get("/info").json()
-    tenant = owner_of(KEYS[name])
+    tenant = owner_of(TENANT_KEYS[name])
     images = {"waiting": 0, "running": 0, "admitted": 0, **info["generator"]["tenants"].get(tenant, {})}
     jobs = {"queued": 0, "running": 0, **info["job_manager"]["tenants"].get(tenant, {})}
     return {**images, "jobs_unfinished": jobs["queued"] + jobs["running"]}
 
 
-def test_the_light_keys_requests_finish_while_the_heavy_keys_backlog_waits(server):
-    with as_key(server, "heavy") as heavy, as_key(server, "light") as light:
+def test_the_light_keys_requests_finish_while_the_heavy_keys_backlog_waits(tenants_server):
+    with as_key(tenants_server, "heavy") as heavy, as_key(tenants_server, "light") as light:
         for i in range(150):  # 8-step jobs: seconds of work, queued in the JobManager and the engine
             response = heavy.post("/jobs", json={"prompt": f"heavy {i}", "seed": i, "num_inference_steps": 8})
             assert response.status_code == 202, response.text
@@ -63,12 +54,12 @@ def test_the_light_keys_requests_finish_while_the_heavy_keys_backlog_waits(serve
         light_counts = tenant_counts(light, "light")
         assert light_counts["admitted"] == 3 and light_counts["waiting"] == 0
         usage = light.get("/usage").json()
-        assert usage["name"] == "light" and usage["tenant"] == owner_of(KEYS["light"]) and usage["images"] == 3
+        assert usage["name"] == "light" and usage["tenant"] == owner_of(TENANT_KEYS["light"]) and usage["images"] == 3
         wait_until(lambda: tenant_counts(heavy, "heavy")["jobs_unfinished"] == 0, 300, "the heavy backlog is done")
 
 
-def test_priority_is_the_callers_to_raise_up_to_its_max(server):
-    with as_key(server, "heavy") as heavy, as_key(server, "light") as light:
+def test_priority_is_the_callers_to_raise_up_to_its_max(tenants_server):
+    with as_key(tenants_server, "heavy") as heavy, as_key(tenants_server, "light") as light:
         refused = heavy.post("/generate", json={"prompt": "x", "priority": "high"})
         assert refused.status_code == 403 and refused.json()["error"]["field"] == "priority"
         assert light.post("/generate", json={"prompt": "x", "priority": "high"}).status_code == 200
@@ -76,8 +67,8 @@ def test_priority_is_the_callers_to_raise_up_to_its_max(server):
         assert job.status_code == 202
 
 
-def test_past_its_rate_a_key_gets_429_with_retry_after_and_ratelimit_headers(server):
-    with as_key(server, "rated") as rated, as_key(server, "light") as light:
+def test_past_its_rate_a_key_gets_429_with_retry_after_and_ratelimit_headers(tenants_server):
+    with as_key(tenants_server, "rated") as rated, as_key(tenants_server, "light") as light:
         answers = [rated.post("/generate", json={"prompt": f"rated {i}"}) for i in range(3)]
         assert [a.status_code for a in answers] == [200, 200, 429]
         assert answers[0].headers["ratelimit-limit"] == "2" and answers[0].headers["ratelimit-remaining"] == "1"
@@ -89,8 +80,8 @@ def test_past_its_rate_a_key_gets_429_with_retry_after_and_ratelimit_headers(ser
         assert rated.get("/usage").json()["refused"]["rate"] >= 1
 
 
-def test_the_daily_quota_survives_a_restart_of_the_ingress(server):
-    with as_key(server, "capped") as capped:
+def test_the_daily_quota_survives_a_restart_of_the_ingress(tenants_server):
+    with as_key(tenants_server, "capped") as capped:
         assert capped.post("/generate", json={"prompt": "capped", "num_images": 3}).status_code == 200
         refused = capped.post("/generate", json={"prompt": "one more"})
         assert refused.status_code == 429 and refused.json()["error"]["code"] == "quota_exceeded"
@@ -121,7 +112,7 @@ async def _burst(url: str, count: int) -> tuple[list[tuple[int, str | None, str]
     (status, Retry-After, body) per request, and each probe's status."""
     done = asyncio.Event()
     probes: list[int] = []
-    headers = {"Authorization": f"Bearer {KEYS['light']}", "X-Request-Timeout": "10"}
+    headers = {"Authorization": f"Bearer {TENANT_KEYS['light']}", "X-Request-Timeout": "10"}
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
 
@@ -146,9 +137,9 @@ async def _burst(url: str, count: int) -> tuple[list[tuple[int, str | None, str]
     return answers, probes
 
 
-def test_a_burst_far_above_what_the_ingress_holds_gets_only_200s_and_503s_with_retry_after(server):
-    count = 12 * MAX_CONCURRENT
-    answers, probes = asyncio.run(_burst(server, count))
+def test_a_burst_far_above_what_the_ingress_holds_gets_only_200s_and_503s_with_retry_after(tenants_server):
+    count = 12 * TENANTS_MAX_CONCURRENT
+    answers, probes = asyncio.run(_burst(tenants_server, count))
     statuses = {status for status, _, _ in answers}
     assert statuses <= {200, 503}, {s: b for s, _, b in answers if s not in (200, 503)}
     assert 200 in statuses and 503 in statuses
